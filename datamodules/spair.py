@@ -1,0 +1,520 @@
+"""SPair-71k reader (plain torch Dataset) and its thin LightningDataModule.
+
+On-disk layout of SPair-71k (only ``PairAnnotation`` and ``JPEGImages`` are read)::
+
+    <root>/PairAnnotation/{trn,val,test}/<id>-<src>-<trg>:<category>.json
+    <root>/JPEGImages/<category>/<name>.jpg
+    <root>/ImageAnnotation/<category>/<name>.json
+    <root>/Layout/large/{trn,val,test}.txt
+
+A sample keeps keypoints in ORIGINAL image pixels ``(x, y)``; resizing to the model resolution is
+the model's job. The per-pair PCK threshold is ``max(x2 - x1, y2 - y1)`` of the TARGET bounding box.
+
+:class:`SPairDataset` and :func:`collate_pairs` use plain torch/PIL only; Lightning is used solely
+by :class:`SPairDataModule`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "SPLIT_ALIASES",
+    "SPairDataModule",
+    "SPairDataset",
+    "SPairRecord",
+    "collate_pairs",
+    "load_rgb_image",
+    "normalize_split",
+]
+
+#: Accepted split names and the folder each maps to.
+SPLIT_ALIASES: dict[str, str] = {"trn": "trn", "train": "trn", "val": "val", "test": "test"}
+
+_LAYOUT_HINT = (
+    "expected the SPair-71k layout: '<root>/PairAnnotation/<split>/*.json' "
+    "(split in trn/val/test) and '<root>/JPEGImages/<category>/*.jpg'"
+)
+
+_REQUIRED_KEYS: tuple[str, ...] = (
+    "src_imname",
+    "trg_imname",
+    "category",
+    "src_kps",
+    "trg_kps",
+    "kps_ids",
+    "src_bndbox",
+    "trg_bndbox",
+)
+
+
+def normalize_split(split: str) -> str:
+    """Map a split name to its SPair folder name.
+
+    Args:
+        split: One of ``"trn"``, ``"train"`` (alias of ``"trn"``), ``"val"`` or ``"test"``.
+
+    Returns:
+        The folder name under ``PairAnnotation`` (``"trn"``, ``"val"`` or ``"test"``).
+
+    Raises:
+        ValueError: If the split name is unknown.
+    """
+    try:
+        return SPLIT_ALIASES[split]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Unknown SPair-71k split {split!r}; expected one of {sorted(SPLIT_ALIASES)}"
+        ) from None
+
+
+def load_rgb_image(path: str | Path) -> torch.Tensor:
+    """Load an image file as an RGB ``uint8`` tensor.
+
+    Grayscale, palette, CMYK and RGBA images are converted to RGB (alpha is dropped).
+
+    Args:
+        path: Image file path.
+
+    Returns:
+        A ``torch.uint8`` tensor of shape ``[3, H, W]``.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If the file cannot be decoded as an image (corrupt, truncated, not an image).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            array = np.array(img.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"Could not read image {path}: {err}") from err
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+@dataclass(frozen=True)
+class SPairRecord:
+    """One parsed SPair pair annotation (no pixels).
+
+    Attributes:
+        pair_id: Annotation file stem, e.g. ``"000001-2008_001546-2008_004704:aeroplane"``.
+        category: Object category.
+        annotation_path: Path of the pair json.
+        src_image_path: Path of the source image.
+        trg_image_path: Path of the target image.
+        src_kps: Source keypoints ``[N, 2]`` float32, ``(x, y)`` original pixels.
+        trg_kps: Target keypoints ``[N, 2]`` float32, ``(x, y)`` original pixels.
+        kps_ids: Keypoint ids (ints), length ``N``.
+        src_bbox: Source bbox ``[x1, y1, x2, y2]`` float32.
+        trg_bbox: Target bbox ``[x1, y1, x2, y2]`` float32.
+        threshold: PCK threshold ``max(x2 - x1, y2 - y1)`` of the target bbox.
+    """
+
+    pair_id: str
+    category: str
+    annotation_path: Path
+    src_image_path: Path
+    trg_image_path: Path
+    src_kps: torch.Tensor
+    trg_kps: torch.Tensor
+    kps_ids: tuple[int, ...]
+    src_bbox: torch.Tensor
+    trg_bbox: torch.Tensor
+    threshold: float
+
+
+def _category_from_stem(stem: str) -> str | None:
+    """Return the category encoded after ``':'`` in a pair file stem, if any."""
+    if ":" in stem:
+        category = stem.rsplit(":", 1)[1]
+        return category or None
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """Read a pair annotation json into a dict, raising ``ValueError`` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"Malformed SPair annotation {path}: invalid JSON ({err})") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"Malformed SPair annotation {path}: not UTF-8 text ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"Malformed SPair annotation {path}: expected a JSON object, got {type(data).__name__}"
+        )
+    return data
+
+
+def _points(path: Path, key: str, value: Any) -> torch.Tensor:
+    """Convert a list of ``[x, y]`` to a float32 ``[N, 2]`` tensor, validating its shape."""
+    if not isinstance(value, list):
+        raise ValueError(f"Malformed SPair annotation {path}: key '{key}' must be a list of [x, y]")
+    if len(value) == 0:
+        return torch.zeros(0, 2, dtype=torch.float32)
+    try:
+        tensor = torch.tensor(value, dtype=torch.float32)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"Malformed SPair annotation {path}: key '{key}' must be a list of [x, y] numbers "
+            f"({err})"
+        ) from err
+    if tensor.ndim != 2 or tensor.shape[1] != 2:
+        raise ValueError(
+            f"Malformed SPair annotation {path}: key '{key}' must be a list of [x, y], "
+            f"got shape {tuple(tensor.shape)}"
+        )
+    return tensor
+
+
+def _bbox(path: Path, key: str, value: Any) -> torch.Tensor:
+    """Convert ``[x1, y1, x2, y2]`` to a float32 ``[4]`` tensor, validating its shape."""
+    try:
+        tensor = torch.tensor(value, dtype=torch.float32)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"Malformed SPair annotation {path}: key '{key}' must be [x1, y1, x2, y2] ({err})"
+        ) from err
+    if tensor.shape != (4,):
+        raise ValueError(
+            f"Malformed SPair annotation {path}: key '{key}' must be [x1, y1, x2, y2], "
+            f"got shape {tuple(tensor.shape)}"
+        )
+    return tensor
+
+
+def _image_path(images_dir: Path, category: str, imname: str) -> Path:
+    """Path of an SPair image; ``imname`` normally carries its ``.jpg`` suffix."""
+    name = imname if Path(imname).suffix else f"{imname}.jpg"
+    return images_dir / category / name
+
+
+def _parse_pair(path: Path, images_dir: Path, category_hint: str | None) -> SPairRecord:
+    """Parse and validate one pair annotation file."""
+    data = _read_json(path)
+    for key in _REQUIRED_KEYS:
+        if key not in data:
+            raise ValueError(f"Malformed SPair annotation {path}: missing key '{key}'")
+    category = data["category"]
+    if not isinstance(category, str) or not category:
+        raise ValueError(f"Malformed SPair annotation {path}: key 'category' must be a string")
+    if category_hint is not None and category != category_hint:
+        raise ValueError(
+            f"Malformed SPair annotation {path}: key 'category' is {category!r} but the file name "
+            f"says {category_hint!r}"
+        )
+    for key in ("src_imname", "trg_imname"):
+        if not isinstance(data[key], str) or not data[key]:
+            raise ValueError(f"Malformed SPair annotation {path}: key '{key}' must be a string")
+
+    src_kps = _points(path, "src_kps", data["src_kps"])
+    trg_kps = _points(path, "trg_kps", data["trg_kps"])
+    if src_kps.shape[0] != trg_kps.shape[0]:
+        raise ValueError(
+            f"Malformed SPair annotation {path}: 'src_kps' has {src_kps.shape[0]} points but "
+            f"'trg_kps' has {trg_kps.shape[0]}"
+        )
+    raw_ids = data["kps_ids"]
+    if not isinstance(raw_ids, list):
+        raise ValueError(f"Malformed SPair annotation {path}: key 'kps_ids' must be a list")
+    try:
+        kps_ids = tuple(int(k) for k in raw_ids)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"Malformed SPair annotation {path}: key 'kps_ids' must hold integer strings ({err})"
+        ) from err
+    if len(kps_ids) != src_kps.shape[0]:
+        raise ValueError(
+            f"Malformed SPair annotation {path}: 'kps_ids' has {len(kps_ids)} entries but "
+            f"'src_kps' has {src_kps.shape[0]} points"
+        )
+
+    src_bbox = _bbox(path, "src_bndbox", data["src_bndbox"])
+    trg_bbox = _bbox(path, "trg_bndbox", data["trg_bndbox"])
+    threshold = float(max(trg_bbox[2] - trg_bbox[0], trg_bbox[3] - trg_bbox[1]))
+    if not threshold > 0:
+        raise ValueError(
+            f"Malformed SPair annotation {path}: key 'trg_bndbox' {trg_bbox.tolist()} is empty "
+            "(the PCK threshold must be positive)"
+        )
+
+    return SPairRecord(
+        pair_id=path.stem,
+        category=category,
+        annotation_path=path,
+        src_image_path=_image_path(images_dir, category, data["src_imname"]),
+        trg_image_path=_image_path(images_dir, category, data["trg_imname"]),
+        src_kps=src_kps,
+        trg_kps=trg_kps,
+        kps_ids=kps_ids,
+        src_bbox=src_bbox,
+        trg_bbox=trg_bbox,
+        threshold=threshold,
+    )
+
+
+class SPairDataset(Dataset):
+    """SPair-71k image pairs with keypoints in original pixels.
+
+    Annotations are parsed eagerly (json only) so malformed files and missing images fail at
+    construction; images are decoded lazily in :meth:`__getitem__`.
+
+    Args:
+        root: Dataset root holding ``PairAnnotation/`` and ``JPEGImages/``.
+        split: ``"trn"`` (alias ``"train"``), ``"val"`` or ``"test"``.
+        categories: Categories to keep; ``None`` keeps all categories of the split.
+        pairs_per_category: Keep at most this many pairs per category, sampled with
+            ``random.Random(seed)`` from each category's sorted pair list (categories visited in
+            sorted order over all categories of the split, so a category's subset does not depend
+            on the ``categories`` filter). ``None`` keeps all pairs.
+        seed: Seed of the per-category subset.
+
+    Attributes:
+        root: Dataset root.
+        split: Canonical split folder name.
+        categories: Sorted categories present after filtering.
+        records: Parsed pair annotations, sorted by annotation file name.
+
+    Raises:
+        FileNotFoundError: If the root, the split folder or an image file is missing.
+        ValueError: If the split is unknown or empty, a requested category is unknown,
+            ``pairs_per_category`` is not positive, or an annotation file is malformed.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "test",
+        categories: Sequence[str] | None = None,
+        pairs_per_category: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root).expanduser()
+        self.split = normalize_split(split)
+        if pairs_per_category is not None and (
+            isinstance(pairs_per_category, bool) or int(pairs_per_category) < 1
+        ):
+            raise ValueError(
+                f"pairs_per_category must be a positive int or None, got {pairs_per_category!r}"
+            )
+        if isinstance(categories, str):
+            categories = [categories]
+
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"SPair-71k root not found: {self.root}; {_LAYOUT_HINT}")
+        split_dir = self.root / "PairAnnotation" / self.split
+        if not split_dir.is_dir():
+            raise FileNotFoundError(
+                f"SPair-71k split folder not found: {split_dir}; {_LAYOUT_HINT}"
+            )
+        files = sorted((p for p in split_dir.glob("*.json") if p.is_file()), key=lambda p: p.name)
+        if not files:
+            raise ValueError(f"SPair-71k split {self.split!r} is empty: no *.json in {split_dir}")
+        images_dir = self.root / "JPEGImages"
+
+        # Category of every file: from the file name (":<cat>" suffix) or, failing that, its json.
+        by_category: dict[str, list[Path]] = {}
+        hints: dict[Path, str | None] = {}
+        for path in files:
+            hint = _category_from_stem(path.stem)
+            hints[path] = hint
+            category = hint
+            if category is None:
+                data = _read_json(path)
+                if not isinstance(data.get("category"), str) or not data["category"]:
+                    raise ValueError(f"Malformed SPair annotation {path}: missing key 'category'")
+                category = data["category"]
+            by_category.setdefault(category, []).append(path)
+        available = sorted(by_category)
+
+        if categories is None:
+            wanted = available
+        else:
+            unknown = sorted({c for c in categories if c not in by_category})
+            if unknown:
+                raise ValueError(
+                    f"Unknown SPair-71k categor{'y' if len(unknown) == 1 else 'ies'} {unknown} in "
+                    f"split {self.split!r}; available: {available}"
+                )
+            wanted = sorted(set(categories))
+
+        selected: list[Path] = []
+        rng = random.Random(seed)
+        for category in available:
+            paths = by_category[category]  # already sorted by file name
+            if pairs_per_category is not None and len(paths) > pairs_per_category:
+                paths = rng.sample(paths, int(pairs_per_category))
+            if category in wanted:
+                selected.extend(paths)
+        selected.sort(key=lambda p: p.name)
+
+        self.records: list[SPairRecord] = [
+            _parse_pair(path, images_dir, hints[path]) for path in selected
+        ]
+        for image_path in self.image_paths:
+            if not image_path.is_file():
+                raise FileNotFoundError(f"SPair-71k image file not found: {image_path}")
+        self.categories: list[str] = sorted({r.category for r in self.records})
+
+    @property
+    def pair_ids(self) -> list[str]:
+        """Pair ids (annotation file stems) in dataset order."""
+        return [r.pair_id for r in self.records]
+
+    @property
+    def image_paths(self) -> list[Path]:
+        """Sorted unique image paths used by the selected pairs (one feature pass each)."""
+        return sorted({p for r in self.records for p in (r.src_image_path, r.trg_image_path)})
+
+    def __len__(self) -> int:
+        """Number of pairs."""
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Load one pair.
+
+        Args:
+            index: Pair index.
+
+        Returns:
+            A dict with ``pair_id``, ``category``, ``src_image`` / ``trg_image`` (uint8
+            ``[3, H, W]`` RGB), ``src_image_path`` / ``trg_image_path`` (str), ``src_kps`` /
+            ``trg_kps`` (float32 ``[N, 2]`` original pixels ``(x, y)``), ``kps_valid`` (bool
+            ``[N]``), ``kps_ids`` (list of int), ``threshold`` (float) and ``src_bbox`` /
+            ``trg_bbox`` (float32 ``[4]``).
+
+        Raises:
+            FileNotFoundError: If an image file is missing.
+            ValueError: If an image file cannot be decoded.
+        """
+        record = self.records[index]
+        n = record.src_kps.shape[0]
+        return {
+            "pair_id": record.pair_id,
+            "category": record.category,
+            "src_image": load_rgb_image(record.src_image_path),
+            "trg_image": load_rgb_image(record.trg_image_path),
+            "src_image_path": str(record.src_image_path),
+            "trg_image_path": str(record.trg_image_path),
+            "src_kps": record.src_kps.clone(),
+            "trg_kps": record.trg_kps.clone(),
+            "kps_valid": torch.ones(n, dtype=torch.bool),
+            "kps_ids": list(record.kps_ids),
+            "threshold": record.threshold,
+            "src_bbox": record.src_bbox.clone(),
+            "trg_bbox": record.trg_bbox.clone(),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "
+            f"pairs={len(self)}, categories={len(self.categories)})"
+        )
+
+
+def collate_pairs(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Identity collate: pairs keep their own image sizes (the model resizes).
+
+    Args:
+        samples: Samples from :class:`SPairDataset`.
+
+    Returns:
+        The same list of sample dicts.
+    """
+    return list(samples)
+
+
+class SPairDataModule(L.LightningDataModule):
+    """Thin LightningDataModule serving an SPair-71k split for ``test`` / ``predict``.
+
+    Args:
+        root: SPair-71k root.
+        test_split: Split evaluated by ``trainer.test`` / ``trainer.predict``.
+        categories: Categories to keep (``None``: all).
+        pairs_per_category: Per-category subset size (``None``: all; the paper's ablations use 20).
+        seed: Seed of the per-category subset.
+        batch_size: Pairs per batch (a batch is a list of sample dicts).
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        test_split: str = "test",
+        categories: list[str] | None = None,
+        pairs_per_category: int | None = None,
+        seed: int = 0,
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.root = root
+        self.test_split = normalize_split(test_split)
+        self.category_filter = list(categories) if categories is not None else None
+        self.pairs_per_category = pairs_per_category
+        self.seed = seed
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.test_dataset: SPairDataset | None = None
+
+    def _build_dataset(self) -> SPairDataset:
+        """Build the evaluated dataset."""
+        return SPairDataset(
+            self.root,
+            split=self.test_split,
+            categories=self.category_filter,
+            pairs_per_category=self.pairs_per_category,
+            seed=self.seed,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the test dataset for ``stage`` in ``{"test", "predict", None}``.
+
+        Args:
+            stage: Lightning stage.
+        """
+        if stage in (None, "test", "predict") and self.test_dataset is None:
+            self.test_dataset = self._build_dataset()
+
+    @property
+    def categories(self) -> list[str]:
+        """Sorted categories of the test dataset (available after :meth:`setup`)."""
+        if self.test_dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must be called before .categories")
+        return list(self.test_dataset.categories)
+
+    def _dataloader(self) -> DataLoader:
+        if self.test_dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup('test') must be called first")
+        return DataLoader(
+            self.test_dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_pairs,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        """DataLoader over the test split yielding lists of sample dicts (no shuffling)."""
+        return self._dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """DataLoader over the test split yielding lists of sample dicts (no shuffling)."""
+        return self._dataloader()

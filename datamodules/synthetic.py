@@ -1,0 +1,479 @@
+"""A tiny synthetic benchmark in the exact SPair-71k on-disk layout.
+
+Every image of a category shows the same textured "object" (a random colour grid plus fixed fine
+noise, derived from the seed and the category name) pasted on a random-texture background at a
+random position, scale (0.7-1.2) and horizontal stretch; a few objects are partly cut by the image
+border. Keypoints are fixed relative positions on the object mapped through the paste, so the
+ground-truth correspondences are exact and learnable. Image sizes jitter per image and the second
+image of every category is portrait, so aspect-preserving resizing is exercised.
+
+The written root is read by the real reader, :class:`datamodules.spair.SPairDataset`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from datamodules.spair import SPairDataModule, normalize_split
+
+__all__ = [
+    "MARKER_NAME",
+    "SPAIR_CATEGORIES",
+    "SyntheticSPairDataModule",
+    "default_synthetic_categories",
+    "read_synthetic_marker",
+    "write_synthetic_spair",
+]
+
+#: The 18 SPair-71k categories (used as default synthetic category names).
+SPAIR_CATEGORIES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor",
+)  # fmt: skip
+
+#: Marker file written in a synthetic root; it records the generator arguments.
+MARKER_NAME = ".synthetic_spair.json"
+_MARKER_FORMAT = "sd-dino-lightning/synthetic-spair/v1"
+_OWNED_DIRS = ("PairAnnotation", "JPEGImages", "ImageAnnotation", "Layout")
+_FORBIDDEN_NAME_CHARS = set("-:/\\ ")
+
+
+def default_synthetic_categories(num_categories: int) -> list[str]:
+    """Category names for ``num_categories`` synthetic categories.
+
+    Args:
+        num_categories: How many categories (>= 1).
+
+    Returns:
+        The first SPair-71k category names, then ``"category18"``, ``"category19"``, ... .
+    """
+    if num_categories < 1:
+        raise ValueError(f"num_categories must be >= 1, got {num_categories}")
+    names = list(SPAIR_CATEGORIES[:num_categories])
+    names += [f"category{i}" for i in range(len(SPAIR_CATEGORIES), num_categories)]
+    return names
+
+
+def read_synthetic_marker(root: str | Path) -> dict[str, Any] | None:
+    """Read the marker of a synthetic root.
+
+    Args:
+        root: Synthetic root.
+
+    Returns:
+        The marker dict (keys ``format``, ``complete``, ``args``), or ``None`` when absent or
+        unreadable.
+    """
+    path = Path(root) / MARKER_NAME
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != _MARKER_FORMAT:
+        return None
+    return marker
+
+
+def _category_seed(seed: int, category: str) -> list[int]:
+    return [int(seed), zlib.crc32(category.encode("utf-8"))]
+
+
+def _resize(array: np.ndarray, width: int, height: int, resample: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(array).resize((width, height), resample=resample))
+
+
+def _object_template(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """Distinctive object texture: a coarse random colour grid plus fixed fine noise and a frame."""
+    grid = rng.integers(0, 256, size=(5, 6, 3), dtype=np.uint8)
+    obj = _resize(grid, width, height, Image.NEAREST).astype(np.int16)
+    obj += rng.integers(-30, 31, size=obj.shape, dtype=np.int16)
+    obj[:2, :] = obj[-2:, :] = 0
+    obj[:, :2] = obj[:, -2:] = 0
+    return np.clip(obj, 0, 255).astype(np.uint8)
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """Random smooth colour field plus pixel noise, muted so the object stands out."""
+    low = rng.integers(50, 206, size=(6, 8, 3), dtype=np.uint8)
+    bg = _resize(low, width, height, Image.BILINEAR).astype(np.int16)
+    bg += rng.integers(-15, 16, size=bg.shape, dtype=np.int16)
+    return np.clip(bg, 0, 255).astype(np.uint8)
+
+
+def _image_size(rng: np.random.Generator, base: tuple[int, int], portrait: bool) -> tuple[int, int]:
+    """Jittered (width, height); ``portrait`` forces height > width."""
+    w0, h0 = base
+    w = w0 + int(rng.integers(-(w0 // 8), w0 // 8 + 1))
+    h = h0 + int(rng.integers(-(h0 // 8), h0 // 8 + 1))
+    if portrait:
+        w, h = min(w, h), max(w, h)
+        if h <= w:
+            h = w + max(1, w // 4)
+    return w, h
+
+
+def _validate_args(
+    categories: Sequence[str],
+    images_per_category: int,
+    pairs_per_category: int,
+    num_keypoints: int,
+    image_size: tuple[int, int],
+) -> None:
+    if isinstance(categories, str) or len(categories) == 0:
+        raise ValueError(f"categories must be a non-empty sequence of names, got {categories!r}")
+    if len(set(categories)) != len(categories):
+        raise ValueError(f"categories must be unique, got {list(categories)}")
+    for category in categories:
+        if (
+            not isinstance(category, str)
+            or not category
+            or category.startswith(".")
+            or _FORBIDDEN_NAME_CHARS & set(category)
+        ):
+            raise ValueError(
+                f"Invalid category name {category!r}: SPair file names need non-empty names "
+                "without '-', ':', '/', '\\' or spaces"
+            )
+    if images_per_category < 2:
+        raise ValueError(f"images_per_category must be >= 2, got {images_per_category}")
+    max_pairs = images_per_category * (images_per_category - 1)
+    if not 1 <= pairs_per_category <= max_pairs:
+        raise ValueError(
+            f"pairs_per_category must be in [1, {max_pairs}] for {images_per_category} images, "
+            f"got {pairs_per_category}"
+        )
+    if num_keypoints < 1:
+        raise ValueError(f"num_keypoints must be >= 1, got {num_keypoints}")
+    if len(image_size) != 2 or min(image_size) < 32:
+        raise ValueError(f"image_size must be (width, height) with sides >= 32, got {image_size}")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+
+
+def _marker_args(
+    categories: Sequence[str],
+    images_per_category: int,
+    pairs_per_category: int,
+    num_keypoints: int,
+    image_size: tuple[int, int],
+    seed: int,
+    split: str,
+) -> dict[str, Any]:
+    return {
+        "categories": [str(c) for c in categories],
+        "images_per_category": int(images_per_category),
+        "pairs_per_category": int(pairs_per_category),
+        "num_keypoints": int(num_keypoints),
+        "image_size": [int(image_size[0]), int(image_size[1])],
+        "seed": int(seed),
+        "split": normalize_split(split),
+    }
+
+
+def write_synthetic_spair(
+    root: str | Path,
+    categories: Sequence[str] = ("cat", "dog"),
+    images_per_category: int = 4,
+    pairs_per_category: int = 6,
+    num_keypoints: int = 8,
+    image_size: tuple[int, int] = (160, 120),
+    seed: int = 0,
+    split: str = "test",
+) -> Path:
+    """Write a small synthetic benchmark in the SPair-71k layout.
+
+    Writes ``JPEGImages/<cat>/<name>.jpg`` (JPEG quality 95), ``ImageAnnotation/<cat>/<name>.json``
+    (``filename``, ``category``, ``image_width``, ``image_height``, ``bndbox``, ``kps`` as a dict of
+    keypoint id -> ``[x, y]`` or ``null`` when outside the image, ...),
+    ``PairAnnotation/<split>/<id>-<src>-<trg>:<cat>.json`` (all SPair pair keys; only keypoints
+    inside both images are listed) and ``Layout/large/<split>.txt`` (pair stems), plus a marker
+    file (:data:`MARKER_NAME`) holding the arguments. Output is deterministic given the arguments.
+
+    An existing synthetic root (one with a marker) is wiped and rewritten; a non-empty directory
+    without a marker is refused so that a real dataset is never overwritten.
+
+    Args:
+        root: Output directory (created if needed).
+        categories: Category names (no ``'-'``, ``':'``, ``'/'`` or spaces).
+        images_per_category: Images per category (>= 2); image 1 of every category is portrait.
+        pairs_per_category: Ordered image pairs per category (<= n * (n - 1)); fewer are written
+            only if some pairs share no visible keypoint.
+        num_keypoints: Keypoints per object.
+        image_size: Base ``(width, height)``; each image jitters by up to 1/8 per side.
+        seed: Generator seed.
+        split: Split folder to write (``"trn"``/``"train"``, ``"val"`` or ``"test"``).
+
+    Returns:
+        The root path.
+
+    Raises:
+        ValueError: On invalid arguments or when ``root`` is a non-empty non-synthetic directory.
+    """
+    split = normalize_split(split)
+    image_size = (int(image_size[0]), int(image_size[1]))
+    _validate_args(categories, images_per_category, pairs_per_category, num_keypoints, image_size)
+    root = Path(root).expanduser()
+    args = _marker_args(
+        categories, images_per_category, pairs_per_category, num_keypoints, image_size, seed, split
+    )
+
+    if root.exists():
+        if not root.is_dir():
+            raise ValueError(f"Synthetic SPair root {root} exists and is not a directory")
+        if any(root.iterdir()) and read_synthetic_marker(root) is None:
+            raise ValueError(
+                f"Refusing to write a synthetic SPair benchmark into {root}: the directory is not "
+                f"empty and has no {MARKER_NAME} marker (is it a real dataset?)"
+            )
+        for name in _OWNED_DIRS:
+            if (root / name).exists():
+                shutil.rmtree(root / name)
+    root.mkdir(parents=True, exist_ok=True)
+    marker_path = root / MARKER_NAME
+    _write_json(marker_path, {"format": _MARKER_FORMAT, "complete": False, "args": args})
+
+    pair_dir = root / "PairAnnotation" / split
+    pair_dir.mkdir(parents=True)
+    layout_dir = root / "Layout" / "large"
+    layout_dir.mkdir(parents=True)
+
+    base_w, base_h = image_size
+    short = min(base_w, base_h)
+    obj_h0 = max(8, round(0.42 * short))
+    obj_w0 = max(8, round(0.42 * short * 1.3))
+    pair_stems: list[str] = []
+    pair_counter = 0
+
+    for category in categories:
+        cat_seed = _category_seed(seed, category)
+        cat_rng = np.random.default_rng(cat_seed)
+        template = Image.fromarray(_object_template(cat_rng, obj_w0, obj_h0))
+        rel_kps = cat_rng.uniform(0.08, 0.92, size=(num_keypoints, 2))
+
+        img_dir = root / "JPEGImages" / category
+        ann_dir = root / "ImageAnnotation" / category
+        img_dir.mkdir(parents=True)
+        ann_dir.mkdir(parents=True)
+
+        images: list[dict[str, Any]] = []
+        for k in range(images_per_category):
+            rng = np.random.default_rng([*cat_seed, 1, k])
+            width, height = _image_size(rng, image_size, portrait=(k == 1))
+            canvas = _background(rng, width, height)
+
+            scale = rng.uniform(0.7, 1.2)
+            stretch = rng.uniform(0.85, 1.15)
+            ow = max(8, round(obj_w0 * scale * stretch))
+            oh = max(8, round(obj_h0 * scale))
+            fit = min(1.0, width / ow, height / oh)
+            ow, oh = max(8, int(ow * fit)), max(8, int(oh * fit))
+
+            truncated = k > 0 and rng.uniform() < 0.3
+            if truncated:  # up to 30% of the object outside the left/right or top/bottom border
+                x1 = int(rng.integers(-int(0.3 * ow), width - int(0.7 * ow) + 1))
+                y1 = int(rng.integers(-int(0.3 * oh), height - int(0.7 * oh) + 1))
+            else:
+                x1 = int(rng.integers(0, width - ow + 1))
+                y1 = int(rng.integers(0, height - oh + 1))
+
+            obj = np.asarray(template.resize((ow, oh), resample=Image.BILINEAR))
+            cx1, cy1 = max(x1, 0), max(y1, 0)
+            cx2, cy2 = min(x1 + ow, width), min(y1 + oh, height)
+            canvas[cy1:cy2, cx1:cx2] = obj[cy1 - y1 : cy2 - y1, cx1 - x1 : cx2 - x1]
+
+            # A relative point u on the template lands at pixel x1 + u * ow - 0.5 under PIL's
+            # pixel-centre resize (pixel i is centred at i).
+            kps: dict[str, list[float] | None] = {}
+            for kp_id, (u, v) in enumerate(rel_kps):
+                x = round(float(x1 + u * ow - 0.5), 2)
+                y = round(float(y1 + v * oh - 0.5), 2)
+                inside = 0.0 <= x <= width - 1 and 0.0 <= y <= height - 1
+                kps[str(kp_id)] = [x, y] if inside else None
+            bbox = [cx1, cy1, cx2 - 1, cy2 - 1]
+            name = f"{category}_{k:04d}"
+            Image.fromarray(canvas).save(img_dir / f"{name}.jpg", format="JPEG", quality=95)
+            annotation = {
+                "filename": f"{name}.jpg",
+                "src_database": "synthetic",
+                "annotation": "synthetic",
+                "image": "synthetic",
+                "image_width": width,
+                "image_height": height,
+                "image_depth": 3,
+                "category": category,
+                "pose": "Unspecified",
+                "truncated": int(cx1 != x1 or cy1 != y1 or cx2 != x1 + ow or cy2 != y1 + oh),
+                "occluded": 0,
+                "difficult": 0,
+                "bndbox": bbox,
+                "kps": kps,
+                "azimuth_id": 0,
+            }
+            _write_json(ann_dir / f"{name}.json", annotation)
+            images.append(annotation | {"name": name})
+
+        candidates: list[tuple[int, int, list[str]]] = []
+        for i in range(images_per_category):
+            for j in range(images_per_category):
+                if i == j:
+                    continue
+                common = [
+                    kp
+                    for kp in map(str, range(num_keypoints))
+                    if images[i]["kps"][kp] is not None and images[j]["kps"][kp] is not None
+                ]
+                if common:
+                    candidates.append((i, j, common))
+        pair_rng = np.random.default_rng([*cat_seed, 2])
+        count = min(pairs_per_category, len(candidates))
+        chosen = sorted(pair_rng.choice(len(candidates), size=count, replace=False).tolist())
+
+        for idx in chosen:
+            i, j, common = candidates[idx]
+            src, trg = images[i], images[j]
+            pair_counter += 1
+            stem = f"{pair_counter:06d}-{src['name']}-{trg['name']}:{category}"
+            sb, tb = src["bndbox"], trg["bndbox"]
+            s_side = max(sb[2] - sb[0], sb[3] - sb[1])
+            t_side = max(tb[2] - tb[0], tb[3] - tb[1])
+            ratio = max(s_side, t_side) / max(1, min(s_side, t_side))
+            pair = {
+                "pair_id": pair_counter,
+                "filename": f"{stem}.json",
+                "src_imname": src["filename"],
+                "trg_imname": trg["filename"],
+                "src_imsize": [src["image_width"], src["image_height"], 3],
+                "trg_imsize": [trg["image_width"], trg["image_height"], 3],
+                "src_bndbox": sb,
+                "trg_bndbox": tb,
+                "category": category,
+                "src_pose": "Unspecified",
+                "trg_pose": "Unspecified",
+                "src_trunc": src["truncated"],
+                "trg_trunc": trg["truncated"],
+                "src_occl": 0,
+                "trg_occl": 0,
+                "src_kps": [src["kps"][kp] for kp in common],
+                "trg_kps": [trg["kps"][kp] for kp in common],
+                "kps_ids": common,
+                "mirror": 0,
+                "viewpoint_variation": 0,
+                "scale_variation": 0 if ratio < 1.25 else (1 if ratio < 1.5 else 2),
+                "truncation": src["truncated"] + trg["truncated"],
+                "occlusion": 0,
+            }
+            _write_json(pair_dir / f"{stem}.json", pair)
+            pair_stems.append(stem)
+
+    layout = "".join(f"{stem}\n" for stem in pair_stems)
+    (layout_dir / f"{split}.txt").write_text(layout, encoding="utf-8")
+    _write_json(marker_path, {"format": _MARKER_FORMAT, "complete": True, "args": args})
+    return root
+
+
+class SyntheticSPairDataModule(SPairDataModule):
+    """:class:`SPairDataModule` over a generated synthetic benchmark.
+
+    See :func:`write_synthetic_spair` for what is generated.
+
+    ``prepare_data`` (and ``setup``, for runs without a Trainer) write the benchmark into ``root``
+    unless a complete one generated with identical arguments is already there; the data is then
+    read by the real SPair reader.
+
+    Args:
+        root: Directory of the synthetic benchmark.
+        test_split: Split written and evaluated.
+        categories: Categories to keep when reading (``None``: all).
+        pairs_per_category: Per-category subset size when reading (``None``: all).
+        seed: Seed of the per-category subset.
+        batch_size: Pairs per batch.
+        num_workers: DataLoader workers.
+        synthetic_categories: Generated category names; ``None`` uses
+            :func:`default_synthetic_categories` with ``num_categories``.
+        num_categories: Number of generated categories when ``synthetic_categories`` is ``None``.
+        images_per_category: Generated images per category.
+        synthetic_pairs_per_category: Generated pairs per category.
+        image_width: Base image width.
+        image_height: Base image height.
+        num_keypoints: Keypoints per object.
+        generator_seed: Seed of the generator.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        test_split: str = "test",
+        categories: list[str] | None = None,
+        pairs_per_category: int | None = None,
+        seed: int = 0,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        synthetic_categories: list[str] | None = None,
+        num_categories: int = 2,
+        images_per_category: int = 4,
+        synthetic_pairs_per_category: int = 6,
+        image_width: int = 160,
+        image_height: int = 120,
+        num_keypoints: int = 8,
+        generator_seed: int = 0,
+    ) -> None:
+        super().__init__(
+            root=root,
+            test_split=test_split,
+            categories=categories,
+            pairs_per_category=pairs_per_category,
+            seed=seed,
+            batch_size=batch_size,
+            num_workers=num_workers,
+        )
+        names = (
+            list(synthetic_categories)
+            if synthetic_categories is not None
+            else default_synthetic_categories(num_categories)
+        )
+        self.generator_kwargs: dict[str, Any] = {
+            "categories": names,
+            "images_per_category": images_per_category,
+            "pairs_per_category": synthetic_pairs_per_category,
+            "num_keypoints": num_keypoints,
+            "image_size": (image_width, image_height),
+            "seed": generator_seed,
+            "split": self.test_split,
+        }
+
+    def is_generated(self) -> bool:
+        """Whether ``root`` holds a complete benchmark generated with these arguments."""
+        marker = read_synthetic_marker(self.root)
+        return (
+            marker is not None
+            and marker.get("complete") is True
+            and marker.get("args") == _marker_args(**self.generator_kwargs)
+        )
+
+    def _ensure_generated(self) -> None:
+        if not self.is_generated():
+            write_synthetic_spair(self.root, **self.generator_kwargs)
+
+    def prepare_data(self) -> None:
+        """Write the synthetic benchmark (skipped if already generated with identical args)."""
+        self._ensure_generated()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Generate the benchmark if needed, then build the test dataset.
+
+        Args:
+            stage: Lightning stage.
+        """
+        if stage in (None, "test", "predict"):
+            self._ensure_generated()
+        super().setup(stage)

@@ -1,0 +1,21 @@
+"""Evaluate correspondence models with ``trainer.test`` (LightningCLI, omegaconf mode).
+
+    python evaluate.py test --config configs/demo.yaml
+    python evaluate.py test --config configs/spair.yaml --data.root /data/SPair-71k
+    python evaluate.py test --config configs/spair.yaml --config configs/model/tiny.yaml --data.root DIR
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_modules.cli import build_cli
+
+
+def main(args: list[str] | None = None) -> LightningCLI:
+    """Run the evaluation CLI (``args`` defaults to ``sys.argv``)."""
+    return build_cli(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Plain-torch core (never imports lightning): featurizers, co-PCA and fusion, matching."""
+
+from .dino_featurizer import DinoFeaturizer
+from .fusion import co_pca, fuse, l2_normalize, merge_layers
+from .image_prep import PadResize, pad_resize_image
+from .matching import cells_to_points, nearest_neighbors, points_to_cells, transfer_keypoints
+from .pipeline import FusedCorrespondence, ImageFeatures
+from .sd_featurizer import SDFeaturizer, decoder_layer_source
+
+__all__ = [
+    "DinoFeaturizer",
+    "FusedCorrespondence",
+    "ImageFeatures",
+    "PadResize",
+    "SDFeaturizer",
+    "cells_to_points",
+    "co_pca",
+    "decoder_layer_source",
+    "fuse",
+    "l2_normalize",
+    "merge_layers",
+    "nearest_neighbors",
+    "pad_resize_image",
+    "points_to_cells",
+    "transfer_keypoints",
+]

@@ -1,0 +1,94 @@
+"""Co-PCA of SD layers over an image pair, layer merging, and SD + DINO fusion (paper Eq. 2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["co_pca", "merge_layers", "l2_normalize", "fuse"]
+
+
+def co_pca(pair: torch.Tensor, dim: int, niter: int = 2, seed: int = 0) -> torch.Tensor:
+    """Project the features of an image pair onto their joint top principal components.
+
+    As in the reference: the tokens of both images are concatenated, mean-centred and reduced with
+    ``torch.pca_lowrank(q=dim)``; the projection is shared, so distances between the two images stay
+    comparable. ``pca_lowrank`` is randomised: it runs under a fixed private seed so a pair always gets
+    the same projection (across runs, batches and processes).
+
+    Args:
+        pair: ``[2, C, H, W]`` features of the source and the target image.
+        dim: Number of components (clamped to ``min(C, 2*H*W)``).
+        niter: Subspace iterations of ``pca_lowrank`` (torch's default, used by the reference).
+        seed: Seed of the randomised range finder.
+
+    Returns:
+        ``[2, min(dim, C, 2HW), H, W]``.
+    """
+    n, channels, height, width = pair.shape
+    tokens = pair.float().permute(0, 2, 3, 1).reshape(n * height * width, channels)
+    centred = tokens - tokens.mean(dim=0, keepdim=True)
+    q = min(dim, channels, centred.shape[0])
+    devices = [centred.device] if centred.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        _, _, v = torch.pca_lowrank(centred, q=q, center=False, niter=niter)
+    reduced = centred @ v[:, :q]
+    return reduced.reshape(n, height, width, q).permute(0, 3, 1, 2)
+
+
+def merge_layers(layers: Sequence[torch.Tensor], size: int | None = None) -> torch.Tensor:
+    """Concatenate multi-resolution feature maps, coarse to fine, as the reference does.
+
+    The coarsest map is bilinearly upsampled to the next resolution and concatenated with it, and so on
+    up to the finest (15 -> 30 -> 60 for SD at 960 px), then the result is resized to ``size``.
+
+    Args:
+        layers: ``[B, C_i, H_i, W_i]`` maps (any order).
+        size: Output side; defaults to the finest resolution.
+
+    Returns:
+        ``[B, sum(C_i), size, size]``.
+    """
+    ordered = sorted(layers, key=lambda t: t.shape[-1])
+    merged = ordered[0]
+    for layer in ordered[1:]:
+        if merged.shape[-2:] != layer.shape[-2:]:
+            merged = F.interpolate(merged, size=layer.shape[-2:], mode="bilinear", align_corners=False)
+        merged = torch.cat([layer, merged], dim=1)
+    if size is not None and merged.shape[-1] != size:
+        merged = F.interpolate(merged, size=(size, size), mode="bilinear", align_corners=False)
+    return merged
+
+
+def l2_normalize(features: torch.Tensor, dim: int = 1, eps: float = 1e-12) -> torch.Tensor:
+    """Divide every token (along ``dim``) by its L2 norm."""
+    return features / features.norm(dim=dim, keepdim=True).clamp_min(eps)
+
+
+def fuse(sd: torch.Tensor | None, dino: torch.Tensor | None, alpha: float = 0.5) -> torch.Tensor:
+    """Fuse SD and DINO maps: ``cat(alpha * ||SD||_2, (1 - alpha) * ||DINO||_2)`` along channels.
+
+    Each block is L2-normalised per token first, so ``alpha`` sets the blocks' relative weight. With
+    ``alpha`` 1 (or no DINO map) the result is the normalised SD map alone, with 0 the DINO map alone.
+
+    Args:
+        sd: ``[B, C_sd, H, W]`` or None.
+        dino: ``[B, C_dino, H, W]`` or None (same spatial size as ``sd``).
+        alpha: Weight of the SD block, in [0, 1].
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    use_sd, use_dino = sd is not None and alpha > 0, dino is not None and alpha < 1
+    if use_sd and use_dino:
+        if sd.shape[-2:] != dino.shape[-2:]:
+            raise ValueError(f"SD map {tuple(sd.shape)} and DINO map {tuple(dino.shape)} differ in size")
+        return torch.cat([alpha * l2_normalize(sd), (1 - alpha) * l2_normalize(dino)], dim=1)
+    if use_sd:
+        return l2_normalize(sd)
+    if use_dino:
+        return l2_normalize(dino)
+    raise ValueError(f"nothing to fuse: alpha={alpha} with sd={'set' if sd is not None else None}, "
+                     f"dino={'set' if dino is not None else None}")

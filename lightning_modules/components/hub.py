@@ -1,0 +1,66 @@
+"""Loading pretrained components by hub id or local directory, with errors that say what to do."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, TypeVar
+
+__all__ = ["ModelLoadError", "load_pretrained", "check_tokenizer"]
+
+T = TypeVar("T")
+
+
+class ModelLoadError(OSError):
+    """A pretrained component could not be loaded (offline, wrong id, missing files)."""
+
+
+def load_pretrained(cls: type[T], model_id: str, subfolder: str | None = None, what: str = "", **kwargs: Any) -> T:
+    """``cls.from_pretrained(model_id, subfolder=...)`` with an actionable error message.
+
+    Args:
+        cls: A diffusers or transformers class with ``from_pretrained``.
+        model_id: Hub id (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``) or a local directory.
+        subfolder: Subfolder inside the repository or directory (``unet``, ``vae``, ...).
+        what: Human-readable name of the config field that holds ``model_id`` for the message.
+        **kwargs: Passed to ``from_pretrained``.
+
+    Raises:
+        ModelLoadError: Naming the model id, the subfolder and how to provide a local copy.
+    """
+    if subfolder is not None:
+        kwargs["subfolder"] = subfolder
+    try:
+        return cls.from_pretrained(model_id, **kwargs)  # type: ignore[attr-defined]
+    except Exception as err:  # noqa: BLE001 - the hub raises many unrelated types; all mean "not loadable"
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        where = f"'{model_id}'" + (f" (subfolder '{subfolder}')" if subfolder else "")
+        hint = (
+            "HF_HUB_OFFLINE is set, so only the local cache or a local directory can be used. "
+            if offline
+            else ""
+        )
+        raise ModelLoadError(
+            f"Could not load {cls.__name__} from {where}. {hint}Download the weights once where the hub is "
+            f"reachable (`huggingface-cli download {model_id} --local-dir DIR`) and pass the directory "
+            f"instead of the id{' via ' + what if what else ''}. Original error: {type(err).__name__}: {err}"
+        ) from err
+
+
+def check_tokenizer(tokenizer: Any, model_id: str) -> None:
+    """Reject a tokenizer that cannot encode ordinary text.
+
+    Offline, ``CLIPTokenizer.from_pretrained(<hub id>)`` can silently return a tokenizer with a
+    two-token vocabulary that maps every word to ``<|endoftext|>``; prompts would then all encode to the
+    same ids and the "explicit captioner" would silently become an empty prompt.
+
+    Raises:
+        ModelLoadError: If the vocabulary is degenerate or a probe sentence encodes to unknown tokens only.
+    """
+    ids = tokenizer("a photo of a cat", add_special_tokens=False).input_ids
+    special = {tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    if len(tokenizer) < 10 or not ids or all(i in special for i in ids):
+        raise ModelLoadError(
+            f"The tokenizer loaded from '{model_id}' is broken (vocabulary of {len(tokenizer)} tokens; "
+            f"'a photo of a cat' encodes to {ids}). This happens offline when the tokenizer files are not in "
+            f"the local cache: pass a local directory that holds tokenizer/vocab.json and merges.txt."
+        )

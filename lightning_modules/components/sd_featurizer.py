@@ -1,0 +1,230 @@
+"""Stable Diffusion UNet decoder features (diffusers), as in "A Tale of Two Features".
+
+One image -> VAE latent -> noised once at a fixed timestep with one fixed Gaussian noise -> one UNet
+pass conditioned on a prompt -> the decoder features entering the requested decoder layers.
+
+Decoder layer numbering follows the reference (ODISE/ldm ``output_blocks``): the UNet decoder has
+``4 x (layers_per_block + 1)`` layers, numbered 0..11 for SD. "Layer i" is the hidden state ENTERING
+decoder layer i, before its skip concatenation, i.e. the output of decoder layer i-1 (its resnet, plus
+its cross-attention where the up-block has one); for the first layer of an up-block it is the previous
+up-block's (upsampled) output, and for layer 0 the mid-block output. For SD at 960 px the paper's layers
+2, 5, 8 are 1280 ch at 15x15, 1280 ch at 30x30 and 640 ch at 60x60.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .hooks import run_and_capture
+from .hub import check_tokenizer, load_pretrained
+
+__all__ = ["SDFeaturizer", "decoder_layer_source"]
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def decoder_layer_source(unet: nn.Module, index: int) -> nn.Module:
+    """Return the module whose output is the hidden state entering decoder layer ``index``.
+
+    Args:
+        unet: A diffusers ``UNet2DConditionModel``.
+        index: Decoder layer index in ``[0, num_up_blocks * layers_per_up_block)``.
+
+    Raises:
+        ValueError: If ``index`` is out of range for this UNet.
+    """
+    per_block = [len(block.resnets) for block in unet.up_blocks]
+    if not 0 <= index < sum(per_block):
+        raise ValueError(f"decoder layer {index} out of range: this UNet has {sum(per_block)} decoder layers")
+    block_idx, layer = 0, index
+    while layer >= per_block[block_idx]:
+        layer -= per_block[block_idx]
+        block_idx += 1
+    block = unet.up_blocks[block_idx]
+    if layer == 0:
+        return unet.up_blocks[block_idx - 1] if block_idx > 0 else unet.mid_block
+    attentions = getattr(block, "attentions", None)
+    return attentions[layer - 1] if attentions else block.resnets[layer - 1]
+
+
+class SDFeaturizer(nn.Module):
+    """Stable Diffusion decoder features for square images in [0, 1].
+
+    Args:
+        model_id: Hub id or local directory of a diffusers SD pipeline (``unet``, ``vae``,
+            ``text_encoder``, ``tokenizer``, ``scheduler`` subfolders). Ignored when ``random_init`` is set.
+        layers: Decoder layer indices (see module docstring); the paper uses 2, 5, 8.
+        timestep: Diffusion timestep of the single noisy pass (of 1000); 0 adds no noise.
+        image_size: Side of the square input (the reference uses 960).
+        sliding_window: Process the image as a 2x2 grid of ``crop_size`` crops at offsets 0 and
+            ``image_size - crop_size`` and average the overlapping features, as the reference does.
+        crop_size: Crop side for the sliding window (512 for SD v1).
+        prompt: Prompt template; ``{category}`` is replaced by the pair's category. ``""`` is the empty
+            prompt, ``"a photo of {category}"`` the paper's explicit captioner.
+        ensemble_size: Number of noises whose features are averaged (1 in the paper, 8 in DIFT).
+        seed: Seed of the fixed noise. Every image gets the same noise, independent of batch order.
+        random_init: Build tiny random components from configs instead of loading weights:
+            ``{"unet": {...}, "vae": {...}, "text_encoder": {...}, "seed": 0}`` overriding
+            :mod:`.tiny_models` defaults. For tests, the demo and CPU smoke runs.
+    """
+
+    def __init__(
+        self,
+        model_id: str | None = SD15,
+        layers: Sequence[int] = (2, 5, 8),
+        timestep: int = 100,
+        image_size: int = 960,
+        sliding_window: bool = True,
+        crop_size: int = 512,
+        prompt: str = "a photo of {category}",
+        ensemble_size: int = 1,
+        seed: int = 42,
+        random_init: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if ensemble_size < 1:
+            raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}")
+        if sliding_window and not 0 < crop_size <= image_size:
+            raise ValueError(f"crop_size {crop_size} must be in (0, image_size={image_size}]")
+        self.layers = [int(i) for i in layers]
+        self.timestep = int(timestep)
+        self.image_size = int(image_size)
+        self.sliding_window = sliding_window
+        self.crop_size = int(crop_size)
+        self.prompt = prompt
+        self.ensemble_size = int(ensemble_size)
+        self.seed = int(seed)
+        self.model_id = model_id
+        components = self._load(model_id, random_init)
+        self.unet, self.vae, self.text_encoder = components["unet"], components["vae"], components["text_encoder"]
+        self.tokenizer, self.scheduler = components["tokenizer"], components["scheduler"]
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(False).eval()
+        if not 0 <= self.timestep < self.scheduler.config.num_train_timesteps:
+            raise ValueError(f"timestep {timestep} outside [0, {self.scheduler.config.num_train_timesteps})")
+        self._sources = {str(i): decoder_layer_source(self.unet, i) for i in self.layers}
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _load(model_id: str | None, random_init: dict[str, Any] | None) -> dict[str, Any]:
+        if random_init is not None:
+            from .tiny_models import build_sd_components
+
+            with tempfile.TemporaryDirectory() as tmp:
+                return build_sd_components(random_init, tmp)
+        if not model_id:
+            raise ValueError("SDFeaturizer needs a model_id (hub id or local directory) or random_init")
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        field = "model.init_args.sd.init_args.model_id"
+        components = {
+            "unet": load_pretrained(UNet2DConditionModel, model_id, "unet", field),
+            "vae": load_pretrained(AutoencoderKL, model_id, "vae", field),
+            "text_encoder": load_pretrained(CLIPTextModel, model_id, "text_encoder", field),
+            "tokenizer": load_pretrained(CLIPTokenizer, model_id, "tokenizer", field),
+            "scheduler": load_pretrained(DDPMScheduler, model_id, "scheduler", field),
+        }
+        check_tokenizer(components["tokenizer"], model_id)
+        return components
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the components in the diffusers pipeline layout, loadable with ``model_id=directory``."""
+        directory = Path(directory)
+        for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            getattr(self, name).save_pretrained(directory / name)
+
+    def prompt_for(self, category: str) -> str:
+        """The prompt of an image of ``category``."""
+        return self.prompt.replace("{category}", category)
+
+    @torch.no_grad()
+    def _text_embedding(self, prompt: str, device: torch.device) -> torch.Tensor:
+        # Prompts repeat across images (one per category): encode each once.
+        if prompt not in self._prompt_cache:
+            # A tokenizer saved without model_max_length reports a huge sentinel: the encoder decides.
+            length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+            ids = self.tokenizer(
+                prompt,
+                padding="max_length",
+                max_length=length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            self._prompt_cache[prompt] = self.text_encoder(ids.to(device))[0][0]
+        return self._prompt_cache[prompt].to(device)
+
+    def _window_offsets(self) -> list[tuple[int, int]]:
+        if not self.sliding_window:
+            return [(0, 0)]
+        far = self.image_size - self.crop_size
+        starts = [0] if far == 0 else [0, far]
+        return [(y, x) for y in starts for x in starts]
+
+    def _noise(self, latent_shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        # Drawn on the CPU from a private generator: the same noise on every device and in every batch.
+        generator = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn((self.ensemble_size, *latent_shape[1:]), generator=generator)
+        return noise.to(device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, categories: Sequence[str]) -> list[torch.Tensor]:
+        """Extract decoder features.
+
+        Args:
+            images: ``[B, 3, image_size, image_size]`` in [0, 1] (see ``pad_resize_image``).
+            categories: One category name per image (fills the prompt template).
+
+        Returns:
+            One tensor ``[B, C_i, h_i, w_i]`` per requested layer, in the order of ``layers``.
+        """
+        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            raise ValueError(f"expected {self.image_size}px square images, got {tuple(images.shape)}")
+        offsets = self._window_offsets()
+        side = self.crop_size if self.sliding_window else self.image_size
+        crops = torch.stack([images[:, :, y : y + side, x : x + side] for y, x in offsets], dim=1)
+        crops = crops.flatten(0, 1)  # [B * windows, 3, side, side], image-major
+        dtype = self.vae.dtype
+        latents = self.vae.encode(crops.to(dtype) * 2 - 1).latent_dist.mean * self.vae.config.scaling_factor
+        text = torch.stack([self._text_embedding(self.prompt_for(c), images.device) for c in categories])
+        text = text.repeat_interleave(len(offsets), dim=0).to(dtype)
+        t = torch.full((latents.shape[0],), self.timestep, device=images.device, dtype=torch.long)
+        noises = self._noise(latents.shape, images.device, latents.dtype)
+        summed: list[torch.Tensor] | None = None
+        for noise in noises:
+            noisy = latents if self.timestep == 0 else self.scheduler.add_noise(latents, noise.expand_as(latents), t)
+            feats = run_and_capture(
+                lambda: self.unet(noisy, t, encoder_hidden_states=text), self._sources  # noqa: B023
+            )
+            layer_feats = [feats[str(i)].float() for i in self.layers]
+            summed = layer_feats if summed is None else [a + b for a, b in zip(summed, layer_feats)]
+        assert summed is not None
+        return [self._stitch(f / self.ensemble_size, len(images), offsets, side) for f in summed]
+
+    def _stitch(
+        self, feats: torch.Tensor, batch: int, offsets: list[tuple[int, int]], side: int
+    ) -> torch.Tensor:
+        """Average window features into the full-image feature map."""
+        if len(offsets) == 1:
+            return feats
+        crop_res = feats.shape[-1]
+        full_res, remainder = divmod(self.image_size * crop_res, side)
+        if remainder or any((o * crop_res) % side for pair in offsets for o in pair):
+            raise ValueError(
+                f"sliding window offsets {offsets} of {side}px crops do not fall on the {crop_res}x{crop_res} "
+                f"feature grid; choose image_size - crop_size as a multiple of {side // crop_res}"
+            )
+        feats = feats.unflatten(0, (batch, len(offsets)))
+        out = feats.new_zeros(batch, feats.shape[2], full_res, full_res)
+        count = feats.new_zeros(1, 1, full_res, full_res)
+        for k, (y, x) in enumerate(offsets):
+            fy, fx = y * crop_res // side, x * crop_res // side
+            out[:, :, fy : fy + crop_res, fx : fx + crop_res] += feats[:, k]
+            count[:, :, fy : fy + crop_res, fx : fx + crop_res] += 1
+        return out / count

@@ -1,0 +1,148 @@
+"""Tiny random models built from configs, for tests, the demo and CPU smoke runs.
+
+They have the same structure as the real ones (a 4-up-block SD UNet with three decoder layers per block,
+a KL VAE with an 8x downsampling, a CLIP text encoder, a DINOv2 ViT with patch 14) so every code path of
+the pipeline runs, but they are small enough for a 2-core CPU. Weights are random (seeded).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "TINY_UNET",
+    "TINY_VAE",
+    "TINY_TEXT_ENCODER",
+    "TINY_DINOV2",
+    "build_sd_components",
+    "build_dinov2",
+    "write_byte_level_clip_vocab",
+]
+
+TINY_UNET: dict[str, Any] = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [16, 16, 32, 32],
+    "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 32,
+    "attention_head_dim": 4,
+    "norm_num_groups": 8,
+}
+TINY_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [8, 8, 16, 16],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+}
+TINY_TEXT_ENCODER: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 77,
+    "projection_dim": 32,
+}
+TINY_DINOV2: dict[str, Any] = {
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "mlp_ratio": 2,
+    "patch_size": 14,
+    "image_size": 224,
+}
+
+
+def _merged(defaults: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    return {**defaults, **(overrides or {})}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from bytes to printable unicode characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = list(printable), 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def write_byte_level_clip_vocab(directory: str | Path) -> tuple[Path, Path]:
+    """Write a CLIP-format vocabulary with one token per byte (and its end-of-word form), no merges.
+
+    Every string is encodable (as bytes), unlike the 2-token vocabulary that an offline hub id gives.
+
+    Returns:
+        Paths of ``vocab.json`` and ``merges.txt``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
+    vocab_path.write_text(json.dumps({tok: i for i, tok in enumerate(tokens)}))
+    merges_path.write_text("#version: 0.2\n")
+    return vocab_path, merges_path
+
+
+def build_sd_components(random_init: dict[str, Any], tmp_dir: str | Path) -> dict[str, Any]:
+    """Build a random SD stack (unet, vae, text_encoder, tokenizer, scheduler) from configs.
+
+    Args:
+        random_init: Optional overrides ``{"unet": {...}, "vae": {...}, "text_encoder": {...}, "seed": int}``
+            on top of the tiny defaults of this module.
+        tmp_dir: Directory for the tokenizer's vocabulary files.
+
+    Returns:
+        Component name -> module, like the subfolders of a diffusers pipeline.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab, merges = write_byte_level_clip_vocab(tmp_dir)
+    tokenizer = CLIPTokenizer(str(vocab), str(merges))
+    text_cfg = _merged(TINY_TEXT_ENCODER, random_init.get("text_encoder"))
+    unet_cfg = _merged(TINY_UNET, random_init.get("unet"))
+    unet_cfg["cross_attention_dim"] = text_cfg["hidden_size"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(random_init.get("seed", 0)))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **text_cfg,
+            )
+        )
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(**_merged(TINY_VAE, random_init.get("vae")))
+    # SD v1's training schedule: the ldm "linear" betas, i.e. diffusers' scaled_linear 0.00085..0.012.
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def build_dinov2(random_init: dict[str, Any]) -> torch.nn.Module:
+    """Build a random ``Dinov2Model`` from the tiny defaults updated by ``random_init`` (and its ``seed``)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    cfg = _merged(TINY_DINOV2, {k: v for k, v in random_init.items() if k != "seed"})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(random_init.get("seed", 0)))
+        return Dinov2Model(Dinov2Config(**cfg))
