@@ -315,6 +315,8 @@ class SPairDataset(Dataset):
             )
         if isinstance(categories, str):
             categories = [categories]
+        if categories is not None and len(categories) == 0:
+            raise ValueError("categories is an empty list; pass None to keep all categories")
 
         if not self.root.is_dir():
             raise FileNotFoundError(f"SPair-71k root not found: {self.root}; {_LAYOUT_HINT}")

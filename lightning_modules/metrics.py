@@ -139,7 +139,8 @@ def keypoint_correct(
         gt: Ground-truth points, ``[N, 2]``.
         threshold: The pair's PCK threshold (e.g. max side of the target bbox), a number or a
             scalar tensor.
-        alphas: ``A`` alpha values.
+        alphas: ``A`` alpha values (a reduced-precision tensor is rounded to the digits it carries,
+            so float32 ``0.1`` means exactly ``0.1``).
         valid: Optional ``[N]`` bool mask; invalid points are never correct.
 
     Returns:

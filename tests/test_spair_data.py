@@ -170,6 +170,8 @@ def test_missing_and_empty_split(spair_root: Path, tmp_path: Path) -> None:
 
 
 def test_unknown_category_lists_available(spair_root: Path) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        SPairDataset(spair_root, categories=[])
     with pytest.raises(ValueError) as err:
         SPairDataset(spair_root, categories=["cat", "zebra"])
     msg = str(err.value)

@@ -39,8 +39,9 @@ def nearest_neighbors(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.
     # argmin ||q - k||^2 = argmax (2 q.k - ||k||^2); the ||q||^2 term is constant per query.
     queries, keys = queries.float(), keys.float()
     scores = 2 * queries @ keys.T - (keys * keys).sum(dim=1)
-    best, index = scores.max(dim=1)
-    distance = ((queries * queries).sum(dim=1) - best).clamp_min(0).sqrt()
+    index = scores.argmax(dim=1)
+    # Recomputed directly for the winners only: the expanded form loses precision near zero.
+    distance = (queries - keys[index]).norm(dim=1)
     return index, distance
 
 

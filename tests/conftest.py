@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny random models built from configs and never a network call."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before any hub import: tests never reach a model hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lightning_modules.components import DinoFeaturizer, SDFeaturizer  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd() -> SDFeaturizer:
+    """Tiny random SD featurizer (192 px, 2x2 sliding window of 128 px crops)."""
+    return SDFeaturizer(model_id=None, random_init={"seed": 0}, image_size=192, crop_size=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_dino() -> DinoFeaturizer:
+    """Tiny random DINOv2 featurizer (224 px, 16 x 16 patches, last of 4 blocks)."""
+    return DinoFeaturizer(model_id=None, random_init={"seed": 0, "num_hidden_layers": 4}, layer=3, image_size=224)

@@ -1,0 +1,129 @@
+"""Image preparation geometry, co-PCA, layer merging, fusion and nearest-neighbour matching."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.components import (
+    PadResize,
+    cells_to_points,
+    co_pca,
+    fuse,
+    merge_layers,
+    nearest_neighbors,
+    pad_resize_image,
+    points_to_cells,
+    transfer_keypoints,
+)
+
+
+def test_pad_resize_geometry_landscape_and_portrait() -> None:
+    land = PadResize(width=200, height=100, size=100)
+    assert land.scale == 0.5 and land.resized_wh == (100, 50) and land.offset == (0, 25)
+    port = PadResize(width=30, height=60, size=840)
+    assert port.resized_wh == (420, 840) and port.offset == (210, 0)
+    pts = torch.tensor([[0.0, 0.0], [199.0, 99.0], [37.5, 12.25]])
+    mapped = land.forward_points(pts)
+    assert torch.allclose(mapped, torch.tensor([[0.0, 25.0], [99.5, 74.5], [18.75, 31.125]]))
+    assert torch.allclose(land.inverse_points(mapped), pts)
+
+
+def test_pad_resize_image_pads_with_black_in_the_centre() -> None:
+    image = torch.full((3, 20, 40), 200, dtype=torch.uint8)  # H=20, W=40
+    out, geo = pad_resize_image(image, 80)
+    assert out.shape == (3, 80, 80) and geo.offset == (0, 20)
+    assert out[:, :20].abs().max() == 0 and out[:, 60:].abs().max() == 0
+    assert torch.allclose(out[:, 20:60], torch.full_like(out[:, 20:60], 200 / 255), atol=1 / 255)
+
+
+def _pairwise(x: torch.Tensor) -> torch.Tensor:
+    tokens = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    return torch.cdist(tokens, tokens)
+
+
+def test_co_pca_is_joint_and_preserves_distances_at_full_rank() -> None:
+    torch.manual_seed(0)
+    basis = torch.randn(3, 16)
+    pair = (torch.randn(2, 5, 5, 3) @ basis).permute(0, 3, 1, 2)  # rank-3 data in 16 channels
+    reduced = co_pca(pair, dim=3)
+    assert reduced.shape == (2, 3, 5, 5)
+    # A shared projection onto the data's span keeps every distance, within AND across the two images.
+    assert torch.allclose(_pairwise(reduced), _pairwise(pair), rtol=1e-3, atol=2e-2)
+    # Reducing each image separately would not: cross-image distances break.
+    separate = torch.cat([co_pca(pair[:1], 3), co_pca(pair[1:], 3)])
+    assert (_pairwise(separate) - _pairwise(pair)).abs().max() > 1.0
+
+
+def test_co_pca_keeps_the_top_components_and_is_deterministic() -> None:
+    torch.manual_seed(1)
+    scales = torch.tensor([10.0, 5.0, 0.01, 0.01])
+    pair = (torch.randn(2, 6, 6, 4) * scales).permute(0, 3, 1, 2)
+    torch.manual_seed(123)
+    first = co_pca(pair, dim=2)
+    torch.manual_seed(456)  # the global RNG must not matter
+    second = co_pca(pair, dim=2)
+    assert torch.equal(first, second)
+    tokens = pair.permute(0, 2, 3, 1).reshape(-1, 4)
+    kept_var = first.permute(0, 2, 3, 1).reshape(-1, 2).var(dim=0).sum()
+    assert kept_var / (tokens - tokens.mean(0)).var(dim=0).sum() > 0.999
+    assert co_pca(pair, dim=64).shape[1] == 4  # clamped to the channel count
+
+
+def test_merge_layers_upsamples_coarse_to_fine_like_the_reference() -> None:
+    torch.manual_seed(0)
+    a, b, c = torch.randn(2, 4, 3, 3), torch.randn(2, 5, 6, 6), torch.randn(2, 2, 12, 12)
+    merged = merge_layers([c, a, b], size=16)
+    up = lambda t, s: F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False)  # noqa: E731
+    expected = up(torch.cat([c, up(torch.cat([b, up(a, 6)], 1), 12)], 1), 16)
+    assert merged.shape == (2, 11, 16, 16)
+    assert torch.allclose(merged, expected)
+
+
+def test_fuse_formula() -> None:
+    torch.manual_seed(0)
+    sd, dino = torch.randn(2, 6, 4, 4), torch.randn(2, 3, 4, 4)
+    fused = fuse(sd, dino, alpha=0.3)
+    expected = torch.cat([0.3 * sd / sd.norm(dim=1, keepdim=True), 0.7 * dino / dino.norm(dim=1, keepdim=True)], 1)
+    assert torch.allclose(fused, expected)
+    assert torch.allclose(fused.norm(dim=1), torch.full((2, 4, 4), math.sqrt(0.3**2 + 0.7**2)))
+    assert torch.allclose(fuse(sd, dino, alpha=1.0), sd / sd.norm(dim=1, keepdim=True))
+    assert torch.allclose(fuse(None, dino, alpha=0.0), dino / dino.norm(dim=1, keepdim=True))
+    with pytest.raises(ValueError, match="alpha"):
+        fuse(sd, dino, alpha=1.5)
+    with pytest.raises(ValueError, match="differ in size"):
+        fuse(sd, dino[..., :2, :2], alpha=0.5)
+
+
+def test_cells_follow_the_reference_convention() -> None:
+    pts = torch.tensor([[13.9, 0.0], [14.0, 839.9], [-3.0, 900.0]])
+    cells = points_to_cells(pts, size=840, grid=60)
+    assert cells.tolist() == [0, 59 * 60 + 1, 59 * 60 + 0]
+    centres = cells_to_points(torch.tensor([0, 3, 60 * 2 + 5]), size=840, grid=60)
+    assert centres.tolist() == [[6.5, 6.5], [48.5, 6.5], [76.5, 34.5]]  # 14 * cell + 6.5
+
+
+def test_nearest_neighbors_matches_brute_force() -> None:
+    torch.manual_seed(0)
+    q, k = torch.randn(7, 5), torch.randn(30, 5)
+    index, distance = nearest_neighbors(q, k)
+    brute = torch.cdist(q, k)
+    assert torch.equal(index, brute.argmin(dim=1))
+    assert torch.allclose(distance, brute.min(dim=1).values, atol=1e-4)
+
+
+def test_a_known_shift_is_recovered_exactly() -> None:
+    torch.manual_seed(0)
+    grid, size, shift = 12, 168, (3, -2)  # (dx, dy) in cells; 14 px cells
+    source = torch.randn(16, grid, grid)
+    target = torch.roll(source, shifts=(shift[1], shift[0]), dims=(1, 2))
+    cols = torch.tensor([1, 4, 5, 7, 8])
+    rows = torch.tensor([3, 2, 6, 9, 11])
+    points = torch.stack([cols, rows], 1).float() * 14 + 3.0  # anywhere inside the cells
+    predicted, distance = transfer_keypoints(source, target, points, size)
+    expected_cells = torch.stack([(cols + shift[0]) % grid, (rows + shift[1]) % grid], 1)
+    assert torch.equal(predicted, expected_cells.float() * 14 + 6.5)
+    assert torch.allclose(distance, torch.zeros(5), atol=1e-3)
