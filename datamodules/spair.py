@@ -446,18 +446,23 @@ class SPairDataModule(L.LightningDataModule):
     """Thin LightningDataModule serving an SPair-71k split for ``test`` / ``predict``.
 
     Args:
-        root: SPair-71k root.
+        root: SPair-71k root (required; None only so that a config can leave it to ``--data.root``).
         test_split: Split evaluated by ``trainer.test`` / ``trainer.predict``.
         categories: Categories to keep (``None``: all).
         pairs_per_category: Per-category subset size (``None``: all; the paper's ablations use 20).
         seed: Seed of the per-category subset.
         batch_size: Pairs per batch (a batch is a list of sample dicts).
         num_workers: DataLoader workers.
+
+    Attributes:
+        alphas: The protocol's PCK thresholds (fractions of the target bbox's longer side).
     """
+
+    alphas: tuple[float, ...] = (0.01, 0.05, 0.1)
 
     def __init__(
         self,
-        root: str,
+        root: str | None = None,
         test_split: str = "test",
         categories: list[str] | None = None,
         pairs_per_category: int | None = None,
@@ -477,6 +482,8 @@ class SPairDataModule(L.LightningDataModule):
 
     def _build_dataset(self) -> SPairDataset:
         """Build the evaluated dataset."""
+        if self.root is None:
+            raise ValueError(f"{type(self).__name__} needs `root` (--data.root DIR); {_LAYOUT_HINT}")
         return SPairDataset(
             self.root,
             split=self.test_split,

@@ -391,7 +391,7 @@ class SyntheticSPairDataModule(SPairDataModule):
     read by the real SPair reader.
 
     Args:
-        root: Directory of the synthetic benchmark.
+        root: Directory of the synthetic benchmark; None puts it in ``<trainer.default_root_dir>/synthetic_spair``.
         test_split: Split written and evaluated.
         categories: Categories to keep when reading (``None``: all).
         pairs_per_category: Per-category subset size when reading (``None``: all).
@@ -411,7 +411,7 @@ class SyntheticSPairDataModule(SPairDataModule):
 
     def __init__(
         self,
-        root: str,
+        root: str | None = None,
         test_split: str = "test",
         categories: list[str] | None = None,
         pairs_per_category: int | None = None,
@@ -461,6 +461,11 @@ class SyntheticSPairDataModule(SPairDataModule):
         )
 
     def _ensure_generated(self) -> None:
+        if self.root is None:
+            # Without an explicit root the benchmark lives with the run: <default_root_dir>/synthetic_spair.
+            if self.trainer is None:
+                raise ValueError(f"{type(self).__name__} needs `root` when used without a Trainer")
+            self.root = str(Path(self.trainer.default_root_dir) / "synthetic_spair")
         if not self.is_generated():
             write_synthetic_spair(self.root, **self.generator_kwargs)
 

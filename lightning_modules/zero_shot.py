@@ -51,7 +51,9 @@ class ZeroShotCorrespondence(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Create the metric from the datamodule's categories and protocol alphas."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        alphas = self.alphas or list(getattr(datamodule, "alphas", (0.01, 0.05, 0.1)))
+        alphas = self.alphas or list(getattr(datamodule, "alphas", None) or [])
+        if not alphas:
+            raise ValueError("no PCK alphas: set model.alphas or use a datamodule that defines `alphas`")
         categories = list(getattr(datamodule, "categories", None) or [])
         if not categories:
             raise ValueError("the datamodule must expose its category names as `categories` after setup()")

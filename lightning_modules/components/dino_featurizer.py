@@ -40,7 +40,7 @@ class DinoFeaturizer(nn.Module):
         random_init: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.model_id = model_id
+        self.model_id = None if random_init is not None else model_id  # where the weights came from
         self.model = self._load(model_id, random_init)
         self.model.requires_grad_(False).eval()
         blocks = self.model.encoder.layer

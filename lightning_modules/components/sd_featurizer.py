@@ -100,7 +100,7 @@ class SDFeaturizer(nn.Module):
         self.prompt = prompt
         self.ensemble_size = int(ensemble_size)
         self.seed = int(seed)
-        self.model_id = model_id
+        self.model_id = None if random_init is not None else model_id  # where the weights came from
         components = self._load(model_id, random_init)
         self.unet, self.vae, self.text_encoder = components["unet"], components["vae"], components["text_encoder"]
         self.tokenizer, self.scheduler = components["tokenizer"], components["scheduler"]

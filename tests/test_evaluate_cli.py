@@ -1,0 +1,192 @@
+"""End to end through ``evaluate.py``: configs, output files, and an independent PCK recomputation."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+from datamodules import SPairDataset, write_synthetic_spair
+from lightning_modules.cli import build_cli
+from lightning_modules.components import DinoFeaturizer, SDFeaturizer
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+SPAIR, TINY = str(CONFIGS / "spair.yaml"), str(CONFIGS / "model" / "tiny.yaml")
+
+
+def recompute_official_pck(predictions: list[dict], alphas: list[float]) -> dict[str, dict[str, float]]:
+    """SPair protocol from scratch, in plain Python: strict error < alpha * max side of the target bbox."""
+    out: dict[str, dict[str, float]] = {}
+    for alpha in alphas:
+        per_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        per_image, hits_all, n_all = [], 0, 0
+        for rec in predictions:
+            hits = sum(
+                math.dist(p, g) < alpha * rec["threshold"] for p, g in zip(rec["pred_kps"], rec["trg_kps"])
+            )
+            n = len(rec["trg_kps"])
+            per_cat[rec["category"]][0] += hits
+            per_cat[rec["category"]][1] += n
+            hits_all, n_all = hits_all + hits, n_all + n
+            if n:
+                per_image.append(100 * hits / n)
+        cats = {c: 100 * h / n for c, (h, n) in per_cat.items() if n}
+        out[str(alpha)] = {
+            "per_point": 100 * hits_all / n_all,
+            "per_image": sum(per_image) / len(per_image),
+            "category_mean": sum(cats.values()) / len(cats),
+            **{f"cat:{c}": v for c, v in cats.items()},
+        }
+    return out
+
+
+def _read_outputs(out: Path) -> tuple[list[dict], dict]:
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines], json.loads((out / "results.json").read_text())
+
+
+def _assert_matches_recomputation(predictions: list[dict], results: dict) -> None:
+    alphas = [float(a) for a in results["pck"]]
+    expected = recompute_official_pck(predictions, alphas)
+    for alpha in results["pck"]:
+        got = results["pck"][alpha]
+        for average in ("per_point", "per_image", "category_mean"):
+            assert got[average] == pytest.approx(expected[alpha][average], abs=1e-6), (alpha, average)
+        for cat, value in got["per_category"].items():
+            assert value == pytest.approx(expected[alpha][f"cat:{cat}"], abs=1e-6)
+    assert results["num_points"] == sum(len(p["trg_kps"]) for p in predictions)
+
+
+def test_demo_writes_the_contracted_files_and_its_numbers_match_the_protocol(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)  # relative paths in configs must not write into the repository
+    evaluate.main(["test", "--config", str(CONFIGS / "demo.yaml"), "--trainer.default_root_dir", str(tmp_path / "run")])
+    out = tmp_path / "run"
+    predictions, results = _read_outputs(out)
+    dataset = SPairDataset(out / "synthetic_spair", split="test")
+    assert len(predictions) == len(dataset) == results["num_pairs"] == 18
+    assert sorted(p["pair_id"] for p in predictions) == sorted(dataset.pair_ids)
+    assert set(results["pck"]) == {"0.01", "0.05", "0.1"}
+    for rec in predictions:
+        sample = dataset[dataset.pair_ids.index(rec["pair_id"])]
+        assert rec["src_kps"] == sample["src_kps"].tolist() and rec["trg_kps"] == sample["trg_kps"].tolist()
+        assert rec["threshold"] == pytest.approx(sample["threshold"])
+        assert len(rec["pred_kps"]) == len(rec["trg_kps"])
+        height, width = sample["trg_image"].shape[-2:]
+        side = max(height, width)  # predictions are ORIGINAL target pixels of a cell centre in the padded square
+        for x, y in rec["pred_kps"]:  # (a match may land in the zero padding, as in the reference)
+            assert -(side - width) / 2 - 1 <= x <= (side + width) / 2 + 1
+            assert -(side - height) / 2 - 1 <= y <= (side + height) / 2 + 1
+    _assert_matches_recomputation(predictions, results)
+    printed = capsys.readouterr().out
+    assert "category_mean" in printed and "per_point" in printed
+
+
+def test_spair_config_with_tiny_models_on_a_real_format_root(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    root = write_synthetic_spair(tmp_path / "spair", categories=("cat", "dog", "bus"), pairs_per_category=3)
+    out = tmp_path / "out"
+    evaluate.main(["test", "--config", SPAIR, "--config", TINY, "--data.root", str(root),
+                   "--data.num_workers", "0", "--trainer.accelerator", "cpu",
+                   "--trainer.default_root_dir", str(out)])
+    predictions, results = _read_outputs(out)
+    assert results["num_pairs"] == len(predictions) == 9
+    assert sorted(results["pck"]["0.1"]["per_category"]) == ["bus", "cat", "dog"]
+    _assert_matches_recomputation(predictions, results)
+    assert (out / "config.yaml").is_file()
+
+
+def test_local_pretrained_directories_load_through_the_config(tmp_path, monkeypatch) -> None:
+    """The production from_pretrained path, driven from YAML, gives the same predictions as the in-memory models."""
+    monkeypatch.chdir(tmp_path)
+    sd = SDFeaturizer(model_id=None, random_init={"seed": 0}, image_size=192, crop_size=128)
+    dino = DinoFeaturizer(model_id=None, random_init={"seed": 0, "num_hidden_layers": 4}, layer=3, image_size=224)
+    sd.save_pretrained(tmp_path / "sd")
+    dino.save_pretrained(str(tmp_path / "dino"))
+    root = write_synthetic_spair(tmp_path / "spair", categories=("cat",), pairs_per_category=3)
+    common = ["--config", SPAIR, "--config", TINY, "--data.root", str(root), "--data.num_workers", "0",
+              "--trainer.accelerator", "cpu"]
+    evaluate.main(["test", *common, "--trainer.default_root_dir", str(tmp_path / "random")])
+    local = tmp_path / "local_models.yaml"
+    local.write_text(
+        "model:\n  class_path: lightning_modules.ZeroShotCorrespondence\n  init_args:\n"
+        "    sd:\n      class_path: lightning_modules.components.SDFeaturizer\n"
+        f"      init_args: {{model_id: {tmp_path / 'sd'}, random_init: null}}\n"
+        "    dino:\n      class_path: lightning_modules.components.DinoFeaturizer\n"
+        f"      init_args: {{model_id: {tmp_path / 'dino'}, random_init: null}}\n"
+    )
+    cli = evaluate.main(["test", *common, "--config", str(local), "--trainer.default_root_dir", str(tmp_path / "loaded")])
+    assert cli.model.pipeline.sd.model_id == str(tmp_path / "sd")
+    assert cli.model.pipeline.dino.model_id == str(tmp_path / "dino")
+    random_preds, _ = _read_outputs(tmp_path / "random")
+    loaded_preds, _ = _read_outputs(tmp_path / "loaded")
+    assert random_preds == loaded_preds
+
+
+def _config_sets() -> list[list[str]]:
+    """Every config file, composed the way the README composes it."""
+    sets = [[str(CONFIGS / "demo.yaml")], [SPAIR, TINY]]
+    for fragment in sorted((CONFIGS / "model").glob("*.yaml")) + sorted((CONFIGS / "data").glob("*.yaml")):
+        if fragment.name != "tiny.yaml":
+            sets.append([SPAIR, TINY, str(fragment)])
+    return sets
+
+
+@pytest.mark.parametrize("configs", _config_sets(), ids=lambda c: "+".join(Path(p).stem for p in c))
+def test_every_config_parses_and_instantiates(configs, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = [arg for path in configs for arg in ("--config", path)]
+    if SPAIR in configs:
+        args += ["--data.root", str(tmp_path)]
+    cli = build_cli(args, run=False)
+    pipeline = cli.model.pipeline
+    if any(p.endswith("sd_only.yaml") for p in configs):
+        assert pipeline.alpha == 1.0 and pipeline.dino is None and pipeline.sd is not None
+    elif any(p.endswith("dino_only.yaml") for p in configs):
+        assert pipeline.alpha == 0.0 and pipeline.sd is None and pipeline.dino is not None
+    else:
+        assert pipeline.alpha == 0.5 and pipeline.sd.layers == [2, 5, 8] and pipeline.sd.timestep == 100
+    if any(p.endswith("spair_subset20.yaml") for p in configs):
+        assert cli.datamodule.pairs_per_category == 20
+
+
+def test_the_paper_config_holds_the_reference_defaults(tmp_path) -> None:
+    """configs/spair.yaml must say what the paper ran (parsed, not instantiated: no weights here)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(SPAIR)
+    sd, dino = cfg.model.init_args.sd.init_args, cfg.model.init_args.dino.init_args
+    assert sd.model_id == "stable-diffusion-v1-5/stable-diffusion-v1-5" and list(sd.layers) == [2, 5, 8]
+    assert (sd.timestep, sd.image_size, sd.crop_size, sd.sliding_window, sd.seed) == (100, 960, 512, True, 42)
+    assert sd.prompt == "a photo of {category}" and sd.ensemble_size == 1
+    assert (dino.model_id, dino.layer, dino.image_size) == ("facebook/dinov2-base", 11, 840)
+    assert cfg.model.init_args.alpha == 0.5 and list(cfg.model.init_args.pca_dims) == [256, 256, 256]
+
+
+def test_missing_root_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="PairAnnotation"):
+        evaluate.main(["test", "--config", SPAIR, "--config", TINY, "--data.root", str(tmp_path / "nope"),
+                       "--trainer.accelerator", "cpu"])
+    with pytest.raises(ValueError, match="--data.root"):
+        evaluate.main(["test", "--config", SPAIR, "--config", TINY, "--trainer.accelerator", "cpu"])
+
+
+def test_identical_images_are_matched_to_themselves(tiny_sd, tiny_dino) -> None:
+    """Geometry end to end: a pair of one image with itself maps every keypoint into its own cell."""
+    from lightning_modules.components import FusedCorrespondence
+
+    torch.manual_seed(0)
+    image = (torch.rand(3, 90, 150) * 255).to(torch.uint8)
+    kps = torch.tensor([[3.0, 4.0], [75.0, 45.0], [149.0, 89.0], [20.5, 70.2]])
+    sample = {"src_image": image, "trg_image": image, "src_image_path": "a", "trg_image_path": "a",
+              "category": "cat", "src_kps": kps}
+    pipeline = FusedCorrespondence(tiny_sd, tiny_dino, alpha=0.5, pca_dims=(16, 16, 8))
+    pred = pipeline.predict_pairs([sample])[0]["pred_kps"]
+    cell = 150 / 16  # one 14 px cell of the 224 px square, in original pixels
+    assert (pred - kps).abs().max() <= cell / 2 + 0.5
