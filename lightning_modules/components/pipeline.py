@@ -136,11 +136,14 @@ class FusedCorrespondence(nn.Module):
         Returns:
             ``(predicted [N, 2] in original target pixels, feature distance of each match [N])``.
         """
-        descriptors = self.describe_pair(source, target)
+        # PCA and nearest neighbours run in fp32 even inside a mixed-precision (autocast) test loop.
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            descriptors = self.describe_pair(source, target)
         src_geo = PadResize(source.width, source.height, self.eval_size)
         trg_geo = PadResize(target.width, target.height, self.eval_size)
         points = src_geo.forward_points(src_kps.to(descriptors.device).float())
-        predicted, distance = transfer_keypoints(descriptors[0], descriptors[1], points, self.eval_size)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            predicted, distance = transfer_keypoints(descriptors[0], descriptors[1], points, self.eval_size)
         return trg_geo.inverse_points(predicted), distance
 
     @torch.no_grad()
