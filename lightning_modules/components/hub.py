@@ -9,6 +9,8 @@ __all__ = ["ModelLoadError", "load_pretrained", "check_tokenizer"]
 
 T = TypeVar("T")
 
+_TRUE = {"1", "ON", "YES", "TRUE"}  # huggingface_hub's reading of boolean environment variables
+
 
 class ModelLoadError(OSError):
     """A pretrained component could not be loaded (offline, wrong id, missing files)."""
@@ -32,7 +34,7 @@ def load_pretrained(cls: type[T], model_id: str, subfolder: str | None = None, w
     try:
         return cls.from_pretrained(model_id, **kwargs)  # type: ignore[attr-defined]
     except Exception as err:  # noqa: BLE001 - the hub raises many unrelated types; all mean "not loadable"
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        offline = any(os.environ.get(var, "").upper() in _TRUE for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
         where = f"'{model_id}'" + (f" (subfolder '{subfolder}')" if subfolder else "")
         hint = (
             "HF_HUB_OFFLINE is set, so only the local cache or a local directory can be used. "

@@ -186,6 +186,8 @@ class SDFeaturizer(nn.Module):
         """
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise ValueError(f"expected {self.image_size}px square images, got {tuple(images.shape)}")
+        if len(categories) != len(images):
+            raise ValueError(f"got {len(categories)} categories for {len(images)} images: one per image")
         offsets = self._window_offsets()
         side = self.crop_size if self.sliding_window else self.image_size
         crops = torch.stack([images[:, :, y : y + side, x : x + side] for y, x in offsets], dim=1)
