@@ -12,26 +12,33 @@ import torch.distributed as dist
 __all__ = ["CorrespondenceWriter", "format_pck_table"]
 
 
-def format_pck_table(results: dict[str, Any], per_category: bool = True) -> str:
+def format_pck_table(results: dict[str, Any], per_group: bool = True) -> str:
     """Render ``results.json`` content as a plain-text table (values in percent).
 
+    Rows are the protocol's averages (``results["protocol"]["averages"]``, the paper's headline first),
+    then, with ``per_group``, one row per category (or per dataset for dense benchmarks).
+
     Args:
-        results: ``{"pck": {alpha: {"per_point", "per_image", "category_mean", "per_category"}}, ...}``.
-        per_category: Also list every category's per-point PCK.
+        results: The summary written to ``results.json``.
+        per_group: Also list every category's / dataset's value.
     """
+    protocol = results.get("protocol") or {}
     alphas = list(results["pck"])
-    head = f"{'PCK':<16}" + "".join(f"{'@' + a:>10}" for a in alphas)
+    first = results["pck"][alphas[0]]
+    averages = protocol.get("averages") or [k for k, v in first.items() if not isinstance(v, dict)]
+    group_label = protocol.get("group_label", "per_category")
+    head = f"{protocol.get('name', 'PCK'):<22}" + "".join(f"{'@' + a:>10}" for a in alphas)
     lines = [head, "-" * len(head)]
-    for average in ("per_point", "per_image", "category_mean"):
-        lines.append(f"{average:<16}" + "".join(f"{results['pck'][a][average]:>10.2f}" for a in alphas))
-    if per_category:
-        categories = sorted({c for a in alphas for c in results["pck"][a]["per_category"]})
-        if categories:
-            lines.append("-" * len(head))
-        for cat in categories:
-            values = [results["pck"][a]["per_category"].get(cat, float("nan")) for a in alphas]
-            lines.append(f"{cat:<16}" + "".join(f"{v:>10.2f}" for v in values))
-    lines.append(f"pairs: {results.get('num_pairs')}  points: {results.get('num_points')}")
+    for average in averages:
+        lines.append(f"{average:<22}" + "".join(f"{results['pck'][a][average]:>10.2f}" for a in alphas))
+    groups = sorted({g for a in alphas for g in results["pck"][a].get(group_label, {})})
+    if per_group and groups:
+        lines.append("-" * len(head))
+        for group in groups:
+            values = [results["pck"][a][group_label].get(group, float("nan")) for a in alphas]
+            lines.append(f"{group:<22}" + "".join(f"{v:>10.2f}" for v in values))
+    counts = "  ".join(f"{k}: {v}" for k, v in results.items() if k.startswith("num_"))
+    lines.append(counts)
     return "\n".join(lines)
 
 

@@ -1,6 +1,18 @@
-"""Benchmark readers (plain torch Datasets) and the LightningDataModules that wrap them."""
+"""Benchmark readers (plain torch Datasets), their protocols, and the thin LightningDataModules."""
 
-from .spair import SPairDataModule, SPairDataset, collate_pairs
-from .synthetic import SyntheticSPairDataModule, write_synthetic_spair
+from .datamodules import PairDataModule, SPairDataModule, SyntheticSPairDataModule
+from .protocols import PROTOCOLS, Protocol, get_protocol
+from .spair import SPairDataset, collate_pairs
+from .synthetic import write_synthetic_spair
 
-__all__ = ["SPairDataModule", "SPairDataset", "SyntheticSPairDataModule", "collate_pairs", "write_synthetic_spair"]
+__all__ = [
+    "PROTOCOLS",
+    "PairDataModule",
+    "Protocol",
+    "SPairDataModule",
+    "SPairDataset",
+    "SyntheticSPairDataModule",
+    "collate_pairs",
+    "get_protocol",
+    "write_synthetic_spair",
+]

@@ -10,8 +10,8 @@ On-disk layout of SPair-71k (only ``PairAnnotation`` and ``JPEGImages`` are read
 A sample keeps keypoints in ORIGINAL image pixels ``(x, y)``; resizing to the model resolution is
 the model's job. The per-pair PCK threshold is ``max(x2 - x1, y2 - y1)`` of the TARGET bounding box.
 
-:class:`SPairDataset` and :func:`collate_pairs` use plain torch/PIL only; Lightning is used solely
-by :class:`SPairDataModule`.
+:class:`SPairDataset` and :func:`collate_pairs` use plain torch/PIL only; the thin LightningDataModule
+is :class:`datamodules.datamodules.SPairDataModule`.
 """
 
 from __future__ import annotations
@@ -19,19 +19,19 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from .protocols import SPAIR_VARIATIONS
 
 __all__ = [
     "SPLIT_ALIASES",
-    "SPairDataModule",
     "SPairDataset",
     "SPairRecord",
     "collate_pairs",
@@ -42,7 +42,7 @@ __all__ = [
 #: Accepted split names and the folder each maps to.
 SPLIT_ALIASES: dict[str, str] = {"trn": "trn", "train": "trn", "val": "val", "test": "test"}
 
-_LAYOUT_HINT = (
+LAYOUT_HINT = (
     "expected the SPair-71k layout: '<root>/PairAnnotation/<split>/*.json' "
     "(split in trn/val/test) and '<root>/JPEGImages/<category>/*.jpg'"
 )
@@ -122,6 +122,8 @@ class SPairRecord:
         src_bbox: Source bbox ``[x1, y1, x2, y2]`` float32.
         trg_bbox: Target bbox ``[x1, y1, x2, y2]`` float32.
         threshold: PCK threshold ``max(x2 - x1, y2 - y1)`` of the target bbox.
+        variations: The pair's difficulty levels (``viewpoint_variation``, ``scale_variation``,
+            ``truncation``, ``occlusion``); -1 where the file does not say.
     """
 
     pair_id: str
@@ -135,6 +137,7 @@ class SPairRecord:
     src_bbox: torch.Tensor
     trg_bbox: torch.Tensor
     threshold: float
+    variations: dict[str, int] = field(default_factory=dict)
 
 
 def _category_from_stem(stem: str) -> str | None:
@@ -265,7 +268,16 @@ def _parse_pair(path: Path, images_dir: Path, category_hint: str | None) -> SPai
         src_bbox=src_bbox,
         trg_bbox=trg_bbox,
         threshold=threshold,
+        variations={key: _level(path, key, data.get(key, -1)) for key in SPAIR_VARIATIONS},
     )
+
+
+def _level(path: Path, key: str, value: Any) -> int:
+    """An integer difficulty level (SPair stores small non-negative ints)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Malformed SPair annotation {path}: key '{key}' must be an integer") from None
 
 
 class SPairDataset(Dataset):
@@ -319,11 +331,11 @@ class SPairDataset(Dataset):
             raise ValueError("categories is an empty list; pass None to keep all categories")
 
         if not self.root.is_dir():
-            raise FileNotFoundError(f"SPair-71k root not found: {self.root}; {_LAYOUT_HINT}")
+            raise FileNotFoundError(f"SPair-71k root not found: {self.root}; {LAYOUT_HINT}")
         split_dir = self.root / "PairAnnotation" / self.split
         if not split_dir.is_dir():
             raise FileNotFoundError(
-                f"SPair-71k split folder not found: {split_dir}; {_LAYOUT_HINT}"
+                f"SPair-71k split folder not found: {split_dir}; {LAYOUT_HINT}"
             )
         files = sorted((p for p in split_dir.glob("*.json") if p.is_file()), key=lambda p: p.name)
         if not files:
@@ -399,7 +411,7 @@ class SPairDataset(Dataset):
             ``[3, H, W]`` RGB), ``src_image_path`` / ``trg_image_path`` (str), ``src_kps`` /
             ``trg_kps`` (float32 ``[N, 2]`` original pixels ``(x, y)``), ``kps_valid`` (bool
             ``[N]``), ``kps_ids`` (list of int), ``threshold`` (float) and ``src_bbox`` /
-            ``trg_bbox`` (float32 ``[4]``).
+            ``trg_bbox`` (float32 ``[4]``), ``variations`` (difficulty levels, -1 = not annotated).
 
         Raises:
             FileNotFoundError: If an image file is missing.
@@ -421,6 +433,7 @@ class SPairDataset(Dataset):
             "threshold": record.threshold,
             "src_bbox": record.src_bbox.clone(),
             "trg_bbox": record.trg_bbox.clone(),
+            "variations": dict(record.variations),
         }
 
     def __repr__(self) -> str:
@@ -440,90 +453,3 @@ def collate_pairs(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         The same list of sample dicts.
     """
     return list(samples)
-
-
-class SPairDataModule(L.LightningDataModule):
-    """Thin LightningDataModule serving an SPair-71k split for ``test`` / ``predict``.
-
-    Args:
-        root: SPair-71k root (required; None only so that a config can leave it to ``--data.root``).
-        test_split: Split evaluated by ``trainer.test`` / ``trainer.predict``.
-        categories: Categories to keep (``None``: all).
-        pairs_per_category: Per-category subset size (``None``: all; the paper's ablations use 20).
-        seed: Seed of the per-category subset.
-        batch_size: Pairs per batch (a batch is a list of sample dicts).
-        num_workers: DataLoader workers.
-
-    Attributes:
-        alphas: The protocol's PCK thresholds (fractions of the target bbox's longer side).
-    """
-
-    alphas: tuple[float, ...] = (0.01, 0.05, 0.1)
-
-    def __init__(
-        self,
-        root: str | None = None,
-        test_split: str = "test",
-        categories: list[str] | None = None,
-        pairs_per_category: int | None = None,
-        seed: int = 0,
-        batch_size: int = 1,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__()
-        self.root = root
-        self.test_split = normalize_split(test_split)
-        self.category_filter = list(categories) if categories is not None else None
-        self.pairs_per_category = pairs_per_category
-        self.seed = seed
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.test_dataset: SPairDataset | None = None
-
-    def _build_dataset(self) -> SPairDataset:
-        """Build the evaluated dataset."""
-        if self.root is None:
-            raise ValueError(f"{type(self).__name__} needs `root` (--data.root DIR); {_LAYOUT_HINT}")
-        return SPairDataset(
-            self.root,
-            split=self.test_split,
-            categories=self.category_filter,
-            pairs_per_category=self.pairs_per_category,
-            seed=self.seed,
-        )
-
-    def setup(self, stage: str | None = None) -> None:
-        """Build the test dataset for ``stage`` in ``{"test", "predict", None}``.
-
-        Args:
-            stage: Lightning stage.
-        """
-        if stage in (None, "test", "predict") and self.test_dataset is None:
-            self.test_dataset = self._build_dataset()
-
-    @property
-    def categories(self) -> list[str]:
-        """Sorted categories of the test dataset (available after :meth:`setup`)."""
-        if self.test_dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() must be called before .categories")
-        return list(self.test_dataset.categories)
-
-    def _dataloader(self) -> DataLoader:
-        if self.test_dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup('test') must be called first")
-        return DataLoader(
-            self.test_dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=collate_pairs,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def test_dataloader(self) -> DataLoader:
-        """DataLoader over the test split yielding lists of sample dicts (no shuffling)."""
-        return self._dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        """DataLoader over the test split yielding lists of sample dicts (no shuffling)."""
-        return self._dataloader()

@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from datamodules.spair import SPairDataModule, normalize_split
+from datamodules.spair import normalize_split
 
 __all__ = [
     "MARKER_NAME",
     "SPAIR_CATEGORIES",
-    "SyntheticSPairDataModule",
     "default_synthetic_categories",
     "read_synthetic_marker",
+    "synthetic_root_matches",
     "write_synthetic_spair",
 ]
 
@@ -381,104 +381,11 @@ def write_synthetic_spair(
     return root
 
 
-class SyntheticSPairDataModule(SPairDataModule):
-    """:class:`SPairDataModule` over a generated synthetic benchmark.
-
-    See :func:`write_synthetic_spair` for what is generated.
-
-    ``prepare_data`` (and ``setup``, for runs without a Trainer) write the benchmark into ``root``
-    unless a complete one generated with identical arguments is already there; the data is then
-    read by the real SPair reader.
-
-    Args:
-        root: Directory of the synthetic benchmark; None puts it in ``<trainer.default_root_dir>/synthetic_spair``.
-        test_split: Split written and evaluated.
-        categories: Categories to keep when reading (``None``: all).
-        pairs_per_category: Per-category subset size when reading (``None``: all).
-        seed: Seed of the per-category subset.
-        batch_size: Pairs per batch.
-        num_workers: DataLoader workers.
-        synthetic_categories: Generated category names; ``None`` uses
-            :func:`default_synthetic_categories` with ``num_categories``.
-        num_categories: Number of generated categories when ``synthetic_categories`` is ``None``.
-        images_per_category: Generated images per category.
-        synthetic_pairs_per_category: Generated pairs per category.
-        image_width: Base image width.
-        image_height: Base image height.
-        num_keypoints: Keypoints per object.
-        generator_seed: Seed of the generator.
-    """
-
-    def __init__(
-        self,
-        root: str | None = None,
-        test_split: str = "test",
-        categories: list[str] | None = None,
-        pairs_per_category: int | None = None,
-        seed: int = 0,
-        batch_size: int = 1,
-        num_workers: int = 0,
-        synthetic_categories: list[str] | None = None,
-        num_categories: int = 2,
-        images_per_category: int = 4,
-        synthetic_pairs_per_category: int = 6,
-        image_width: int = 160,
-        image_height: int = 120,
-        num_keypoints: int = 8,
-        generator_seed: int = 0,
-    ) -> None:
-        super().__init__(
-            root=root,
-            test_split=test_split,
-            categories=categories,
-            pairs_per_category=pairs_per_category,
-            seed=seed,
-            batch_size=batch_size,
-            num_workers=num_workers,
-        )
-        names = (
-            list(synthetic_categories)
-            if synthetic_categories is not None
-            else default_synthetic_categories(num_categories)
-        )
-        self.generator_kwargs: dict[str, Any] = {
-            "categories": names,
-            "images_per_category": images_per_category,
-            "pairs_per_category": synthetic_pairs_per_category,
-            "num_keypoints": num_keypoints,
-            "image_size": (image_width, image_height),
-            "seed": generator_seed,
-            "split": self.test_split,
-        }
-
-    def is_generated(self) -> bool:
-        """Whether ``root`` holds a complete benchmark generated with these arguments."""
-        marker = read_synthetic_marker(self.root)
-        return (
-            marker is not None
-            and marker.get("complete") is True
-            and marker.get("args") == _marker_args(**self.generator_kwargs)
-        )
-
-    def _ensure_generated(self) -> None:
-        if self.root is None:
-            # Without an explicit root the benchmark lives with the run: <default_root_dir>/synthetic_spair.
-            if self.trainer is None:
-                raise ValueError(f"{type(self).__name__} needs `root` when used without a Trainer")
-            self.root = str(Path(self.trainer.default_root_dir) / "synthetic_spair")
-        if not self.is_generated():
-            write_synthetic_spair(self.root, **self.generator_kwargs)
-
-    def prepare_data(self) -> None:
-        """Write the synthetic benchmark (skipped if already generated with identical args)."""
-        self._ensure_generated()
-
-    def setup(self, stage: str | None = None) -> None:
-        """Generate the benchmark if needed, then build the test dataset.
-
-        Args:
-            stage: Lightning stage.
-        """
-        if stage in (None, "test", "predict"):
-            self._ensure_generated()
-        super().setup(stage)
+def synthetic_root_matches(root: str | Path, **generator_kwargs: Any) -> bool:
+    """Whether ``root`` holds a complete benchmark written by :func:`write_synthetic_spair` with these args."""
+    marker = read_synthetic_marker(root)
+    return (
+        marker is not None
+        and marker.get("complete") is True
+        and marker.get("args") == _marker_args(**generator_kwargs)
+    )

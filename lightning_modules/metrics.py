@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +40,9 @@ from torchmetrics.utilities import dim_zero_cat
 
 __all__ = [
     "PCK",
+    "DenseFlowPCK",
+    "dense_flow_counts",
+    "summarize_dense",
     "format_alpha",
     "keypoint_correct",
     "pair_correct_counts",
@@ -111,6 +114,11 @@ def _alphas_tensor(alphas: Sequence[float] | Tensor, device: torch.device, dtype
     return a
 
 
+def within(error: Tensor, bound: Tensor, inclusive: bool = False) -> Tensor:
+    """``error < bound`` (the keypoint PCK convention) or ``error <= bound`` (the dense-flow one)."""
+    return error <= bound if inclusive else error < bound
+
+
 def _check_points(pred: Tensor, gt: Tensor, valid: Tensor | None) -> None:
     if pred.ndim != 2 or pred.shape[-1] != 2:
         raise ValueError(f"`pred` must have shape [N, 2], got {tuple(pred.shape)}.")
@@ -129,10 +137,12 @@ def keypoint_correct(
     threshold: float | Tensor,
     alphas: Sequence[float] | Tensor,
     valid: Tensor | None = None,
+    inclusive: bool = False,
 ) -> Tensor:
     """Per-keypoint correctness at several alphas for one pair.
 
-    A point is correct when ``||pred - gt||_2 < alpha * threshold`` (strict) and it is valid.
+    A point is correct when ``||pred - gt||_2 < alpha * threshold`` (strict; ``<=`` with
+    ``inclusive``, the dense-flow convention) and it is valid.
 
     Args:
         pred: Predicted points, ``[N, 2]`` (x, y) in original pixels.
@@ -142,6 +152,7 @@ def keypoint_correct(
         alphas: ``A`` alpha values (a reduced-precision tensor is rounded to the digits it carries,
             so float32 ``0.1`` means exactly ``0.1``).
         valid: Optional ``[N]`` bool mask; invalid points are never correct.
+        inclusive: Count an error equal to ``alpha * threshold`` as correct.
 
     Returns:
         A bool tensor ``[A, N]`` on the device of ``pred``.
@@ -152,7 +163,7 @@ def keypoint_correct(
     a = _alphas_tensor(alphas, device, dtype)
     thr = torch.as_tensor(threshold, device=device).to(dtype).reshape(())
     err = torch.linalg.vector_norm(pred.to(dtype) - gt.to(device=device, dtype=dtype), dim=-1)  # [N]
-    correct = err.unsqueeze(0) < (a * thr).unsqueeze(1)  # [A, N]
+    correct = within(err.unsqueeze(0), (a * thr).unsqueeze(1), inclusive)  # [A, N]
     if valid is not None:
         correct = correct & valid.to(device=device, dtype=torch.bool).unsqueeze(0)
     return correct
@@ -164,6 +175,7 @@ def pair_correct_counts(
     threshold: float | Tensor,
     alphas: Sequence[float] | Tensor,
     valid: Tensor | None = None,
+    inclusive: bool = False,
 ) -> tuple[Tensor, int]:
     """Number of correct keypoints per alpha, and number of valid keypoints, for one pair.
 
@@ -177,7 +189,7 @@ def pair_correct_counts(
     Returns:
         ``(correct, num_points)``: a long tensor ``[A]`` and the number of valid points.
     """
-    correct = keypoint_correct(pred, gt, threshold, alphas, valid)
+    correct = keypoint_correct(pred, gt, threshold, alphas, valid, inclusive)
     num_points = int(pred.shape[0]) if valid is None else int(valid.to(torch.bool).sum().item())
     return correct.sum(dim=1, dtype=torch.long), num_points
 
@@ -197,8 +209,9 @@ def summarize_pck(
     category_index: Tensor,
     categories: Sequence[str],
     alphas: Sequence[float],
+    groups: Mapping[str, Tensor] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Turn per-pair counts into the three PCK averages.
+    """Turn per-pair counts into the PCK averages.
 
     Args:
         correct: ``[P, A]`` number of correct points per pair and alpha.
@@ -206,11 +219,15 @@ def summarize_pck(
         category_index: ``[P]`` index into ``categories`` per pair.
         categories: The category names.
         alphas: The ``A`` alpha values (used for the keys, see :func:`format_alpha`).
+        groups: Optional per-pair integer levels ``{name: [P]}`` (e.g. SPair-71k's
+            ``viewpoint_variation``); negative levels are "unknown" and skipped.
 
     Returns:
         ``{format_alpha(a): {"per_point": float, "per_image": float, "category_mean": float,
-        "per_category": {name: float}}}``, values in percent as Python floats. Averages over an
-        empty set are NaN; categories with no points are omitted from ``per_category``.
+        "weighted": float, "per_category": {name: float}}}`` plus, with ``groups``,
+        ``"per_variation": {name: {level: {"per_point", "per_image", "num_pairs"}}}``; values in percent
+        as Python floats. ``weighted`` is the mean of the per-category PCK weighted by each category's
+        number of pairs. Averages over an empty set are NaN; categories with no points are omitted.
     """
     alphas = list(alphas)
     num_alphas = len(alphas)
@@ -245,8 +262,13 @@ def summarize_pck(
     per_category = _nan_percent(cat_correct, cat_points.unsqueeze(1).expand_as(cat_correct))  # [C, A]
     if bool(present.any()):
         category_mean = per_category[present].mean(0)
+        cat_pairs = torch.zeros(num_categories, dtype=torch.float64, device=correct.device)
+        cat_pairs.index_add_(0, category_index, torch.ones_like(num_points))
+        weights = cat_pairs[present].unsqueeze(1)
+        weighted = (per_category[present] * weights).sum(0) / weights.sum()
     else:
         category_mean = torch.full((num_alphas,), float("nan"), dtype=torch.float64, device=correct.device)
+        weighted = category_mean.clone()
 
     per_point_l = per_point.tolist()
     per_image_l = per_image.tolist()
@@ -259,11 +281,35 @@ def summarize_pck(
             "per_point": float(per_point_l[j]),
             "per_image": float(per_image_l[j]),
             "category_mean": float(category_mean_l[j]),
+            "weighted": float(weighted[j]),
             "per_category": {
                 str(name): float(per_category_l[c][j]) for c, name in enumerate(categories) if present_l[c]
             },
         }
+    if groups:
+        variations = {name: _group_pck(correct, num_points, levels) for name, levels in groups.items()}
+        for j, alpha in enumerate(alphas):
+            result[format_alpha(alpha)]["per_variation"] = {
+                name: {level: {k: (v[j] if k != "num_pairs" else v) for k, v in stats.items()}
+                       for level, stats in by_level.items()}
+                for name, by_level in variations.items()
+            }
     return result
+
+
+def _group_pck(correct: Tensor, num_points: Tensor, levels: Tensor) -> dict[str, dict[str, Any]]:
+    """Per-point and per-image PCK ``[A]`` (as lists) of the pairs at each non-negative level."""
+    levels = levels.reshape(-1).to(device=correct.device, dtype=torch.long)
+    out: dict[str, dict[str, Any]] = {}
+    for level in sorted(int(v) for v in torch.unique(levels) if v >= 0):
+        rows = (levels == level) & (num_points > 0)
+        c, n = correct[rows], num_points[rows]
+        out[str(level)] = {
+            "per_point": _nan_percent(c.sum(0), n.sum().expand(c.shape[1])).tolist(),
+            "per_image": (100.0 * c / n.unsqueeze(1)).mean(0).tolist(),
+            "num_pairs": int(rows.sum()),
+        }
+    return out
 
 
 def pck(
@@ -273,6 +319,8 @@ def pck(
     categories: Sequence[str],
     alphas: Sequence[float],
     valids: list[Tensor] | None = None,
+    inclusive: bool = False,
+    groups: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Convenience PCK over a list of pairs (no de-duplication).
 
@@ -283,6 +331,8 @@ def pck(
         categories: Per pair category names; the category list is their sorted unique set.
         alphas: Alpha values.
         valids: Optional per pair ``[N_i]`` bool masks.
+        inclusive: ``<=`` instead of ``<`` (see :func:`keypoint_correct`).
+        groups: Optional per pair integer levels ``{name: [P]}`` (see :func:`summarize_pck`).
 
     Returns:
         The dictionary of :func:`summarize_pck`.
@@ -298,7 +348,9 @@ def pck(
     alphas = list(alphas)
     rows, counts = [], []
     for i in range(num_pairs):
-        c, n = pair_correct_counts(preds[i], gts[i], thresholds[i], alphas, None if valids is None else valids[i])
+        c, n = pair_correct_counts(
+            preds[i], gts[i], thresholds[i], alphas, None if valids is None else valids[i], inclusive
+        )
         rows.append(c.cpu())
         counts.append(n)
     correct = torch.stack(rows) if rows else torch.zeros(0, len(alphas), dtype=torch.long)
@@ -308,6 +360,7 @@ def pck(
         torch.tensor([lookup[c] for c in categories], dtype=torch.long),
         names,
         alphas,
+        None if groups is None else {k: torch.tensor(list(v), dtype=torch.long) for k, v in groups.items()},
     )
 
 
@@ -330,6 +383,9 @@ class PCK(Metric):
     Args:
         alphas: The alpha values, e.g. ``(0.01, 0.05, 0.1)`` for SPair-71k.
         categories: The known category names; ``update`` rejects any other name.
+        groups: Names of per-pair integer attributes to break the PCK down by (SPair-71k:
+            ``viewpoint_variation``, ``scale_variation``, ``truncation``, ``occlusion``).
+        inclusive: ``<=`` instead of the keypoint convention's strict ``<``.
         **kwargs: Forwarded to :class:`torchmetrics.Metric`.
 
     Example:
@@ -343,8 +399,17 @@ class PCK(Metric):
     higher_is_better: bool = True
     is_differentiable: bool = False
 
-    def __init__(self, alphas: Sequence[float], categories: Sequence[str], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        alphas: Sequence[float],
+        categories: Sequence[str],
+        groups: Sequence[str] = (),
+        inclusive: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
+        self.groups: tuple[str, ...] = tuple(groups)
+        self.inclusive = inclusive
         values = alphas.detach().reshape(-1).unbind(0) if isinstance(alphas, Tensor) else alphas
         self.alphas: tuple[float, ...] = tuple(_alpha_value(a) for a in values)
         if not self.alphas:
@@ -357,6 +422,8 @@ class PCK(Metric):
         self.add_state("num_points", default=[], dist_reduce_fx="cat")
         self.add_state("category_index", default=[], dist_reduce_fx="cat")
         self.add_state("pair_key", default=[], dist_reduce_fx="cat")
+        for i in range(len(self.groups)):
+            self.add_state(f"group_{i}", default=[], dist_reduce_fx="cat")
 
     def update(
         self,
@@ -366,6 +433,7 @@ class PCK(Metric):
         categories: Sequence[str],
         pair_ids: Sequence[str],
         valids: list[Tensor] | None = None,
+        groups: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         """Add a batch of pairs.
 
@@ -376,6 +444,7 @@ class PCK(Metric):
             categories: Per pair category names (must be among the metric's categories).
             pair_ids: Per pair stable identifiers (used for de-duplication).
             valids: Optional per pair ``[N_i]`` bool masks.
+            groups: Per pair level of each of the metric's ``groups`` (missing -> -1, "unknown").
 
         Raises:
             ValueError: On length/shape mismatches or an unknown category.
@@ -394,9 +463,7 @@ class PCK(Metric):
                 + ("" if valids is None else f", {len(valids)}")
                 + "."
             )
-        unknown = sorted({str(c) for c in categories} - self._category_lookup.keys())
-        if unknown:
-            raise ValueError(f"Unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown}; known: {list(self.categories)}.")
+        self._check_categories(categories)
         if batch == 0:
             return
 
@@ -421,35 +488,79 @@ class PCK(Metric):
 
         alphas = torch.tensor(self.alphas, device=device, dtype=dtype)
         err = torch.linalg.vector_norm(pred - gt, dim=-1)  # [N]
-        ok = (err.unsqueeze(1) < alphas.unsqueeze(0) * thr[pair_of_point].unsqueeze(1)) & valid.unsqueeze(1)
+        bound = alphas.unsqueeze(0) * thr[pair_of_point].unsqueeze(1)
+        ok = within(err.unsqueeze(1), bound, self.inclusive) & valid.unsqueeze(1)
         correct = torch.zeros(batch, num_alphas, dtype=torch.long, device=device)
         correct.index_add_(0, pair_of_point, ok.long())  # [B, A]
         num_points = torch.zeros(batch, dtype=torch.long, device=device)
         num_points.index_add_(0, pair_of_point, valid.long())
 
-        self.correct.append(correct.reshape(-1).to(self.device))
-        self.num_points.append(num_points.to(self.device))
+        self._append_pairs(correct, num_points, categories, pair_ids, groups)
+
+    def _check_categories(self, categories: Sequence[str]) -> None:
+        unknown = sorted({str(c) for c in categories} - self._category_lookup.keys())
+        if unknown:
+            raise ValueError(f"Unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown}; known: {list(self.categories)}.")
+
+    def _append_pairs(
+        self,
+        correct: Tensor,
+        num_points: Tensor,
+        categories: Sequence[str],
+        pair_ids: Sequence[str],
+        groups: Mapping[str, Sequence[int]] | None = None,
+    ) -> None:
+        """Store per-pair counts: ``correct [B, A]``, ``num_points [B]`` and the pairs' labels."""
+        batch = len(pair_ids)
+        self.correct.append(correct.reshape(-1).to(device=self.device, dtype=torch.long))
+        self.num_points.append(num_points.to(device=self.device, dtype=torch.long))
         self.category_index.append(
             torch.tensor([self._category_lookup[str(c)] for c in categories], dtype=torch.long, device=self.device)
         )
         self.pair_key.append(
             torch.tensor([stable_pair_key(p) for p in pair_ids], dtype=torch.long, device=self.device)
         )
+        for i, name in enumerate(self.groups):
+            levels = (groups or {}).get(name, [-1] * batch)
+            getattr(self, f"group_{i}").append(torch.tensor(list(levels), dtype=torch.long, device=self.device))
 
     def _sync_dist(self, *args: Any, **kwargs: Any) -> None:
         # torchmetrics replaces an empty list state on a rank that saw no data by a float32 placeholder,
         # whose dtype would not match the long tensors of the other ranks in all_gather: use an empty
         # long tensor instead (the states are restored from the cache after `unsync`).
-        for attr in ("correct", "num_points", "category_index", "pair_key"):
+        for attr, dtype in self._state_dtypes.items():
             if isinstance(getattr(self, attr), list) and len(getattr(self, attr)) == 0:
-                setattr(self, attr, [torch.zeros(0, dtype=torch.long, device=self.device)])
+                setattr(self, attr, [torch.zeros(0, dtype=dtype, device=self.device)])
         super()._sync_dist(*args, **kwargs)
 
+    @property
+    def _group_states(self) -> list[str]:
+        return [f"group_{i}" for i in range(len(self.groups))]
+
+    @property
+    def _state_dtypes(self) -> dict[str, torch.dtype]:
+        names = ("correct", "num_points", "category_index", "pair_key", *self._group_states)
+        return {name: torch.long for name in names}
+
     def _cat_state(self, attr: str) -> Tensor:
-        value = getattr(self, attr)
+        value, dtype = getattr(self, attr), self._state_dtypes[attr]
         if isinstance(value, list) and len(value) == 0:
-            return torch.zeros(0, dtype=torch.long, device=self.device)
-        return dim_zero_cat(value).to(torch.long).reshape(-1)
+            return torch.zeros(0, dtype=dtype, device=self.device)
+        return dim_zero_cat(value).to(dtype).reshape(-1)
+
+    def _deduplicated(self) -> dict[str, Tensor]:
+        """Every per-pair state, concatenated, keeping each pair key's first occurrence only."""
+        states = {attr: self._cat_state(attr) for attr in self._state_dtypes}
+        states["correct"] = states["correct"].reshape(-1, len(self.alphas))
+        pair_key = states["pair_key"]
+        if pair_key.numel():
+            unique_keys, inverse = torch.unique(pair_key, return_inverse=True)
+            positions = torch.arange(pair_key.numel(), device=pair_key.device)
+            first = torch.full((unique_keys.numel(),), pair_key.numel(), dtype=torch.long, device=pair_key.device)
+            first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+            keep = torch.sort(first).values  # first occurrences, in arrival order
+            states = {attr: value[keep] for attr, value in states.items()}
+        return states
 
     def compute(self) -> dict[str, Any]:
         """Compute the PCK averages over all de-duplicated pairs.
@@ -458,23 +569,138 @@ class PCK(Metric):
             ``{"pck": {alpha_key: {"per_point", "per_image", "category_mean", "per_category"}},
             "num_pairs": int, "num_points": int}``.
         """
-        num_alphas = len(self.alphas)
-        correct = self._cat_state("correct").reshape(-1, num_alphas)
-        num_points = self._cat_state("num_points")
-        category_index = self._cat_state("category_index")
-        pair_key = self._cat_state("pair_key")
-
-        if pair_key.numel():
-            unique_keys, inverse = torch.unique(pair_key, return_inverse=True)
-            positions = torch.arange(pair_key.numel(), device=pair_key.device)
-            first = torch.full((unique_keys.numel(),), pair_key.numel(), dtype=torch.long, device=pair_key.device)
-            first = first.scatter_reduce(0, inverse, positions, reduce="amin")
-            keep = torch.sort(first).values  # first occurrences, in arrival order
-            correct, num_points, category_index = correct[keep], num_points[keep], category_index[keep]
-
+        states = self._deduplicated()
+        correct, num_points, category_index = states["correct"], states["num_points"], states["category_index"]
+        levels = {name: states[attr] for name, attr in zip(self.groups, self._group_states)}
         return {
-            "pck": summarize_pck(correct, num_points, category_index, self.categories, self.alphas),
+            "pck": summarize_pck(correct, num_points, category_index, self.categories, self.alphas, levels or None),
             "num_pairs": int(num_points.numel()),
             "num_points": int(num_points.sum().item()) if num_points.numel() else 0,
         }
 
+
+
+# --------------------------------------------------------------------------------------------------
+# dense flow (TSS)
+# --------------------------------------------------------------------------------------------------
+def dense_flow_counts(
+    flow: Tensor,
+    flow_gt: Tensor,
+    mask: Tensor,
+    threshold: float | Tensor,
+    alphas: Sequence[float] | Tensor,
+    inclusive: bool = True,
+) -> tuple[Tensor, int, float]:
+    """Per-image dense flow scores: pixels within ``alpha * threshold``, valid pixels and summed EPE.
+
+    Args:
+        flow: Estimated flow ``[2, H, W]`` (target pixel + flow = source pixel).
+        flow_gt: Ground-truth flow ``[2, H, W]``.
+        mask: ``[H, W]`` bool, the pixels with a ground-truth correspondence.
+        threshold: The image's PCK normaliser in pixels (TSS: max side of the source image).
+        alphas: ``A`` alpha values.
+        inclusive: ``epe <= alpha * threshold`` (the dense-flow convention) instead of ``<``.
+
+    Returns:
+        ``(correct [A] long, num_valid, epe_sum)``.
+    """
+    if flow.shape != flow_gt.shape or flow.shape[0] != 2 or mask.shape != flow.shape[1:]:
+        raise ValueError(
+            f"flow {tuple(flow.shape)}, ground truth {tuple(flow_gt.shape)} and mask {tuple(mask.shape)} must be "
+            "[2, H, W], [2, H, W] and [H, W]"
+        )
+    dtype = _compute_dtype(flow.device)
+    valid = mask.to(device=flow.device, dtype=torch.bool)
+    epe = torch.linalg.vector_norm(flow.to(dtype) - flow_gt.to(device=flow.device, dtype=dtype), dim=0)[valid]
+    bound = _alphas_tensor(alphas, flow.device, dtype) * float(threshold)
+    correct = within(epe.unsqueeze(0), bound.unsqueeze(1), inclusive).sum(dim=1)
+    return correct.long(), int(valid.sum()), float(epe.sum())
+
+
+def summarize_dense(
+    correct: Tensor, num_valid: Tensor, epe_sum: Tensor, dataset_index: Tensor, datasets: Sequence[str],
+    alphas: Sequence[float],
+) -> dict[str, Any]:
+    """Dense flow averages in percent: ``per_image`` (the papers' number), ``per_pixel``, ``per_dataset``
+    (per-image average within each dataset) and ``dataset_mean``; plus the average end-point error."""
+    rows = num_valid > 0
+    correct, num_valid = correct[rows].to(torch.float64), num_valid[rows].to(torch.float64)
+    epe_sum, dataset_index = epe_sum[rows].to(torch.float64), dataset_index[rows]
+    image_pck = 100.0 * correct / num_valid.unsqueeze(1)  # [P, A]
+    image_epe = epe_sum / num_valid
+    present = [i for i in range(len(datasets)) if bool((dataset_index == i).any())]
+    per_dataset = {datasets[i]: image_pck[dataset_index == i].mean(0) for i in present}
+    nan = torch.full((len(alphas),), float("nan"), dtype=torch.float64)
+    pck_out = {}
+    for j, alpha in enumerate(alphas):
+        pck_out[format_alpha(alpha)] = {
+            "per_image": float(image_pck[:, j].mean()) if len(image_pck) else float("nan"),
+            "per_pixel": float(_nan_percent(correct[:, j].sum(), num_valid.sum())),
+            "dataset_mean": float(torch.stack(list(per_dataset.values())).mean(0)[j]) if per_dataset else float(nan[j]),
+            "per_dataset": {name: float(values[j]) for name, values in per_dataset.items()},
+        }
+    return {
+        "pck": pck_out,
+        "aepe": {
+            "per_image": float(image_epe.mean()) if len(image_epe) else float("nan"),
+            "per_dataset": {datasets[i]: float(image_epe[dataset_index == i].mean()) for i in present},
+        },
+    }
+
+
+class DenseFlowPCK(PCK):
+    """PCK and end-point error of dense flow over valid pixels, per image, grouped by dataset (TSS).
+
+    Same de-duplication by pair key as :class:`PCK`. ``compute()`` returns :func:`summarize_dense`'s
+    dictionary plus ``num_pairs`` and ``num_pixels``.
+
+    Args:
+        alphas: The alpha values (TSS: ``(0.05,)``).
+        datasets: Names of the sub-datasets the images belong to (TSS: FG3DCar, JODS, PASCAL).
+        inclusive: ``<=`` (the dense-flow convention of TSS evaluations) instead of ``<``.
+    """
+
+    def __init__(self, alphas: Sequence[float], datasets: Sequence[str], inclusive: bool = True, **kwargs: Any):
+        super().__init__(alphas, datasets, inclusive=inclusive, **kwargs)
+        self.add_state("epe_sum", default=[], dist_reduce_fx="cat")
+
+    @property
+    def _state_dtypes(self) -> dict[str, torch.dtype]:
+        return {**super()._state_dtypes, "epe_sum": torch.float64}
+
+    def update(  # type: ignore[override]
+        self,
+        flows: list[Tensor],
+        flows_gt: list[Tensor],
+        masks: list[Tensor],
+        thresholds: Sequence[float] | Tensor,
+        datasets: Sequence[str],
+        pair_ids: Sequence[str],
+    ) -> None:
+        """Add a batch of images: estimated and ground-truth flows ``[2, H, W]`` and valid masks ``[H, W]``."""
+        counts = [
+            dense_flow_counts(f, g, m, float(t), self.alphas, self.inclusive)
+            for f, g, m, t in zip(flows, flows_gt, masks, thresholds)
+        ]
+        self.update_counts(counts, datasets, pair_ids)
+
+    def update_counts(
+        self, counts: Sequence[tuple[Tensor, int, float]], datasets: Sequence[str], pair_ids: Sequence[str]
+    ) -> None:
+        """Add images already scored by :func:`dense_flow_counts` (with this metric's alphas)."""
+        self._check_categories(datasets)
+        if not counts:
+            return
+        self._append_pairs(
+            torch.stack([c[0] for c in counts]), torch.tensor([c[1] for c in counts]), datasets, pair_ids
+        )
+        self.epe_sum.append(torch.tensor([c[2] for c in counts], dtype=torch.float64, device=self.device))
+
+    def compute(self) -> dict[str, Any]:
+        """Dense PCK and AEPE over all de-duplicated images."""
+        states = self._deduplicated()
+        summary = summarize_dense(
+            states["correct"], states["num_points"], states["epe_sum"], states["category_index"],
+            self.categories, self.alphas,
+        )
+        return {**summary, "num_pairs": int(states["num_points"].numel()), "num_pixels": int(states["num_points"].sum())}

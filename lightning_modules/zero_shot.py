@@ -1,12 +1,14 @@
-"""The zero-shot LightningModule: ``trainer.test`` over pair datamodules, scored with PCK.
+"""The zero-shot LightningModule: ``trainer.test`` over pair datamodules, scored with their protocol.
 
-Thin by design: the method lives in :class:`~lightning_modules.components.pipeline.FusedCorrespondence`
-and the metric in :class:`~lightning_modules.metrics.PCK`; this class wires them to Lightning's test loop.
+Thin by design: the method lives in :class:`~lightning_modules.components.pipeline.FusedCorrespondence`,
+the metrics in :mod:`lightning_modules.metrics`, and each benchmark's protocol (alphas, comparison,
+averages, sparse keypoints or dense flow) comes from the datamodule's ``protocol``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -15,7 +17,7 @@ import torch
 from .components.dino_featurizer import DinoFeaturizer
 from .components.pipeline import FusedCorrespondence
 from .components.sd_featurizer import SDFeaturizer
-from .metrics import PCK
+from .metrics import PCK, DenseFlowPCK, dense_flow_counts, format_alpha
 
 __all__ = ["ZeroShotCorrespondence"]
 
@@ -29,7 +31,7 @@ class ZeroShotCorrespondence(L.LightningModule):
         alpha: Weight of the SD block (0.5 in the paper; 1 = SD only, 0 = DINO only).
         pca_dims: Co-PCA dimension per SD layer; None keeps raw channels.
         eval_size: Keypoint-to-cell mapping resolution (default: the DINO input size).
-        alphas: PCK thresholds; None takes the datamodule's protocol (``datamodule.alphas``).
+        alphas: PCK thresholds overriding the datamodule protocol's (None: the protocol's).
     """
 
     def __init__(
@@ -45,34 +47,44 @@ class ZeroShotCorrespondence(L.LightningModule):
         self.save_hyperparameters(ignore=["sd", "dino"])
         self.pipeline = FusedCorrespondence(sd, dino, alpha=alpha, pca_dims=pca_dims, eval_size=eval_size)
         self.alphas = None if alphas is None else [float(a) for a in alphas]
-        self.pck: PCK | None = None
+        self.metric: PCK | None = None
+        self.protocol: Any = None
         self.test_results: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
-        """Create the metric from the datamodule's categories and protocol alphas."""
+        """Create the metric from the datamodule's protocol and categories."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        alphas = self.alphas or list(getattr(datamodule, "alphas", None) or [])
-        if not alphas:
-            raise ValueError("no PCK alphas: set model.alphas or use a datamodule that defines `alphas`")
+        self.protocol = getattr(datamodule, "protocol", None)
+        if self.protocol is None:
+            raise ValueError("the datamodule must define `protocol` (see datamodules.protocols)")
+        alphas = self.alphas or list(self.protocol.alphas)
         categories = list(getattr(datamodule, "categories", None) or [])
         if not categories:
             raise ValueError("the datamodule must expose its category names as `categories` after setup()")
-        self.pck = PCK(alphas=alphas, categories=categories)
+        if self.protocol.dense:
+            self.metric = DenseFlowPCK(alphas, categories, inclusive=self.protocol.inclusive)
+        else:
+            self.metric = PCK(alphas, categories, groups=self.protocol.groups, inclusive=self.protocol.inclusive)
 
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
-        """Predict a batch of pairs, update PCK and return one record per pair (original pixels)."""
-        assert self.pck is not None
+        """Score a batch of pairs and return one prediction record per pair (original pixels)."""
+        return self._dense_step(batch) if self.protocol.dense else self._sparse_step(batch)
+
+    def _sparse_step(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        assert self.metric is not None
         outputs = self.pipeline.predict_pairs(batch)
         valids = [s["kps_valid"].to(self.device) for s in batch]
         preds = [o["pred_kps"] for o in outputs]
         gts = [s["trg_kps"].to(self.device).float() for s in batch]
-        self.pck.update(
+        groups = {g: [s.get("variations", {}).get(g, -1) for s in batch] for g in self.protocol.groups}
+        self.metric.update(
             preds,
             gts,
             torch.tensor([float(s["threshold"]) for s in batch], device=self.device),
             [s["category"] for s in batch],
             [s["pair_id"] for s in batch],
             valids,
+            groups,
         )
         records = []
         for s, pred, valid in zip(batch, preds, valids):
@@ -89,12 +101,39 @@ class ZeroShotCorrespondence(L.LightningModule):
             )
         return records
 
+    def _dense_step(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        assert isinstance(self.metric, DenseFlowPCK)
+        flows = self.pipeline.predict_flows(batch)
+        counts = [
+            dense_flow_counts(
+                flow, s["flow"].to(self.device), s["mask"].to(self.device), float(s["threshold"]),
+                self.metric.alphas, self.metric.inclusive,
+            )
+            for s, flow in zip(batch, flows)
+        ]
+        self.metric.update_counts(counts, [s["dataset"] for s in batch], [s["pair_id"] for s in batch])
+        records = []
+        for s, (correct, valid, epe_sum) in zip(batch, counts):
+            records.append(
+                {
+                    "pair_id": s["pair_id"],
+                    "category": s["category"],
+                    "dataset": s["dataset"],
+                    "threshold": float(s["threshold"]),
+                    "num_valid": valid,
+                    "pck": {format_alpha(a): 100.0 * int(c) / max(valid, 1) for a, c in zip(self.metric.alphas, correct)},
+                    "epe": epe_sum / max(valid, 1),
+                }
+            )
+        return records
+
     def on_test_epoch_end(self) -> None:
-        """Compute the PCK summary (synchronised across processes) and log its headline numbers."""
-        assert self.pck is not None
-        self.test_results = self.pck.compute()
-        for alpha, values in self.test_results["pck"].items():
-            for average in ("per_point", "per_image", "category_mean"):
-                value = values[average]
-                self.log(f"pck@{alpha}/{average}", float(value), rank_zero_only=True, sync_dist=False)
-        self.pck.reset()
+        """Compute the summary (synchronised across processes) and log the protocol's averages."""
+        assert self.metric is not None
+        results = self.metric.compute()
+        results["protocol"] = asdict(self.protocol)
+        self.test_results = results
+        for alpha, values in results["pck"].items():
+            for average in self.protocol.averages:
+                self.log(f"pck@{alpha}/{average}", float(values[average]), rank_zero_only=True)
+        self.metric.reset()

@@ -9,17 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.spair import SPairDataModule, SPairDataset, collate_pairs
+from datamodules.datamodules import SPairDataModule, SyntheticSPairDataModule
+from datamodules.spair import SPairDataset, collate_pairs
 from datamodules.synthetic import (
     MARKER_NAME,
-    SyntheticSPairDataModule,
     read_synthetic_marker,
     write_synthetic_spair,
 )
 
 PAIR_KEYS = {
     "pair_id", "category", "src_image", "trg_image", "src_image_path", "trg_image_path",
-    "src_kps", "trg_kps", "kps_valid", "kps_ids", "threshold", "src_bbox", "trg_bbox",
+    "src_kps", "trg_kps", "kps_valid", "kps_ids", "threshold", "src_bbox", "trg_bbox", "variations",
 }  # fmt: skip
 
 

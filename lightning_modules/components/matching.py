@@ -1,4 +1,4 @@
-"""Keypoint transfer by nearest neighbour on a square feature grid.
+"""Keypoint transfer and dense flow by nearest neighbour on a square feature grid.
 
 Coordinates are pixels of the ``size`` x ``size`` padded model input; the grid has ``grid`` cells per
 side. A keypoint falls in cell ``floor(x * grid / size)``; a predicted cell is mapped to its centre with
@@ -9,8 +9,16 @@ the reference's convention ``cell * s + s / 2 - 0.5`` (``s = size / grid``; 14 p
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["points_to_cells", "cells_to_points", "nearest_neighbors", "transfer_keypoints"]
+__all__ = [
+    "cells_to_points",
+    "dense_flow",
+    "nearest_neighbor_index",
+    "nearest_neighbors",
+    "points_to_cells",
+    "transfer_keypoints",
+]
 
 
 def points_to_cells(points: torch.Tensor, size: int, grid: int) -> torch.Tensor:
@@ -64,3 +72,43 @@ def transfer_keypoints(
     cells = points_to_cells(points, size, grid)
     index, distance = nearest_neighbors(src_tokens[cells], trg_tokens)
     return cells_to_points(index, size, grid), distance
+
+
+def nearest_neighbor_index(queries: torch.Tensor, keys: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """L2 nearest key of every query, ``chunk`` queries at a time (bounded ``chunk x M`` memory)."""
+    if len(queries) == 0:
+        return torch.zeros(0, dtype=torch.long, device=queries.device)
+    return torch.cat([nearest_neighbors(part, keys)[0] for part in queries.split(chunk)])
+
+
+def dense_flow(
+    source: torch.Tensor, target: torch.Tensor, height: int, width: int, chunk: int = 4096
+) -> torch.Tensor:
+    """Dense flow from every target pixel to its source correspondence, as the reference computes it.
+
+    Every target cell is matched to its L2 nearest source cell; the cell offsets (source - target) form a
+    ``G x G`` flow that is bilinearly upsampled to the ``L x L`` padded square (``L = max(height, width)``),
+    scaled by ``L / G`` and cropped to the centred ``height x width`` image. Only ``G^2`` matches and one
+    ``2 x L x L`` field are held, never all pixel pairs.
+
+    Args:
+        source: ``[D, G, G]`` source descriptors.
+        target: ``[D, G, G]`` target descriptors.
+        height: Image height in pixels (source and target share it).
+        width: Image width in pixels.
+        chunk: Target cells matched at a time.
+
+    Returns:
+        ``[2, height, width]`` flow (dx, dy) in pixels: target pixel + flow = source pixel.
+    """
+    grid = target.shape[-1]
+    index = nearest_neighbor_index(target.flatten(1).T, source.flatten(1).T, chunk)
+    rows, cols = torch.div(index, grid, rounding_mode="floor"), index % grid
+    cell = torch.arange(grid, device=target.device)
+    flow = torch.stack(
+        [(cols.view(grid, grid) - cell.view(1, grid)).float(), (rows.view(grid, grid) - cell.view(grid, 1)).float()]
+    )
+    side = max(height, width)
+    flow = F.interpolate(flow[None], size=(side, side), mode="bilinear", align_corners=False)[0] * (side / grid)
+    top, left = (side - height) // 2, (side - width) // 2
+    return flow[:, top : top + height, left : left + width]

@@ -18,7 +18,7 @@ from torch import nn
 from .dino_featurizer import DinoFeaturizer
 from .fusion import co_pca, fuse, merge_layers
 from .image_prep import PadResize, pad_resize_image
-from .matching import transfer_keypoints
+from .matching import dense_flow, transfer_keypoints
 from .sd_featurizer import SDFeaturizer
 
 __all__ = ["ImageFeatures", "FusedCorrespondence"]
@@ -146,6 +146,32 @@ class FusedCorrespondence(nn.Module):
             predicted, distance = transfer_keypoints(descriptors[0], descriptors[1], points, self.eval_size)
         return trg_geo.inverse_points(predicted), distance
 
+    def flow(self, source: ImageFeatures, target: ImageFeatures) -> torch.Tensor:
+        """Dense flow ``[2, H, W]`` from every target pixel to the source (both images share ``H x W``)."""
+        if (source.width, source.height) != (target.width, target.height):
+            raise ValueError(
+                f"dense flow needs images of one size (pad them first): source {source.width}x{source.height}, "
+                f"target {target.width}x{target.height}"
+            )
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            descriptors = self.describe_pair(source, target)
+            return dense_flow(descriptors[0], descriptors[1], target.height, target.width)
+
+    def _features_by_path(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, ImageFeatures]:
+        """Extract every distinct image of a batch once."""
+        unique: dict[str, tuple[torch.Tensor, str]] = {}
+        for s in samples:
+            unique.setdefault(s["src_image_path"], (s["src_image"], s["category"]))
+            unique.setdefault(s["trg_image_path"], (s["trg_image"], s["category"]))
+        keys = list(unique)
+        return dict(zip(keys, self.extract([unique[k][0] for k in keys], [unique[k][1] for k in keys])))
+
+    @torch.no_grad()
+    def predict_flows(self, samples: Sequence[Mapping[str, Any]]) -> list[torch.Tensor]:
+        """Dense flows ``[2, H, W]`` (target pixel -> source pixel) for a batch of same-size image pairs."""
+        features = self._features_by_path(samples)
+        return [self.flow(features[s["src_image_path"]], features[s["trg_image_path"]]) for s in samples]
+
     @torch.no_grad()
     def predict_pairs(self, samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Predict target keypoints for a batch of pair samples.
@@ -159,12 +185,7 @@ class FusedCorrespondence(nn.Module):
         Returns:
             Per pair: ``pred_kps`` ``[N, 2]`` (original target pixels) and ``distance`` ``[N]``.
         """
-        unique: dict[str, tuple[torch.Tensor, str]] = {}
-        for s in samples:
-            unique.setdefault(s["src_image_path"], (s["src_image"], s["category"]))
-            unique.setdefault(s["trg_image_path"], (s["trg_image"], s["category"]))
-        keys = list(unique)
-        features = dict(zip(keys, self.extract([unique[k][0] for k in keys], [unique[k][1] for k in keys])))
+        features = self._features_by_path(samples)
         outputs = []
         for s in samples:
             pred, distance = self.match(features[s["src_image_path"]], features[s["trg_image_path"]], s["src_kps"])

@@ -1,0 +1,232 @@
+"""The thin LightningDataModules over the plain benchmark readers.
+
+Each wraps one reader, names its protocol (``datamodules.protocols``) and serves the evaluated split to
+``trainer.test`` / ``trainer.predict`` as lists of sample dicts (images differ in size; the model
+resizes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from .protocols import Protocol, get_protocol
+from .spair import LAYOUT_HINT, SPairDataset, collate_pairs, normalize_split
+from .synthetic import default_synthetic_categories, synthetic_root_matches, write_synthetic_spair
+
+__all__ = ["PairDataModule", "SPairDataModule", "SyntheticSPairDataModule"]
+
+
+class PairDataModule(L.LightningDataModule):
+    """Base of the benchmark DataModules: one evaluated dataset, its categories and its protocol.
+
+    Subclasses set ``protocol_name`` and implement :meth:`build_dataset`; the dataset must expose
+    ``categories`` (the names the metric groups by).
+
+    Args:
+        root: Benchmark root (required; None only so that a config can leave it to ``--data.root``).
+        batch_size: Pairs per batch (a batch is a list of sample dicts).
+        num_workers: DataLoader workers.
+    """
+
+    protocol_name: ClassVar[str] = ""
+    layout_hint: ClassVar[str] = ""
+
+    def __init__(self, root: str | None = None, batch_size: int = 1, num_workers: int = 0) -> None:
+        super().__init__()
+        self.root = root
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.test_dataset: Any = None
+
+    @property
+    def protocol(self) -> Protocol:
+        """The benchmark's scoring protocol."""
+        return get_protocol(self.protocol_name)
+
+    @property
+    def alphas(self) -> tuple[float, ...]:
+        """The protocol's PCK alphas."""
+        return self.protocol.alphas
+
+    def build_dataset(self, root: str) -> Dataset:
+        """Build the evaluated dataset from ``root``."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the evaluated dataset for ``stage`` in ``{"test", "predict", None}``."""
+        if stage in (None, "test", "predict") and self.test_dataset is None:
+            if self.root is None:
+                raise ValueError(f"{type(self).__name__} needs `root` (--data.root DIR); {self.layout_hint}")
+            self.test_dataset = self.build_dataset(self.root)
+
+    @property
+    def categories(self) -> list[str]:
+        """Sorted category names of the evaluated dataset (after :meth:`setup`)."""
+        if self.test_dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must be called before .categories")
+        return list(self.test_dataset.categories)
+
+    def _dataloader(self) -> DataLoader:
+        if self.test_dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup('test') must be called first")
+        return DataLoader(
+            self.test_dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_pairs,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        """The evaluated split, in a fixed order, as lists of sample dicts."""
+        return self._dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The evaluated split, in a fixed order, as lists of sample dicts."""
+        return self._dataloader()
+
+
+class SPairDataModule(PairDataModule):
+    """SPair-71k (``datamodules.spair.SPairDataset``), scored with the SPair protocol.
+
+    Args:
+        root: SPair-71k root (``PairAnnotation/``, ``JPEGImages/``).
+        test_split: Split evaluated (``test``, ``val`` or ``trn``).
+        categories: Categories to keep (``None``: all).
+        pairs_per_category: Per-category subset size (``None``: all; the paper's ablations use 20).
+        seed: Seed of the per-category subset.
+        batch_size: Pairs per batch.
+        num_workers: DataLoader workers.
+    """
+
+    protocol_name = "spair"
+    layout_hint = LAYOUT_HINT
+
+    def __init__(
+        self,
+        root: str | None = None,
+        test_split: str = "test",
+        categories: list[str] | None = None,
+        pairs_per_category: int | None = None,
+        seed: int = 0,
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        self.test_split = normalize_split(test_split)
+        self.category_filter = list(categories) if categories is not None else None
+        self.pairs_per_category = pairs_per_category
+        self.seed = seed
+
+    def build_dataset(self, root: str) -> SPairDataset:
+        """The SPair split with the configured filter and subset."""
+        return SPairDataset(
+            root,
+            split=self.test_split,
+            categories=self.category_filter,
+            pairs_per_category=self.pairs_per_category,
+            seed=self.seed,
+        )
+
+
+class SyntheticSPairDataModule(SPairDataModule):
+    """:class:`SPairDataModule` over a generated synthetic benchmark.
+
+    See :func:`write_synthetic_spair` for what is generated.
+
+    ``prepare_data`` (and ``setup``, for runs without a Trainer) write the benchmark into ``root``
+    unless a complete one generated with identical arguments is already there; the data is then
+    read by the real SPair reader.
+
+    Args:
+        root: Directory of the synthetic benchmark; None puts it in ``<trainer.default_root_dir>/synthetic_spair``.
+        test_split: Split written and evaluated.
+        categories: Categories to keep when reading (``None``: all).
+        pairs_per_category: Per-category subset size when reading (``None``: all).
+        seed: Seed of the per-category subset.
+        batch_size: Pairs per batch.
+        num_workers: DataLoader workers.
+        synthetic_categories: Generated category names; ``None`` uses
+            :func:`default_synthetic_categories` with ``num_categories``.
+        num_categories: Number of generated categories when ``synthetic_categories`` is ``None``.
+        images_per_category: Generated images per category.
+        synthetic_pairs_per_category: Generated pairs per category.
+        image_width: Base image width.
+        image_height: Base image height.
+        num_keypoints: Keypoints per object.
+        generator_seed: Seed of the generator.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        test_split: str = "test",
+        categories: list[str] | None = None,
+        pairs_per_category: int | None = None,
+        seed: int = 0,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        synthetic_categories: list[str] | None = None,
+        num_categories: int = 2,
+        images_per_category: int = 4,
+        synthetic_pairs_per_category: int = 6,
+        image_width: int = 160,
+        image_height: int = 120,
+        num_keypoints: int = 8,
+        generator_seed: int = 0,
+    ) -> None:
+        super().__init__(
+            root=root,
+            test_split=test_split,
+            categories=categories,
+            pairs_per_category=pairs_per_category,
+            seed=seed,
+            batch_size=batch_size,
+            num_workers=num_workers,
+        )
+        names = (
+            list(synthetic_categories)
+            if synthetic_categories is not None
+            else default_synthetic_categories(num_categories)
+        )
+        self.generator_kwargs: dict[str, Any] = {
+            "categories": names,
+            "images_per_category": images_per_category,
+            "pairs_per_category": synthetic_pairs_per_category,
+            "num_keypoints": num_keypoints,
+            "image_size": (image_width, image_height),
+            "seed": generator_seed,
+            "split": self.test_split,
+        }
+
+    def is_generated(self) -> bool:
+        """Whether ``root`` holds a complete benchmark generated with these arguments."""
+        return self.root is not None and synthetic_root_matches(self.root, **self.generator_kwargs)
+
+    def _ensure_generated(self) -> None:
+        if self.root is None:
+            # Without an explicit root the benchmark lives with the run: <default_root_dir>/synthetic_spair.
+            if self.trainer is None:
+                raise ValueError(f"{type(self).__name__} needs `root` when used without a Trainer")
+            self.root = str(Path(self.trainer.default_root_dir) / "synthetic_spair")
+        if not self.is_generated():
+            write_synthetic_spair(self.root, **self.generator_kwargs)
+
+    def prepare_data(self) -> None:
+        """Write the synthetic benchmark (skipped if already generated with identical args)."""
+        self._ensure_generated()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Generate the benchmark if needed, then build the test dataset.
+
+        Args:
+            stage: Lightning stage.
+        """
+        if stage in (None, "test", "predict"):
+            self._ensure_generated()
+        super().setup(stage)

@@ -1,0 +1,86 @@
+"""The one place that decides, per benchmark, the PCK alphas, the threshold rule and the reported averages.
+
+Readers compute each pair's ``threshold`` (in original pixels) with the rule named here; the metric and
+the printed table take alphas, comparison and averages from here. Plain Python: no torch, no Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Protocol", "PROTOCOLS", "SPAIR_VARIATIONS", "get_protocol"]
+
+#: Per-pair difficulty annotations of SPair-71k pair files, reported level by level.
+SPAIR_VARIATIONS = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A benchmark's scoring protocol.
+
+    Attributes:
+        name: Benchmark name.
+        alphas: PCK thresholds as fractions of the per-pair ``threshold``.
+        threshold: The rule giving each pair's ``threshold`` in pixels (documentation; readers apply it).
+        averages: The scalar averages reported, in table order; the first is the paper's headline.
+        inclusive: ``error <= alpha * threshold`` counts as correct (dense flow benchmarks); otherwise
+            the keypoint convention ``error < alpha * threshold``.
+        dense: Scored on dense flow over valid pixels instead of keypoints.
+        groups: Per-pair attributes that ``results.json`` breaks the PCK down by.
+        group_label: What the per-group dictionary of the results is called.
+    """
+
+    name: str
+    alphas: tuple[float, ...]
+    threshold: str
+    averages: tuple[str, ...]
+    inclusive: bool = False
+    dense: bool = False
+    groups: tuple[str, ...] = ()
+    group_label: str = "per_category"
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "spair": Protocol(
+        name="SPair-71k",
+        alphas=(0.01, 0.05, 0.1),
+        threshold="max(w, h) of the target bbox",
+        averages=("category_mean", "weighted", "per_point", "per_image"),
+        groups=SPAIR_VARIATIONS,
+    ),
+    "pfpascal": Protocol(
+        name="PF-Pascal",
+        alphas=(0.05, 0.1, 0.15),
+        threshold="max(w, h) of the target image",
+        averages=("weighted", "category_mean", "per_point", "per_image"),
+    ),
+    "pfwillow": Protocol(
+        name="PF-Willow",
+        alphas=(0.05, 0.1, 0.15),
+        threshold="max(w, h) of the bbox around the target keypoints",
+        averages=("per_point", "per_image", "category_mean"),
+    ),
+    "cub": Protocol(
+        name="CUB-200-2011 (ASIC)",
+        alphas=(0.1, 0.05, 0.01),
+        threshold="max(w, h) of the target bbox",
+        averages=("per_point", "per_image", "category_mean"),
+    ),
+    "tss": Protocol(
+        name="TSS",
+        alphas=(0.05,),
+        threshold="max(H, W) of the source image",
+        averages=("per_image", "per_pixel", "dataset_mean"),
+        inclusive=True,
+        dense=True,
+        group_label="per_dataset",
+    ),
+}
+
+
+def get_protocol(name: str) -> Protocol:
+    """Look a protocol up by its key (``spair``, ``pfpascal``, ``pfwillow``, ``cub``, ``tss``)."""
+    try:
+        return PROTOCOLS[name]
+    except KeyError:
+        raise ValueError(f"unknown protocol {name!r}; known: {sorted(PROTOCOLS)}") from None
