@@ -31,6 +31,8 @@ def format_pck_table(results: dict[str, Any], per_group: bool = True) -> str:
     lines = [head, "-" * len(head)]
     for average in averages:
         lines.append(f"{average:<22}" + "".join(f"{results['pck'][a][average]:>10.2f}" for a in alphas))
+    if "aepe" in results:  # dense benchmarks: average end-point error in pixels, per image
+        lines.append(f"{'aepe (px)':<22}" + f"{results['aepe']['per_image']:>10.2f}")
     groups = sorted({g for a in alphas for g in results["pck"][a].get(group_label, {})})
     if per_group and groups:
         lines.append("-" * len(head))

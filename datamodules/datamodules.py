@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader, Dataset
 from .protocols import Protocol, get_protocol
 from .spair import LAYOUT_HINT, SPairDataset, collate_pairs, normalize_split
 from .synthetic import default_synthetic_categories, synthetic_root_matches, write_synthetic_spair
+from .tss import TSS_DATASETS, TSS_LAYOUT_HINT, TSSDataset
 
-__all__ = ["PairDataModule", "SPairDataModule", "SyntheticSPairDataModule"]
+__all__ = ["PairDataModule", "SPairDataModule", "SyntheticSPairDataModule", "TSSDataModule"]
 
 
 class PairDataModule(L.LightningDataModule):
@@ -230,3 +231,31 @@ class SyntheticSPairDataModule(SPairDataModule):
         if stage in (None, "test", "predict"):
             self._ensure_generated()
         super().setup(stage)
+
+
+class TSSDataModule(PairDataModule):
+    """TSS dense flow (``datamodules.tss.TSSDataset``): FG3DCar, JODS and PASCAL, both directions.
+
+    Args:
+        root: The ``TSS_CVPR2016`` folder.
+        datasets: Sub-datasets to evaluate (default all three; results are reported per dataset).
+        batch_size: Pairs per batch.
+        num_workers: DataLoader workers.
+    """
+
+    protocol_name = "tss"
+    layout_hint = TSS_LAYOUT_HINT
+
+    def __init__(
+        self,
+        root: str | None = None,
+        datasets: list[str] | None = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        self.datasets = list(datasets) if datasets is not None else list(TSS_DATASETS)
+
+    def build_dataset(self, root: str) -> TSSDataset:
+        """All directed pairs of the selected sub-datasets."""
+        return TSSDataset(root, self.datasets)

@@ -77,11 +77,12 @@ class FusedCorrespondence(nn.Module):
         self.pca_dims = None if pca_dims is None else [int(d) for d in pca_dims]
         default_size = self.dino.image_size if self.dino is not None else self.sd.image_size  # type: ignore[union-attr]
         self.eval_size = int(eval_size or default_size)
+        self.register_buffer("_device_marker", torch.empty(0), persistent=False)
 
     @property
     def device(self) -> torch.device:
-        """Device of the featurizers' weights."""
-        return next(self.parameters()).device
+        """Device the module lives on (featurizers without weights included)."""
+        return self._device_marker.device
 
     @torch.no_grad()
     def extract(self, images: Sequence[torch.Tensor], categories: Sequence[str]) -> list[ImageFeatures]:
