@@ -99,6 +99,22 @@ def test_spair_config_with_tiny_models_on_a_real_format_root(tmp_path, monkeypat
     assert sorted(results["pck"]["0.1"]["per_category"]) == ["bus", "cat", "dog"]
     _assert_matches_recomputation(predictions, results)
     assert (out / "config.yaml").is_file()
+    # SPair extras: the pair-count-weighted category average and the per-variation breakdown
+    for alpha, got in results["pck"].items():
+        pairs = {c: sum(p["category"] == c for p in predictions) for c in got["per_category"]}
+        weighted = sum(pairs[c] * v for c, v in got["per_category"].items()) / sum(pairs.values())
+        assert got["weighted"] == pytest.approx(weighted, abs=1e-6)
+        for variation in ("scale_variation", "truncation"):
+            levels: dict[str, list[float]] = defaultdict(list)
+            for p in predictions:
+                level = json.loads((root / "PairAnnotation" / "test" / f"{p['pair_id']}.json").read_text())[variation]
+                hits = sum(math.dist(a, b) < float(alpha) * p["threshold"] for a, b in zip(p["pred_kps"], p["trg_kps"]))
+                levels[str(level)].append(100 * hits / len(p["trg_kps"]))
+            table = got["per_variation"][variation]
+            assert sorted(table) == sorted(levels)
+            for level, values in levels.items():
+                assert table[level]["per_image"] == pytest.approx(sum(values) / len(values), abs=1e-6)
+                assert table[level]["num_pairs"] == len(values)
 
 
 def test_local_pretrained_directories_load_through_the_config(tmp_path, monkeypatch) -> None:

@@ -429,3 +429,34 @@ def _check_ddp_result(out: dict) -> None:
     assert r["per_image"] == pytest.approx(50.0)
     assert r["category_mean"] == pytest.approx(50.0)
     assert r["per_category"] == pytest.approx({"a": 50.0})
+
+
+# --------------------------------------------------------------------------------------------------
+# protocol extras: inclusive bound, weighted average, per-variation breakdown (hand-computed)
+# --------------------------------------------------------------------------------------------------
+def test_inclusive_bound_counts_the_boundary() -> None:
+    pred, gt = torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 0.0]])  # error exactly 5 = 0.1 * 50
+    assert not keypoint_correct(pred, gt, 50.0, [0.1])[0, 0]
+    assert keypoint_correct(pred, gt, 50.0, [0.1], inclusive=True)[0, 0]
+    metric = PCK([0.1], ["cat"], inclusive=True)
+    metric.update([pred], [gt], [50.0], ["cat"], ["p"])
+    assert metric.compute()["pck"]["0.1"]["per_point"] == 100.0
+
+
+def test_weighted_average_and_variation_breakdown_by_hand() -> None:
+    # cat: pair a 1/2 correct (vp 0), pair b 2/2 (vp 2) -> cat per-point 3/4 = 75, 2 pairs
+    # dog: pair c 0/4 (vp 0) -> dog 0, 1 pair
+    ok, far = torch.tensor([[0.0, 0.0]]), torch.tensor([[100.0, 0.0]])
+    preds = [torch.cat([ok, far]), torch.cat([ok, ok]), torch.cat([far] * 4)]
+    gts = [torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(4, 2)]
+    metric = PCK([0.1], ["cat", "dog"], groups=("viewpoint_variation", "occlusion"))
+    metric.update(preds, gts, [10.0] * 3, ["cat", "cat", "dog"], ["a", "b", "c"],
+                  groups={"viewpoint_variation": [0, 2, 0]})  # occlusion not given: unknown (-1)
+    out = metric.compute()["pck"]["0.1"]
+    assert out["category_mean"] == pytest.approx(37.5)
+    assert out["weighted"] == pytest.approx((2 * 75 + 1 * 0) / 3)  # by pair counts: 50
+    assert out["per_point"] == pytest.approx(300 / 8)
+    vp = out["per_variation"]["viewpoint_variation"]
+    assert vp["0"] == {"per_point": pytest.approx(100 / 6), "per_image": pytest.approx(25.0), "num_pairs": 2}
+    assert vp["2"] == {"per_point": 100.0, "per_image": 100.0, "num_pairs": 1}
+    assert out["per_variation"]["occlusion"] == {}
