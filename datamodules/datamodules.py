@@ -13,12 +13,26 @@ from typing import Any, ClassVar
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from .cub import LAYOUT_HINT as CUB_LAYOUT_HINT
+from .cub import CUBASICDataset
+from .pfpascal import LAYOUT_HINT as PF_PASCAL_LAYOUT_HINT
+from .pfpascal import PFPascalDataset
+from .pfwillow import LAYOUT_HINT as PF_WILLOW_LAYOUT_HINT
+from .pfwillow import PFWillowDataset
 from .protocols import Protocol, get_protocol
 from .spair import LAYOUT_HINT, SPairDataset, collate_pairs, normalize_split
 from .synthetic import default_synthetic_categories, synthetic_root_matches, write_synthetic_spair
 from .tss import TSS_DATASETS, TSS_LAYOUT_HINT, TSSDataset
 
-__all__ = ["PairDataModule", "SPairDataModule", "SyntheticSPairDataModule", "TSSDataModule"]
+__all__ = [
+    "CUBDataModule",
+    "PFPascalDataModule",
+    "PFWillowDataModule",
+    "PairDataModule",
+    "SPairDataModule",
+    "SyntheticSPairDataModule",
+    "TSSDataModule",
+]
 
 
 class PairDataModule(L.LightningDataModule):
@@ -259,3 +273,108 @@ class TSSDataModule(PairDataModule):
     def build_dataset(self, root: str) -> TSSDataset:
         """All directed pairs of the selected sub-datasets."""
         return TSSDataset(root, self.datasets)
+
+
+class CUBDataModule(PairDataModule):
+    """CUB-200-2011 with the ASIC protocol (``datamodules.cub.CUBASICDataset``).
+
+    All ordered pairs of each class's test images (ACSM's ``test_cub_cleaned.mat``), on the protocol's
+    square crops: samples' images are the ``crop_size`` px crops, keypoints are crop pixels and the PCK
+    threshold is ``crop_size``. Results are reported per class (``per_category``) and as their mean.
+
+    Args:
+        root: The ``CUB_200_2011`` folder.
+        categories: CUB class indices evaluated, each separately (ASIC and the paper: 1, 2, 3).
+        crop_size: Side of the square crop (ASIC: 256).
+        test_list: ACSM's test list (default ``<root>/cachedir/cub/data/test_cub_cleaned.mat``).
+        batch_size: Pairs per batch.
+        num_workers: DataLoader workers.
+    """
+
+    protocol_name = "cub"
+    layout_hint = CUB_LAYOUT_HINT
+
+    def __init__(
+        self,
+        root: str | None = None,
+        categories: list[int] | None = None,
+        crop_size: int = 256,
+        test_list: str | None = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        self.class_indices = [int(c) for c in categories] if categories is not None else [1, 2, 3]
+        self.crop_size = crop_size
+        self.test_list = test_list
+
+    def build_dataset(self, root: str) -> CUBASICDataset:
+        """All ordered test pairs of the selected classes."""
+        return CUBASICDataset(root, categories=self.class_indices, crop_size=self.crop_size, test_list=self.test_list)
+
+
+# ------------------------------------------------------------------------------ PF-PASCAL / PF-WILLOW
+
+
+class PFPascalDataModule(PairDataModule):
+    """PF-PASCAL (``datamodules.pfpascal.PFPascalDataset``), scored with the ``pfpascal`` protocol.
+
+    Args:
+        root: The ``PF-dataset-PASCAL`` folder (``*_pairs_pf_pascal.csv``, ``JPEGImages/``, ``Annotations/``).
+        test_split: Split evaluated (``test``, ``val`` or ``trn``).
+        categories: PASCAL classes to keep (``None``: all).
+        threshold: ``"image"`` (max side of the target image: the reference protocol) or ``"bbox"``
+            (max side of the target object box from ``Annotations/<cat>/<name>.mat``).
+        batch_size: Pairs per batch.
+        num_workers: DataLoader workers.
+    """
+
+    protocol_name = "pfpascal"
+    layout_hint = PF_PASCAL_LAYOUT_HINT
+
+    def __init__(
+        self,
+        root: str | None = None,
+        test_split: str = "test",
+        categories: list[str] | None = None,
+        threshold: str = "image",
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        self.test_split = test_split
+        self.category_filter = list(categories) if categories is not None else None
+        self.threshold = threshold
+
+    def build_dataset(self, root: str) -> PFPascalDataset:
+        """The PF-PASCAL split with the configured filter and threshold rule."""
+        return PFPascalDataset(root, split=self.test_split, categories=self.category_filter, threshold=self.threshold)
+
+
+class PFWillowDataModule(PairDataModule):
+    """PF-WILLOW (``datamodules.pfwillow.PFWillowDataset``), scored with the ``pfwillow`` protocol.
+
+    Args:
+        root: The ``PF-dataset`` (or HPF's ``PF-WILLOW``) folder holding the test pairs csv.
+        categories: Categories (``car``, ``duck``, ``motorbike``, ``winebottle``) or subclasses
+            (``car(G)``...) to keep (``None``: all).
+        batch_size: Pairs per batch.
+        num_workers: DataLoader workers.
+    """
+
+    protocol_name = "pfwillow"
+    layout_hint = PF_WILLOW_LAYOUT_HINT
+
+    def __init__(
+        self,
+        root: str | None = None,
+        categories: list[str] | None = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        self.category_filter = list(categories) if categories is not None else None
+
+    def build_dataset(self, root: str) -> PFWillowDataset:
+        """The PF-WILLOW test pairs with the configured filter."""
+        return PFWillowDataset(root, categories=self.category_filter)

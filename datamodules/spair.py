@@ -1,4 +1,4 @@
-"""SPair-71k reader (plain torch Dataset) and its thin LightningDataModule.
+"""SPair-71k reader (plain torch Dataset).
 
 On-disk layout of SPair-71k (only ``PairAnnotation`` and ``JPEGImages`` are read)::
 
@@ -29,6 +29,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .protocols import SPAIR_VARIATIONS
+
+from .records import PairRecordsDataset
 
 __all__ = [
     "SPLIT_ALIASES",
@@ -280,7 +282,7 @@ def _level(path: Path, key: str, value: Any) -> int:
         raise ValueError(f"Malformed SPair annotation {path}: key '{key}' must be an integer") from None
 
 
-class SPairDataset(Dataset):
+class SPairDataset(PairRecordsDataset):
     """SPair-71k image pairs with keypoints in original pixels.
 
     Annotations are parsed eagerly (json only) so malformed files and missing images fail at
@@ -385,20 +387,6 @@ class SPairDataset(Dataset):
             if not image_path.is_file():
                 raise FileNotFoundError(f"SPair-71k image file not found: {image_path}")
         self.categories: list[str] = sorted({r.category for r in self.records})
-
-    @property
-    def pair_ids(self) -> list[str]:
-        """Pair ids (annotation file stems) in dataset order."""
-        return [r.pair_id for r in self.records]
-
-    @property
-    def image_paths(self) -> list[Path]:
-        """Sorted unique image paths used by the selected pairs (one feature pass each)."""
-        return sorted({p for r in self.records for p in (r.src_image_path, r.trg_image_path)})
-
-    def __len__(self) -> int:
-        """Number of pairs."""
-        return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Load one pair.

@@ -1,0 +1,275 @@
+"""PF-WILLOW reader (plain torch Dataset).
+
+On-disk layouts (both accepted)::
+
+    Proposal Flow release                      HPF / CATs / DenseMatching release
+    <parent>/PF-dataset/          <- root      <parent>/PF-WILLOW/          <- root
+        test_pairs_pf.csv                          test_pairs.csv
+        car(G)/Cars_006a.png                       car(G)/Cars_006a.png
+        ...                                        ...
+
+The pairs file is the first of ``test_pairs_pf_willow.csv``, ``test_pairs_pf.csv``, ``test_pairs.csv``
+found in ``root``. It has a header row and 42 columns: source path, target path, 10 source x, 10
+source y, 10 target x, 10 target y (``imageA,imageB,XA1..XA10,YA1..YA10,XB1..XB10,YB1..YB10``). Image
+paths such as ``PF-dataset/car(G)/Cars_006a.png`` are resolved relative to the folder ABOVE ``root``;
+if that file does not exist, the first path component is dropped and the rest resolved under ``root``
+(the HPF layout, whose csv still says ``PF-dataset/...``).
+
+The category is the part of the subclass folder before ``"("``, lower-case (``car``, ``duck``,
+``motorbike``, ``winebottle``); the subclass (``car(G)``, ``winebottle(woC)``, ...) is kept in the sample
+as ``subclass``.
+
+PCK threshold: ``max(x_max - x_min, y_max - y_min)`` of the tight box around the 10 TARGET keypoints,
+without a ``+1``: HPF ``data/pfwillow.py`` ``get_pckthres`` (``thres == 'bbox'``:
+``max(trg_kps.max(1)[0] - trg_kps.min(1)[0])``), the weakalign/NCNet convention. Peers differ (some
+scale with the source keypoints or the image size); this reader follows HPF. A point is correct when
+``error <= alpha * threshold`` (HPF ``torch.le``), see ``datamodules.protocols``.
+
+Keypoints stay in ORIGINAL image pixels ``(x, y)``. The thin LightningDataModule is
+:class:`datamodules.datamodules.PFWillowDataModule`.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from .pfpascal import read_image_size, resolve_pair_path
+from .spair import load_rgb_image
+
+from .records import PairRecordsDataset
+
+__all__ = ["LAYOUT_HINT", "PF_WILLOW_CSV_NAMES", "PFWillowDataset", "PFWillowRecord", "NUM_KEYPOINTS"]
+
+#: Pairs file names looked for in ``root``, in order.
+PF_WILLOW_CSV_NAMES: tuple[str, ...] = ("test_pairs_pf_willow.csv", "test_pairs_pf.csv", "test_pairs.csv")
+
+#: Keypoints per PF-WILLOW image.
+NUM_KEYPOINTS = 10
+_NUM_COLUMNS = 2 + 4 * NUM_KEYPOINTS
+
+LAYOUT_HINT = (
+    "expected the PF-WILLOW layout: '<root>/test_pairs_pf_willow.csv' (or 'test_pairs_pf.csv' / "
+    "'test_pairs.csv') and '<root>/<subclass>/*.png' (e.g. 'car(G)/Cars_006a.png'), where <root> is the "
+    "'PF-dataset' (or HPF's 'PF-WILLOW') folder"
+)
+
+
+@dataclass(frozen=True)
+class PFWillowRecord:
+    """One parsed PF-WILLOW pair (no pixels).
+
+    Attributes:
+        pair_id: ``f"{row_index:04d}-{src_stem}-{trg_stem}:{subclass}"``.
+        row_index: 0-based data row of the csv (header excluded).
+        category: Object category (``car``, ``duck``, ``motorbike``, ``winebottle``).
+        subclass: Image folder (``car(G)``, ``winebottle(woC)``, ...).
+        src_image_path: Source image path.
+        trg_image_path: Target image path.
+        src_kps: Source keypoints ``[10, 2]`` float32, ``(x, y)`` original pixels.
+        trg_kps: Target keypoints ``[10, 2]`` float32, ``(x, y)`` original pixels.
+        threshold: ``max(w, h)`` of the box around the target keypoints.
+    """
+
+    pair_id: str
+    row_index: int
+    category: str
+    subclass: str
+    src_image_path: Path
+    trg_image_path: Path
+    src_kps: torch.Tensor
+    trg_kps: torch.Tensor
+    threshold: float
+
+
+def category_of_subclass(subclass: str) -> str:
+    """``"winebottle(M)"`` -> ``"winebottle"``: the part before ``"("``, stripped and lower-case."""
+    return subclass.split("(", 1)[0].strip().lower()
+
+
+class PFWillowDataset(PairRecordsDataset):
+    """PF-WILLOW image pairs (the 900 test pairs) with keypoints in original pixels.
+
+    The csv is parsed eagerly and every image header is read at construction (missing/corrupt files fail
+    early); image pixels are decoded lazily in :meth:`__getitem__`.
+
+    Args:
+        root: The ``PF-dataset`` (or HPF's ``PF-WILLOW``) folder holding the pairs csv.
+        categories: Categories (``car``...) or subclasses (``car(G)``...) to keep; ``None`` keeps all.
+
+    Attributes:
+        root: Dataset root.
+        csv_path: The pairs file read.
+        categories: Sorted categories present after filtering.
+        subclasses: Sorted subclasses present after filtering.
+        records: Parsed pairs, in csv order.
+
+    Raises:
+        FileNotFoundError: If the root, the csv or an image is missing.
+        ValueError: If a category is unknown or the csv is malformed (the message names the file and row).
+    """
+
+    def __init__(self, root: str | Path, categories: Sequence[str] | None = None) -> None:
+        super().__init__()
+        self.root = Path(root).expanduser()
+        if isinstance(categories, str):
+            categories = [categories]
+        if categories is not None and len(categories) == 0:
+            raise ValueError("categories is an empty list; pass None to keep all categories")
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"PF-WILLOW root not found: {self.root}; {LAYOUT_HINT}")
+        csv_path = next((self.root / n for n in PF_WILLOW_CSV_NAMES if (self.root / n).is_file()), None)
+        if csv_path is None:
+            raise FileNotFoundError(
+                f"PF-WILLOW pairs file not found in {self.root}: looked for {list(PF_WILLOW_CSV_NAMES)}; {LAYOUT_HINT}"
+            )
+        self.csv_path: Path = csv_path
+        self._sizes: dict[Path, tuple[int, int]] = {}
+        records = self._parse_csv()
+        if not records:
+            raise ValueError(f"PF-WILLOW pairs file {self.csv_path} has no pairs")
+        if categories is not None:
+            names = {r.category for r in records} | {r.subclass for r in records}
+            unknown = sorted({c for c in categories if c not in names})
+            if unknown:
+                raise ValueError(
+                    f"Unknown PF-WILLOW categories {unknown} in {self.csv_path.name}; available: "
+                    f"{sorted({r.category for r in records})} or subclasses {sorted({r.subclass for r in records})}"
+                )
+            wanted = set(categories)
+            records = [r for r in records if r.category in wanted or r.subclass in wanted]
+        self.records: list[PFWillowRecord] = records
+        self.categories: list[str] = sorted({r.category for r in records})
+        self.subclasses: list[str] = sorted({r.subclass for r in records})
+
+    def _parse_csv(self) -> list[PFWillowRecord]:
+        path = self.csv_path
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as fh:
+                reader = csv.reader(fh)
+                header = next(reader, None)
+                if header is None:
+                    raise ValueError(
+                        f"PF-WILLOW pairs file {path} is empty (expected a header row and {_NUM_COLUMNS} columns)"
+                    )
+                if len(header) != _NUM_COLUMNS:
+                    raise ValueError(
+                        f"Malformed PF-WILLOW pairs file {path}, header (line 1): expected {_NUM_COLUMNS} columns "
+                        f"(source, target, 10 source x, 10 source y, 10 target x, 10 target y), got {len(header)}"
+                    )
+                header = [h.strip() for h in header]
+                records = []
+                for row_index, row in enumerate(reader):
+                    if not row or all(not cell.strip() for cell in row):
+                        continue
+                    where = f"PF-WILLOW pairs file {path}, row {row_index} (line {reader.line_num})"
+                    if len(row) != _NUM_COLUMNS:
+                        raise ValueError(f"Malformed {where}: expected {_NUM_COLUMNS} columns, got {len(row)}")
+                    records.append(self._parse_row(row_index, row, header, where))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"Malformed PF-WILLOW pairs file {path}: not UTF-8 text ({err})") from err
+        except csv.Error as err:
+            raise ValueError(f"Malformed PF-WILLOW pairs file {path}: {err}") from err
+        return records
+
+    def _parse_row(self, row_index: int, row: list[str], header: list[str], where: str) -> PFWillowRecord:
+        values: list[float] = []
+        for column in range(2, _NUM_COLUMNS):
+            text = row[column].strip()
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(
+                    f"Malformed {where}: column {column} ('{header[column]}') holds {text!r}, not a number"
+                ) from None
+            if not math.isfinite(value):
+                raise ValueError(
+                    f"Malformed {where}: column {column} ('{header[column]}') holds a non-finite value {text!r}"
+                )
+            values.append(value)
+        k = NUM_KEYPOINTS
+        src_kps = torch.tensor([values[0:k], values[k : 2 * k]], dtype=torch.float32).t().contiguous()
+        trg_kps = torch.tensor([values[2 * k : 3 * k], values[3 * k : 4 * k]], dtype=torch.float32).t().contiguous()
+
+        context = where.removeprefix("PF-WILLOW pairs file ")
+        paths = []
+        for column in (0, 1):
+            relative = row[column].strip()
+            parts = PurePosixPath(relative.replace("\\", "/")).parts
+            if len(parts) < 2:
+                raise ValueError(
+                    f"Malformed {where}: column {column} ('{header[column]}') holds {relative!r}; expected "
+                    "'<folder>/<subclass>/<name>.png' (the subclass folder names the category)"
+                )
+            image_path, tried = resolve_pair_path(self.root, relative)
+            if not image_path.is_file():
+                raise FileNotFoundError(
+                    f"PF-WILLOW image file not found: {relative} ({context}; tried {[str(t) for t in tried]})"
+                )
+            read_image_size(image_path, self._sizes, context)
+            paths.append((image_path, parts[-2]))
+        (src_path, subclass), (trg_path, _) = paths
+        category = category_of_subclass(subclass)
+        if not category:
+            raise ValueError(f"Malformed {where}: cannot read a category from the folder {subclass!r}")
+
+        x_min, y_min = trg_kps.min(0).values.tolist()
+        x_max, y_max = trg_kps.max(0).values.tolist()
+        threshold = float(max(x_max - x_min, y_max - y_min))
+        if not threshold > 0:
+            raise ValueError(
+                f"Malformed {where}: the target keypoints all coincide (the PCK threshold must be positive)"
+            )
+
+        return PFWillowRecord(
+            pair_id=f"{row_index:04d}-{src_path.stem}-{trg_path.stem}:{subclass}",
+            row_index=row_index,
+            category=category,
+            subclass=subclass,
+            src_image_path=src_path,
+            trg_image_path=trg_path,
+            src_kps=src_kps,
+            trg_kps=trg_kps,
+            threshold=threshold,
+        )
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Load one pair.
+
+        Returns:
+            A dict with ``pair_id``, ``category``, ``subclass``, ``src_image`` / ``trg_image`` (uint8
+            ``[3, H, W]`` RGB), ``src_image_path`` / ``trg_image_path`` (str), ``src_kps`` / ``trg_kps``
+            (float32 ``[10, 2]`` original pixels ``(x, y)``), ``kps_valid`` (bool ``[10]``) and
+            ``threshold`` (float, pixels).
+
+        Raises:
+            FileNotFoundError: If an image file is missing.
+            ValueError: If an image file cannot be decoded.
+        """
+        record = self.records[index]
+        return {
+            "pair_id": record.pair_id,
+            "category": record.category,
+            "subclass": record.subclass,
+            "src_image": load_rgb_image(record.src_image_path),
+            "trg_image": load_rgb_image(record.trg_image_path),
+            "src_image_path": str(record.src_image_path),
+            "trg_image_path": str(record.trg_image_path),
+            "src_kps": record.src_kps.clone(),
+            "trg_kps": record.trg_kps.clone(),
+            "kps_valid": torch.ones(record.src_kps.shape[0], dtype=torch.bool),
+            "threshold": record.threshold,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, csv={self.csv_path.name!r}, pairs={len(self)}, "
+            f"categories={len(self.categories)})"
+        )

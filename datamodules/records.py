@@ -1,0 +1,33 @@
+"""A base for readers that parse every pair annotation up front into ``records``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+__all__ = ["PairRecordsDataset"]
+
+
+class PairRecordsDataset(Dataset):
+    """A Dataset over ``self.records``, each with ``pair_id``, ``src_image_path`` and ``trg_image_path``.
+
+    Subclasses fill ``records`` (and ``categories``) in ``__init__`` and implement ``__getitem__``.
+    """
+
+    records: list[Any]
+
+    @property
+    def pair_ids(self) -> list[str]:
+        """Pair ids in dataset order."""
+        return [r.pair_id for r in self.records]
+
+    @property
+    def image_paths(self) -> list[Path]:
+        """Sorted unique image paths used by the selected pairs (one feature pass each)."""
+        return sorted({p for r in self.records for p in (r.src_image_path, r.trg_image_path)})
+
+    def __len__(self) -> int:
+        """Number of pairs."""
+        return len(self.records)
