@@ -42,11 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
-
-from .spair import load_rgb_image
 
 from .records import PairRecordsDataset
+from .spair import load_rgb_image
 
 __all__ = [
     "PF_PASCAL_CATEGORIES",

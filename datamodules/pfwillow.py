@@ -39,12 +39,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from .pfpascal import read_image_size, resolve_pair_path
-from .spair import load_rgb_image
-
 from .records import PairRecordsDataset
+from .spair import load_rgb_image
 
 __all__ = ["LAYOUT_HINT", "PF_WILLOW_CSV_NAMES", "PFWillowDataset", "PFWillowRecord", "NUM_KEYPOINTS"]
 

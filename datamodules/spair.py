@@ -26,10 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 
 from .protocols import SPAIR_VARIATIONS
-
 from .records import PairRecordsDataset
 
 __all__ = [
