@@ -32,6 +32,8 @@ class ZeroShotCorrespondence(L.LightningModule):
         pca_dims: Co-PCA dimension per SD layer; None keeps raw channels.
         eval_size: Keypoint-to-cell mapping resolution (default: the DINO input size).
         alphas: PCK thresholds overriding the datamodule protocol's (None: the protocol's).
+        fusion: How SD and DINO blocks are combined: ``concat_l2`` (the paper's), ``concat``, ``sum_l2``
+            or ``sum`` (supplementary Table 4).
     """
 
     def __init__(
@@ -42,10 +44,13 @@ class ZeroShotCorrespondence(L.LightningModule):
         pca_dims: Sequence[int] | None = (256, 256, 256),
         eval_size: int | None = None,
         alphas: Sequence[float] | None = None,
+        fusion: str = "concat_l2",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["sd", "dino"])
-        self.pipeline = FusedCorrespondence(sd, dino, alpha=alpha, pca_dims=pca_dims, eval_size=eval_size)
+        self.pipeline = FusedCorrespondence(
+            sd, dino, alpha=alpha, pca_dims=pca_dims, eval_size=eval_size, fusion=fusion
+        )
         self.alphas = None if alphas is None else [float(a) for a in alphas]
         self.metric: PCK | None = None
         self.protocol: Any = None
@@ -132,6 +137,7 @@ class ZeroShotCorrespondence(L.LightningModule):
         assert self.metric is not None
         results = self.metric.compute()
         results["protocol"] = asdict(self.protocol)
+        results["extraction_passes"] = dict(self.pipeline.extraction_passes)
         self.test_results = results
         for alpha, values in results["pck"].items():
             for average in self.protocol.averages:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["co_pca", "merge_layers", "l2_normalize", "fuse"]
+__all__ = ["FUSIONS", "co_pca", "fuse", "l2_normalize", "merge_layers"]
 
 
 def co_pca(pair: torch.Tensor, dim: int, niter: int = 2, seed: int = 0) -> torch.Tensor:
@@ -68,27 +68,50 @@ def l2_normalize(features: torch.Tensor, dim: int = 1, eps: float = 1e-12) -> to
     return features / features.norm(dim=dim, keepdim=True).clamp_min(eps)
 
 
-def fuse(sd: torch.Tensor | None, dino: torch.Tensor | None, alpha: float = 0.5) -> torch.Tensor:
-    """Fuse SD and DINO maps: ``cat(alpha * ||SD||_2, (1 - alpha) * ||DINO||_2)`` along channels.
+FUSIONS = ("concat_l2", "concat", "sum_l2", "sum")
 
-    Each block is L2-normalised per token first, so ``alpha`` sets the blocks' relative weight. With
-    ``alpha`` 1 (or no DINO map) the result is the normalised SD map alone, with 0 the DINO map alone.
+
+def fuse(
+    sd: torch.Tensor | None, dino: torch.Tensor | None, alpha: float = 0.5, mode: str = "concat_l2"
+) -> torch.Tensor:
+    """Fuse SD and DINO maps (supplementary Table 4); the paper's default is ``concat_l2``.
+
+    - ``concat_l2``: ``cat(alpha * ||SD||_2, (1 - alpha) * ||DINO||_2)`` along channels (paper Eq. 2);
+    - ``concat``: ``cat(SD, DINO)``, raw (no normalisation, no weights);
+    - ``sum_l2``: ``alpha * ||SD||_2 + (1 - alpha) * ||DINO||_2``;
+    - ``sum``: ``SD + DINO``, raw.
+
+    ``||.||_2`` normalises every token to unit length. The sums need equal channel counts (e.g. co-PCA
+    3 x 256 = 768 = DINOv2-B). With ``alpha`` 1 (or no DINO map) the result is the SD map alone, with 0 the
+    DINO map alone (L2-normalised in the ``_l2`` modes, raw otherwise).
 
     Args:
         sd: ``[B, C_sd, H, W]`` or None.
         dino: ``[B, C_dino, H, W]`` or None (same spatial size as ``sd``).
         alpha: Weight of the SD block, in [0, 1].
+        mode: One of :data:`FUSIONS`.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if mode not in FUSIONS:
+        raise ValueError(f"unknown fusion {mode!r}; choose one of {list(FUSIONS)}")
+    normalize = l2_normalize if mode.endswith("_l2") else (lambda t: t)
     use_sd, use_dino = sd is not None and alpha > 0, dino is not None and alpha < 1
     if use_sd and use_dino:
         if sd.shape[-2:] != dino.shape[-2:]:
             raise ValueError(f"SD map {tuple(sd.shape)} and DINO map {tuple(dino.shape)} differ in size")
-        return torch.cat([alpha * l2_normalize(sd), (1 - alpha) * l2_normalize(dino)], dim=1)
+        if mode == "concat":
+            return torch.cat([sd, dino], dim=1)
+        if mode == "concat_l2":
+            return torch.cat([alpha * normalize(sd), (1 - alpha) * normalize(dino)], dim=1)
+        if sd.shape[1] != dino.shape[1]:
+            raise ValueError(f"fusion {mode!r} needs equal channels, got SD {sd.shape[1]} and DINO {dino.shape[1]}")
+        if mode == "sum":
+            return sd + dino
+        return alpha * normalize(sd) + (1 - alpha) * normalize(dino)
     if use_sd:
-        return l2_normalize(sd)
+        return normalize(sd)
     if use_dino:
-        return l2_normalize(dino)
+        return normalize(dino)
     raise ValueError(f"nothing to fuse: alpha={alpha} with sd={'set' if sd is not None else None}, "
                      f"dino={'set' if dino is not None else None}")

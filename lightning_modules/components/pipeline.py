@@ -16,12 +16,21 @@ import torch
 from torch import nn
 
 from .dino_featurizer import DinoFeaturizer
-from .fusion import co_pca, fuse, merge_layers
+from .fusion import FUSIONS, co_pca, fuse, merge_layers
 from .image_prep import PadResize, pad_resize_image
 from .matching import dense_flow, transfer_keypoints
 from .sd_featurizer import SDFeaturizer
 
-__all__ = ["ImageFeatures", "FusedCorrespondence"]
+__all__ = [
+    "DescriptorSpec",
+    "FusedCorrespondence",
+    "ImageFeatures",
+    "describe_pair",
+    "extract_features",
+    "flow_from_descriptors",
+    "match_keypoints",
+    "unique_images",
+]
 
 
 @dataclass
@@ -41,6 +50,161 @@ class ImageFeatures:
     height: int
 
 
+@dataclass(frozen=True)
+class DescriptorSpec:
+    """Everything that turns raw features into descriptors (no extraction involved).
+
+    Attributes:
+        alpha: Weight of the SD block (1 = SD only, 0 = DINO only).
+        pca_dims: Co-PCA dimension per used SD layer; None keeps the raw channels.
+        fusion: One of ``fusion.FUSIONS`` (``concat_l2`` is the paper's).
+        sd_layers: The extracted SD layer ids to use (None: all that were extracted).
+    """
+
+    alpha: float = 0.5
+    pca_dims: tuple[int, ...] | None = (256, 256, 256)
+    fusion: str = "concat_l2"
+    sd_layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {list(FUSIONS)}")
+
+    @property
+    def uses_sd(self) -> bool:
+        """Whether SD features get a weight."""
+        return self.alpha > 0
+
+    @property
+    def uses_dino(self) -> bool:
+        """Whether DINO features get a weight."""
+        return self.alpha < 1
+
+    def layer_positions(self, extracted: Sequence[int]) -> list[int]:
+        """Positions, in the extracted layer list, of the layers this spec uses."""
+        if self.sd_layers is None:
+            positions = list(range(len(extracted)))
+        else:
+            missing = sorted(set(self.sd_layers) - set(extracted))
+            if missing:
+                raise ValueError(f"SD layers {missing} were not extracted (extracted: {list(extracted)})")
+            positions = [list(extracted).index(layer) for layer in self.sd_layers]
+        if self.pca_dims is not None and len(self.pca_dims) != len(positions):
+            used = [extracted[i] for i in positions]
+            raise ValueError(f"pca_dims {list(self.pca_dims)} must have one entry per used SD layer {used}")
+        return positions
+
+
+def unique_images(samples: Sequence[Mapping[str, Any]]) -> dict[str, tuple[torch.Tensor, str]]:
+    """Every distinct image of a batch of pairs, by path: ``{path: (uint8 image, category)}``."""
+    unique: dict[str, tuple[torch.Tensor, str]] = {}
+    for s in samples:
+        unique.setdefault(s["src_image_path"], (s["src_image"], s["category"]))
+        unique.setdefault(s["trg_image_path"], (s["trg_image"], s["category"]))
+    return unique
+
+
+@torch.no_grad()
+def extract_features(
+    sd: SDFeaturizer | None,
+    dino: DinoFeaturizer | None,
+    images: Sequence[torch.Tensor],
+    categories: Sequence[str],
+    device: torch.device,
+) -> list[ImageFeatures]:
+    """Run the given featurizers on a batch of images: one pass per image per featurizer.
+
+    Args:
+        sd: SD featurizer or None.
+        dino: DINO featurizer or None.
+        images: uint8 ``[3, H, W]`` tensors of any sizes.
+        categories: Category of each image (for the SD prompt).
+        device: Where the featurizers live.
+    """
+    sd_maps: list[list[torch.Tensor]] | None = None
+    dino_maps: torch.Tensor | None = None
+    if sd is not None and images:
+        batch = torch.stack([pad_resize_image(img, sd.image_size)[0] for img in images]).to(device)
+        layers = sd(batch, categories)
+        sd_maps = [[layer[i] for layer in layers] for i in range(len(images))]
+    if dino is not None and images:
+        batch = torch.stack([pad_resize_image(img, dino.image_size)[0] for img in images]).to(device)
+        dino_maps = dino(batch)
+    return [
+        ImageFeatures(
+            sd=None if sd_maps is None else sd_maps[i],
+            dino=None if dino_maps is None else dino_maps[i],
+            width=int(img.shape[-1]),
+            height=int(img.shape[-2]),
+        )
+        for i, img in enumerate(images)
+    ]
+
+
+def describe_pair(
+    source: ImageFeatures,
+    target: ImageFeatures,
+    spec: DescriptorSpec,
+    sd_layer_ids: Sequence[int] = (),
+    grid: int | None = None,
+) -> torch.Tensor:
+    """Fused descriptors of a pair, ``[2, D, G, G]`` (source first), in fp32 even under autocast.
+
+    Args:
+        source: Raw features of the source image.
+        target: Raw features of the target image.
+        spec: Layers, co-PCA, fusion and alpha.
+        sd_layer_ids: The layer ids of ``source.sd`` (the SD featurizer's ``layers``).
+        grid: Output grid side (the DINO grid); None keeps the finest SD resolution.
+    """
+    device_type = (source.dino if source.dino is not None else source.sd[0]).device.type  # type: ignore[index]
+    with torch.autocast(device_type=device_type, enabled=False):
+        sd_block = None
+        if spec.uses_sd:
+            if source.sd is None or target.sd is None:
+                raise ValueError(f"alpha={spec.alpha} needs SD features, but none were extracted")
+            positions = spec.layer_positions(sd_layer_ids or range(len(source.sd)))
+            pairs = [torch.stack([source.sd[i], target.sd[i]]).float() for i in positions]
+            if spec.pca_dims is not None:
+                pairs = [co_pca(pair, dim) for pair, dim in zip(pairs, spec.pca_dims)]
+            sd_block = merge_layers(pairs, grid)
+        dino_block = None
+        if spec.uses_dino:
+            if source.dino is None or target.dino is None:
+                raise ValueError(f"alpha={spec.alpha} needs DINO features, but none were extracted")
+            dino_block = torch.stack([source.dino, target.dino]).float()
+        return fuse(sd_block, dino_block, spec.alpha, spec.fusion)
+
+
+def match_keypoints(
+    descriptors: torch.Tensor, source: ImageFeatures, target: ImageFeatures, src_kps: torch.Tensor, eval_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transfer source keypoints (original pixels) with a pair's descriptors.
+
+    Returns:
+        ``(predicted [N, 2] in original target pixels, feature distance of each match [N])``.
+    """
+    src_geo = PadResize(source.width, source.height, eval_size)
+    trg_geo = PadResize(target.width, target.height, eval_size)
+    points = src_geo.forward_points(src_kps.to(descriptors.device).float())
+    with torch.autocast(device_type=descriptors.device.type, enabled=False):
+        predicted, distance = transfer_keypoints(descriptors[0], descriptors[1], points, eval_size)
+    return trg_geo.inverse_points(predicted), distance
+
+
+def flow_from_descriptors(descriptors: torch.Tensor, source: ImageFeatures, target: ImageFeatures) -> torch.Tensor:
+    """Dense flow ``[2, H, W]`` from every target pixel to the source (both images share ``H x W``)."""
+    if (source.width, source.height) != (target.width, target.height):
+        raise ValueError(
+            f"dense flow needs images of one size (pad them first): source {source.width}x{source.height}, "
+            f"target {target.width}x{target.height}"
+        )
+    with torch.autocast(device_type=descriptors.device.type, enabled=False):
+        return dense_flow(descriptors[0], descriptors[1], target.height, target.width)
+
+
 class FusedCorrespondence(nn.Module):
     """SD + DINO fused features and nearest-neighbour keypoint transfer ("A Tale of Two Features").
 
@@ -52,6 +216,10 @@ class FusedCorrespondence(nn.Module):
         pca_dims: Co-PCA dimension per SD layer (256 each in the paper); None keeps the raw channels.
         eval_size: Side of the padded square in which keypoints are mapped to feature cells; defaults to
             the DINO input size when DINO is used (840 in the reference), else the SD input size.
+        fusion: How the blocks are combined (``fusion.FUSIONS``; ``concat_l2`` is the paper's).
+
+    Attributes:
+        extraction_passes: Images run through each featurizer so far (``{"sd": n, "dino": n}``).
     """
 
     def __init__(
@@ -61,73 +229,44 @@ class FusedCorrespondence(nn.Module):
         alpha: float = 0.5,
         pca_dims: Sequence[int] | None = (256, 256, 256),
         eval_size: int | None = None,
+        fusion: str = "concat_l2",
     ) -> None:
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        self.alpha = float(alpha)
-        self.sd = sd if alpha > 0 else None
-        self.dino = dino if alpha < 1 else None
-        if self.sd is None and alpha > 0:
+        self.spec = DescriptorSpec(
+            alpha=float(alpha), pca_dims=None if pca_dims is None else tuple(int(d) for d in pca_dims), fusion=fusion
+        )
+        self.sd = sd if self.spec.uses_sd else None
+        self.dino = dino if self.spec.uses_dino else None
+        if self.sd is None and self.spec.uses_sd:
             raise ValueError(f"alpha={alpha} gives SD features a weight, but no sd featurizer is configured")
-        if self.dino is None and alpha < 1:
+        if self.dino is None and self.spec.uses_dino:
             raise ValueError(f"alpha={alpha} gives DINO features a weight, but no dino featurizer is configured")
-        if pca_dims is not None and self.sd is not None and len(pca_dims) != len(self.sd.layers):
-            raise ValueError(f"pca_dims {list(pca_dims)} must have one entry per SD layer {self.sd.layers}")
-        self.pca_dims = None if pca_dims is None else [int(d) for d in pca_dims]
-        default_size = self.dino.image_size if self.dino is not None else self.sd.image_size  # type: ignore[union-attr]
-        self.eval_size = int(eval_size or default_size)
+        if self.sd is not None:
+            self.spec.layer_positions(self.sd.layers)  # validates pca_dims against the layers now
+        self.eval_size = int(eval_size or default_eval_size(self.sd, self.dino))
+        self.extraction_passes = {"sd": 0, "dino": 0}
         self.register_buffer("_device_marker", torch.empty(0), persistent=False)
+
+    @property
+    def alpha(self) -> float:
+        """Weight of the SD block."""
+        return self.spec.alpha
 
     @property
     def device(self) -> torch.device:
         """Device the module lives on (featurizers without weights included)."""
         return self._device_marker.device
 
-    @torch.no_grad()
     def extract(self, images: Sequence[torch.Tensor], categories: Sequence[str]) -> list[ImageFeatures]:
-        """Run the featurizers on a batch of images (one pass per image per featurizer).
-
-        Args:
-            images: uint8 ``[3, H, W]`` tensors of any sizes.
-            categories: Category of each image (for the SD prompt).
-        """
-        sd_maps: list[list[torch.Tensor]] | None = None
-        dino_maps: torch.Tensor | None = None
-        if self.sd is not None:
-            batch = torch.stack([pad_resize_image(img, self.sd.image_size)[0] for img in images]).to(self.device)
-            layers = self.sd(batch, categories)
-            sd_maps = [[layer[i] for layer in layers] for i in range(len(images))]
-        if self.dino is not None:
-            batch = torch.stack([pad_resize_image(img, self.dino.image_size)[0] for img in images]).to(self.device)
-            dino_maps = self.dino(batch)
-        return [
-            ImageFeatures(
-                sd=None if sd_maps is None else sd_maps[i],
-                dino=None if dino_maps is None else dino_maps[i],
-                width=int(img.shape[-1]),
-                height=int(img.shape[-2]),
-            )
-            for i, img in enumerate(images)
-        ]
+        """Run the featurizers on a batch of images (one pass per image per featurizer)."""
+        for name, featurizer in (("sd", self.sd), ("dino", self.dino)):
+            self.extraction_passes[name] += len(images) if featurizer is not None else 0
+        return extract_features(self.sd, self.dino, images, categories, self.device)
 
     def describe_pair(self, source: ImageFeatures, target: ImageFeatures) -> torch.Tensor:
         """Fused descriptors of a pair: ``[2, D, G, G]`` (source first)."""
-        grid = None
-        if self.dino is not None:
-            grid = self.dino.grid_size
-        sd_block = None
-        if self.sd is not None:
-            assert source.sd is not None and target.sd is not None
-            pairs = [torch.stack([s, t]) for s, t in zip(source.sd, target.sd)]
-            if self.pca_dims is not None:
-                pairs = [co_pca(pair, dim) for pair, dim in zip(pairs, self.pca_dims)]
-            sd_block = merge_layers(pairs, grid)
-        dino_block = None
-        if self.dino is not None:
-            assert source.dino is not None and target.dino is not None
-            dino_block = torch.stack([source.dino, target.dino])
-        return fuse(sd_block, dino_block, self.alpha)
+        grid = self.dino.grid_size if self.dino is not None else None
+        return describe_pair(source, target, self.spec, self.sd.layers if self.sd is not None else (), grid)
 
     def match(
         self, source: ImageFeatures, target: ImageFeatures, src_kps: torch.Tensor
@@ -137,35 +276,16 @@ class FusedCorrespondence(nn.Module):
         Returns:
             ``(predicted [N, 2] in original target pixels, feature distance of each match [N])``.
         """
-        # PCA and nearest neighbours run in fp32 even inside a mixed-precision (autocast) test loop.
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            descriptors = self.describe_pair(source, target)
-        src_geo = PadResize(source.width, source.height, self.eval_size)
-        trg_geo = PadResize(target.width, target.height, self.eval_size)
-        points = src_geo.forward_points(src_kps.to(descriptors.device).float())
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            predicted, distance = transfer_keypoints(descriptors[0], descriptors[1], points, self.eval_size)
-        return trg_geo.inverse_points(predicted), distance
+        return match_keypoints(self.describe_pair(source, target), source, target, src_kps, self.eval_size)
 
     def flow(self, source: ImageFeatures, target: ImageFeatures) -> torch.Tensor:
         """Dense flow ``[2, H, W]`` from every target pixel to the source (both images share ``H x W``)."""
-        if (source.width, source.height) != (target.width, target.height):
-            raise ValueError(
-                f"dense flow needs images of one size (pad them first): source {source.width}x{source.height}, "
-                f"target {target.width}x{target.height}"
-            )
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            descriptors = self.describe_pair(source, target)
-            return dense_flow(descriptors[0], descriptors[1], target.height, target.width)
+        return flow_from_descriptors(self.describe_pair(source, target), source, target)
 
     def _features_by_path(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, ImageFeatures]:
         """Extract every distinct image of a batch once."""
-        unique: dict[str, tuple[torch.Tensor, str]] = {}
-        for s in samples:
-            unique.setdefault(s["src_image_path"], (s["src_image"], s["category"]))
-            unique.setdefault(s["trg_image_path"], (s["trg_image"], s["category"]))
-        keys = list(unique)
-        return dict(zip(keys, self.extract([unique[k][0] for k in keys], [unique[k][1] for k in keys])))
+        unique = unique_images(samples)
+        return dict(zip(unique, self.extract([v[0] for v in unique.values()], [v[1] for v in unique.values()])))
 
     @torch.no_grad()
     def predict_flows(self, samples: Sequence[Mapping[str, Any]]) -> list[torch.Tensor]:
@@ -192,3 +312,12 @@ class FusedCorrespondence(nn.Module):
             pred, distance = self.match(features[s["src_image_path"]], features[s["trg_image_path"]], s["src_kps"])
             outputs.append({"pred_kps": pred, "distance": distance})
         return outputs
+
+
+def default_eval_size(sd: SDFeaturizer | None, dino: DinoFeaturizer | None) -> int:
+    """The keypoint-mapping square: the DINO input size when DINO is used (the reference), else SD's."""
+    if dino is not None:
+        return int(dino.image_size)
+    if sd is not None:
+        return int(sd.image_size)
+    raise ValueError("no featurizer configured")
