@@ -9,6 +9,8 @@ from typing import Any
 import lightning as L
 import torch.distributed as dist
 
+from lightning_modules.ablation import ablation_table
+
 __all__ = ["CorrespondenceWriter", "format_pck_table"]
 
 
@@ -86,9 +88,9 @@ class CorrespondenceWriter(L.Callback):
             parts: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
             dist.all_gather_object(parts, records)
             records = [r for part in parts for r in part]
-        unique: dict[str, dict[str, Any]] = {}
-        for record in records:  # a padded sampler repeats pairs: keep each pair once
-            unique.setdefault(record["pair_id"], record)
+        unique: dict[tuple[str, str | None], dict[str, Any]] = {}
+        for record in records:  # a padded sampler repeats pairs: keep each pair (of each ablation row) once
+            unique.setdefault((record["pair_id"], record.get("row")), record)
         return list(unique.values())
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -101,7 +103,14 @@ class CorrespondenceWriter(L.Callback):
             for record in records:
                 handle.write(json.dumps(record) + "\n")
         results = getattr(pl_module, "test_results", None)
-        if results is not None:
+        if results is not None and "table" in results:  # an ablation: one row per setting
+            markdown, csv = ablation_table(results)
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+            (out / "ablation.md").write_text(markdown)
+            (out / "ablation.csv").write_text(csv)
+            if self.print_table:
+                print("\n" + markdown + f"written to {out}", flush=True)
+        elif results is not None:
             (out / "results.json").write_text(json.dumps(results, indent=2))
             if self.print_table:
                 print("\n" + format_pck_table(results) + f"\nwritten to {out}", flush=True)

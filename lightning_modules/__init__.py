@@ -1,5 +1,7 @@
 """SD-DINO Lightning: semantic correspondence with fused Stable Diffusion and DINOv2 features."""
 
+from .ablation import ZeroShotAblation
+from .components.ablation import AblationRow
 from .zero_shot import ZeroShotCorrespondence
 
-__all__ = ["ZeroShotCorrespondence"]
+__all__ = ["AblationRow", "ZeroShotAblation", "ZeroShotCorrespondence"]

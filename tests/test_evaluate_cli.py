@@ -120,8 +120,11 @@ def test_spair_config_with_tiny_models_on_a_real_format_root(tmp_path, monkeypat
 def test_local_pretrained_directories_load_through_the_config(tmp_path, monkeypatch) -> None:
     """The production from_pretrained path, driven from YAML, gives the same predictions as the in-memory models."""
     monkeypatch.chdir(tmp_path)
-    sd = SDFeaturizer(model_id=None, random_init={"seed": 0}, image_size=192, crop_size=128)
-    dino = DinoFeaturizer(model_id=None, random_init={"seed": 0, "num_hidden_layers": 4}, layer=3, image_size=224)
+    # the same tiny models that configs/featurizers/tiny_*.yaml build
+    sd = SDFeaturizer(model_id=None, random_init={"seed": 0}, image_size=256, crop_size=128)
+    dino = DinoFeaturizer(
+        model_id=None, random_init={"seed": 0, "num_hidden_layers": 4, "hidden_size": 80}, layer=3, image_size=224
+    )
     sd.save_pretrained(tmp_path / "sd")
     dino.save_pretrained(str(tmp_path / "dino"))
     root = write_synthetic_spair(tmp_path / "spair", categories=("cat",), pairs_per_category=3)
@@ -177,7 +180,10 @@ def test_the_paper_config_holds_the_reference_defaults(tmp_path) -> None:
 
     assert OmegaConf.load(SPAIR).model == "model/sd_dino.yaml"
     cfg = OmegaConf.create({"model": OmegaConf.load(CONFIGS / "model" / "sd_dino.yaml")})
-    sd, dino = cfg.model.init_args.sd.init_args, cfg.model.init_args.dino.init_args
+    assert cfg.model.init_args.sd == "../featurizers/sd15.yaml"
+    assert cfg.model.init_args.dino == "../featurizers/dinov2_b14.yaml"
+    sd = OmegaConf.load(CONFIGS / "featurizers" / "sd15.yaml").init_args
+    dino = OmegaConf.load(CONFIGS / "featurizers" / "dinov2_b14.yaml").init_args
     assert sd.model_id == "stable-diffusion-v1-5/stable-diffusion-v1-5" and list(sd.layers) == [2, 5, 8]
     assert (sd.timestep, sd.image_size, sd.crop_size, sd.sliding_window, sd.seed) == (100, 960, 512, True, 42)
     assert sd.prompt == "a photo of {category}" and sd.ensemble_size == 1

@@ -13,6 +13,7 @@ up-block's (upsampled) output, and for layer 0 the mid-block output. For SD at 9
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,6 +111,31 @@ class SDFeaturizer(nn.Module):
             raise ValueError(f"timestep {timestep} outside [0, {self.scheduler.config.num_train_timesteps})")
         self._sources = {str(i): decoder_layer_source(self.unet, i) for i in self.layers}
         self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    #: Extraction settings a variant may change; the weights stay shared.
+    VARIANT_FIELDS = ("layers", "timestep", "image_size", "sliding_window", "crop_size", "prompt", "ensemble_size", "seed")
+
+    def variant(self, **overrides: Any) -> SDFeaturizer:
+        """A featurizer sharing this one's weights with other extraction settings (ablations).
+
+        Args:
+            **overrides: Any of :attr:`VARIANT_FIELDS` (e.g. ``timestep=50``, ``image_size=512``).
+
+        Raises:
+            ValueError: For a field that is not an extraction setting (weights cannot change here).
+        """
+        unknown = sorted(set(overrides) - set(self.VARIANT_FIELDS))
+        if unknown:
+            raise ValueError(f"cannot vary {unknown}; a variant may change {list(self.VARIANT_FIELDS)}")
+        clone = copy.copy(self)  # shares the weight modules
+        clone.__dict__ = dict(self.__dict__)
+        for name, value in overrides.items():
+            setattr(clone, name, [int(i) for i in value] if name == "layers" else value)
+        clone._sources = {str(i): decoder_layer_source(self.unet, i) for i in clone.layers}
+        clone._prompt_cache = {}
+        if not 0 <= clone.timestep < self.scheduler.config.num_train_timesteps:
+            raise ValueError(f"timestep {clone.timestep} outside [0, {self.scheduler.config.num_train_timesteps})")
+        return clone
 
     @staticmethod
     def _load(model_id: str | None, random_init: dict[str, Any] | None) -> dict[str, Any]:

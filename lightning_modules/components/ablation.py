@@ -1,0 +1,165 @@
+"""Many descriptor settings ("rows") over ONE extraction per image and featurizer variant.
+
+Rows that differ only after extraction (layer subset, co-PCA dims, fusion, alpha, SD / DINO / fused)
+share the features of each image; rows that need another extraction (timestep, prompt, input size) name
+an SD variant, which shares the weights and is run once per image. Plain torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .dino_featurizer import DinoFeaturizer
+from .pipeline import (
+    DescriptorSpec,
+    ImageFeatures,
+    default_eval_size,
+    describe_pair,
+    extract_features,
+    match_keypoints,
+    unique_images,
+)
+from .sd_featurizer import SDFeaturizer
+
+__all__ = ["AblationRow", "AblationCorrespondence"]
+
+
+@dataclass
+class AblationRow:
+    """One row of an ablation table.
+
+    Attributes:
+        name: Row label, as in the paper's table.
+        sd: SD variant the row uses (``"default"`` = the configured featurizer), or None for no SD.
+        dino: Whether the row uses the DINO featurizer.
+        alpha: Weight of the SD block when both are used.
+        fusion: ``concat_l2`` (the paper's), ``concat``, ``sum_l2`` or ``sum``.
+        sd_layers: The SD layers used (None: all of the variant's).
+        pca_dim: Co-PCA dimension per used layer (None: raw channels).
+    """
+
+    name: str
+    sd: str | None = "default"
+    dino: bool = True
+    alpha: float = 0.5
+    fusion: str = "concat_l2"
+    sd_layers: list[int] | None = None
+    pca_dim: int | None = 256
+
+    def spec(self, layers: Sequence[int]) -> DescriptorSpec:
+        """The row's descriptor settings (alpha forced to 1 / 0 for SD-only / DINO-only rows)."""
+        if self.sd is None and not self.dino:
+            raise ValueError(f"row {self.name!r} uses neither SD nor DINO")
+        alpha = 0.0 if self.sd is None else 1.0 if not self.dino else float(self.alpha)
+        used = len(self.sd_layers if self.sd_layers is not None else layers)
+        dims = None if self.pca_dim is None else (int(self.pca_dim),) * used
+        sd_layers = None if self.sd_layers is None else tuple(int(i) for i in self.sd_layers)
+        return DescriptorSpec(alpha=alpha, pca_dims=dims, fusion=self.fusion, sd_layers=sd_layers)
+
+
+class AblationCorrespondence(nn.Module):
+    """Evaluate many rows per pair over shared extractions.
+
+    Args:
+        rows: The table's rows.
+        sd: The SD featurizer (its weights serve every variant), or None.
+        dino: The DINO featurizer, or None.
+        sd_variants: Variant name -> extraction overrides of ``sd`` (see ``SDFeaturizer.variant``),
+            e.g. ``{"t0": {"timestep": 0}}``; ``"default"`` is ``sd`` itself.
+        eval_size: Keypoint-to-cell square (default: the DINO input size, else the SD one).
+
+    Attributes:
+        extraction_passes: Images run through each featurizer variant so far.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[AblationRow],
+        sd: SDFeaturizer | None = None,
+        dino: DinoFeaturizer | None = None,
+        sd_variants: Mapping[str, Mapping[str, Any]] | None = None,
+        eval_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not rows:
+            raise ValueError("an ablation needs at least one row")
+        names = [row.name for row in rows]
+        if len(set(names)) != len(names):
+            raise ValueError(f"row names must be unique: {names}")
+        self.rows = list(rows)
+        self.sd, self.dino = sd, dino
+        self.variants: dict[str, SDFeaturizer] = {}
+        if sd is not None:
+            self.variants["default"] = sd
+            for name, overrides in (sd_variants or {}).items():
+                self.variants[name] = sd.variant(**overrides)
+        for row in self.rows:
+            if row.sd is not None and row.sd not in self.variants:
+                raise ValueError(f"row {row.name!r} uses SD variant {row.sd!r}; configured: {sorted(self.variants)}")
+            if row.dino and dino is None:
+                raise ValueError(f"row {row.name!r} uses DINO, but no dino featurizer is configured")
+        self.specs = [row.spec(self.variants[row.sd].layers if row.sd else ()) for row in self.rows]
+        for row, spec in zip(self.rows, self.specs):
+            if row.sd is not None:
+                spec.layer_positions(self.variants[row.sd].layers)  # fail at start-up, not mid-run
+        self.eval_size = int(eval_size or default_eval_size(sd, dino))
+        self.used_variants = sorted({row.sd for row in self.rows if row.sd is not None})
+        self.extraction_passes = {**{f"sd:{v}": 0 for v in self.used_variants}, "dino": 0}
+        self.register_buffer("_device_marker", torch.empty(0), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        """Device the module lives on."""
+        return self._device_marker.device
+
+    @torch.no_grad()
+    def predict_pairs(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, torch.Tensor]]]:
+        """Predictions of every row for a batch of pairs; each image is extracted once per variant.
+
+        Returns:
+            Row name -> per pair ``{"pred_kps": [N, 2] original target pixels, "distance": [N]}``.
+        """
+        unique = unique_images(samples)
+        paths, images = list(unique), [v[0] for v in unique.values()]
+        categories = [v[1] for v in unique.values()]
+        sd_feats = {}
+        for variant in self.used_variants:
+            feats = extract_features(self.variants[variant], None, images, categories, self.device)
+            sd_feats[variant] = dict(zip(paths, feats))
+            self.extraction_passes[f"sd:{variant}"] += len(images)
+        dino_feats: dict[str, ImageFeatures] = {}
+        if any(row.dino for row in self.rows):
+            dino_feats = dict(zip(paths, extract_features(None, self.dino, images, categories, self.device)))
+            self.extraction_passes["dino"] += len(images)
+        grid = self.dino.grid_size if self.dino is not None else None
+        outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
+        for row, spec in zip(self.rows, self.specs):
+            layers = self.variants[row.sd].layers if row.sd is not None else []
+            outputs[row.name] = []
+            for s in samples:
+                src, trg = (self._combine(row, sd_feats, dino_feats, s[k]) for k in ("src_image_path", "trg_image_path"))
+                descriptors = describe_pair(src, trg, spec, layers, grid if row.dino else None)
+                pred, distance = match_keypoints(descriptors, src, trg, s["src_kps"], self.eval_size)
+                outputs[row.name].append({"pred_kps": pred, "distance": distance})
+        return outputs
+
+    @staticmethod
+    def _combine(
+        row: AblationRow,
+        sd_feats: Mapping[str, Mapping[str, ImageFeatures]],
+        dino_feats: Mapping[str, ImageFeatures],
+        path: str,
+    ) -> ImageFeatures:
+        """The features of one image that a row uses."""
+        sd = sd_feats[row.sd][path] if row.sd is not None else None
+        dino = dino_feats[path] if row.dino else None
+        base = sd or dino
+        assert base is not None
+        return ImageFeatures(
+            sd=sd.sd if sd else None, dino=dino.dino if dino else None, width=base.width, height=base.height
+        )
