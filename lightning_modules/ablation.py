@@ -31,6 +31,7 @@ class ZeroShotAblation(L.LightningModule):
         sd: The SD featurizer whose weights every SD variant shares.
         dino: The DINO featurizer.
         sd_variants: Variant name -> extraction overrides (``timestep``, ``prompt``, ``image_size``, ...).
+        dino_variants: Variant name -> DINO extraction overrides (``layer``, ``image_size``).
         title: Table title (printed and written).
         eval_size: Keypoint-to-cell square (default: the DINO input size, else SD's).
     """
@@ -41,12 +42,15 @@ class ZeroShotAblation(L.LightningModule):
         sd: SDFeaturizer | None = None,
         dino: DinoFeaturizer | None = None,
         sd_variants: dict[str, dict[str, Any]] | None = None,
+        dino_variants: dict[str, dict[str, Any]] | None = None,
         title: str = "",
         eval_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["sd", "dino"])
-        self.ablation = AblationCorrespondence(rows, sd=sd, dino=dino, sd_variants=sd_variants, eval_size=eval_size)
+        self.ablation = AblationCorrespondence(
+            rows, sd=sd, dino=dino, sd_variants=sd_variants, dino_variants=dino_variants, eval_size=eval_size
+        )
         self.title = title
         self.metrics = torch.nn.ModuleList()
         self.protocol: Any = None

@@ -29,6 +29,15 @@ from .sd_featurizer import SDFeaturizer
 __all__ = ["AblationRow", "AblationCorrespondence"]
 
 
+def _variants(kind: str, base: Any, overrides: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+    """``{"default": base, name: base.variant(**overrides[name])}`` (empty without a base featurizer)."""
+    if base is None:
+        if overrides:
+            raise ValueError(f"{kind}_variants given without a {kind} featurizer")
+        return {}
+    return {"default": base, **{name: base.variant(**o) for name, o in (overrides or {}).items()}}
+
+
 @dataclass
 class AblationRow:
     """One row of an ablation table.
@@ -36,26 +45,28 @@ class AblationRow:
     Attributes:
         name: Row label, as in the paper's table.
         sd: SD variant the row uses (``"default"`` = the configured featurizer), or None for no SD.
-        dino: Whether the row uses the DINO featurizer.
+        dino: DINO variant the row uses (``"default"`` = the configured featurizer), or None for no DINO.
         alpha: Weight of the SD block when both are used.
         fusion: ``concat_l2`` (the paper's), ``concat``, ``sum_l2`` or ``sum``.
         sd_layers: The SD layers used (None: all of the variant's).
         pca_dim: Co-PCA dimension per used layer (None: raw channels).
+        eval_size: Keypoint-to-cell square of this row ("annotation resolution"; None: the module's).
     """
 
     name: str
     sd: str | None = "default"
-    dino: bool = True
+    dino: str | None = "default"
     alpha: float = 0.5
     fusion: str = "concat_l2"
     sd_layers: list[int] | None = None
     pca_dim: int | None = 256
+    eval_size: int | None = None
 
     def spec(self, layers: Sequence[int]) -> DescriptorSpec:
         """The row's descriptor settings (alpha forced to 1 / 0 for SD-only / DINO-only rows)."""
-        if self.sd is None and not self.dino:
+        if self.sd is None and self.dino is None:
             raise ValueError(f"row {self.name!r} uses neither SD nor DINO")
-        alpha = 0.0 if self.sd is None else 1.0 if not self.dino else float(self.alpha)
+        alpha = 0.0 if self.sd is None else 1.0 if self.dino is None else float(self.alpha)
         used = len(self.sd_layers if self.sd_layers is not None else layers)
         dims = None if self.pca_dim is None else (int(self.pca_dim),) * used
         sd_layers = None if self.sd_layers is None else tuple(int(i) for i in self.sd_layers)
@@ -71,6 +82,7 @@ class AblationCorrespondence(nn.Module):
         dino: The DINO featurizer, or None.
         sd_variants: Variant name -> extraction overrides of ``sd`` (see ``SDFeaturizer.variant``),
             e.g. ``{"t0": {"timestep": 0}}``; ``"default"`` is ``sd`` itself.
+        dino_variants: The same for ``dino`` (``layer``, ``image_size``).
         eval_size: Keypoint-to-cell square (default: the DINO input size, else the SD one).
 
     Attributes:
@@ -83,6 +95,7 @@ class AblationCorrespondence(nn.Module):
         sd: SDFeaturizer | None = None,
         dino: DinoFeaturizer | None = None,
         sd_variants: Mapping[str, Mapping[str, Any]] | None = None,
+        dino_variants: Mapping[str, Mapping[str, Any]] | None = None,
         eval_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -93,23 +106,22 @@ class AblationCorrespondence(nn.Module):
             raise ValueError(f"row names must be unique: {names}")
         self.rows = list(rows)
         self.sd, self.dino = sd, dino
-        self.variants: dict[str, SDFeaturizer] = {}
-        if sd is not None:
-            self.variants["default"] = sd
-            for name, overrides in (sd_variants or {}).items():
-                self.variants[name] = sd.variant(**overrides)
+        self.variants = _variants("sd", sd, sd_variants)
+        self.dino_variants = _variants("dino", dino, dino_variants)
         for row in self.rows:
-            if row.sd is not None and row.sd not in self.variants:
-                raise ValueError(f"row {row.name!r} uses SD variant {row.sd!r}; configured: {sorted(self.variants)}")
-            if row.dino and dino is None:
-                raise ValueError(f"row {row.name!r} uses DINO, but no dino featurizer is configured")
+            for kind, name, known in (("SD", row.sd, self.variants), ("DINO", row.dino, self.dino_variants)):
+                if name is not None and name not in known:
+                    raise ValueError(f"row {row.name!r} uses {kind} variant {name!r}; configured: {sorted(known)}")
         self.specs = [row.spec(self.variants[row.sd].layers if row.sd else ()) for row in self.rows]
         for row, spec in zip(self.rows, self.specs):
             if row.sd is not None:
                 spec.layer_positions(self.variants[row.sd].layers)  # fail at start-up, not mid-run
         self.eval_size = int(eval_size or default_eval_size(sd, dino))
         self.used_variants = sorted({row.sd for row in self.rows if row.sd is not None})
-        self.extraction_passes = {**{f"sd:{v}": 0 for v in self.used_variants}, "dino": 0}
+        self.used_dino_variants = sorted({row.dino for row in self.rows if row.dino is not None})
+        self.extraction_passes = {
+            **{f"sd:{v}": 0 for v in self.used_variants}, **{f"dino:{v}": 0 for v in self.used_dino_variants}
+        }
         self.register_buffer("_device_marker", torch.empty(0), persistent=False)
 
     @property
@@ -132,19 +144,21 @@ class AblationCorrespondence(nn.Module):
             feats = extract_features(self.variants[variant], None, images, categories, self.device)
             sd_feats[variant] = dict(zip(paths, feats))
             self.extraction_passes[f"sd:{variant}"] += len(images)
-        dino_feats: dict[str, ImageFeatures] = {}
-        if any(row.dino for row in self.rows):
-            dino_feats = dict(zip(paths, extract_features(None, self.dino, images, categories, self.device)))
-            self.extraction_passes["dino"] += len(images)
-        grid = self.dino.grid_size if self.dino is not None else None
+        dino_feats = {}
+        for variant in self.used_dino_variants:
+            feats = extract_features(None, self.dino_variants[variant], images, categories, self.device)
+            dino_feats[variant] = dict(zip(paths, feats))
+            self.extraction_passes[f"dino:{variant}"] += len(images)
         outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
         for row, spec in zip(self.rows, self.specs):
             layers = self.variants[row.sd].layers if row.sd is not None else []
+            grid = self.dino_variants[row.dino].grid_size if row.dino is not None else None
+            eval_size = row.eval_size or self.eval_size
             outputs[row.name] = []
             for s in samples:
                 src, trg = (self._combine(row, sd_feats, dino_feats, s[k]) for k in ("src_image_path", "trg_image_path"))
-                descriptors = describe_pair(src, trg, spec, layers, grid if row.dino else None)
-                pred, distance = match_keypoints(descriptors, src, trg, s["src_kps"], self.eval_size)
+                descriptors = describe_pair(src, trg, spec, layers, grid)
+                pred, distance = match_keypoints(descriptors, src, trg, s["src_kps"], eval_size)
                 outputs[row.name].append({"pred_kps": pred, "distance": distance})
         return outputs
 
@@ -152,12 +166,12 @@ class AblationCorrespondence(nn.Module):
     def _combine(
         row: AblationRow,
         sd_feats: Mapping[str, Mapping[str, ImageFeatures]],
-        dino_feats: Mapping[str, ImageFeatures],
+        dino_feats: Mapping[str, Mapping[str, ImageFeatures]],
         path: str,
     ) -> ImageFeatures:
         """The features of one image that a row uses."""
         sd = sd_feats[row.sd][path] if row.sd is not None else None
-        dino = dino_feats[path] if row.dino else None
+        dino = dino_feats[row.dino][path] if row.dino is not None else None
         base = sd or dino
         assert base is not None
         return ImageFeatures(

@@ -7,6 +7,7 @@ BEFORE the final LayerNorm, with the CLS (and any register) tokens dropped, on a
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -54,6 +55,29 @@ class DinoFeaturizer(nn.Module):
         self.num_prefix_tokens = 1 + int(getattr(self.model.config, "num_register_tokens", 0) or 0)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    #: Extraction settings a variant may change; the weights stay shared.
+    VARIANT_FIELDS = ("layer", "image_size")
+
+    def variant(self, **overrides: Any) -> DinoFeaturizer:
+        """A featurizer sharing this one's weights with another block or input size (ablations).
+
+        Raises:
+            ValueError: For a field other than :attr:`VARIANT_FIELDS`, a block out of range or an input
+                size that is not a multiple of the patch size.
+        """
+        unknown = sorted(set(overrides) - set(self.VARIANT_FIELDS))
+        if unknown:
+            raise ValueError(f"cannot vary {unknown}; a variant may change {list(self.VARIANT_FIELDS)}")
+        clone = copy.copy(self)  # shares the ViT
+        clone.__dict__ = dict(self.__dict__)
+        layer, size = int(overrides.get("layer", self.layer)), int(overrides.get("image_size", self.image_size))
+        if not 0 <= layer < len(self.model.encoder.layer):
+            raise ValueError(f"layer {layer} out of range: the model has {len(self.model.encoder.layer)} blocks")
+        if size % self.patch_size:
+            raise ValueError(f"image_size {size} is not a multiple of the patch size {self.patch_size}")
+        clone.layer, clone.image_size = layer, size
+        return clone
 
     @staticmethod
     def _load(model_id: str | None, random_init: dict[str, Any] | None) -> nn.Module:
