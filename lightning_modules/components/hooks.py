@@ -34,14 +34,18 @@ def first_tensor(output: Any) -> torch.Tensor:
 
 
 def run_and_capture(
-    run: Callable[[], Any], modules: Mapping[str, nn.Module], stop_early: bool = True
+    run: Callable[[], Any],
+    modules: Mapping[str, nn.Module],
+    stop_early: bool = True,
+    inputs: Mapping[str, nn.Module] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Call ``run()`` and return the outputs of ``modules``, keyed like ``modules``.
+    """Call ``run()`` and return the outputs of ``modules`` (and the inputs of ``inputs``) by name.
 
     Args:
         run: Zero-argument callable that runs the network forward.
         modules: Name -> submodule whose forward output is captured.
-        stop_early: Abort the forward pass once every module has produced its output.
+        stop_early: Abort the forward pass once everything has been captured.
+        inputs: Name -> submodule whose first positional input is captured (a forward pre-hook).
 
     Returns:
         Name -> captured activation tensor.
@@ -50,16 +54,28 @@ def run_and_capture(
         RuntimeError: If a module never ran during the forward pass.
     """
     captured: dict[str, torch.Tensor] = {}
+    inputs = inputs or {}
+    wanted = len(modules) + len(inputs)
+
+    def store(name: str, value: Any) -> None:
+        captured[name] = first_tensor(value)
+        if stop_early and len(captured) == wanted:
+            raise _AllCaptured
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            captured[name] = first_tensor(output)
-            if stop_early and len(captured) == len(modules):
-                raise _AllCaptured
+            store(name, output)
+
+        return hook
+
+    def make_pre_hook(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: Any) -> None:
+            store(name, args)
 
         return hook
 
     handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
+    handles += [module.register_forward_pre_hook(make_pre_hook(name)) for name, module in inputs.items()]
     try:
         run()
     except _AllCaptured:
@@ -67,7 +83,7 @@ def run_and_capture(
     finally:
         for handle in handles:
             handle.remove()
-    missing = sorted(set(modules) - set(captured))
+    missing = sorted((set(modules) | set(inputs)) - set(captured))
     if missing:
         raise RuntimeError(f"forward pass finished without reaching modules {missing}")
     return captured

@@ -25,9 +25,28 @@ from torch import nn
 from .hooks import run_and_capture
 from .hub import check_tokenizer, load_pretrained
 
-__all__ = ["SDFeaturizer", "decoder_layer_source"]
+__all__ = ["LOCATIONS", "SDFeaturizer", "capture_points", "decoder_layer_position", "decoder_layer_source"]
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+#: Where a "layer i" feature is taken (supplementary Table 2), all at the boundary entering decoder layer i:
+#: ``decoder`` the hidden state (the paper's), ``encoder`` the skip connection concatenated to it,
+#: ``encoder_decoder`` both, ``conv`` the resnet output of layer i-1, ``attn`` the self-attention output of
+#: layer i-1 (before its residual, projection, cross-attention and feed-forward).
+LOCATIONS = ("decoder", "encoder", "encoder_decoder", "conv", "attn")
+
+
+def decoder_layer_position(unet: nn.Module, index: int) -> tuple[int, int]:
+    """(up-block, layer within it) of decoder layer ``index``; ValueError if out of range."""
+    per_block = [len(block.resnets) for block in unet.up_blocks]
+    if not 0 <= index < sum(per_block):
+        raise ValueError(f"decoder layer {index} out of range: this UNet has {sum(per_block)} decoder layers")
+    block_idx, layer = 0, index
+    while layer >= per_block[block_idx]:
+        layer -= per_block[block_idx]
+        block_idx += 1
+    return block_idx, layer
 
 
 def decoder_layer_source(unet: nn.Module, index: int) -> nn.Module:
@@ -40,18 +59,49 @@ def decoder_layer_source(unet: nn.Module, index: int) -> nn.Module:
     Raises:
         ValueError: If ``index`` is out of range for this UNet.
     """
-    per_block = [len(block.resnets) for block in unet.up_blocks]
-    if not 0 <= index < sum(per_block):
-        raise ValueError(f"decoder layer {index} out of range: this UNet has {sum(per_block)} decoder layers")
-    block_idx, layer = 0, index
-    while layer >= per_block[block_idx]:
-        layer -= per_block[block_idx]
-        block_idx += 1
+    block_idx, layer = decoder_layer_position(unet, index)
     block = unet.up_blocks[block_idx]
     if layer == 0:
         return unet.up_blocks[block_idx - 1] if block_idx > 0 else unet.mid_block
     attentions = getattr(block, "attentions", None)
     return attentions[layer - 1] if attentions else block.resnets[layer - 1]
+
+
+def _previous_layer(unet: nn.Module, index: int, location: str) -> tuple[nn.Module, nn.Module | None]:
+    """The resnet and the transformer (or None) of decoder layer ``index - 1``."""
+    if index == 0:
+        raise ValueError(f"location {location!r} needs a decoder layer before layer 0")
+    block_idx, layer = decoder_layer_position(unet, index - 1)
+    block = unet.up_blocks[block_idx]
+    attentions = getattr(block, "attentions", None)
+    return block.resnets[layer], attentions[layer] if attentions else None
+
+
+def capture_points(unet: nn.Module, index: int, location: str) -> tuple[str, nn.Module]:
+    """How to capture layer ``index`` at ``location``: (``"output"`` or ``"input"``, module)."""
+    if location == "decoder":
+        return "output", decoder_layer_source(unet, index)
+    if location in ("encoder", "encoder_decoder"):
+        block_idx, layer = decoder_layer_position(unet, index)
+        return "input", unet.up_blocks[block_idx].resnets[layer]  # its input is cat(hidden, skip)
+    resnet, transformer = _previous_layer(unet, index, location)
+    if location == "conv":
+        return "output", resnet
+    if location == "attn":
+        if transformer is None:
+            raise ValueError(f"decoder layer {index - 1} has no attention, so layer {index} has no 'attn' feature")
+        return "output", transformer.transformer_blocks[0].attn1
+    raise ValueError(f"unknown location {location!r}; choose one of {list(LOCATIONS)}")
+
+
+def _hidden_channels(unet: nn.Module, index: int) -> int:
+    """Channels of the decoder hidden state entering layer ``index`` (the part before the skip)."""
+    block_idx, layer = decoder_layer_position(unet, index)
+    if layer > 0:
+        return unet.up_blocks[block_idx].resnets[layer - 1].out_channels
+    if block_idx > 0:
+        return unet.up_blocks[block_idx - 1].resnets[-1].out_channels
+    return unet.mid_block.resnets[-1].out_channels
 
 
 class SDFeaturizer(nn.Module):
@@ -70,6 +120,8 @@ class SDFeaturizer(nn.Module):
             prompt, ``"a photo of {category}"`` the paper's explicit captioner.
         ensemble_size: Number of noises whose features are averaged (1 in the paper, 8 in DIFT).
         seed: Seed of the fixed noise. Every image gets the same noise, independent of batch order.
+        location: Where each layer's feature is taken (supplementary Table 2): ``decoder`` (the paper's),
+            ``encoder``, ``encoder_decoder``, ``conv`` or ``attn`` (see :data:`LOCATIONS`).
         random_init: Build tiny random components from configs instead of loading weights:
             ``{"unet": {...}, "vae": {...}, "text_encoder": {...}, "seed": 0}`` overriding
             :mod:`.tiny_models` defaults. For tests, the demo and CPU smoke runs.
@@ -87,6 +139,7 @@ class SDFeaturizer(nn.Module):
         ensemble_size: int = 1,
         seed: int = 42,
         random_init: dict[str, Any] | None = None,
+        location: str = "decoder",
     ) -> None:
         super().__init__()
         if ensemble_size < 1:
@@ -109,11 +162,14 @@ class SDFeaturizer(nn.Module):
             module.requires_grad_(False).eval()
         if not 0 <= self.timestep < self.scheduler.config.num_train_timesteps:
             raise ValueError(f"timestep {timestep} outside [0, {self.scheduler.config.num_train_timesteps})")
-        self._sources = {str(i): decoder_layer_source(self.unet, i) for i in self.layers}
+        self.location = location
+        self._sources = self._capture_plan()
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
     #: Extraction settings a variant may change; the weights stay shared.
-    VARIANT_FIELDS = ("layers", "timestep", "image_size", "sliding_window", "crop_size", "prompt", "ensemble_size", "seed")
+    VARIANT_FIELDS = (
+        "layers", "timestep", "image_size", "sliding_window", "crop_size", "prompt", "ensemble_size", "seed", "location"
+    )
 
     def variant(self, **overrides: Any) -> SDFeaturizer:
         """A featurizer sharing this one's weights with other extraction settings (ablations).
@@ -131,11 +187,25 @@ class SDFeaturizer(nn.Module):
         clone.__dict__ = dict(self.__dict__)
         for name, value in overrides.items():
             setattr(clone, name, [int(i) for i in value] if name == "layers" else value)
-        clone._sources = {str(i): decoder_layer_source(self.unet, i) for i in clone.layers}
+        clone._sources = clone._capture_plan()
         clone._prompt_cache = {}
         if not 0 <= clone.timestep < self.scheduler.config.num_train_timesteps:
             raise ValueError(f"timestep {clone.timestep} outside [0, {self.scheduler.config.num_train_timesteps})")
         return clone
+
+    def _capture_plan(self) -> dict[str, tuple[str, nn.Module]]:
+        if self.location not in LOCATIONS:
+            raise ValueError(f"unknown location {self.location!r}; choose one of {list(LOCATIONS)}")
+        return {str(i): capture_points(self.unet, i, self.location) for i in self.layers}
+
+    def _layer_feature(self, index: int, raw: torch.Tensor) -> torch.Tensor:
+        """Turn a captured activation into a ``[B, C, h, w]`` map for ``self.location``."""
+        if self.location == "encoder":
+            return raw[:, _hidden_channels(self.unet, index) :]
+        if self.location == "attn":  # [B, h*w, C] tokens of a square crop
+            side = int(round(raw.shape[1] ** 0.5))
+            return raw.transpose(1, 2).reshape(raw.shape[0], raw.shape[2], side, side)
+        return raw
 
     @staticmethod
     def _load(model_id: str | None, random_init: dict[str, Any] | None) -> dict[str, Any]:
@@ -228,9 +298,11 @@ class SDFeaturizer(nn.Module):
         for noise in noises:
             noisy = latents if self.timestep == 0 else self.scheduler.add_noise(latents, noise.expand_as(latents), t)
             feats = run_and_capture(
-                lambda: self.unet(noisy, t, encoder_hidden_states=text), self._sources  # noqa: B023
+                lambda: self.unet(noisy, t, encoder_hidden_states=text),  # noqa: B023
+                {k: m for k, (mode, m) in self._sources.items() if mode == "output"},
+                inputs={k: m for k, (mode, m) in self._sources.items() if mode == "input"},
             )
-            layer_feats = [feats[str(i)].float() for i in self.layers]
+            layer_feats = [self._layer_feature(i, feats[str(i)]).float() for i in self.layers]
             summed = layer_feats if summed is None else [a + b for a, b in zip(summed, layer_feats)]
         assert summed is not None
         return [self._stitch(f / self.ensemble_size, len(images), offsets, side) for f in summed]
