@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import torch.distributed as dist
 
-from lightning_modules.ablation import ablation_table
+from lightning_modules.ablation import ablation_table, analysis_markdown
 
 __all__ = ["CorrespondenceWriter", "format_pck_table"]
 
@@ -108,6 +108,10 @@ class CorrespondenceWriter(L.Callback):
             (out / "results.json").write_text(json.dumps(results, indent=2))
             (out / "ablation.md").write_text(markdown)
             (out / "ablation.csv").write_text(csv)
+            if "analysis" in results:
+                analysis = analysis_markdown(results["analysis"])
+                (out / "analysis.md").write_text(analysis)
+                markdown += "\n" + analysis
             if self.print_table:
                 print("\n" + markdown + f"written to {out}", flush=True)
         elif results is not None:

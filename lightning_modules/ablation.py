@@ -18,7 +18,8 @@ import torch
 from .components.ablation import AblationCorrespondence, AblationRow
 from .components.dino_featurizer import DinoFeaturizer
 from .components.sd_featurizer import SDFeaturizer
-from .metrics import PCK
+from .components.analysis import relative_distance, summarize_fusion_analysis
+from .metrics import PCK, keypoint_correct
 
 __all__ = ["ZeroShotAblation"]
 
@@ -34,6 +35,9 @@ class ZeroShotAblation(L.LightningModule):
         dino_variants: Variant name -> DINO extraction overrides (``layer``, ``image_size``).
         title: Table title (printed and written).
         eval_size: Keypoint-to-cell square (default: the DINO input size, else SD's).
+        analysis: Run the supplementary's A.10 analysis over three rows, named by role:
+            ``{"sd": <SD-only row>, "dino": <DINO-only row>, "fused": <fused row>}``.
+        analysis_alpha: PCK alpha that decides "correct" in the analysis (0.10 in the paper).
     """
 
     def __init__(
@@ -45,6 +49,8 @@ class ZeroShotAblation(L.LightningModule):
         dino_variants: dict[str, dict[str, Any]] | None = None,
         title: str = "",
         eval_size: int | None = None,
+        analysis: dict[str, str] | None = None,
+        analysis_alpha: float = 0.1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["sd", "dino"])
@@ -52,6 +58,12 @@ class ZeroShotAblation(L.LightningModule):
             rows, sd=sd, dino=dino, sd_variants=sd_variants, dino_variants=dino_variants, eval_size=eval_size
         )
         self.title = title
+        names = {row.name for row in rows}
+        if analysis is not None and (set(analysis) != {"sd", "dino", "fused"} or not set(analysis.values()) <= names):
+            raise ValueError(f"analysis must map sd, dino and fused to rows of this table {sorted(names)}, got {analysis}")
+        self.analysis = analysis
+        self.analysis_alpha = float(analysis_alpha)
+        self._analysis_records: dict[str, dict[str, torch.Tensor]] = {}
         self.metrics = torch.nn.ModuleList()
         self.protocol: Any = None
         self.test_results: dict[str, Any] | None = None
@@ -70,7 +82,10 @@ class ZeroShotAblation(L.LightningModule):
 
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
         """Score every row on a batch; one prediction record per pair and row."""
-        outputs = self.ablation.predict_pairs(batch)
+        detail = (self.analysis["sd"], self.analysis["dino"]) if self.analysis else ()
+        outputs = self.ablation.predict_pairs(batch, detail_rows=detail)
+        if self.analysis:
+            self._collect_analysis(batch, outputs)
         gts = [s["trg_kps"].to(self.device).float() for s in batch]
         valids = [s["kps_valid"].to(self.device) for s in batch]
         thresholds = torch.tensor([float(s["threshold"]) for s in batch], device=self.device)
@@ -89,6 +104,39 @@ class ZeroShotAblation(L.LightningModule):
                 )
         return records
 
+    def _collect_analysis(self, batch: list[dict[str, Any]], outputs: Mapping[str, list[dict[str, Any]]]) -> None:
+        """Per keypoint: SD / DINO / fused correctness and the SD and DINO relative distances."""
+        assert self.analysis is not None
+        for i, s in enumerate(batch):
+            valid = s["kps_valid"].to(self.device)
+            gt = s["trg_kps"].to(self.device).float()
+            ok = {
+                role: keypoint_correct(outputs[row][i]["pred_kps"], gt, float(s["threshold"]), [self.analysis_alpha],
+                                       valid, self.protocol.inclusive)[0][valid]
+                for role, row in self.analysis.items()
+            }
+            sd, dino = outputs[self.analysis["sd"]][i], outputs[self.analysis["dino"]][i]
+            sd_match, dino_match = sd["cell_distances"].argmin(1), dino["cell_distances"].argmin(1)
+            self._analysis_records[s["pair_id"]] = {
+                "sd_ok": ok["sd"].cpu(), "dino_ok": ok["dino"].cpu(), "fused_ok": ok["fused"].cpu(),
+                "sd_rel_correct": relative_distance(sd["cell_distances"], sd["gt_cells"])[valid].cpu(),
+                "dino_rel_correct": relative_distance(dino["cell_distances"], dino["gt_cells"])[valid].cpu(),
+                "sd_rel_at_dino_match": relative_distance(sd["cell_distances"], dino_match)[valid].cpu(),
+                "dino_rel_at_sd_match": relative_distance(dino["cell_distances"], sd_match)[valid].cpu(),
+            }
+
+    def _analysis_summary(self) -> dict[str, Any]:
+        records = self._analysis_records
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[dict[str, Any]] = [{} for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather_object(parts, records)
+            records = {k: v for part in parts for k, v in part.items()}  # duplicates collapse by pair id
+        keys = ("sd_ok", "dino_ok", "fused_ok", "sd_rel_correct", "dino_rel_correct",
+                "sd_rel_at_dino_match", "dino_rel_at_sd_match")
+        columns = {k: torch.cat([r[k] for r in records.values()]) if records else torch.zeros(0) for k in keys}
+        summary = summarize_fusion_analysis(**columns)
+        return {"rows": dict(self.analysis or {}), "alpha": self.analysis_alpha, **summary}
+
     def on_test_epoch_end(self) -> None:
         """Per-row summaries, the table in the paper's shape, and the extraction pass counts."""
         rows = {row.name: metric.compute() for row, metric in zip(self.ablation.rows, self.metrics)}
@@ -101,6 +149,9 @@ class ZeroShotAblation(L.LightningModule):
             "protocol": asdict(self.protocol),
             "extraction_passes": dict(self.ablation.extraction_passes),
         }
+        if self.analysis:
+            self.test_results["analysis"] = self._analysis_summary()
+            self._analysis_records = {}
         for metric in self.metrics:
             metric.reset()
 
@@ -120,3 +171,22 @@ def ablation_table(results: Mapping[str, Any]) -> tuple[str, str]:
     passes = ", ".join(f"{k}: {v}" for k, v in results.get("extraction_passes", {}).items())
     lines += ["", f"extraction passes: {passes}"]
     return "\n".join(lines) + "\n", "\n".join(csv_lines) + "\n"
+
+
+def analysis_markdown(analysis: Mapping[str, Any]) -> str:
+    """The A.10 analysis as markdown: outcome distribution, conditional probabilities, relative distances."""
+    fmt = lambda v, unit="": "-" if v is None else f"{v:.2f}{unit}" if unit else f"{v:.3f}"  # noqa: E731
+    lines = [f"**A.10 analysis** (PCK@{analysis['alpha']}, {analysis['num_keypoints']} keypoints; rows: "
+             + ", ".join(f"{k} = {v}" for k, v in analysis["rows"].items()) + ")", "",
+             "| SD | DINO | Fused | share |", "|---|---|---|---|"]
+    mark = {"0": "x", "1": "v"}
+    for code, share in analysis["outcomes"].items():
+        lines.append(f"| {mark[code[0]]} | {mark[code[1]]} | {mark[code[2]]} | {fmt(share, '%')} |")
+    lines += ["", "| group | P(fused correct) |", "|---|---|"]
+    lines += [f"| {group} | {fmt(p, '%')} |" for group, p in analysis["conditional"].items()]
+    lines += ["", "| scenario | SD correct match | SD false match | DINO correct match | DINO false match |",
+              "|---|---|---|---|---|"]
+    for scenario, d in analysis["relative_distance"].items():
+        cells = [fmt(d[k]) for k in ("sd_correct", "sd_false", "dino_correct", "dino_false")]
+        lines.append(f"| {scenario} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -7,7 +7,7 @@ an SD variant, which shares the weights and is run once per image. Plain torch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +18,11 @@ from .dino_featurizer import DinoFeaturizer
 from .pipeline import (
     DescriptorSpec,
     ImageFeatures,
+    cell_distances,
     default_eval_size,
     describe_pair,
     extract_features,
+    keypoint_cells,
     match_keypoints,
     unique_images,
 )
@@ -130,11 +132,19 @@ class AblationCorrespondence(nn.Module):
         return self._device_marker.device
 
     @torch.no_grad()
-    def predict_pairs(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, torch.Tensor]]]:
+    def predict_pairs(
+        self, samples: Sequence[Mapping[str, Any]], detail_rows: Collection[str] = ()
+    ) -> dict[str, list[dict[str, torch.Tensor]]]:
         """Predictions of every row for a batch of pairs; each image is extracted once per variant.
 
+        Args:
+            samples: Pair dicts (images, paths, category, ``src_kps``; ``trg_kps`` for ``detail_rows``).
+            detail_rows: Rows that also return, per pair, ``cell_distances`` ``[N, G*G]`` (each source
+                keypoint's feature distance to every target cell) and ``gt_cells`` ``[N]`` (the target
+                keypoints' cells), for the A.10 analysis.
+
         Returns:
-            Row name -> per pair ``{"pred_kps": [N, 2] original target pixels, "distance": [N]}``.
+            Row name -> per pair ``{"pred_kps": [N, 2] original target pixels, "distance": [N], ...}``.
         """
         unique = unique_images(samples)
         paths, images = list(unique), [v[0] for v in unique.values()]
@@ -159,7 +169,13 @@ class AblationCorrespondence(nn.Module):
                 src, trg = (self._combine(row, sd_feats, dino_feats, s[k]) for k in ("src_image_path", "trg_image_path"))
                 descriptors = describe_pair(src, trg, spec, layers, grid)
                 pred, distance = match_keypoints(descriptors, src, trg, s["src_kps"], eval_size)
-                outputs[row.name].append({"pred_kps": pred, "distance": distance})
+                out = {"pred_kps": pred, "distance": distance}
+                if row.name in detail_rows:
+                    side = descriptors.shape[-1]
+                    src_cells = keypoint_cells(src, s["src_kps"].to(descriptors.device), eval_size, side)
+                    out["cell_distances"] = cell_distances(descriptors, src_cells)
+                    out["gt_cells"] = keypoint_cells(trg, s["trg_kps"].to(descriptors.device), eval_size, side)
+                outputs[row.name].append(out)
         return outputs
 
     @staticmethod

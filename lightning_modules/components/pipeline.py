@@ -18,13 +18,15 @@ from torch import nn
 from .dino_featurizer import DinoFeaturizer
 from .fusion import FUSIONS, co_pca, fuse, merge_layers
 from .image_prep import PadResize, pad_resize_image
-from .matching import dense_flow, transfer_keypoints
+from .matching import dense_flow, points_to_cells, transfer_keypoints
 from .sd_featurizer import SDFeaturizer
 
 __all__ = [
     "DescriptorSpec",
     "FusedCorrespondence",
     "ImageFeatures",
+    "cell_distances",
+    "keypoint_cells",
     "describe_pair",
     "extract_features",
     "flow_from_descriptors",
@@ -192,6 +194,18 @@ def match_keypoints(
     with torch.autocast(device_type=descriptors.device.type, enabled=False):
         predicted, distance = transfer_keypoints(descriptors[0], descriptors[1], points, eval_size)
     return trg_geo.inverse_points(predicted), distance
+
+
+def keypoint_cells(features: ImageFeatures, kps: torch.Tensor, eval_size: int, grid: int) -> torch.Tensor:
+    """Flat feature-grid cell of each keypoint (original pixels) of an image."""
+    geometry = PadResize(features.width, features.height, eval_size)
+    return points_to_cells(geometry.forward_points(kps.float()), eval_size, grid)
+
+
+def cell_distances(descriptors: torch.Tensor, src_cells: torch.Tensor) -> torch.Tensor:
+    """L2 feature distance ``[N, G*G]`` from each source cell's descriptor to every target cell."""
+    source, target = descriptors[0].flatten(1).T, descriptors[1].flatten(1).T
+    return torch.cdist(source[src_cells].float(), target.float())
 
 
 def flow_from_descriptors(descriptors: torch.Tensor, source: ImageFeatures, target: ImageFeatures) -> torch.Tensor:
