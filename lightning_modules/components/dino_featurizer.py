@@ -1,8 +1,11 @@
-"""DINOv2 ViT token features (transformers), as in "A Tale of Two Features".
+"""DINO-family ViT patch features (transformers), as in "A Tale of Two Features".
 
-The reference takes the "token" facet of block 11 of ViT-B/14: the output of the last transformer block
-BEFORE the final LayerNorm, with the CLS (and any register) tokens dropped, on an 840 px input
-(60 x 60 patches of 14 px).
+The reference takes the "token" facet of block 11 of DINOv2 ViT-B/14: the output of the last transformer
+block BEFORE the final LayerNorm, with the CLS (and any register) tokens dropped, on an 840 px input
+(60 x 60 patches of 14 px). Ablation settings (supplementary Tables 7 and 10): the ``key`` / ``query`` /
+``value`` facets (the block's attention projections), other ViTs that ``transformers.AutoModel`` loads
+(DINOv1 ``facebook/dino-vitb16``, iBOT converted with :func:`ibot_to_transformers`), an ensemble of
+blocks (Ensemble-ViT: block 9 with the last) and a bilateral filter over the token map (Filter-ViT).
 """
 
 from __future__ import annotations
@@ -11,26 +14,136 @@ import copy
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .hooks import run_and_capture
 from .hub import load_pretrained
 
-__all__ = ["DinoFeaturizer"]
+__all__ = ["FACETS", "DinoFeaturizer", "attention_projection", "bilateral_filter", "ibot_to_transformers", "vit_blocks"]
+
+FACETS = ("token", "key", "query", "value")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DinoFeaturizer(nn.Module):
-    """Patch-token features of one ViT block for square images in [0, 1].
+def bilateral_filter(
+    features: torch.Tensor, window: int = 5, sigma_space: float = 1.0, sigma_range: float = 0.5
+) -> torch.Tensor:
+    """Edge-preserving smoothing of a token map (Filter-ViT, supplementary Table 10).
+
+    Each token becomes the weighted mean of its ``window x window`` neighbours, with weights
+    ``exp(-d_space^2 / 2 sigma_space^2) * exp(-||f_i - f_j||^2 / 2 sigma_range^2)``, the range term on
+    L2-normalised features (so ``sigma_range`` is in units of unit-vector distance); borders replicate.
 
     Args:
-        model_id: Hub id or local directory of a transformers ``Dinov2Model``. Ignored with ``random_init``.
+        features: ``[B, C, H, W]``.
+        window: Odd neighbourhood side.
+        sigma_space: Spatial Gaussian width in cells.
+        sigma_range: Feature-similarity Gaussian width.
+    """
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"bilateral window must be a positive odd number, got {window}")
+    b, c, h, w = features.shape
+    pad = window // 2
+    unit = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    neighbours = F.unfold(F.pad(features, (pad,) * 4, mode="replicate"), window).view(b, c, window * window, h * w)
+    unit_nb = F.unfold(F.pad(unit, (pad,) * 4, mode="replicate"), window).view(b, c, window * window, h * w)
+    offsets = torch.arange(window, device=features.device, dtype=features.dtype) - pad
+    space = (offsets.view(-1, 1) ** 2 + offsets.view(1, -1) ** 2).flatten()
+    weights = torch.exp(-space / (2 * sigma_space**2)).view(1, -1, 1) * torch.exp(
+        -((unit_nb - unit.view(b, c, 1, h * w)) ** 2).sum(1) / (2 * sigma_range**2)
+    )
+    out = (neighbours * weights.unsqueeze(1)).sum(2) / weights.sum(1, keepdim=True)
+    return out.view(b, c, h, w)
+
+
+def vit_blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a transformers ViT (``encoder.layer`` before v5, ``layers`` since)."""
+    encoder = getattr(model, "encoder", None)
+    return encoder.layer if encoder is not None and hasattr(encoder, "layer") else model.layers
+
+
+def attention_projection(block: nn.Module, facet: str) -> nn.Module:
+    """The query / key / value projection of a ViT block, in either transformers layout."""
+    attention = block.attention
+    new, old = {"query": ("q_proj", "query"), "key": ("k_proj", "key"), "value": ("v_proj", "value")}[facet]
+    if hasattr(attention, new):
+        return getattr(attention, new)
+    return getattr(attention.attention, old)
+
+
+def ibot_to_transformers(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map an iBOT / DINO (timm-style ViT) checkpoint to the keys of a ``transformers.ViTModel``.
+
+    Accepts the released ``checkpoint_teacher.pth`` layout (optionally under ``teacher`` /
+    ``state_dict`` and with ``module.`` / ``backbone.`` prefixes); the fused ``qkv`` projection is split
+    into query, key and value; projection heads are dropped. Targets the layout of ``model`` (the
+    transformers v5 ``layers.i.attention.q_proj`` names, or the older ``encoder.layer.i.attention...``).
+    """
+    for key in ("teacher", "state_dict", "model"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+    v5 = any(k.startswith("layers.") for k in model.state_dict())
+    block_prefix = "layers" if v5 else "encoder.layer"
+    qkv_names = ("q_proj", "k_proj", "v_proj") if v5 else ("query", "key", "value")
+    qkv_module = "attention" if v5 else "attention.attention"
+    per_block = {
+        "norm1": "layernorm_before", "norm2": "layernorm_after",
+        "attn.proj": "attention.o_proj" if v5 else "attention.output.dense",
+        "mlp.fc1": "mlp.fc1" if v5 else "intermediate.dense", "mlp.fc2": "mlp.fc2" if v5 else "output.dense",
+    }
+    simple = {
+        "cls_token": "embeddings.cls_token",
+        "pos_embed": "embeddings.position_embeddings",
+        "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+        "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+        "norm.weight": "layernorm.weight",
+        "norm.bias": "layernorm.bias",
+    }
+    out: dict[str, torch.Tensor] = {}
+    for raw_key, value in state_dict.items():
+        key = raw_key
+        for prefix in ("module.", "backbone."):
+            key = key[len(prefix):] if key.startswith(prefix) else key
+        if key in simple:
+            out[simple[key]] = value
+            continue
+        parts = key.split(".")
+        if parts[0] != "blocks":
+            continue  # heads, masked-token embeddings: not part of the backbone
+        base, rest = f"{block_prefix}.{parts[1]}.", ".".join(parts[2:])
+        if rest.startswith("attn.qkv."):
+            kind = rest.split(".")[-1]
+            for name, chunk in zip(qkv_names, value.chunk(3, dim=0)):
+                out[f"{base}{qkv_module}.{name}.{kind}"] = chunk
+            continue
+        module, kind = rest.rsplit(".", 1)
+        if module not in per_block:
+            raise ValueError(f"unexpected key {raw_key!r} in the iBOT/DINO checkpoint")
+        out[f"{base}{per_block[module]}.{kind}"] = value
+    return out
+
+
+class DinoFeaturizer(nn.Module):
+    """Patch features of one (or several) ViT blocks for square images in [0, 1].
+
+    Args:
+        model_id: Hub id or local directory of a transformers ViT: DINOv2 (``facebook/dinov2-base``,
+            ``-small``, ``-large``, ``-giant``), DINOv1 (``facebook/dino-vitb16``) or any ViT
+            ``transformers.AutoModel`` loads. Ignored with ``random_init``.
         layer: 0-based index of the transformer block whose output is taken (11 = last block of ViT-B).
         image_size: Side of the square input; must be a multiple of the patch size (840 -> 60 x 60).
-        random_init: Build a tiny random ``Dinov2Model`` from a config (keys of ``Dinov2Config`` plus
-            ``seed``) on top of :mod:`.tiny_models` defaults instead of loading weights.
+        random_init: Build a tiny random ViT from a config (keys of ``Dinov2Config``, or of ``ViTConfig``
+            with ``model_type: vit``, plus ``seed``) on top of :mod:`.tiny_models` defaults.
+        facet: ``token`` (the block output, the paper's), or the block's attention ``key`` / ``query`` /
+            ``value`` projections.
+        ensemble_layers: Further blocks whose tokens are concatenated after ``layer``'s, each block
+            L2-normalised per token first (Ensemble-ViT: ``layer: 11, ensemble_layers: [9]``).
+        bilateral_window: Odd window of a bilateral filter over the token map (Filter-ViT); 0 = off.
+        bilateral_sigma_space: Spatial width of that filter, in cells.
+        bilateral_sigma_range: Feature-similarity width of that filter.
     """
 
     def __init__(
@@ -39,44 +152,58 @@ class DinoFeaturizer(nn.Module):
         layer: int = 11,
         image_size: int = 840,
         random_init: dict[str, Any] | None = None,
+        facet: str = "token",
+        ensemble_layers: list[int] | None = None,
+        bilateral_window: int = 0,
+        bilateral_sigma_space: float = 1.0,
+        bilateral_sigma_range: float = 0.5,
     ) -> None:
         super().__init__()
         self.model_id = None if random_init is not None else model_id  # where the weights came from
         self.model = self._load(model_id, random_init)
         self.model.requires_grad_(False).eval()
-        blocks = self.model.encoder.layer
-        if not 0 <= layer < len(blocks):
-            raise ValueError(f"layer {layer} out of range: the model has {len(blocks)} blocks")
-        self.layer = int(layer)
         self.patch_size = int(self.model.config.patch_size)
-        if image_size % self.patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of the patch size {self.patch_size}")
-        self.image_size = int(image_size)
         self.num_prefix_tokens = 1 + int(getattr(self.model.config, "num_register_tokens", 0) or 0)
+        self.layer, self.image_size, self.facet = int(layer), int(image_size), facet
+        self.ensemble_layers = [int(i) for i in (ensemble_layers or [])]
+        self.bilateral_window = int(bilateral_window)
+        self.bilateral_sigma_space, self.bilateral_sigma_range = float(bilateral_sigma_space), float(bilateral_sigma_range)
+        self._validate()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     #: Extraction settings a variant may change; the weights stay shared.
-    VARIANT_FIELDS = ("layer", "image_size")
+    VARIANT_FIELDS = (
+        "layer", "image_size", "facet", "ensemble_layers", "bilateral_window", "bilateral_sigma_space",
+        "bilateral_sigma_range",
+    )
+
+    def _validate(self) -> None:
+        blocks = len(vit_blocks(self.model))
+        for layer in (self.layer, *self.ensemble_layers):
+            if not 0 <= layer < blocks:
+                raise ValueError(f"layer {layer} out of range: the model has {blocks} blocks")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the patch size {self.patch_size}")
+        if self.facet not in FACETS:
+            raise ValueError(f"unknown facet {self.facet!r}; choose one of {list(FACETS)}")
+        if self.bilateral_window and self.bilateral_window % 2 == 0:
+            raise ValueError(f"bilateral_window must be odd (or 0 = off), got {self.bilateral_window}")
 
     def variant(self, **overrides: Any) -> DinoFeaturizer:
-        """A featurizer sharing this one's weights with another block or input size (ablations).
+        """A featurizer sharing this one's weights with other extraction settings (ablations).
 
         Raises:
-            ValueError: For a field other than :attr:`VARIANT_FIELDS`, a block out of range or an input
-                size that is not a multiple of the patch size.
+            ValueError: For a field other than :attr:`VARIANT_FIELDS` or an invalid setting.
         """
         unknown = sorted(set(overrides) - set(self.VARIANT_FIELDS))
         if unknown:
             raise ValueError(f"cannot vary {unknown}; a variant may change {list(self.VARIANT_FIELDS)}")
         clone = copy.copy(self)  # shares the ViT
         clone.__dict__ = dict(self.__dict__)
-        layer, size = int(overrides.get("layer", self.layer)), int(overrides.get("image_size", self.image_size))
-        if not 0 <= layer < len(self.model.encoder.layer):
-            raise ValueError(f"layer {layer} out of range: the model has {len(self.model.encoder.layer)} blocks")
-        if size % self.patch_size:
-            raise ValueError(f"image_size {size} is not a multiple of the patch size {self.patch_size}")
-        clone.layer, clone.image_size = layer, size
+        for name, value in overrides.items():
+            setattr(clone, name, [int(i) for i in value or []] if name == "ensemble_layers" else value)
+        clone._validate()
         return clone
 
     @staticmethod
@@ -87,9 +214,9 @@ class DinoFeaturizer(nn.Module):
             return build_dinov2(random_init)
         if not model_id:
             raise ValueError("DinoFeaturizer needs a model_id (hub id or local directory) or random_init")
-        from transformers import Dinov2Model
+        from transformers import AutoModel
 
-        return load_pretrained(Dinov2Model, model_id, what="model.init_args.dino.init_args.model_id")
+        return load_pretrained(AutoModel, model_id, what="model.init_args.dino.init_args.model_id")
 
     def save_pretrained(self, directory: str) -> None:
         """Save the ViT so that ``DinoFeaturizer(model_id=directory)`` loads it back."""
@@ -100,6 +227,10 @@ class DinoFeaturizer(nn.Module):
         """Number of patches per side."""
         return self.image_size // self.patch_size
 
+    def _facet_module(self, layer: int) -> nn.Module:
+        block = vit_blocks(self.model)[layer]
+        return block if self.facet == "token" else attention_projection(block, self.facet)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Extract patch tokens.
@@ -108,13 +239,25 @@ class DinoFeaturizer(nn.Module):
             images: ``[B, 3, image_size, image_size]`` in [0, 1].
 
         Returns:
-            ``[B, C, grid, grid]`` features of block ``layer`` (before the final norm).
+            ``[B, C, grid, grid]`` features of block ``layer`` (before the final norm), ensembles
+            concatenated along channels, bilateral-filtered when configured.
         """
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise ValueError(f"expected {self.image_size}px square images, got {tuple(images.shape)}")
         pixels = ((images - self.mean) / self.std).to(self.model.dtype)
-        block = self.model.encoder.layer[self.layer]
-        tokens = run_and_capture(lambda: self.model(pixel_values=pixels), {"block": block})["block"]
-        patches = tokens[:, self.num_prefix_tokens :].float()
+        layers = [self.layer, *self.ensemble_layers]
+        kwargs = {} if "dinov2" in self.model.config.model_type else {"interpolate_pos_encoding": True}
+        captured = run_and_capture(
+            lambda: self.model(pixel_values=pixels, **kwargs), {str(i): self._facet_module(i) for i in layers}
+        )
         grid = self.grid_size
-        return patches.transpose(1, 2).reshape(len(images), -1, grid, grid)
+        maps = [
+            captured[str(i)][:, self.num_prefix_tokens :].float().transpose(1, 2).reshape(len(images), -1, grid, grid)
+            for i in layers
+        ]
+        features = maps[0] if len(maps) == 1 else torch.cat([m / m.norm(dim=1, keepdim=True).clamp_min(1e-12) for m in maps], 1)
+        if self.bilateral_window:
+            features = bilateral_filter(
+                features, self.bilateral_window, self.bilateral_sigma_space, self.bilateral_sigma_range
+            )
+        return features

@@ -18,6 +18,7 @@ __all__ = [
     "TINY_VAE",
     "TINY_TEXT_ENCODER",
     "TINY_DINOV2",
+    "TINY_VIT",
     "build_sd_components",
     "build_dinov2",
     "write_byte_level_clip_vocab",
@@ -53,6 +54,14 @@ TINY_TEXT_ENCODER: dict[str, Any] = {
     "num_attention_heads": 2,
     "max_position_embeddings": 77,
     "projection_dim": 32,
+}
+TINY_VIT: dict[str, Any] = {
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "patch_size": 16,
+    "image_size": 224,
 }
 TINY_DINOV2: dict[str, Any] = {
     "hidden_size": 32,
@@ -139,10 +148,17 @@ def build_sd_components(random_init: dict[str, Any], tmp_dir: str | Path) -> dic
 
 
 def build_dinov2(random_init: dict[str, Any]) -> torch.nn.Module:
-    """Build a random ``Dinov2Model`` from the tiny defaults updated by ``random_init`` (and its ``seed``)."""
-    from transformers import Dinov2Config, Dinov2Model
+    """Build a random ViT from the tiny defaults updated by ``random_init`` (and its ``seed``).
 
-    cfg = _merged(TINY_DINOV2, {k: v for k, v in random_init.items() if k != "seed"})
+    ``model_type: vit`` builds a ``transformers.ViTModel`` (the DINOv1 / iBOT architecture, patch 16)
+    instead of a ``Dinov2Model``.
+    """
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+    overrides = {k: v for k, v in random_init.items() if k not in ("seed", "model_type")}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(random_init.get("seed", 0)))
-        return Dinov2Model(Dinov2Config(**cfg))
+        if random_init.get("model_type", "dinov2") == "vit":
+            cfg = _merged(TINY_VIT, overrides)
+            return ViTModel(ViTConfig(**cfg), add_pooling_layer=False)
+        return Dinov2Model(Dinov2Config(**_merged(TINY_DINOV2, overrides)))
