@@ -123,7 +123,7 @@ def test_local_pretrained_directories_load_through_the_config(tmp_path, monkeypa
     # the same tiny models that configs/featurizers/tiny_*.yaml build
     sd = SDFeaturizer(model_id=None, random_init={"seed": 0}, image_size=256, crop_size=128)
     dino = DinoFeaturizer(
-        model_id=None, random_init={"seed": 0, "num_hidden_layers": 4, "hidden_size": 80}, layer=3, image_size=224
+        model_id=None, random_init={"seed": 0, "num_hidden_layers": 12, "hidden_size": 80}, layer=11, image_size=224
     )
     sd.save_pretrained(tmp_path / "sd")
     dino.save_pretrained(str(tmp_path / "dino"))
