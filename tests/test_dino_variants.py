@@ -119,3 +119,20 @@ def test_ibot_checkpoint_maps_onto_a_transformers_vit(images) -> None:
     assert torch.allclose(target(pixel_values=pixels).last_hidden_state, source(pixel_values=pixels).last_hidden_state)
     with pytest.raises(ValueError, match="unexpected key"):
         ibot_to_transformers({"blocks.0.ls1.gamma": torch.zeros(1)}, target)
+
+
+def test_ibot_checkpoint_file_replaces_the_weights(tmp_path, images) -> None:
+    from lightning_modules.components.tiny_models import build_dinov2
+
+    source = DinoFeaturizer(model_id=None, random_init={"seed": 2, "model_type": "vit"}, layer=3, image_size=224)
+    arch = DinoFeaturizer(model_id=None, random_init={"seed": 3, "model_type": "vit"}, layer=3, image_size=224)
+    arch.save_pretrained(str(tmp_path / "arch"))
+    torch.save(_to_timm(source.model), tmp_path / "checkpoint_teacher.pth")
+    loaded = DinoFeaturizer(model_id=str(tmp_path / "arch"), layer=3, image_size=224,
+                            checkpoint=str(tmp_path / "checkpoint_teacher.pth"))
+    assert torch.allclose(loaded(images), source(images), atol=1e-6)
+    assert not torch.allclose(loaded(images), arch(images))
+    other = build_dinov2({"seed": 0, "model_type": "vit", "hidden_size": 48})
+    torch.save(_to_timm(other), tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="wrong.pth does not fit"):
+        DinoFeaturizer(model_id=str(tmp_path / "arch"), layer=3, image_size=224, checkpoint=str(tmp_path / "wrong.pth"))

@@ -144,6 +144,9 @@ class DinoFeaturizer(nn.Module):
         bilateral_window: Odd window of a bilateral filter over the token map (Filter-ViT); 0 = off.
         bilateral_sigma_space: Spatial width of that filter, in cells.
         bilateral_sigma_range: Feature-similarity width of that filter.
+        checkpoint: A timm-style ViT checkpoint (the iBOT release's ``checkpoint_teacher.pth``) whose
+            weights replace ``model_id``'s after :func:`ibot_to_transformers`; ``model_id`` then only gives
+            the architecture (``facebook/dino-vitb16`` for iBOT ViT-B/16).
     """
 
     def __init__(
@@ -157,10 +160,13 @@ class DinoFeaturizer(nn.Module):
         bilateral_window: int = 0,
         bilateral_sigma_space: float = 1.0,
         bilateral_sigma_range: float = 0.5,
+        checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         self.model_id = None if random_init is not None else model_id  # where the weights came from
         self.model = self._load(model_id, random_init)
+        if checkpoint is not None:
+            self._load_checkpoint(checkpoint)
         self.model.requires_grad_(False).eval()
         self.patch_size = int(self.model.config.patch_size)
         self.num_prefix_tokens = 1 + int(getattr(self.model.config, "num_register_tokens", 0) or 0)
@@ -217,6 +223,23 @@ class DinoFeaturizer(nn.Module):
         from transformers import AutoModel
 
         return load_pretrained(AutoModel, model_id, what="model.init_args.dino.init_args.model_id")
+
+    def _load_checkpoint(self, path: str) -> None:
+        """Replace the weights with a converted timm-style (iBOT / DINO) checkpoint."""
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as err:
+            raise ValueError(f"could not read the ViT checkpoint {path}: {err}") from err
+        try:
+            result = self.model.load_state_dict(ibot_to_transformers(raw, self.model), strict=False)
+        except RuntimeError as err:  # shape mismatches
+            raise ValueError(f"checkpoint {path} does not fit the architecture of {self.model_id!r}: {err}") from err
+        missing = [k for k in result.missing_keys if "pooler" not in k]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"checkpoint {path} does not fit the architecture of {self.model_id!r}: missing {missing[:5]}, "
+                f"unexpected {list(result.unexpected_keys)[:5]}"
+            )
 
     def save_pretrained(self, directory: str) -> None:
         """Save the ViT so that ``DinoFeaturizer(model_id=directory)`` loads it back."""
