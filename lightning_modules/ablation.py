@@ -32,7 +32,9 @@ class ZeroShotAblation(L.LightningModule):
         sd: The SD featurizer whose weights every SD variant shares.
         dino: The DINO featurizer.
         sd_variants: Variant name -> extraction overrides (``timestep``, ``prompt``, ``image_size``, ...).
-        dino_variants: Variant name -> DINO extraction overrides (``layer``, ``image_size``).
+        dino_variants: Variant name -> DINO extraction overrides (``layer``, ``image_size``, ``facet``, ...).
+        sd_models: Further SD featurizers (their own weights: SD 1-3, 2-1-base, ...) rows can name.
+        dino_models: Further DINO featurizers (DINOv1, iBOT, DINOv2-S, ...) rows can name.
         title: Table title (printed and written).
         eval_size: Keypoint-to-cell square (default: the DINO input size, else SD's).
         analysis: Run the supplementary's A.10 analysis over three rows, named by role:
@@ -51,11 +53,14 @@ class ZeroShotAblation(L.LightningModule):
         eval_size: int | None = None,
         analysis: dict[str, str] | None = None,
         analysis_alpha: float = 0.1,
+        sd_models: dict[str, SDFeaturizer] | None = None,
+        dino_models: dict[str, DinoFeaturizer] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["sd", "dino"])
+        self.save_hyperparameters(ignore=["sd", "dino", "sd_models", "dino_models"])
         self.ablation = AblationCorrespondence(
-            rows, sd=sd, dino=dino, sd_variants=sd_variants, dino_variants=dino_variants, eval_size=eval_size
+            rows, sd=sd, dino=dino, sd_variants=sd_variants, dino_variants=dino_variants, eval_size=eval_size,
+            sd_models=sd_models, dino_models=dino_models,
         )
         self.title = title
         names = {row.name for row in rows}

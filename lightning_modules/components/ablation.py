@@ -40,6 +40,14 @@ def _variants(kind: str, base: Any, overrides: Mapping[str, Mapping[str, Any]] |
     return {"default": base, **{name: base.variant(**o) for name, o in (overrides or {}).items()}}
 
 
+def _models(kind: str, models: Mapping[str, Any], variants: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Extra featurizers by name; a name may not also be a variant or ``default``."""
+    clash = sorted(set(models) & ({"default"} | set(variants or {})))
+    if clash:
+        raise ValueError(f"{kind}_models names {clash} clash with variant names")
+    return dict(models)
+
+
 @dataclass
 class AblationRow:
     """One row of an ablation table.
@@ -84,7 +92,10 @@ class AblationCorrespondence(nn.Module):
         dino: The DINO featurizer, or None.
         sd_variants: Variant name -> extraction overrides of ``sd`` (see ``SDFeaturizer.variant``),
             e.g. ``{"t0": {"timestep": 0}}``; ``"default"`` is ``sd`` itself.
-        dino_variants: The same for ``dino`` (``layer``, ``image_size``).
+        dino_variants: The same for ``dino`` (``layer``, ``image_size``, ``facet``, ...).
+        sd_models: Further SD featurizers with their own weights (other SD versions), usable by rows
+            under their names like variants.
+        dino_models: Further DINO featurizers with their own weights (DINOv1, iBOT, DINOv2-S, ...).
         eval_size: Keypoint-to-cell square (default: the DINO input size, else the SD one).
 
     Attributes:
@@ -99,6 +110,8 @@ class AblationCorrespondence(nn.Module):
         sd_variants: Mapping[str, Mapping[str, Any]] | None = None,
         dino_variants: Mapping[str, Mapping[str, Any]] | None = None,
         eval_size: int | None = None,
+        sd_models: Mapping[str, SDFeaturizer] | None = None,
+        dino_models: Mapping[str, DinoFeaturizer] | None = None,
     ) -> None:
         super().__init__()
         if not rows:
@@ -108,8 +121,12 @@ class AblationCorrespondence(nn.Module):
             raise ValueError(f"row names must be unique: {names}")
         self.rows = list(rows)
         self.sd, self.dino = sd, dino
-        self.variants = _variants("sd", sd, sd_variants)
-        self.dino_variants = _variants("dino", dino, dino_variants)
+        self.sd_models = nn.ModuleDict(dict(sd_models or {}))  # registered: they move with the module
+        self.dino_models = nn.ModuleDict(dict(dino_models or {}))
+        self.variants = {**_variants("sd", sd, sd_variants), **_models("sd", self.sd_models, sd_variants)}
+        self.dino_variants = {
+            **_variants("dino", dino, dino_variants), **_models("dino", self.dino_models, dino_variants)
+        }
         for row in self.rows:
             for kind, name, known in (("SD", row.sd, self.variants), ("DINO", row.dino, self.dino_variants)):
                 if name is not None and name not in known:
