@@ -8,6 +8,8 @@ datamodule's protocol, and the table (rows x alphas, the protocol's headline ave
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -168,14 +170,16 @@ def ablation_table(results: Mapping[str, Any]) -> tuple[str, str]:
     head = ["setting", *(f"PCK@{a}" for a in alphas)]
     lines = [f"**{results.get('title') or 'Ablation'}** ({results['average']}, percent)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    csv_lines = [",".join(head)]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(head)
     for name, values in table.items():
         cells = [f"{values[a]:.2f}" for a in alphas]
         lines.append("| " + " | ".join([name.replace("|", "\\|"), *cells]) + " |")
-        csv_lines.append(",".join([f'"{name}"', *cells]))
+        writer.writerow([name, *cells])
     passes = ", ".join(f"{k}: {v}" for k, v in results.get("extraction_passes", {}).items())
     lines += ["", f"extraction passes: {passes}"]
-    return "\n".join(lines) + "\n", "\n".join(csv_lines) + "\n"
+    return "\n".join(lines) + "\n", buffer.getvalue()
 
 
 def analysis_markdown(analysis: Mapping[str, Any]) -> str:

@@ -29,7 +29,15 @@ from lightning_modules.components.pipeline import FusedCorrespondence
 REPO = Path(__file__).resolve().parents[1]
 ABLATIONS = REPO / "configs" / "ablations"
 TINY = ABLATIONS / "tiny.yaml"
-TABLES = sorted(p for p in ABLATIONS.glob("*.yaml") if p.name != "tiny.yaml")
+#: Table configs. ``tiny.yaml`` swaps in tiny random SD / DINO; a table with extra models (``sd_models`` /
+#: ``dino_models``) names its own tiny stand-ins (``tiny_<...>.yaml``) in its smoke-run comment.
+TABLES = sorted(p for p in ABLATIONS.glob("*.yaml") if not p.name.startswith("tiny"))
+
+
+def _tiny_configs(table: Path) -> list[Path]:
+    """tiny.yaml, then the per-table tiny overrides that the table's header comment tells users to add."""
+    named = re.findall(r"configs/ablations/(tiny_[\w-]+\.yaml)", table.read_text())
+    return [TINY, *(ABLATIONS / name for name in dict.fromkeys(named))]
 
 SIZES = [(90, 150), (120, 100), (64, 64), (100, 130)]  # (height, width) of the 4 distinct images
 PAIRS = [(0, 1), (1, 2), (0, 3)]  # 3 pairs over 4 images; images 0 and 1 are shared
@@ -167,11 +175,12 @@ def test_rows_equal_separate_pipelines(tiny_sd, tiny_dino, ablation_run, referen
     references = {
         "no pca": FusedCorrespondence(tiny_sd, tiny_dino, alpha=0.5, pca_dims=None),
         "concat": FusedCorrespondence(tiny_sd, tiny_dino, alpha=0.5, pca_dims=(256,) * 3, fusion="concat"),
-        "sd only @192": FusedCorrespondence(tiny_sd, tiny_dino, alpha=1.0, pca_dims=(256,) * 3),
-        # the ablation maps keypoints in its module-wide square (the DINO input size) unless a row says otherwise
-        "sd only": FusedCorrespondence(tiny_sd, tiny_dino, alpha=1.0, pca_dims=(256,) * 3, eval_size=224),
+        "sd only @192": FusedCorrespondence(tiny_sd, tiny_dino, alpha=1.0, pca_dims=(256,) * 3, eval_size=192),
+        # keypoints map at the DINO input size whenever DINO is configured, even for SD-only (the reference)
+        "sd only": FusedCorrespondence(tiny_sd, tiny_dino, alpha=1.0, pca_dims=(256,) * 3),
     }
-    assert references["sd only @192"].eval_size == 192
+    assert references["sd only"].eval_size == 224
+    assert FusedCorrespondence(tiny_sd, None, alpha=1.0, pca_dims=(256,) * 3).eval_size == 192
     for name, pipeline in references.items():
         _assert_same(outputs[name], _reference(pipeline, reference_features, samples), name)
 
@@ -189,12 +198,6 @@ def test_layer_subset_row_equals_a_pipeline_extracting_only_that_layer(tiny_sd, 
     _assert_same(outputs["layer 5"], reference.predict_pairs(samples), "layer 5")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an SD-only row maps keypoints in the ablation's module-wide eval_size (the DINO input size, "
-    "224 here) while FusedCorrespondence(alpha=1) uses the SD input size (192), so the row does not predict "
-    "what the separate SD-only pipeline predicts (sub-pixel shifts) unless the row sets eval_size itself",
-)
 def test_sd_only_row_with_default_eval_size_equals_a_separate_sd_only_pipeline(
     tiny_sd, tiny_dino, ablation_run, reference_features, samples
 ) -> None:
@@ -203,11 +206,6 @@ def test_sd_only_row_with_default_eval_size_equals_a_separate_sd_only_pipeline(
     _assert_same(outputs["sd only"], _reference(reference, reference_features, samples), "sd only")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a DINO-only row on a DINO variant of another input size keeps the module-wide eval_size "
-    "(the base DINO size) while FusedCorrespondence on that featurizer uses its own input size",
-)
 def test_dino_variant_row_with_default_eval_size_equals_a_separate_pipeline(tiny_dino, samples) -> None:
     ablation = AblationCorrespondence(
         [AblationRow("dino 112", sd=None, dino="small")], dino=tiny_dino, dino_variants={"small": {"image_size": 112}}
@@ -216,13 +214,6 @@ def test_dino_variant_row_with_default_eval_size_equals_a_separate_pipeline(tiny
     _assert_same(ablation.predict_pairs(samples)["dino 112"], reference.predict_pairs(samples), "dino 112")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a row that keeps DINO but gives it alpha=1 (configs/ablations/a7_alpha.yaml 'alpha 1.0 (SD)') "
-    "resizes the SD block to the DINO grid (16 here) because the grid comes from row.dino, not from whether "
-    "DINO has a weight; FusedCorrespondence(alpha=1) keeps the finest SD grid (12 here), so even with the same "
-    "eval_size the predictions differ (with SD 960 px and DINO 840 px both grids are 60, which hides it)",
-)
 def test_alpha_one_row_equals_a_separate_alpha_one_pipeline(
     tiny_sd, tiny_dino, ablation_run, reference_features, samples
 ) -> None:
@@ -338,11 +329,6 @@ def test_ablation_table_escapes_pipes_and_quotes_csv_names() -> None:
     assert text.splitlines()[2].startswith('"(F_SD, F_DINO)",')
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='BUG: ablation_table wraps CSV names in quotes without doubling inner quotes, so a row name '
-    'containing `"` (e.g. 5" crop) produces a malformed CSV line',
-)
 def test_ablation_csv_round_trips_names_with_quotes() -> None:
     names = ['5" crop', "plain"]
     _, text = ablation_table(_results(names))
@@ -371,13 +357,18 @@ def spair_root(tmp_path_factory) -> Path:
 
 def test_there_is_a_table_config() -> None:
     assert TINY.is_file() and TABLES, "configs/ablations/ must hold table configs besides tiny.yaml"
+    named = {path for table in TABLES for path in _tiny_configs(table)}
+    assert all(path.is_file() for path in named), sorted(named)
+    for extra in ABLATIONS.glob("tiny_*.yaml"):  # every per-table tiny override is named by its table
+        assert extra in named, f"{extra.name} is not named in any table config's smoke-run comment"
 
 
 @pytest.mark.parametrize("table", TABLES, ids=lambda p: p.stem)
 def test_every_ablation_config_runs_end_to_end(table, spair_root, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # relative paths in configs must not write into the repository
     out = tmp_path / "out"
-    cli = evaluate.main(["test", "--config", str(table), "--config", str(TINY), "--data.root", str(spair_root),
+    tiny = [arg for path in _tiny_configs(table) for arg in ("--config", str(path))]
+    cli = evaluate.main(["test", "--config", str(table), *tiny, "--data.root", str(spair_root),
                          "--data.num_workers", "0", "--trainer.accelerator", "cpu",
                          "--trainer.default_root_dir", str(out)])
     config = OmegaConf.to_container(OmegaConf.load(table), resolve=False)

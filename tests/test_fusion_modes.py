@@ -8,8 +8,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules.components.fusion import FUSIONS, co_pca, fuse, l2_normalize, merge_layers
-from lightning_modules.components.pipeline import DescriptorSpec, ImageFeatures, describe_pair
+from lightning_modules.components.fusion import (
+    FUSIONS,
+    co_pca,
+    fuse,
+    l2_normalize,
+    merge_layers,
+)
+from lightning_modules.components.pipeline import (
+    DescriptorSpec,
+    ImageFeatures,
+    describe_pair,
+)
 
 
 def _maps(c_sd: int = 6, c_dino: int = 6, size: int = 4, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -135,9 +135,10 @@ class AblationCorrespondence(nn.Module):
         for row, spec in zip(self.rows, self.specs):
             if row.sd is not None:
                 spec.layer_positions(self.variants[row.sd].layers)  # fail at start-up, not mid-run
-        self.eval_size = int(eval_size or default_eval_size(sd, dino))
-        self.used_variants = sorted({row.sd for row in self.rows if row.sd is not None})
-        self.used_dino_variants = sorted({row.dino for row in self.rows if row.dino is not None})
+        self.eval_size = eval_size
+        # a featurizer runs only for rows that give it a weight (an alpha-1 row with DINO set skips DINO)
+        self.used_variants = sorted({r.sd for r, sp in zip(self.rows, self.specs) if sp.uses_sd})
+        self.used_dino_variants = sorted({r.dino for r, sp in zip(self.rows, self.specs) if sp.uses_dino})
         self.extraction_passes = {
             **{f"sd:{v}": 0 for v in self.used_variants}, **{f"dino:{v}": 0 for v in self.used_dino_variants}
         }
@@ -178,12 +179,14 @@ class AblationCorrespondence(nn.Module):
             self.extraction_passes[f"dino:{variant}"] += len(images)
         outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
         for row, spec in zip(self.rows, self.specs):
-            layers = self.variants[row.sd].layers if row.sd is not None else []
-            grid = self.dino_variants[row.dino].grid_size if row.dino is not None else None
-            eval_size = row.eval_size or self.eval_size
+            layers = self.variants[row.sd].layers if spec.uses_sd else []
+            grid = self.dino_variants[row.dino].grid_size if spec.uses_dino else None
+            eval_size = self.row_eval_size(row)
             outputs[row.name] = []
             for s in samples:
-                src, trg = (self._combine(row, sd_feats, dino_feats, s[k]) for k in ("src_image_path", "trg_image_path"))
+                src, trg = (
+                    self._combine(row, spec, sd_feats, dino_feats, s[k]) for k in ("src_image_path", "trg_image_path")
+                )
                 descriptors = describe_pair(src, trg, spec, layers, grid)
                 pred, distance = match_keypoints(descriptors, src, trg, s["src_kps"], eval_size)
                 out = {"pred_kps": pred, "distance": distance}
@@ -195,16 +198,26 @@ class AblationCorrespondence(nn.Module):
                 outputs[row.name].append(out)
         return outputs
 
+    def row_eval_size(self, row: AblationRow) -> int:
+        """The row's keypoint-to-cell square: its own ``eval_size``, else the module's, else the input size
+        of the row's DINO featurizer (the base one for SD-only rows, as the reference maps keypoints at
+        the DINOv2 size even without fusion), else its SD featurizer's (:func:`default_eval_size`)."""
+        if row.eval_size or self.eval_size:
+            return int(row.eval_size or self.eval_size)
+        dino = self.dino_variants.get(row.dino or "default")
+        return default_eval_size(self.variants.get(row.sd or "default"), dino)
+
     @staticmethod
     def _combine(
         row: AblationRow,
+        spec: DescriptorSpec,
         sd_feats: Mapping[str, Mapping[str, ImageFeatures]],
         dino_feats: Mapping[str, Mapping[str, ImageFeatures]],
         path: str,
     ) -> ImageFeatures:
         """The features of one image that a row uses."""
-        sd = sd_feats[row.sd][path] if row.sd is not None else None
-        dino = dino_feats[row.dino][path] if row.dino is not None else None
+        sd = sd_feats[row.sd][path] if spec.uses_sd else None
+        dino = dino_feats[row.dino][path] if spec.uses_dino else None
         base = sd or dino
         assert base is not None
         return ImageFeatures(

@@ -229,7 +229,8 @@ class FusedCorrespondence(nn.Module):
             run, with 0 the SD featurizer is not run.
         pca_dims: Co-PCA dimension per SD layer (256 each in the paper); None keeps the raw channels.
         eval_size: Side of the padded square in which keypoints are mapped to feature cells; defaults to
-            the DINO input size when DINO is used (840 in the reference), else the SD input size.
+            the DINO input size when a DINO featurizer is configured (840 in the reference, also for its
+            SD-only runs), else the SD input size.
         fusion: How the blocks are combined (``fusion.FUSIONS``; ``concat_l2`` is the paper's).
 
     Attributes:
@@ -257,7 +258,9 @@ class FusedCorrespondence(nn.Module):
             raise ValueError(f"alpha={alpha} gives DINO features a weight, but no dino featurizer is configured")
         if self.sd is not None:
             self.spec.layer_positions(self.sd.layers)  # validates pca_dims against the layers now
-        self.eval_size = int(eval_size or default_eval_size(self.sd, self.dino))
+        # keypoints map at the DINO input size whenever DINO is configured, even with alpha 1 (the
+        # reference maps them at the DINOv2 size in its SD-only runs too)
+        self.eval_size = int(eval_size or default_eval_size(self.sd, dino))
         self.extraction_passes = {"sd": 0, "dino": 0}
         self.register_buffer("_device_marker", torch.empty(0), persistent=False)
 
