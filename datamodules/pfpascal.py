@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .records import PairRecordsDataset
+from .records import PairRecordsDataset, category_filter
 from .spair import load_rgb_image
 
 __all__ = [
@@ -263,11 +263,8 @@ class PFPascalDataset(PairRecordsDataset):
         if threshold not in _THRESHOLDS:
             raise ValueError(f"Unknown PF-PASCAL threshold {threshold!r}; expected one of {list(_THRESHOLDS)}")
         self.threshold_mode = threshold
-        if isinstance(categories, str):
-            categories = [categories]
+        categories = category_filter(categories)
         if categories is not None:
-            if len(categories) == 0:
-                raise ValueError("categories is an empty list; pass None to keep all categories")
             unknown = sorted({c for c in categories if c not in PF_PASCAL_CATEGORIES})
             if unknown:
                 raise ValueError(f"Unknown PF-PASCAL categories {unknown}; known: {list(PF_PASCAL_CATEGORIES)}")

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from .pfpascal import read_image_size, resolve_pair_path
-from .records import PairRecordsDataset
+from .records import PairRecordsDataset, category_filter
 from .spair import load_rgb_image
 
 __all__ = ["LAYOUT_HINT", "PF_WILLOW_CSV_NAMES", "PFWillowDataset", "PFWillowRecord", "NUM_KEYPOINTS"]
@@ -117,10 +117,7 @@ class PFWillowDataset(PairRecordsDataset):
     def __init__(self, root: str | Path, categories: Sequence[str] | None = None) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
-        if isinstance(categories, str):
-            categories = [categories]
-        if categories is not None and len(categories) == 0:
-            raise ValueError("categories is an empty list; pass None to keep all categories")
+        categories = category_filter(categories)
         if not self.root.is_dir():
             raise FileNotFoundError(f"PF-WILLOW root not found: {self.root}; {LAYOUT_HINT}")
         csv_path = next((self.root / n for n in PF_WILLOW_CSV_NAMES if (self.root / n).is_file()), None)

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
-__all__ = ["PairRecordsDataset"]
+__all__ = ["PairRecordsDataset", "category_filter"]
+
+
+def category_filter(categories: str | Sequence[str] | None) -> list[str] | None:
+    """A reader's category filter: None keeps everything, a single name becomes a list, [] is an error."""
+    if categories is None:
+        return None
+    names = [categories] if isinstance(categories, str) else list(categories)
+    if not names:
+        raise ValueError("categories is an empty list; pass None to keep all categories")
+    return names
 
 
 class PairRecordsDataset(Dataset):

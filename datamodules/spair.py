@@ -28,7 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .protocols import SPAIR_VARIATIONS
-from .records import PairRecordsDataset
+from .records import PairRecordsDataset, category_filter
 
 __all__ = [
     "SPLIT_ALIASES",
@@ -325,10 +325,7 @@ class SPairDataset(PairRecordsDataset):
             raise ValueError(
                 f"pairs_per_category must be a positive int or None, got {pairs_per_category!r}"
             )
-        if isinstance(categories, str):
-            categories = [categories]
-        if categories is not None and len(categories) == 0:
-            raise ValueError("categories is an empty list; pass None to keep all categories")
+        categories = category_filter(categories)
 
         if not self.root.is_dir():
             raise FileNotFoundError(f"SPair-71k root not found: {self.root}; {LAYOUT_HINT}")

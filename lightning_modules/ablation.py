@@ -18,9 +18,9 @@ import lightning as L
 import torch
 
 from .components.ablation import AblationCorrespondence, AblationRow
+from .components.analysis import relative_distance, summarize_fusion_analysis
 from .components.dino_featurizer import DinoFeaturizer
 from .components.sd_featurizer import SDFeaturizer
-from .components.analysis import relative_distance, summarize_fusion_analysis
 from .metrics import PCK, keypoint_correct
 
 __all__ = ["ZeroShotAblation"]
