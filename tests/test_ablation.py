@@ -420,3 +420,27 @@ def test_every_ablation_config_runs_end_to_end(table, spair_root, tmp_path, monk
         for alpha, value in table_row.items():
             assert results["rows"][name]["pck"][alpha]["category_mean"] == value
             assert value == pytest.approx(_category_mean(row_preds, float(alpha)), abs=1e-6)
+
+
+def test_learned_projection_row_replaces_co_pca(tiny_sd, tiny_dino, samples, tmp_path) -> None:
+    """Table 3's projection row: a saved per-layer linear map instead of co-PCA, checked by hand."""
+    from lightning_modules.components.pipeline import DescriptorSpec, describe_pair, extract_features
+
+    torch.manual_seed(0)
+    weights = {"2.weight": torch.randn(4, 32), "2.bias": torch.randn(4), "5.weight": torch.randn(4, 32),
+               "8.weight": torch.randn(4, 16)}
+    torch.save(weights, tmp_path / "proj.pt")
+    src, trg = extract_features(tiny_sd, None, [samples[0]["src_image"], samples[0]["trg_image"]], ["cat"] * 2,
+                                torch.device("cpu"))
+    spec = DescriptorSpec(alpha=1.0, pca_dims=None, projection=str(tmp_path / "proj.pt"), sd_layers=(2,))
+    got = describe_pair(src, trg, spec, tiny_sd.layers)
+    raw = torch.stack([src.sd[0], trg.sd[0]])
+    expected = torch.einsum("dc,nchw->ndhw", weights["2.weight"], raw) + weights["2.bias"].view(1, -1, 1, 1)
+    assert torch.allclose(got, expected / expected.norm(dim=1, keepdim=True), atol=1e-5)
+    row = AblationRow("proj", dino=None, pca_dim=None, projection=str(tmp_path / "proj.pt"))
+    ablation = AblationCorrespondence([row], sd=tiny_sd)
+    assert len(ablation.predict_pairs(samples)["proj"]) == len(samples)
+    torch.save({"2.weight": torch.randn(4, 7)}, tmp_path / "bad.pt")
+    bad = DescriptorSpec(alpha=1.0, pca_dims=None, projection=str(tmp_path / "bad.pt"), sd_layers=(2,))
+    with pytest.raises(ValueError, match=r"bad.pt.*'2.weight' must be \[d, 32\]"):
+        describe_pair(src, trg, bad, tiny_sd.layers)

@@ -61,6 +61,8 @@ class AblationRow:
         sd_layers: The SD layers used (None: all of the variant's).
         pca_dim: Co-PCA dimension per used layer (None: raw channels).
         eval_size: Keypoint-to-cell square of this row ("annotation resolution"; None: the module's).
+        projection: Path of a learned per-layer projection used instead of co-PCA (see
+            ``DescriptorSpec.projection``).
     """
 
     name: str
@@ -71,6 +73,7 @@ class AblationRow:
     sd_layers: list[int] | None = None
     pca_dim: int | None = 256
     eval_size: int | None = None
+    projection: str | None = None
 
     def spec(self, layers: Sequence[int]) -> DescriptorSpec:
         """The row's descriptor settings (alpha forced to 1 / 0 for SD-only / DINO-only rows)."""
@@ -80,7 +83,9 @@ class AblationRow:
         used = len(self.sd_layers if self.sd_layers is not None else layers)
         dims = None if self.pca_dim is None else (int(self.pca_dim),) * used
         sd_layers = None if self.sd_layers is None else tuple(int(i) for i in self.sd_layers)
-        return DescriptorSpec(alpha=alpha, pca_dims=dims, fusion=self.fusion, sd_layers=sd_layers)
+        return DescriptorSpec(
+            alpha=alpha, pca_dims=dims, fusion=self.fusion, sd_layers=sd_layers, projection=self.projection
+        )
 
 
 class AblationCorrespondence(nn.Module):

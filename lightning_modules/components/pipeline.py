@@ -8,6 +8,7 @@ Usable without Lightning::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ __all__ = [
     "extract_features",
     "flow_from_descriptors",
     "match_keypoints",
+    "project_layer",
     "unique_images",
 ]
 
@@ -61,12 +63,16 @@ class DescriptorSpec:
         pca_dims: Co-PCA dimension per used SD layer; None keeps the raw channels.
         fusion: One of ``fusion.FUSIONS`` (``concat_l2`` is the paper's).
         sd_layers: The extracted SD layer ids to use (None: all that were extracted).
+        projection: A learned per-layer projection used instead of co-PCA (supplementary Table 3: the
+            ODISE projection layer): a ``torch.save``d dict ``{"<layer>.weight": [d, C], "<layer>.bias": [d]}``
+            applied to every token of that layer (a 1x1 convolution).
     """
 
     alpha: float = 0.5
     pca_dims: tuple[int, ...] | None = (256, 256, 256)
     fusion: str = "concat_l2"
     sd_layers: tuple[int, ...] | None = None
+    projection: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -93,10 +99,34 @@ class DescriptorSpec:
             if missing:
                 raise ValueError(f"SD layers {missing} were not extracted (extracted: {list(extracted)})")
             positions = [list(extracted).index(layer) for layer in self.sd_layers]
-        if self.pca_dims is not None and len(self.pca_dims) != len(positions):
+        if self.projection is None and self.pca_dims is not None and len(self.pca_dims) != len(positions):
             used = [extracted[i] for i in positions]
             raise ValueError(f"pca_dims {list(self.pca_dims)} must have one entry per used SD layer {used}")
         return positions
+
+
+@functools.lru_cache(maxsize=8)
+def _projection_weights(path: str) -> dict[str, torch.Tensor]:
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as err:
+        raise ValueError(f"could not read the projection state dict {path}: {err}") from err
+    if not isinstance(weights, dict):
+        raise ValueError(f"projection file {path} must hold a dict of tensors, got {type(weights).__name__}")
+    return weights
+
+
+def project_layer(pair: torch.Tensor, path: str, layer: int) -> torch.Tensor:
+    """Apply the learned projection of ``layer`` from ``path`` to ``[2, C, H, W]`` features."""
+    weights = _projection_weights(path)
+    weight, bias = weights.get(f"{layer}.weight"), weights.get(f"{layer}.bias")
+    if weight is None or weight.ndim != 2 or weight.shape[1] != pair.shape[1]:
+        found = None if weight is None else tuple(weight.shape)
+        raise ValueError(
+            f"projection {path}: '{layer}.weight' must be [d, {pair.shape[1]}] for SD layer {layer}, found {found}"
+        )
+    out = torch.einsum("dc,nchw->ndhw", weight.to(pair), pair)
+    return out if bias is None else out + bias.to(pair).view(1, -1, 1, 1)
 
 
 def unique_images(samples: Sequence[Mapping[str, Any]]) -> dict[str, tuple[torch.Tensor, str]]:
@@ -169,7 +199,10 @@ def describe_pair(
                 raise ValueError(f"alpha={spec.alpha} needs SD features, but none were extracted")
             positions = spec.layer_positions(sd_layer_ids or range(len(source.sd)))
             pairs = [torch.stack([source.sd[i], target.sd[i]]).float() for i in positions]
-            if spec.pca_dims is not None:
+            if spec.projection is not None:
+                ids = [list(sd_layer_ids or range(len(source.sd)))[i] for i in positions]
+                pairs = [project_layer(pair, spec.projection, layer) for pair, layer in zip(pairs, ids)]
+            elif spec.pca_dims is not None:
                 pairs = [co_pca(pair, dim) for pair, dim in zip(pairs, spec.pca_dims)]
             sd_block = merge_layers(pairs, grid)
         dino_block = None
