@@ -44,7 +44,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .records import PairRecordsDataset, category_filter
-from .spair import load_rgb_image
 
 __all__ = [
     "PF_PASCAL_CATEGORIES",
@@ -456,18 +455,7 @@ class PFPascalDataset(PairRecordsDataset):
             ValueError: If an image file cannot be decoded.
         """
         record = self.records[index]
-        sample: dict[str, Any] = {
-            "pair_id": record.pair_id,
-            "category": record.category,
-            "src_image": load_rgb_image(record.src_image_path),
-            "trg_image": load_rgb_image(record.trg_image_path),
-            "src_image_path": str(record.src_image_path),
-            "trg_image_path": str(record.trg_image_path),
-            "src_kps": record.src_kps.clone(),
-            "trg_kps": record.trg_kps.clone(),
-            "kps_valid": torch.ones(record.src_kps.shape[0], dtype=torch.bool),
-            "threshold": record.threshold,
-        }
+        sample: dict[str, Any] = self.load_pair(record)
         if record.src_bbox is not None:
             sample["src_bbox"] = record.src_bbox.clone()
         if record.trg_bbox is not None:

@@ -42,7 +42,6 @@ import torch
 
 from .pfpascal import read_image_size, resolve_pair_path
 from .records import PairRecordsDataset, category_filter
-from .spair import load_rgb_image
 
 __all__ = ["LAYOUT_HINT", "PF_WILLOW_CSV_NAMES", "PFWillowDataset", "PFWillowRecord", "NUM_KEYPOINTS"]
 
@@ -250,17 +249,8 @@ class PFWillowDataset(PairRecordsDataset):
         """
         record = self.records[index]
         return {
-            "pair_id": record.pair_id,
-            "category": record.category,
+            **self.load_pair(record),
             "subclass": record.subclass,
-            "src_image": load_rgb_image(record.src_image_path),
-            "trg_image": load_rgb_image(record.trg_image_path),
-            "src_image_path": str(record.src_image_path),
-            "trg_image_path": str(record.trg_image_path),
-            "src_kps": record.src_kps.clone(),
-            "trg_kps": record.trg_kps.clone(),
-            "kps_valid": torch.ones(record.src_kps.shape[0], dtype=torch.bool),
-            "threshold": record.threshold,
         }
 
     def __repr__(self) -> str:

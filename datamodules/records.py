@@ -1,4 +1,4 @@
-"""A base for readers that parse every pair annotation up front into ``records``."""
+"""Shared by the keypoint readers: image loading, the category filter, and a base over ``records``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-__all__ = ["PairRecordsDataset", "category_filter"]
+__all__ = ["PairRecordsDataset", "category_filter", "load_rgb_image"]
 
 
 def category_filter(categories: str | Sequence[str] | None) -> list[str] | None:
@@ -19,6 +22,33 @@ def category_filter(categories: str | Sequence[str] | None) -> list[str] | None:
     if not names:
         raise ValueError("categories is an empty list; pass None to keep all categories")
     return names
+
+
+def load_rgb_image(path: str | Path) -> torch.Tensor:
+    """Load an image file as an RGB ``uint8`` tensor.
+
+    Grayscale, palette, CMYK and RGBA images are converted to RGB (alpha is dropped).
+
+    Args:
+        path: Image file path.
+
+    Returns:
+        A ``torch.uint8`` tensor of shape ``[3, H, W]``.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If the file cannot be decoded as an image (corrupt, truncated, not an image).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            array = np.array(img.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"Could not read image {path}: {err}") from err
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 class PairRecordsDataset(Dataset):
@@ -42,3 +72,19 @@ class PairRecordsDataset(Dataset):
     def __len__(self) -> int:
         """Number of pairs."""
         return len(self.records)
+
+    def load_pair(self, record: Any) -> dict[str, Any]:
+        """The sample keys every keypoint reader shares, images decoded: ``pair_id``, ``category``,
+        ``src_image`` / ``trg_image``, their paths, ``src_kps`` / ``trg_kps`` (all valid) and ``threshold``."""
+        return {
+            "pair_id": record.pair_id,
+            "category": record.category,
+            "src_image": load_rgb_image(record.src_image_path),
+            "trg_image": load_rgb_image(record.trg_image_path),
+            "src_image_path": str(record.src_image_path),
+            "trg_image_path": str(record.trg_image_path),
+            "src_kps": record.src_kps.clone(),
+            "trg_kps": record.trg_kps.clone(),
+            "kps_valid": torch.ones(record.src_kps.shape[0], dtype=torch.bool),
+            "threshold": record.threshold,
+        }

@@ -23,12 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from .protocols import SPAIR_VARIATIONS
-from .records import PairRecordsDataset, category_filter
+from .records import PairRecordsDataset, category_filter, load_rgb_image
 
 __all__ = [
     "SPLIT_ALIASES",
@@ -77,33 +75,6 @@ def normalize_split(split: str) -> str:
         raise ValueError(
             f"Unknown SPair-71k split {split!r}; expected one of {sorted(SPLIT_ALIASES)}"
         ) from None
-
-
-def load_rgb_image(path: str | Path) -> torch.Tensor:
-    """Load an image file as an RGB ``uint8`` tensor.
-
-    Grayscale, palette, CMYK and RGBA images are converted to RGB (alpha is dropped).
-
-    Args:
-        path: Image file path.
-
-    Returns:
-        A ``torch.uint8`` tensor of shape ``[3, H, W]``.
-
-    Raises:
-        FileNotFoundError: If the file does not exist.
-        ValueError: If the file cannot be decoded as an image (corrupt, truncated, not an image).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Image file not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            array = np.array(img.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"Could not read image {path}: {err}") from err
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 @dataclass(frozen=True)
@@ -401,19 +372,9 @@ class SPairDataset(PairRecordsDataset):
             ValueError: If an image file cannot be decoded.
         """
         record = self.records[index]
-        n = record.src_kps.shape[0]
         return {
-            "pair_id": record.pair_id,
-            "category": record.category,
-            "src_image": load_rgb_image(record.src_image_path),
-            "trg_image": load_rgb_image(record.trg_image_path),
-            "src_image_path": str(record.src_image_path),
-            "trg_image_path": str(record.trg_image_path),
-            "src_kps": record.src_kps.clone(),
-            "trg_kps": record.trg_kps.clone(),
-            "kps_valid": torch.ones(n, dtype=torch.bool),
+            **self.load_pair(record),
             "kps_ids": list(record.kps_ids),
-            "threshold": record.threshold,
             "src_bbox": record.src_bbox.clone(),
             "trg_bbox": record.trg_bbox.clone(),
             "variations": dict(record.variations),

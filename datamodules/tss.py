@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .spair import load_rgb_image
+from .records import load_rgb_image
 
 __all__ = ["TSS_DATASETS", "TSS_LAYOUT_HINT", "TSSDataset", "read_flo", "tss_category", "write_flo"]
 
