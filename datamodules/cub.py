@@ -34,7 +34,7 @@ Expected layout (``root`` is the ``CUB_200_2011`` folder)::
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -228,52 +228,49 @@ def read_part_locs(path: str | Path) -> dict[int, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"CUB keypoint file not found: {path}; {LAYOUT_HINT}")
     parts: dict[int, np.ndarray] = {}
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            try:
-                if len(fields) != 5:
-                    raise ValueError(f"expected 5 fields, got {len(fields)}")
-                image_id, part_id = int(fields[0]), int(fields[1])
-                x, y, visible = float(fields[2]), float(fields[3]), float(fields[4])
-            except ValueError as err:
-                raise ValueError(
-                    f"Malformed CUB keypoint file {path} line {number}: {line.strip()!r} "
-                    f"(expected '<image id> <part id> <x> <y> <visible>'; {err})"
-                ) from None
-            if not 1 <= part_id <= CUB_NUM_PARTS:
-                raise ValueError(
-                    f"Malformed CUB keypoint file {path} line {number}: part id {part_id} is not in "
-                    f"1..{CUB_NUM_PARTS}"
-                )
-            block = parts.get(image_id)
-            if block is None:
-                block = parts[image_id] = np.full((CUB_NUM_PARTS, 3), np.nan, dtype=np.float32)
-            block[part_id - 1] = (x, y, visible)
+    parse = (int, int, float, float, float)
+    rows = _table_rows(path, "CUB keypoint file", "<image id> <part id> <x> <y> <visible>", parse)
+    for number, (image_id, part_id, x, y, visible) in rows:
+        if not 1 <= part_id <= CUB_NUM_PARTS:
+            raise ValueError(
+                f"Malformed CUB keypoint file {path} line {number}: part id {part_id} is not in 1..{CUB_NUM_PARTS}"
+            )
+        block = parts.get(image_id)
+        if block is None:
+            block = parts[image_id] = np.full((CUB_NUM_PARTS, 3), np.nan, dtype=np.float32)
+        block[part_id - 1] = (x, y, visible)
     return parts
 
 
 def read_image_list(path: str | Path) -> dict[int, str]:
     """Parse ``images.txt`` (``<image id> <relative path>`` per line) into ``{id: rel_path}``."""
-    path = Path(path)
-    out: dict[int, str] = {}
+    rows = _table_rows(Path(path), "CUB image list", "<image id> <relative path>", (int, str))
+    return {image_id: rel_path for _, (image_id, rel_path) in rows}
+
+
+def _table_rows(
+    path: Path, what: str, layout: str, parse: tuple[Callable[[str], Any], ...]
+) -> Iterator[tuple[int, list[Any]]]:
+    """``(line number, parsed fields)`` of a whitespace-separated CUB text file, blank lines skipped.
+
+    Raises:
+        ValueError: Naming the file, the line and the expected ``layout`` when a line has the wrong number
+            of fields or a field does not parse.
+    """
     with open(path, encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
             fields = line.split()
             if not fields:
                 continue
             try:
-                if len(fields) != 2:
-                    raise ValueError(f"expected 2 fields, got {len(fields)}")
-                out[int(fields[0])] = fields[1]
+                if len(fields) != len(parse):
+                    raise ValueError(f"expected {len(parse)} fields, got {len(fields)}")
+                values = [convert(field) for convert, field in zip(parse, fields)]
             except ValueError as err:
                 raise ValueError(
-                    f"Malformed CUB image list {path} line {number}: {line.strip()!r} "
-                    f"(expected '<image id> <relative path>'; {err})"
+                    f"Malformed {what} {path} line {number}: {line.strip()!r} (expected '{layout}'; {err})"
                 ) from None
-    return out
+            yield number, values
 
 
 def _scalar(path: Path, index: int, field: str, value: Any) -> Any:
