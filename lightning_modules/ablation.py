@@ -20,6 +20,7 @@ import torch
 from .components.ablation import AblationCorrespondence, AblationRow
 from .components.analysis import relative_distance, summarize_fusion_analysis
 from .components.dino_featurizer import DinoFeaturizer
+from .components.pipeline import EvalSize
 from .components.sd_featurizer import SDFeaturizer
 from .metrics import PCK, keypoint_correct
 
@@ -52,7 +53,7 @@ class ZeroShotAblation(L.LightningModule):
         sd_variants: dict[str, dict[str, Any]] | None = None,
         dino_variants: dict[str, dict[str, Any]] | None = None,
         title: str = "",
-        eval_size: int | None = None,
+        eval_size: EvalSize | None = None,
         analysis: dict[str, str] | None = None,
         analysis_alpha: float = 0.1,
         sd_models: dict[str, SDFeaturizer] | None = None,

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 
 from .components.dino_featurizer import DinoFeaturizer
-from .components.pipeline import FusedCorrespondence
+from .components.pipeline import EvalSize, FusedCorrespondence
 from .components.sd_featurizer import SDFeaturizer
 from .metrics import PCK, DenseFlowPCK, dense_flow_counts, format_alpha
 
@@ -42,7 +42,7 @@ class ZeroShotCorrespondence(L.LightningModule):
         dino: DinoFeaturizer | None = None,
         alpha: float = 0.5,
         pca_dims: Sequence[int] | None = (256, 256, 256),
-        eval_size: int | None = None,
+        eval_size: EvalSize | None = None,
         alphas: Sequence[float] | None = None,
         fusion: str = "concat_l2",
     ) -> None:

@@ -214,6 +214,14 @@ def test_dino_variant_row_with_default_eval_size_equals_a_separate_pipeline(tiny
     _assert_same(ablation.predict_pairs(samples)["dino 112"], reference.predict_pairs(samples), "dino 112")
 
 
+def test_original_annotation_row_equals_a_separate_pipeline_and_differs_from_the_default(tiny_dino, samples) -> None:
+    rows = [AblationRow("840", sd=None), AblationRow("original", sd=None, eval_size="original")]
+    outputs = AblationCorrespondence(rows, dino=tiny_dino).predict_pairs(samples)
+    reference = FusedCorrespondence(None, tiny_dino, alpha=0.0, eval_size="original")
+    _assert_same(outputs["original"], reference.predict_pairs(samples), "original")
+    assert any(not torch.equal(a["pred_kps"], b["pred_kps"]) for a, b in zip(outputs["original"], outputs["840"]))
+
+
 def test_alpha_one_row_equals_a_separate_alpha_one_pipeline(
     tiny_sd, tiny_dino, ablation_run, reference_features, samples
 ) -> None:

@@ -127,3 +127,48 @@ def test_a_known_shift_is_recovered_exactly() -> None:
     expected_cells = torch.stack([(cols + shift[0]) % grid, (rows + shift[1]) % grid], 1)
     assert torch.equal(predicted, expected_cells.float() * 14 + 6.5)
     assert torch.allclose(distance, torch.zeros(5), atol=1e-3)
+
+
+def _one_hot_grid(grid: int) -> torch.Tensor:
+    """Descriptors where every cell is its own basis vector: the nearest neighbour of a cell is itself."""
+    return torch.eye(grid * grid).view(grid * grid, grid, grid)
+
+
+def test_original_annotation_resolution_maps_each_image_in_its_own_square() -> None:
+    """Table 8's 'original': no resize, each image padded to its own long side, then cut into the grid."""
+    from lightning_modules.components.pipeline import ImageFeatures, annotation_geometry, keypoint_cells
+
+    image = ImageFeatures(sd=None, dino=None, width=300, height=200)
+    geometry = annotation_geometry(image, "original")
+    assert (geometry.size, geometry.scale, geometry.offset) == (300, 1.0, (0, 50))
+    assert annotation_geometry(image, 840).size == 840
+    # (149, 0) -> (149, 50) in the 300 px square; 10 cells of 30 px -> column 4, row 1
+    cells = keypoint_cells(image, torch.tensor([[149.0, 0.0], [299.0, 199.0]]), "original", grid=10)
+    assert cells.tolist() == [1 * 10 + 4, 8 * 10 + 9]
+
+
+def test_original_annotation_resolution_predicts_cell_centres_in_the_target_square() -> None:
+    """Identity descriptors send a source cell to the same target cell, whose centre is in target pixels."""
+    from lightning_modules.components.pipeline import ImageFeatures, match_keypoints
+
+    grid = 10
+    descriptors = torch.stack([_one_hot_grid(grid), _one_hot_grid(grid)])
+    source = ImageFeatures(sd=None, dino=None, width=300, height=200)  # 30 px cells, offset (0, 50)
+    target = ImageFeatures(sd=None, dino=None, width=100, height=200)  # 20 px cells, offset (50, 0)
+    predicted, distance = match_keypoints(descriptors, source, target, torch.tensor([[149.0, 0.0]]), "original")
+    # source cell (col 4, row 1) -> target centre 4 * 20 + 9.5 = 89.5, 1 * 20 + 9.5 = 29.5, minus offset (50, 0)
+    assert predicted.tolist() == [[39.5, 29.5]]
+    assert distance.tolist() == [0.0]
+    # at a common 840 px square the same keypoint falls elsewhere: the setting is really used
+    at_840, _ = match_keypoints(descriptors, source, target, torch.tensor([[149.0, 0.0]]), 840)
+    assert not torch.equal(at_840, predicted)
+
+
+def test_eval_size_rejects_anything_but_pixels_or_original() -> None:
+    from lightning_modules.components.pipeline import check_eval_size
+
+    assert check_eval_size("original") == "original" and check_eval_size(512) == 512 and check_eval_size(None) is None
+    with pytest.raises(ValueError, match="eval_size must be a positive number of pixels or 'original'"):
+        check_eval_size("native")
+    with pytest.raises(ValueError, match="row 'x' eval_size"):
+        check_eval_size(0, "row 'x' eval_size")

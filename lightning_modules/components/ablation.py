@@ -17,8 +17,10 @@ from torch import nn
 from .dino_featurizer import DinoFeaturizer
 from .pipeline import (
     DescriptorSpec,
+    EvalSize,
     ImageFeatures,
     cell_distances,
+    check_eval_size,
     default_eval_size,
     describe_pair,
     extract_features,
@@ -72,7 +74,7 @@ class AblationRow:
     fusion: str = "concat_l2"
     sd_layers: list[int] | None = None
     pca_dim: int | None = 256
-    eval_size: int | None = None
+    eval_size: EvalSize | None = None
     projection: str | None = None
 
     def spec(self, layers: Sequence[int]) -> DescriptorSpec:
@@ -114,7 +116,7 @@ class AblationCorrespondence(nn.Module):
         dino: DinoFeaturizer | None = None,
         sd_variants: Mapping[str, Mapping[str, Any]] | None = None,
         dino_variants: Mapping[str, Mapping[str, Any]] | None = None,
-        eval_size: int | None = None,
+        eval_size: EvalSize | None = None,
         sd_models: Mapping[str, SDFeaturizer] | None = None,
         dino_models: Mapping[str, DinoFeaturizer] | None = None,
     ) -> None:
@@ -140,7 +142,7 @@ class AblationCorrespondence(nn.Module):
         for row, spec in zip(self.rows, self.specs):
             if row.sd is not None:
                 spec.layer_positions(self.variants[row.sd].layers)  # fail at start-up, not mid-run
-        self.eval_size = eval_size
+        self.eval_size = check_eval_size(eval_size)
         # a featurizer runs only for rows that give it a weight (an alpha-1 row with DINO set skips DINO)
         self.used_variants = sorted({r.sd for r, sp in zip(self.rows, self.specs) if sp.uses_sd})
         self.used_dino_variants = sorted({r.dino for r, sp in zip(self.rows, self.specs) if sp.uses_dino})
@@ -203,12 +205,13 @@ class AblationCorrespondence(nn.Module):
                 outputs[row.name].append(out)
         return outputs
 
-    def row_eval_size(self, row: AblationRow) -> int:
+    def row_eval_size(self, row: AblationRow) -> EvalSize:
         """The row's keypoint-to-cell square: its own ``eval_size``, else the module's, else the input size
         of the row's DINO featurizer (the base one for SD-only rows, as the reference maps keypoints at
         the DINOv2 size even without fusion), else its SD featurizer's (:func:`default_eval_size`)."""
-        if row.eval_size or self.eval_size:
-            return int(row.eval_size or self.eval_size)
+        chosen = check_eval_size(row.eval_size, f"row {row.name!r} eval_size") or self.eval_size
+        if chosen:
+            return chosen
         dino = self.dino_variants.get(row.dino or "default")
         return default_eval_size(self.variants.get(row.sd or "default"), dino)
 

@@ -54,7 +54,7 @@ def nearest_neighbors(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.
 
 
 def transfer_keypoints(
-    source: torch.Tensor, target: torch.Tensor, points: torch.Tensor, size: int
+    source: torch.Tensor, target: torch.Tensor, points: torch.Tensor, size: int, target_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predict where source keypoints land in the target image.
 
@@ -62,16 +62,18 @@ def transfer_keypoints(
         source: ``[D, G, G]`` source descriptors.
         target: ``[D, G, G]`` target descriptors.
         points: ``[N, 2]`` (x, y) source keypoints in padded-input pixels.
-        size: Side of the padded input in pixels.
+        size: Side of the padded source square in pixels.
+        target_size: Side of the padded target square (default ``size``); differs from ``size`` only when
+            each image is annotated in its own square (the "original" annotation resolution).
 
     Returns:
-        ``(predicted points [N, 2] in padded-input pixels, L2 feature distance of each match [N])``.
+        ``(predicted points [N, 2] in padded-target pixels, L2 feature distance of each match [N])``.
     """
     grid = source.shape[-1]
     src_tokens, trg_tokens = source.flatten(1).T, target.flatten(1).T
     cells = points_to_cells(points, size, grid)
     index, distance = nearest_neighbors(src_tokens[cells], trg_tokens)
-    return cells_to_points(index, size, grid), distance
+    return cells_to_points(index, size if target_size is None else target_size, grid), distance
 
 
 def nearest_neighbor_index(queries: torch.Tensor, keys: torch.Tensor, chunk: int = 4096) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Union
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ __all__ = [
     "FusedCorrespondence",
     "ImageFeatures",
     "cell_distances",
+    "EvalSize",
+    "annotation_geometry",
+    "check_eval_size",
     "keypoint_cells",
     "describe_pair",
     "extract_features",
@@ -35,6 +38,11 @@ __all__ = [
     "project_layer",
     "unique_images",
 ]
+
+
+#: The square in which keypoints are mapped to feature cells (the "annotation resolution" of Table 8): a
+#: side in pixels, or ``"original"`` for each image's own padded square (its long side, no resize).
+EvalSize = Union[int, Literal["original"]]
 
 
 @dataclass
@@ -213,26 +221,45 @@ def describe_pair(
         return fuse(sd_block, dino_block, spec.alpha, spec.fusion)
 
 
+def check_eval_size(eval_size: EvalSize | None, field: str = "eval_size") -> EvalSize | None:
+    """Validate an ``eval_size`` setting: a positive int, ``"original"`` or None (the default)."""
+    if eval_size is None or eval_size == "original":
+        return eval_size
+    if isinstance(eval_size, str) or int(eval_size) <= 0:
+        raise ValueError(f"{field} must be a positive number of pixels or 'original', got {eval_size!r}")
+    return int(eval_size)
+
+
+def annotation_geometry(features: ImageFeatures, eval_size: EvalSize) -> PadResize:
+    """The map from an image's original pixels to the square where its keypoints meet the feature grid.
+
+    An int is the padded model-input convention of the reference (resize the long side to ``eval_size``,
+    pad to a centred square). ``"original"`` keeps the annotation in original pixels: the image's own
+    long side is the square, only the centring offset is applied.
+    """
+    size = max(features.width, features.height) if eval_size == "original" else int(eval_size)
+    return PadResize(features.width, features.height, size)
+
+
 def match_keypoints(
-    descriptors: torch.Tensor, source: ImageFeatures, target: ImageFeatures, src_kps: torch.Tensor, eval_size: int
+    descriptors: torch.Tensor, source: ImageFeatures, target: ImageFeatures, src_kps: torch.Tensor, eval_size: EvalSize
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Transfer source keypoints (original pixels) with a pair's descriptors.
 
     Returns:
         ``(predicted [N, 2] in original target pixels, feature distance of each match [N])``.
     """
-    src_geo = PadResize(source.width, source.height, eval_size)
-    trg_geo = PadResize(target.width, target.height, eval_size)
+    src_geo, trg_geo = annotation_geometry(source, eval_size), annotation_geometry(target, eval_size)
     points = src_geo.forward_points(src_kps.to(descriptors.device).float())
     with torch.autocast(device_type=descriptors.device.type, enabled=False):
-        predicted, distance = transfer_keypoints(descriptors[0], descriptors[1], points, eval_size)
+        predicted, distance = transfer_keypoints(descriptors[0], descriptors[1], points, src_geo.size, trg_geo.size)
     return trg_geo.inverse_points(predicted), distance
 
 
-def keypoint_cells(features: ImageFeatures, kps: torch.Tensor, eval_size: int, grid: int) -> torch.Tensor:
+def keypoint_cells(features: ImageFeatures, kps: torch.Tensor, eval_size: EvalSize, grid: int) -> torch.Tensor:
     """Flat feature-grid cell of each keypoint (original pixels) of an image."""
-    geometry = PadResize(features.width, features.height, eval_size)
-    return points_to_cells(geometry.forward_points(kps.float()), eval_size, grid)
+    geometry = annotation_geometry(features, eval_size)
+    return points_to_cells(geometry.forward_points(kps.float()), geometry.size, grid)
 
 
 def cell_distances(descriptors: torch.Tensor, src_cells: torch.Tensor) -> torch.Tensor:
@@ -263,7 +290,7 @@ class FusedCorrespondence(nn.Module):
         pca_dims: Co-PCA dimension per SD layer (256 each in the paper); None keeps the raw channels.
         eval_size: Side of the padded square in which keypoints are mapped to feature cells; defaults to
             the DINO input size when a DINO featurizer is configured (840 in the reference, also for its
-            SD-only runs), else the SD input size.
+            SD-only runs), else the SD input size. ``"original"``: each image's own square (Table 8).
         fusion: How the blocks are combined (``fusion.FUSIONS``; ``concat_l2`` is the paper's).
 
     Attributes:
@@ -276,7 +303,7 @@ class FusedCorrespondence(nn.Module):
         dino: DinoFeaturizer | None = None,
         alpha: float = 0.5,
         pca_dims: Sequence[int] | None = (256, 256, 256),
-        eval_size: int | None = None,
+        eval_size: EvalSize | None = None,
         fusion: str = "concat_l2",
     ) -> None:
         super().__init__()
@@ -293,7 +320,7 @@ class FusedCorrespondence(nn.Module):
             self.spec.layer_positions(self.sd.layers)  # validates pca_dims against the layers now
         # keypoints map at the DINO input size whenever DINO is configured, even with alpha 1 (the
         # reference maps them at the DINOv2 size in its SD-only runs too)
-        self.eval_size = int(eval_size or default_eval_size(self.sd, dino))
+        self.eval_size = check_eval_size(eval_size) or default_eval_size(self.sd, dino)
         self.extraction_passes = {"sd": 0, "dino": 0}
         self.register_buffer("_device_marker", torch.empty(0), persistent=False)
 
