@@ -3,12 +3,18 @@
 One image -> VAE latent -> noised once at a fixed timestep with one fixed Gaussian noise -> one UNet
 pass conditioned on a prompt -> the decoder features entering the requested decoder layers.
 
-Decoder layer numbering follows the reference (ODISE/ldm ``output_blocks``): the UNet decoder has
-``4 x (layers_per_block + 1)`` layers, numbered 0..11 for SD. "Layer i" is the hidden state ENTERING
-decoder layer i, before its skip concatenation, i.e. the output of decoder layer i-1 (its resnet, plus
-its cross-attention where the up-block has one); for the first layer of an up-block it is the previous
-up-block's (upsampled) output, and for layer 0 the mid-block output. For SD at 960 px the paper's layers
-2, 5, 8 are 1280 ch at 15x15, 1280 ch at 30x30 and 640 ch at 60x60.
+Decoder layer numbering follows the reference (ODISE/ldm ``output_blocks``): the decoder layers are the
+up-blocks' layers (resnet + cross-attention) in order, 0..11 for SD 1.x/2.x (4 up-blocks of 3), 0..8 for
+SD-XL (3 of 3), 0..7 for BK-SDM-small and 0..5 for BK-SDM-tiny (2 per up-block, no mid-block). "Layer i"
+is the hidden state ENTERING decoder layer i, before its skip concatenation, i.e. the output of decoder
+layer i-1 (its resnet, plus its cross-attention where the up-block has one); for the first layer of an
+up-block it is the previous up-block's (upsampled) output, and for layer 0 the mid-block output (the
+last down-block's output in UNets without a mid-block). For SD at 960 px the paper's layers 2, 5, 8 are
+1280 ch at 15x15, 1280 ch at 30x30 and 640 ch at 60x60.
+
+SD-XL (a UNet with ``addition_embed_type="text_time"``) is conditioned as diffusers' SD-XL pipeline does:
+the penultimate hidden states of both text encoders concatenated, plus the second encoder's pooled
+projection and the size/crop ids ``(side, side, 0, 0, side, side)`` of the processed crop.
 """
 
 from __future__ import annotations
@@ -62,7 +68,10 @@ def decoder_layer_source(unet: nn.Module, index: int) -> nn.Module:
     block_idx, layer = decoder_layer_position(unet, index)
     block = unet.up_blocks[block_idx]
     if layer == 0:
-        return unet.up_blocks[block_idx - 1] if block_idx > 0 else unet.mid_block
+        if block_idx > 0:
+            return unet.up_blocks[block_idx - 1]
+        # distilled UNets (BK-SDM) have no mid-block: the decoder starts from the last down-block
+        return unet.mid_block if unet.mid_block is not None else unet.down_blocks[-1]
     attentions = getattr(block, "attentions", None)
     return attentions[layer - 1] if attentions else block.resnets[layer - 1]
 
@@ -101,7 +110,16 @@ def _hidden_channels(unet: nn.Module, index: int) -> int:
         return unet.up_blocks[block_idx].resnets[layer - 1].out_channels
     if block_idx > 0:
         return unet.up_blocks[block_idx - 1].resnets[-1].out_channels
-    return unet.mid_block.resnets[-1].out_channels
+    first = unet.mid_block if unet.mid_block is not None else unet.down_blocks[-1]
+    return first.resnets[-1].out_channels
+
+
+def _token_ids(tokenizer: Any, encoder: nn.Module, prompt: str, device: torch.device) -> torch.Tensor:
+    """``[1, L]`` padded token ids of a prompt for ``encoder``."""
+    # A tokenizer saved without model_max_length reports a huge sentinel: the encoder decides.
+    length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
+    ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+    return ids.to(device)
 
 
 class SDFeaturizer(nn.Module):
@@ -158,8 +176,13 @@ class SDFeaturizer(nn.Module):
         components = self._load(model_id, random_init)
         self.unet, self.vae, self.text_encoder = components["unet"], components["vae"], components["text_encoder"]
         self.tokenizer, self.scheduler = components["tokenizer"], components["scheduler"]
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.requires_grad_(False).eval()
+        # SD-XL's second (projecting) text encoder; None for the single-encoder families
+        self.text_encoder_2, self.tokenizer_2 = components.get("text_encoder_2"), components.get("tokenizer_2")
+        if self.is_xl and self.text_encoder_2 is None:
+            raise ValueError("this UNet takes SD-XL's added conditioning but no text_encoder_2 was loaded")
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is not None:
+                module.requires_grad_(False).eval()
         if not 0 <= self.timestep < self.scheduler.config.num_train_timesteps:
             raise ValueError(f"timestep {timestep} outside [0, {self.scheduler.config.num_train_timesteps})")
         self.location = location
@@ -193,6 +216,16 @@ class SDFeaturizer(nn.Module):
             raise ValueError(f"timestep {clone.timestep} outside [0, {self.scheduler.config.num_train_timesteps})")
         return clone
 
+    @property
+    def is_xl(self) -> bool:
+        """Whether the UNet takes SD-XL's added conditioning (pooled text embedding and size ids)."""
+        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+
+    @property
+    def num_decoder_layers(self) -> int:
+        """Number of decoder layers of this UNet (12 for SD 1.x/2.x, 9 for SD-XL)."""
+        return sum(len(block.resnets) for block in self.unet.up_blocks)
+
     def _capture_plan(self) -> dict[str, tuple[str, nn.Module]]:
         if self.location not in LOCATIONS:
             raise ValueError(f"unknown location {self.location!r}; choose one of {list(LOCATIONS)}")
@@ -225,36 +258,66 @@ class SDFeaturizer(nn.Module):
             "vae": load_pretrained(AutoencoderKL, model_id, "vae", field),
             "text_encoder": load_pretrained(CLIPTextModel, model_id, "text_encoder", field),
             "tokenizer": load_pretrained(CLIPTokenizer, model_id, "tokenizer", field),
+            # SD-XL ships an Euler scheduler config; only its betas are used here, as DDPM's add_noise
             "scheduler": load_pretrained(DDPMScheduler, model_id, "scheduler", field),
         }
         check_tokenizer(components["tokenizer"], model_id)
+        if getattr(components["unet"].config, "addition_embed_type", None) == "text_time":
+            from transformers import CLIPTextModelWithProjection
+
+            components["text_encoder_2"] = load_pretrained(
+                CLIPTextModelWithProjection, model_id, "text_encoder_2", field
+            )
+            components["tokenizer_2"] = load_pretrained(CLIPTokenizer, model_id, "tokenizer_2", field)
+            check_tokenizer(components["tokenizer_2"], model_id)
         return components
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the components in the diffusers pipeline layout, loadable with ``model_id=directory``."""
         directory = Path(directory)
-        for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-            getattr(self, name).save_pretrained(directory / name)
+        for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2"):
+            if getattr(self, name) is not None:
+                getattr(self, name).save_pretrained(directory / name)
 
     def prompt_for(self, category: str) -> str:
         """The prompt of an image of ``category``."""
         return self.prompt.replace("{category}", category)
 
     @torch.no_grad()
-    def _text_embedding(self, prompt: str, device: torch.device) -> torch.Tensor:
+    def _text_embedding(self, prompt: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(hidden states [L, D], pooled projection [P] or None)`` of a prompt, as the pipelines build them.
+
+        SD 1.x/2.x: the last hidden state of the text encoder. SD-XL: the penultimate hidden states of both
+        encoders concatenated, and the second encoder's pooled projection.
+        """
         # Prompts repeat across images (one per category): encode each once.
         if prompt not in self._prompt_cache:
-            # A tokenizer saved without model_max_length reports a huge sentinel: the encoder decides.
-            length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
-            ids = self.tokenizer(
-                prompt,
-                padding="max_length",
-                max_length=length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            self._prompt_cache[prompt] = self.text_encoder(ids.to(device))[0][0]
-        return self._prompt_cache[prompt].to(device)
+            if not self.is_xl:
+                hidden = self.text_encoder(_token_ids(self.tokenizer, self.text_encoder, prompt, device))[0][0]
+                self._prompt_cache[prompt] = (hidden, None)
+            else:
+                pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
+                first, second = (
+                    encoder(_token_ids(tokenizer, encoder, prompt, device), output_hidden_states=True)
+                    for tokenizer, encoder in pairs
+                )
+                hidden = torch.cat([first.hidden_states[-2][0], second.hidden_states[-2][0]], dim=-1)
+                self._prompt_cache[prompt] = (hidden, second.text_embeds[0])
+        hidden, pooled = self._prompt_cache[prompt]
+        return hidden.to(device), None if pooled is None else pooled.to(device)
+
+    def _conditioning(
+        self, categories: Sequence[str], windows: int, side: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """UNet conditioning of every crop (image-major): text states ``[B * windows, L, D]`` and, for SD-XL,
+        the ``added_cond_kwargs`` (pooled text embeddings and the crop's size/crop/target ids)."""
+        prompts = [self._text_embedding(self.prompt_for(c), device) for c in categories]
+        text = torch.stack([hidden for hidden, _ in prompts]).repeat_interleave(windows, dim=0).to(dtype)
+        if not self.is_xl:
+            return text, None
+        pooled = torch.stack([p for _, p in prompts]).repeat_interleave(windows, dim=0).to(dtype)  # type: ignore[misc]
+        time_ids = pooled.new_tensor([side, side, 0, 0, side, side]).expand(len(pooled), 6)
+        return text, {"text_embeds": pooled, "time_ids": time_ids}
 
     def _window_offsets(self) -> list[tuple[int, int]]:
         if not self.sliding_window:
@@ -290,15 +353,14 @@ class SDFeaturizer(nn.Module):
         crops = crops.flatten(0, 1)  # [B * windows, 3, side, side], image-major
         dtype = self.vae.dtype
         latents = self.vae.encode(crops.to(dtype) * 2 - 1).latent_dist.mean * self.vae.config.scaling_factor
-        text = torch.stack([self._text_embedding(self.prompt_for(c), images.device) for c in categories])
-        text = text.repeat_interleave(len(offsets), dim=0).to(dtype)
+        text, added = self._conditioning(categories, len(offsets), side, images.device, dtype)
         t = torch.full((latents.shape[0],), self.timestep, device=images.device, dtype=torch.long)
         noises = self._noise(latents.shape, images.device, latents.dtype)
         summed: list[torch.Tensor] | None = None
         for noise in noises:
             noisy = latents if self.timestep == 0 else self.scheduler.add_noise(latents, noise.expand_as(latents), t)
             feats = run_and_capture(
-                lambda: self.unet(noisy, t, encoder_hidden_states=text),  # noqa: B023
+                lambda: self.unet(noisy, t, encoder_hidden_states=text, added_cond_kwargs=added),  # noqa: B023
                 {k: m for k, (mode, m) in self._sources.items() if mode == "output"},
                 inputs={k: m for k, (mode, m) in self._sources.items() if mode == "input"},
             )

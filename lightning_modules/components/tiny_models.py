@@ -15,6 +15,7 @@ import torch
 
 __all__ = [
     "TINY_UNET",
+    "TINY_UNETS",
     "TINY_VAE",
     "TINY_TEXT_ENCODER",
     "TINY_DINOV2",
@@ -36,6 +37,32 @@ TINY_UNET: dict[str, Any] = {
     "attention_head_dim": 4,
     "norm_num_groups": 8,
 }
+#: UNet structure per SD family, for ``random_init: {architecture: ...}``. ``sdxl``: three up-blocks of
+#: three layers, the last without attention, and the "text_time" added conditioning (pooled text
+#: embedding + 6 size/crop ids) that needs a second, projecting text encoder. ``bk-sdm-small`` /
+#: ``bk-sdm-tiny``: the distilled UNets of BK-SDM (Kim et al. 2023; the supplementary's [6]): no
+#: mid-block and one layer fewer per stage (two decoder layers per up-block); tiny also drops the
+#: innermost stage (three up-blocks, all with attention).
+TINY_UNETS: dict[str, dict[str, Any]] = {
+    "sd": TINY_UNET,
+    "sdxl": {
+        **TINY_UNET,
+        "block_out_channels": [16, 32, 32],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+    },
+    "bk-sdm-small": {**TINY_UNET, "layers_per_block": 1, "mid_block_type": None},
+    "bk-sdm-tiny": {
+        **TINY_UNET,
+        "block_out_channels": [16, 16, 32],
+        "layers_per_block": 1,
+        "mid_block_type": None,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3,
+        "up_block_types": ["CrossAttnUpBlock2D"] * 3,
+    },
+}
 TINY_VAE: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
@@ -55,6 +82,8 @@ TINY_TEXT_ENCODER: dict[str, Any] = {
     "max_position_embeddings": 77,
     "projection_dim": 32,
 }
+#: SD-XL's second, projecting text encoder (wider than the first, like OpenCLIP bigG next to CLIP-L).
+TINY_TEXT_ENCODER_2: dict[str, Any] = {**TINY_TEXT_ENCODER, "hidden_size": 48, "projection_dim": 24}
 TINY_VIT: dict[str, Any] = {
     "hidden_size": 32,
     "num_hidden_layers": 4,
@@ -112,39 +141,68 @@ def build_sd_components(random_init: dict[str, Any], tmp_dir: str | Path) -> dic
     """Build a random SD stack (unet, vae, text_encoder, tokenizer, scheduler) from configs.
 
     Args:
-        random_init: Optional overrides ``{"unet": {...}, "vae": {...}, "text_encoder": {...}, "seed": int}``
-            on top of the tiny defaults of this module.
+        random_init: Optional overrides ``{"architecture": "sd", "unet": {...}, "vae": {...},
+            "text_encoder": {...}, "text_encoder_2": {...}, "seed": int}`` on top of the tiny defaults of
+            this module; ``architecture`` picks the UNet structure from :data:`TINY_UNETS` (``sdxl`` also
+            builds ``text_encoder_2`` / ``tokenizer_2``).
         tmp_dir: Directory for the tokenizer's vocabulary files.
 
     Returns:
-        Component name -> module, like the subfolders of a diffusers pipeline.
+        Component name -> module, like the subfolders of a diffusers pipeline (``text_encoder_2`` and
+        ``tokenizer_2`` are None unless the UNet takes SD-XL's added conditioning).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModelWithProjection
 
+    architecture = random_init.get("architecture", "sd")
+    if architecture not in TINY_UNETS:
+        raise ValueError(f"random_init.architecture {architecture!r} unknown; choose one of {sorted(TINY_UNETS)}")
     vocab, merges = write_byte_level_clip_vocab(tmp_dir)
-    tokenizer = CLIPTokenizer(str(vocab), str(merges))
     text_cfg = _merged(TINY_TEXT_ENCODER, random_init.get("text_encoder"))
-    unet_cfg = _merged(TINY_UNET, random_init.get("unet"))
-    unet_cfg["cross_attention_dim"] = text_cfg["hidden_size"]
+    unet_cfg = _merged(TINY_UNETS[architecture], random_init.get("unet"))
+    xl = unet_cfg.get("addition_embed_type") == "text_time"
+    text_2_cfg = _merged(TINY_TEXT_ENCODER_2, random_init.get("text_encoder_2"))
+    components: dict[str, Any] = {"text_encoder_2": None, "tokenizer_2": None}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(random_init.get("seed", 0)))
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                **text_cfg,
+        components["text_encoder"], components["tokenizer"] = _clip_text(text_cfg, vocab, merges)
+        if xl:  # SD-XL: both encoders' hidden states are concatenated, the second's pooled projection is added
+            components["text_encoder_2"], components["tokenizer_2"] = _clip_text(
+                text_2_cfg, vocab, merges, CLIPTextModelWithProjection
             )
-        )
-        unet = UNet2DConditionModel(**unet_cfg)
-        vae = AutoencoderKL(**_merged(TINY_VAE, random_init.get("vae")))
+            unet_cfg["cross_attention_dim"] = text_cfg["hidden_size"] + text_2_cfg["hidden_size"]
+            unet_cfg["projection_class_embeddings_input_dim"] = (
+                text_2_cfg["projection_dim"] + 6 * unet_cfg["addition_time_embed_dim"]
+            )
+        else:
+            unet_cfg["cross_attention_dim"] = text_cfg["hidden_size"]
+        components["unet"] = UNet2DConditionModel(**unet_cfg)
+        components["vae"] = AutoencoderKL(**_merged(TINY_VAE, random_init.get("vae")))
     # SD v1's training schedule: the ldm "linear" betas, i.e. diffusers' scaled_linear 0.00085..0.012.
-    scheduler = DDPMScheduler(
+    components["scheduler"] = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
     )
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+    return components
+
+
+def _clip_text(
+    config: dict[str, Any], vocab: Path, merges: Path, model_class: type | None = None
+) -> tuple[torch.nn.Module, Any]:
+    """A byte-level CLIP tokenizer and a random CLIP text encoder (``CLIPTextModel`` by default)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(str(vocab), str(merges))
+    model_class = model_class or CLIPTextModel
+    encoder = model_class(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **config,
+        )
+    )
+    return encoder, tokenizer
 
 
 def build_dinov2(random_init: dict[str, Any]) -> torch.nn.Module:
