@@ -1,5 +1,6 @@
 """Plain-torch core (never imports lightning): featurizers, co-PCA and fusion, matching."""
 
+from .captioner import ImplicitCaptioner
 from .dino_featurizer import DinoFeaturizer
 from .fusion import co_pca, fuse, l2_normalize, merge_layers
 from .image_prep import PadResize, pad_resize_image
@@ -11,6 +12,7 @@ __all__ = [
     "DinoFeaturizer",
     "FusedCorrespondence",
     "ImageFeatures",
+    "ImplicitCaptioner",
     "PadResize",
     "SDFeaturizer",
     "cells_to_points",

@@ -19,19 +19,28 @@ projection and the size/crop ids ``(side, side, 0, 0, side, side)`` of the proce
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .captioner import ImplicitCaptioner
 from .hooks import run_and_capture
 from .hub import check_tokenizer, load_pretrained
 
-__all__ = ["LOCATIONS", "SDFeaturizer", "capture_points", "decoder_layer_position", "decoder_layer_source"]
+__all__ = [
+    "CONDITIONINGS",
+    "LOCATIONS",
+    "SDFeaturizer",
+    "capture_points",
+    "decoder_layer_position",
+    "decoder_layer_source",
+]
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -41,6 +50,11 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 #: ``encoder_decoder`` both, ``conv`` the resnet output of layer i-1, ``attn`` the self-attention output of
 #: layer i-1 (before its residual, projection, cross-attention and feed-forward).
 LOCATIONS = ("decoder", "encoder", "encoder_decoder", "conv", "attn")
+
+#: How the UNet is conditioned (supplementary Table 5): ``prompt`` the text prompt template (the paper's
+#: "explicit captioner"), ``implicit`` ODISE's implicit captioner (a CLIP image embedding, see
+#: :class:`.captioner.ImplicitCaptioner`).
+CONDITIONINGS = ("prompt", "implicit")
 
 
 def decoder_layer_position(unet: nn.Module, index: int) -> tuple[int, int]:
@@ -114,6 +128,19 @@ def _hidden_channels(unet: nn.Module, index: int) -> int:
     return first.resnets[-1].out_channels
 
 
+@contextlib.contextmanager
+def _added_time_embedding(unet: nn.Module, extra: torch.Tensor | None) -> Iterator[None]:
+    """Add ``extra`` ``[B, D]`` to the UNet's time embedding while the block runs (ODISE's ``cond_emb``)."""
+    if extra is None:
+        yield
+        return
+    handle = unet.time_embedding.register_forward_hook(lambda _module, _inputs, output: output + extra)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _token_ids(tokenizer: Any, encoder: nn.Module, prompt: str, device: torch.device) -> torch.Tensor:
     """``[1, L]`` padded token ids of a prompt for ``encoder``."""
     # A tokenizer saved without model_max_length reports a huge sentinel: the encoder decides.
@@ -140,6 +167,11 @@ class SDFeaturizer(nn.Module):
         seed: Seed of the fixed noise. Every image gets the same noise, independent of batch order.
         location: Where each layer's feature is taken (supplementary Table 2): ``decoder`` (the paper's),
             ``encoder``, ``encoder_decoder``, ``conv`` or ``attn`` (see :data:`LOCATIONS`).
+        conditioning: ``prompt`` (the template above, the "explicit captioner") or ``implicit`` (the
+            ``captioner``'s image-based conditioning; the prompt is then unused).
+        captioner: ODISE's implicit captioner, needed for ``conditioning="implicit"`` (SD 1.x only). Its
+            conditioning replaces the prompt's and its extra time embedding is added to the UNet's. It
+            sees the whole padded image once; every sliding-window crop shares its conditioning.
         random_init: Build tiny random components from configs instead of loading weights:
             ``{"unet": {...}, "vae": {...}, "text_encoder": {...}, "seed": 0}`` overriding
             :mod:`.tiny_models` defaults. For tests, the demo and CPU smoke runs.
@@ -158,6 +190,8 @@ class SDFeaturizer(nn.Module):
         seed: int = 42,
         random_init: dict[str, Any] | None = None,
         location: str = "decoder",
+        conditioning: str = "prompt",
+        captioner: ImplicitCaptioner | None = None,
     ) -> None:
         super().__init__()
         if ensemble_size < 1:
@@ -187,11 +221,17 @@ class SDFeaturizer(nn.Module):
             raise ValueError(f"timestep {timestep} outside [0, {self.scheduler.config.num_train_timesteps})")
         self.location = location
         self._sources = self._capture_plan()
-        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.captioner = captioner
+        if captioner is not None:
+            self._check_captioner(captioner)
+        self.conditioning = conditioning
+        self._check_conditioning()
 
     #: Extraction settings a variant may change; the weights stay shared.
     VARIANT_FIELDS = (
-        "layers", "timestep", "image_size", "sliding_window", "crop_size", "prompt", "ensemble_size", "seed", "location"
+        "layers", "timestep", "image_size", "sliding_window", "crop_size", "prompt", "ensemble_size", "seed",
+        "location", "conditioning",
     )
 
     def variant(self, **overrides: Any) -> SDFeaturizer:
@@ -212,9 +252,34 @@ class SDFeaturizer(nn.Module):
             setattr(clone, name, [int(i) for i in value] if name == "layers" else value)
         clone._sources = clone._capture_plan()
         clone._prompt_cache = {}
+        clone._check_conditioning()
         if not 0 <= clone.timestep < self.scheduler.config.num_train_timesteps:
             raise ValueError(f"timestep {clone.timestep} outside [0, {self.scheduler.config.num_train_timesteps})")
         return clone
+
+    def _check_conditioning(self) -> None:
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"unknown conditioning {self.conditioning!r}; choose one of {list(CONDITIONINGS)}")
+        if self.conditioning == "implicit" and self.captioner is None:
+            raise ValueError(
+                "conditioning 'implicit' needs a captioner (sd.init_args.captioner: an ImplicitCaptioner with "
+                "ODISE's weights)"
+            )
+
+    def _check_captioner(self, captioner: ImplicitCaptioner) -> None:
+        """The captioner must produce this UNet's prompt-embedding and time-embedding shapes."""
+        if self.is_xl:
+            raise ValueError("the implicit captioner conditions SD 1.x UNets; SD-XL is not supported")
+        uncond = self._text_embedding("", torch.device("cpu"))[0]
+        time_dim = self.unet.time_embedding.linear_2.out_features
+        expected = (tuple(uncond.shape), time_dim)
+        got = ((captioner.text_length, captioner.text_dim), captioner.time_embed_dim)
+        if got[0] != expected[0] or got[1] not in (None, time_dim):
+            raise ValueError(
+                f"captioner shapes (text_length, text_dim)={got[0]}, time_embed_dim={got[1]} do not fit this SD "
+                f"model: its prompt embedding is {expected[0]} and its time embedding {time_dim} wide "
+                "(set captioner.init_args.text_length / text_dim / time_embed_dim)"
+            )
 
     @property
     def is_xl(self) -> bool:
@@ -306,11 +371,21 @@ class SDFeaturizer(nn.Module):
         hidden, pooled = self._prompt_cache[prompt]
         return hidden.to(device), None if pooled is None else pooled.to(device)
 
+    def _implicit_conditioning(
+        self, images: torch.Tensor, windows: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The captioner's prompt states ``[B * windows, L, D]`` and extra time embedding (or None)."""
+        assert self.captioner is not None
+        uncond = self._text_embedding("", images.device)[0]
+        cond, time_extra = self.captioner(images, uncond)
+        cond = cond.repeat_interleave(windows, dim=0).to(dtype)
+        return cond, None if time_extra is None else time_extra.repeat_interleave(windows, dim=0).to(dtype)
+
     def _conditioning(
         self, categories: Sequence[str], windows: int, side: int, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """UNet conditioning of every crop (image-major): text states ``[B * windows, L, D]`` and, for SD-XL,
-        the ``added_cond_kwargs`` (pooled text embeddings and the crop's size/crop/target ids)."""
+        """Prompt conditioning of every crop (image-major): text states ``[B * windows, L, D]`` and, for
+        SD-XL, the ``added_cond_kwargs`` (pooled text embeddings and the crop's size/crop/target ids)."""
         prompts = [self._text_embedding(self.prompt_for(c), device) for c in categories]
         text = torch.stack([hidden for hidden, _ in prompts]).repeat_interleave(windows, dim=0).to(dtype)
         if not self.is_xl:
@@ -353,17 +428,23 @@ class SDFeaturizer(nn.Module):
         crops = crops.flatten(0, 1)  # [B * windows, 3, side, side], image-major
         dtype = self.vae.dtype
         latents = self.vae.encode(crops.to(dtype) * 2 - 1).latent_dist.mean * self.vae.config.scaling_factor
-        text, added = self._conditioning(categories, len(offsets), side, images.device, dtype)
+        time_extra = None
+        if self.conditioning == "implicit":
+            text, time_extra = self._implicit_conditioning(images, len(offsets), dtype)
+            added = None
+        else:
+            text, added = self._conditioning(categories, len(offsets), side, images.device, dtype)
         t = torch.full((latents.shape[0],), self.timestep, device=images.device, dtype=torch.long)
         noises = self._noise(latents.shape, images.device, latents.dtype)
         summed: list[torch.Tensor] | None = None
         for noise in noises:
             noisy = latents if self.timestep == 0 else self.scheduler.add_noise(latents, noise.expand_as(latents), t)
-            feats = run_and_capture(
-                lambda: self.unet(noisy, t, encoder_hidden_states=text, added_cond_kwargs=added),  # noqa: B023
-                {k: m for k, (mode, m) in self._sources.items() if mode == "output"},
-                inputs={k: m for k, (mode, m) in self._sources.items() if mode == "input"},
-            )
+            with _added_time_embedding(self.unet, time_extra):
+                feats = run_and_capture(
+                    lambda: self.unet(noisy, t, encoder_hidden_states=text, added_cond_kwargs=added),  # noqa: B023
+                    {k: m for k, (mode, m) in self._sources.items() if mode == "output"},
+                    inputs={k: m for k, (mode, m) in self._sources.items() if mode == "input"},
+                )
             layer_feats = [self._layer_feature(i, feats[str(i)]).float() for i in self.layers]
             summed = layer_feats if summed is None else [a + b for a, b in zip(summed, layer_feats)]
         assert summed is not None
