@@ -23,6 +23,7 @@ from .components.dino_featurizer import DinoFeaturizer
 from .components.pipeline import EvalSize
 from .components.sd_featurizer import SDFeaturizer
 from .metrics import PCK, keypoint_correct
+from .zero_shot import feature_cache, summed_over_ranks
 
 __all__ = ["ZeroShotAblation"]
 
@@ -43,6 +44,8 @@ class ZeroShotAblation(L.LightningModule):
         analysis: Run the supplementary's A.10 analysis over three rows, named by role:
             ``{"sd": <SD-only row>, "dino": <DINO-only row>, "fused": <fused row>}``.
         analysis_alpha: PCK alpha that decides "correct" in the analysis (0.10 in the paper).
+        feature_cache_gb: Memory for raw per-image features (per variant) shared by all pairs of the run.
+        feature_cache_dir: Folder of an on-disk feature cache that later runs reuse; None disables it.
     """
 
     def __init__(
@@ -58,12 +61,14 @@ class ZeroShotAblation(L.LightningModule):
         analysis_alpha: float = 0.1,
         sd_models: dict[str, SDFeaturizer] | None = None,
         dino_models: dict[str, DinoFeaturizer] | None = None,
+        feature_cache_gb: float = 4.0,
+        feature_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["sd", "dino", "sd_models", "dino_models"])
         self.ablation = AblationCorrespondence(
             rows, sd=sd, dino=dino, sd_variants=sd_variants, dino_variants=dino_variants, eval_size=eval_size,
-            sd_models=sd_models, dino_models=dino_models,
+            sd_models=sd_models, dino_models=dino_models, cache=feature_cache(feature_cache_gb, feature_cache_dir),
         )
         self.title = title
         names = {row.name for row in rows}
@@ -155,7 +160,7 @@ class ZeroShotAblation(L.LightningModule):
             "table": {name: {a: r["pck"][a][average] for a in r["pck"]} for name, r in rows.items()},
             "rows": rows,
             "protocol": asdict(self.protocol),
-            "extraction_passes": dict(self.ablation.extraction_passes),
+            "extraction_passes": summed_over_ranks(self, self.ablation.extraction_passes),
         }
         if self.analysis:
             self.test_results["analysis"] = self._analysis_summary()

@@ -15,11 +15,30 @@ import lightning as L
 import torch
 
 from .components.dino_featurizer import DinoFeaturizer
+from .components.feature_cache import FeatureCache
 from .components.pipeline import EvalSize, FusedCorrespondence
 from .components.sd_featurizer import SDFeaturizer
 from .metrics import PCK, DenseFlowPCK, dense_flow_counts, format_alpha
 
-__all__ = ["ZeroShotCorrespondence"]
+__all__ = ["ZeroShotCorrespondence", "feature_cache", "summed_over_ranks"]
+
+
+def feature_cache(memory_gb: float, directory: str | None) -> FeatureCache | None:
+    """The per-image feature cache of a run: ``memory_gb`` in memory (0 = none), ``directory`` on disk."""
+    if memory_gb < 0:
+        raise ValueError(f"feature_cache_gb must be >= 0, got {memory_gb}")
+    if memory_gb == 0 and directory is None:
+        return None
+    return FeatureCache(memory_bytes=int(memory_gb * (1 << 30)), directory=directory)
+
+
+def summed_over_ranks(module: L.LightningModule, counts: dict[str, int]) -> dict[str, int]:
+    """Counts (extraction passes) summed over all processes: under DDP each rank extracts its own share."""
+    if module.trainer.world_size <= 1 or not counts:
+        return dict(counts)
+    local = torch.tensor(list(counts.values()), dtype=torch.long, device=module.device)
+    total = module.trainer.strategy.reduce(local, reduce_op="sum")
+    return {name: int(value) for name, value in zip(counts, total.tolist())}
 
 
 class ZeroShotCorrespondence(L.LightningModule):
@@ -34,6 +53,10 @@ class ZeroShotCorrespondence(L.LightningModule):
         alphas: PCK thresholds overriding the datamodule protocol's (None: the protocol's).
         fusion: How SD and DINO blocks are combined: ``concat_l2`` (the paper's), ``concat``, ``sum_l2``
             or ``sum`` (supplementary Table 4).
+        feature_cache_gb: Memory for raw per-image features shared by all pairs of the run (on the
+            featurizers' device); each image is then extracted once. 0 disables the in-memory cache.
+        feature_cache_dir: Folder of an on-disk feature cache (safetensors, keyed by image content and
+            feature config) that later runs reuse; None disables it.
     """
 
     def __init__(
@@ -45,11 +68,14 @@ class ZeroShotCorrespondence(L.LightningModule):
         eval_size: EvalSize | None = None,
         alphas: Sequence[float] | None = None,
         fusion: str = "concat_l2",
+        feature_cache_gb: float = 4.0,
+        feature_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["sd", "dino"])
         self.pipeline = FusedCorrespondence(
-            sd, dino, alpha=alpha, pca_dims=pca_dims, eval_size=eval_size, fusion=fusion
+            sd, dino, alpha=alpha, pca_dims=pca_dims, eval_size=eval_size, fusion=fusion,
+            cache=feature_cache(feature_cache_gb, feature_cache_dir),
         )
         self.alphas = None if alphas is None else [float(a) for a in alphas]
         self.metric: PCK | None = None
@@ -137,7 +163,7 @@ class ZeroShotCorrespondence(L.LightningModule):
         assert self.metric is not None
         results = self.metric.compute()
         results["protocol"] = asdict(self.protocol)
-        results["extraction_passes"] = dict(self.pipeline.extraction_passes)
+        results["extraction_passes"] = summed_over_ranks(self, self.pipeline.extraction_passes)
         self.test_results = results
         for alpha, values in results["pck"].items():
             for average in self.protocol.averages:

@@ -390,13 +390,9 @@ def test_every_ablation_config_runs_end_to_end(table, spair_root, tmp_path, monk
                            seed=data_args.get("seed", 0), categories=data_args.get("categories"))
     assert [r.pair_id for r in dataset.records] == [r.pair_id for r in cli.datamodule.test_dataset.records]
     assert len(dataset) == 6
-    batch_size = cli.datamodule.batch_size
-    batches = [dataset.records[i : i + batch_size] for i in range(0, len(dataset), batch_size)]
-    per_variant = sum(len({p for r in batch for p in (r.src_image_path, r.trg_image_path)}) for batch in batches)
-    # an image shared by pairs of different batches is extracted again in each (no cross-batch cache)
-    assert len(dataset.image_paths) <= per_variant <= 2 * len(dataset)
-    if batch_size == 1:
-        assert per_variant == 2 * len(dataset)
+    # the run's feature cache extracts every distinct image once per variant, whatever the batching
+    per_variant = len(dataset.image_paths)
+    assert per_variant < 2 * len(dataset)  # the generated root shares images between pairs
 
     results = json.loads((out / "results.json").read_text())
     used_sd = {row.get("sd", "default") for row in rows} - {None}
@@ -438,8 +434,8 @@ def test_learned_projection_row_replaces_co_pca(tiny_sd, tiny_dino, samples, tmp
     weights = {"2.weight": torch.randn(4, 32), "2.bias": torch.randn(4), "5.weight": torch.randn(4, 32),
                "8.weight": torch.randn(4, 16)}
     torch.save(weights, tmp_path / "proj.pt")
-    src, trg = extract_features(tiny_sd, None, [samples[0]["src_image"], samples[0]["trg_image"]], ["cat"] * 2,
-                                torch.device("cpu"))
+    (src, trg), _ = extract_features(tiny_sd, None, [samples[0]["src_image"], samples[0]["trg_image"]],
+                                     ["cat"] * 2, torch.device("cpu"))
     spec = DescriptorSpec(alpha=1.0, pca_dims=None, projection=str(tmp_path / "proj.pt"), sd_layers=(2,))
     got = describe_pair(src, trg, spec, tiny_sd.layers)
     raw = torch.stack([src.sd[0], trg.sd[0]])

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .dino_featurizer import DinoFeaturizer
+from .feature_cache import FeatureCache, image_digest
 from .pipeline import (
     DescriptorSpec,
     EvalSize,
@@ -104,9 +105,11 @@ class AblationCorrespondence(nn.Module):
             under their names like variants.
         dino_models: Further DINO featurizers with their own weights (DINOv1, iBOT, DINOv2-S, ...).
         eval_size: Keypoint-to-cell square (default: the DINO input size, else the SD one).
+        cache: Per-image feature cache (keyed by each variant's settings, so variants never mix); None
+            extracts the images of every batch anew.
 
     Attributes:
-        extraction_passes: Images run through each featurizer variant so far.
+        extraction_passes: Images run through each featurizer variant so far (cache misses only).
     """
 
     def __init__(
@@ -119,8 +122,10 @@ class AblationCorrespondence(nn.Module):
         eval_size: EvalSize | None = None,
         sd_models: Mapping[str, SDFeaturizer] | None = None,
         dino_models: Mapping[str, DinoFeaturizer] | None = None,
+        cache: FeatureCache | None = None,
     ) -> None:
         super().__init__()
+        self.cache = cache
         if not rows:
             raise ValueError("an ablation needs at least one row")
         names = [row.name for row in rows]
@@ -174,16 +179,21 @@ class AblationCorrespondence(nn.Module):
         unique = unique_images(samples)
         paths, images = list(unique), [v[0] for v in unique.values()]
         categories = [v[1] for v in unique.values()]
+        keys = None if self.cache is None else [image_digest(img) for img in images]
         sd_feats = {}
         for variant in self.used_variants:
-            feats = extract_features(self.variants[variant], None, images, categories, self.device)
+            feats, passes = extract_features(
+                self.variants[variant], None, images, categories, self.device, self.cache, keys
+            )
             sd_feats[variant] = dict(zip(paths, feats))
-            self.extraction_passes[f"sd:{variant}"] += len(images)
+            self.extraction_passes[f"sd:{variant}"] += passes["sd"]
         dino_feats = {}
         for variant in self.used_dino_variants:
-            feats = extract_features(None, self.dino_variants[variant], images, categories, self.device)
+            feats, passes = extract_features(
+                None, self.dino_variants[variant], images, categories, self.device, self.cache, keys
+            )
             dino_feats[variant] = dict(zip(paths, feats))
-            self.extraction_passes[f"dino:{variant}"] += len(images)
+            self.extraction_passes[f"dino:{variant}"] += passes["dino"]
         outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
         for row, spec in zip(self.rows, self.specs):
             layers = self.variants[row.sd].layers if spec.uses_sd else []

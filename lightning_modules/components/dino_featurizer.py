@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .feature_cache import featurizer_fingerprint
 from .hooks import run_and_capture
 from .hub import load_pretrained
 
@@ -175,6 +176,7 @@ class DinoFeaturizer(nn.Module):
         self.bilateral_window = int(bilateral_window)
         self.bilateral_sigma_space, self.bilateral_sigma_range = float(bilateral_sigma_space), float(bilateral_sigma_range)
         self._validate()
+        self._digests: dict[str, str] = {}  # weight digest for the feature cache, shared with variants
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -183,6 +185,12 @@ class DinoFeaturizer(nn.Module):
         "layer", "image_size", "facet", "ensemble_layers", "bilateral_window", "bilateral_sigma_space",
         "bilateral_sigma_range",
     )
+
+    def cache_key(self, category: str = "") -> str:
+        """What an image's features depend on besides its pixels (see :mod:`.feature_cache`); not the
+        category."""
+        settings = {name: getattr(self, name) for name in self.VARIANT_FIELDS}
+        return featurizer_fingerprint("DinoFeaturizer", settings, {"model": self.model}, self._digests)
 
     def _validate(self) -> None:
         blocks = len(vit_blocks(self.model))

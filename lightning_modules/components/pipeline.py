@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .dino_featurizer import DinoFeaturizer
+from .feature_cache import FeatureCache, image_digest
 from .fusion import FUSIONS, co_pca, fuse, merge_layers
 from .image_prep import PadResize, pad_resize_image
 from .matching import dense_flow, points_to_cells, transfer_keypoints
@@ -36,6 +37,7 @@ __all__ = [
     "flow_from_descriptors",
     "match_keypoints",
     "project_layer",
+    "run_featurizer",
     "unique_images",
 ]
 
@@ -146,15 +148,65 @@ def unique_images(samples: Sequence[Mapping[str, Any]]) -> dict[str, tuple[torch
     return unique
 
 
+def _precision(device: torch.device) -> str:
+    """The autocast state features are computed under (part of a cache key: it changes the numbers)."""
+    if torch.is_autocast_enabled(device.type):
+        return f"autocast-{torch.get_autocast_dtype(device.type)}"
+    return "exact"
+
+
 @torch.no_grad()
+def run_featurizer(
+    featurizer: SDFeaturizer | DinoFeaturizer,
+    images: Sequence[torch.Tensor],
+    categories: Sequence[str],
+    device: torch.device,
+    cache: FeatureCache | None = None,
+    image_keys: Sequence[str] | None = None,
+) -> tuple[list[tuple[torch.Tensor, ...]], int]:
+    """One featurizer's raw features of each image (SD: one map per layer; DINO: one map), via ``cache``.
+
+    Args:
+        featurizer: The SD or DINO featurizer.
+        images: uint8 ``[3, H, W]`` tensors of any sizes.
+        categories: Category of each image (the SD prompt).
+        device: Where the featurizer lives.
+        cache: Reuse features computed before (in memory or on disk); None computes every image.
+        image_keys: Content hashes of the images (:func:`.feature_cache.image_digest`), if known.
+
+    Returns:
+        ``(features per image, number of images actually run through the featurizer)``.
+    """
+
+    def compute(indices: list[int]) -> list[tuple[torch.Tensor, ...]]:
+        batch = torch.stack([pad_resize_image(images[i], featurizer.image_size)[0] for i in indices]).to(device)
+        if isinstance(featurizer, SDFeaturizer):
+            layers = featurizer(batch, [categories[i] for i in indices])
+            return [tuple(layer[j] for layer in layers) for j in range(len(indices))]
+        maps = featurizer(batch)
+        return [(maps[j],) for j in range(len(indices))]
+
+    if not images:
+        return [], 0
+    if cache is None:
+        return compute(list(range(len(images)))), len(images)
+    image_keys = image_keys or [image_digest(img) for img in images]
+    precision = _precision(device)
+    per_category = {cat: featurizer.cache_key(cat) for cat in set(categories)}
+    keys = [f"{key}|{per_category[cat]}|{precision}" for key, cat in zip(image_keys, categories)]
+    return cache.fetch(keys, compute, device)
+
+
 def extract_features(
     sd: SDFeaturizer | None,
     dino: DinoFeaturizer | None,
     images: Sequence[torch.Tensor],
     categories: Sequence[str],
     device: torch.device,
-) -> list[ImageFeatures]:
-    """Run the given featurizers on a batch of images: one pass per image per featurizer.
+    cache: FeatureCache | None = None,
+    image_keys: Sequence[str] | None = None,
+) -> tuple[list[ImageFeatures], dict[str, int]]:
+    """Run the given featurizers on a batch of images (at most one pass per image per featurizer).
 
     Args:
         sd: SD featurizer or None.
@@ -162,25 +214,29 @@ def extract_features(
         images: uint8 ``[3, H, W]`` tensors of any sizes.
         categories: Category of each image (for the SD prompt).
         device: Where the featurizers live.
+        cache: Per-image feature cache; None extracts every image.
+        image_keys: Content hashes of the images, if already known.
+
+    Returns:
+        ``(features per image, {"sd": passes, "dino": passes})`` where passes count the images that
+        were really run (cache misses).
     """
-    sd_maps: list[list[torch.Tensor]] | None = None
-    dino_maps: torch.Tensor | None = None
-    if sd is not None and images:
-        batch = torch.stack([pad_resize_image(img, sd.image_size)[0] for img in images]).to(device)
-        layers = sd(batch, categories)
-        sd_maps = [[layer[i] for layer in layers] for i in range(len(images))]
-    if dino is not None and images:
-        batch = torch.stack([pad_resize_image(img, dino.image_size)[0] for img in images]).to(device)
-        dino_maps = dino(batch)
-    return [
+    if cache is not None and image_keys is None:
+        image_keys = [image_digest(img) for img in images]
+    sd_maps, sd_passes = run_featurizer(sd, images, categories, device, cache, image_keys) if sd else (None, 0)
+    dino_maps, dino_passes = (
+        run_featurizer(dino, images, categories, device, cache, image_keys) if dino else (None, 0)
+    )
+    features = [
         ImageFeatures(
-            sd=None if sd_maps is None else sd_maps[i],
-            dino=None if dino_maps is None else dino_maps[i],
+            sd=None if sd_maps is None else list(sd_maps[i]),
+            dino=None if dino_maps is None else dino_maps[i][0],
             width=int(img.shape[-1]),
             height=int(img.shape[-2]),
         )
         for i, img in enumerate(images)
     ]
+    return features, {"sd": sd_passes, "dino": dino_passes}
 
 
 def describe_pair(
@@ -292,9 +348,12 @@ class FusedCorrespondence(nn.Module):
             the DINO input size when a DINO featurizer is configured (840 in the reference, also for its
             SD-only runs), else the SD input size. ``"original"``: each image's own square (Table 8).
         fusion: How the blocks are combined (``fusion.FUSIONS``; ``concat_l2`` is the paper's).
+        cache: Per-image feature cache shared by all pairs (and, on disk, by later runs); None extracts
+            the images of every batch anew.
 
     Attributes:
-        extraction_passes: Images run through each featurizer so far (``{"sd": n, "dino": n}``).
+        extraction_passes: Images run through each featurizer so far (``{"sd": n, "dino": n}``); with a
+            cache, only the images that were not found in it.
     """
 
     def __init__(
@@ -305,8 +364,10 @@ class FusedCorrespondence(nn.Module):
         pca_dims: Sequence[int] | None = (256, 256, 256),
         eval_size: EvalSize | None = None,
         fusion: str = "concat_l2",
+        cache: FeatureCache | None = None,
     ) -> None:
         super().__init__()
+        self.cache = cache
         self.spec = DescriptorSpec(
             alpha=float(alpha), pca_dims=None if pca_dims is None else tuple(int(d) for d in pca_dims), fusion=fusion
         )
@@ -335,10 +396,11 @@ class FusedCorrespondence(nn.Module):
         return self._device_marker.device
 
     def extract(self, images: Sequence[torch.Tensor], categories: Sequence[str]) -> list[ImageFeatures]:
-        """Run the featurizers on a batch of images (one pass per image per featurizer)."""
-        for name, featurizer in (("sd", self.sd), ("dino", self.dino)):
-            self.extraction_passes[name] += len(images) if featurizer is not None else 0
-        return extract_features(self.sd, self.dino, images, categories, self.device)
+        """Raw features of a batch of images (each image run at most once per featurizer, cache misses)."""
+        features, passes = extract_features(self.sd, self.dino, images, categories, self.device, self.cache)
+        for name, count in passes.items():
+            self.extraction_passes[name] += count
+        return features
 
     def describe_pair(self, source: ImageFeatures, target: ImageFeatures) -> torch.Tensor:
         """Fused descriptors of a pair: ``[2, D, G, G]`` (source first)."""

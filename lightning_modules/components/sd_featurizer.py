@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .captioner import ImplicitCaptioner
+from .feature_cache import featurizer_fingerprint
 from .hooks import run_and_capture
 from .hub import check_tokenizer, load_pretrained
 
@@ -227,6 +228,7 @@ class SDFeaturizer(nn.Module):
             self._check_captioner(captioner)
         self.conditioning = conditioning
         self._check_conditioning()
+        self._digests: dict[str, str] = {}  # weight digests for the feature cache, shared with variants
 
     #: Extraction settings a variant may change; the weights stay shared.
     VARIANT_FIELDS = (
@@ -256,6 +258,19 @@ class SDFeaturizer(nn.Module):
         if not 0 <= clone.timestep < self.scheduler.config.num_train_timesteps:
             raise ValueError(f"timestep {clone.timestep} outside [0, {self.scheduler.config.num_train_timesteps})")
         return clone
+
+    def cache_key(self, category: str) -> str:
+        """What an image's features depend on besides its pixels (see :mod:`.feature_cache`): settings,
+        model configs and weights, and the prompt (when the conditioning uses one)."""
+        settings: dict[str, Any] = {name: getattr(self, name) for name in self.VARIANT_FIELDS if name != "prompt"}
+        settings["scheduler"] = dict(self.scheduler.config)
+        modules = {
+            "unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
+            "text_encoder_2": self.text_encoder_2, "captioner": self.captioner,
+        }
+        fingerprint = featurizer_fingerprint("SDFeaturizer", settings, modules, self._digests)
+        prompt = self.prompt_for(category) if self.conditioning == "prompt" else ""
+        return f"{fingerprint}:{prompt}"
 
     def _check_conditioning(self) -> None:
         if self.conditioning not in CONDITIONINGS:

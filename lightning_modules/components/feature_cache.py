@@ -1,0 +1,237 @@
+"""Per-image raw features, computed once per (image, feature config) and reused across pairs and runs.
+
+The expensive step of the method is the per-image UNet / ViT pass; everything after it (co-PCA, fusion,
+matching) is per pair and cheap. A benchmark pairs every image with many others, so features are kept:
+
+- in memory, least-recently-used first out, bounded in bytes (pairs are ordered so that pairs sharing an
+  image are close, see ``datamodules``);
+- optionally on disk, one safetensors file per (image, feature config), so a second run (another
+  ablation row, a resumed run, another metric) does no extraction at all.
+
+A key is the image's content hash plus the featurizer's fingerprint (its class, extraction settings,
+model configs, a digest of its weights, the numeric precision, and the prompt where the features depend
+on one). A disk entry stores its full key and a format version in the file's metadata; an entry whose
+metadata does not match (stale) or that cannot be read (corrupt, truncated) is recomputed and replaced,
+never used. Files are written to a temporary name and renamed, so an interrupted run leaves no partial
+entry behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["FeatureCache", "config_digest", "featurizer_fingerprint", "image_digest", "weights_digest"]
+
+log = logging.getLogger(__name__)
+
+#: Bumped whenever the meaning of a stored entry changes; entries of another version are recomputed.
+FORMAT_VERSION = "1"
+
+Features = tuple[torch.Tensor, ...]
+
+
+def image_digest(image: torch.Tensor) -> str:
+    """Content hash of a uint8 ``[3, H, W]`` image (shape included)."""
+    array = image.detach().to("cpu").contiguous()
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str((tuple(array.shape), str(array.dtype))).encode())
+    digest.update(array.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def config_digest(config: Mapping[str, Any]) -> str:
+    """Stable hash of a JSON-able settings mapping (non-JSON values by their ``str``)."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+@torch.no_grad()
+def weights_digest(modules: Iterable[nn.Module | None]) -> str:
+    """A cheap fingerprint of the weights of ``modules``: per tensor its name, shape, dtype, sum and sum of
+    squares (in float64, on the tensor's device). Changed weights change it with overwhelming probability
+    without hashing gigabytes of parameters byte by byte."""
+    digest = hashlib.blake2b(digest_size=16)
+    for index, module in enumerate(modules):
+        if module is None:
+            continue
+        stats = []
+        names = []
+        for name, tensor in module.state_dict().items():
+            if not torch.is_tensor(tensor) or not tensor.is_floating_point():
+                continue
+            flat = tensor.detach().double()
+            stats.append(torch.stack([flat.sum(), (flat * flat).sum()]))
+            names.append(f"{index}.{name}:{tuple(tensor.shape)}:{tensor.dtype}")
+        digest.update("|".join(names).encode())
+        if stats:
+            digest.update(torch.stack(stats).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def featurizer_fingerprint(
+    kind: str, settings: Mapping[str, Any], modules: Mapping[str, nn.Module | None], digests: dict[str, str]
+) -> str:
+    """The cache identity of a featurizer: its kind, extraction settings, model configs and weights.
+
+    Args:
+        kind: Featurizer class name.
+        settings: Extraction settings (JSON-able).
+        modules: Name -> module whose ``config`` (if any) and weights the features depend on.
+        digests: A memo shared by featurizers with the same weights (variants), so each set of weights is
+            digested once.
+    """
+    configs = {}
+    for name, module in modules.items():
+        config = getattr(module, "config", None)
+        if config is not None:
+            configs[name] = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        if module is not None and name not in digests:
+            digests[name] = weights_digest([module])
+        if module is not None:
+            configs[f"{name}.weights"] = digests[name]
+            configs[f"{name}.dtype"] = str(next(iter(module.parameters()), torch.empty(0)).dtype)
+    return config_digest({"kind": kind, "settings": dict(settings), "models": configs})
+
+
+def _nbytes(features: Features) -> int:
+    return sum(t.numel() * t.element_size() for t in features)
+
+
+class FeatureCache:
+    """Raw per-image features by key, in memory (bounded, LRU) and optionally on disk.
+
+    Args:
+        memory_bytes: Budget of the in-memory cache (tensors stay on the device they were computed on).
+            0 disables it.
+        directory: Folder of the on-disk cache (created on demand); None disables it.
+
+    Attributes:
+        hits: Entries served from memory or disk.
+        disk_hits: Entries served from disk.
+        rejected: Disk entries found stale or corrupt (and recomputed).
+    """
+
+    def __init__(self, memory_bytes: int = 4 << 30, directory: str | Path | None = None) -> None:
+        if memory_bytes < 0:
+            raise ValueError(f"memory_bytes must be >= 0, got {memory_bytes}")
+        self.memory_bytes = int(memory_bytes)
+        self.directory = None if directory is None else Path(directory)
+        self._memory: OrderedDict[str, Features] = OrderedDict()
+        self._used = 0
+        self.hits = self.disk_hits = self.rejected = 0
+
+    def __len__(self) -> int:
+        return len(self._memory)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes held in memory."""
+        return self._used
+
+    def fetch(
+        self, keys: Sequence[str], compute: Callable[[list[int]], list[Features]], device: torch.device
+    ) -> tuple[list[Features], int]:
+        """The features of every key, computing only those found neither in memory nor on disk.
+
+        Args:
+            keys: One key per item (see :func:`entry_key`).
+            compute: Given the indices of the missing items, returns their features (one call, batched).
+            device: Where features read from disk are placed.
+
+        Returns:
+            ``(features per key, number of items computed)``.
+        """
+        found: dict[int, Features] = {}
+        missing: list[int] = []
+        for i, key in enumerate(keys):
+            hit = self._from_memory(key)
+            if hit is None:
+                hit = self._from_disk(key, device)
+            if hit is None:
+                missing.append(i)
+            else:
+                found[i] = hit
+        self.hits += len(found)
+        first_index: dict[str, int] = {}
+        for i in missing:  # a key asked for twice in one call is computed once
+            first_index.setdefault(keys[i], i)
+        if first_index:
+            computed = dict(zip(first_index, compute(list(first_index.values()))))
+            for key, features in computed.items():
+                self._to_disk(key, features)
+                self._to_memory(key, features)
+            for i in missing:
+                found[i] = computed[keys[i]]
+        return [found[i] for i in range(len(keys))], len(first_index)
+
+    # ------------------------------------------------------------------------------------------- memory
+
+    def _from_memory(self, key: str) -> Features | None:
+        features = self._memory.get(key)
+        if features is not None:
+            self._memory.move_to_end(key)
+        return features
+
+    def _to_memory(self, key: str, features: Features) -> None:
+        size = _nbytes(features)
+        if size > self.memory_bytes or key in self._memory:
+            return
+        while self._used + size > self.memory_bytes and self._memory:
+            _, evicted = self._memory.popitem(last=False)
+            self._used -= _nbytes(evicted)
+        self._memory[key] = features
+        self._used += size
+
+    # --------------------------------------------------------------------------------------------- disk
+
+    def path_for(self, key: str) -> Path:
+        """The disk entry of ``key`` (two-level fan-out keeps folders small)."""
+        assert self.directory is not None
+        name = hashlib.blake2b(key.encode(), digest_size=20).hexdigest()
+        return self.directory / name[:2] / f"{name}.safetensors"
+
+    def _from_disk(self, key: str, device: torch.device) -> Features | None:
+        if self.directory is None:
+            return None
+        path = self.path_for(key)
+        if not path.is_file():
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                meta = handle.metadata() or {}
+                if meta.get("key") != key or meta.get("format") != FORMAT_VERSION:
+                    raise ValueError(f"stale entry (format {meta.get('format')!r}, another key)")
+                count = int(meta["count"])
+                features = tuple(handle.get_tensor(str(i)).to(device) for i in range(count))
+        except Exception as err:  # noqa: BLE001 - a broken file can fail in many ways; all mean "recompute"
+            self.rejected += 1
+            log.warning("feature cache: recomputing %s (%s: %s)", path, type(err).__name__, err)
+            return None
+        self.disk_hits += 1
+        self._to_memory(key, features)
+        return features
+
+    def _to_disk(self, key: str, features: Features) -> None:
+        if self.directory is None:
+            return
+        from safetensors.torch import save_file
+
+        path = self.path_for(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {str(i): t.detach().to("cpu").contiguous() for i, t in enumerate(features)}
+        metadata = {"key": key, "format": FORMAT_VERSION, "count": str(len(features))}
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        save_file(tensors, str(partial), metadata=metadata)
+        os.replace(partial, path)  # atomic: readers (other ranks, a later run) never see half a file
