@@ -23,7 +23,7 @@ from .components.dino_featurizer import DinoFeaturizer
 from .components.pipeline import EvalSize
 from .components.sd_featurizer import SDFeaturizer
 from .metrics import PCK, keypoint_correct
-from .zero_shot import feature_cache, summed_over_ranks
+from .zero_shot import feature_cache, keypoint_record, restore_keypoint_metric, summed_over_ranks
 
 __all__ = ["ZeroShotAblation"]
 
@@ -108,14 +108,26 @@ class ZeroShotAblation(L.LightningModule):
             preds = [o["pred_kps"] for o in outputs[row.name]]
             metric.update(preds, gts, thresholds, [s["category"] for s in batch], [s["pair_id"] for s in batch],
                           valids, groups)
-            for s, pred, valid in zip(batch, preds, valids):
-                keep = valid.cpu()
-                records.append(
-                    {"row": row.name, "pair_id": s["pair_id"], "category": s["category"],
-                     "src_kps": s["src_kps"][keep].tolist(), "trg_kps": s["trg_kps"][keep].tolist(),
-                     "pred_kps": pred.cpu()[keep].tolist(), "threshold": float(s["threshold"])}
-                )
+            records += [
+                {"row": row.name, **keypoint_record(s, pred, valid)} for s, pred, valid in zip(batch, preds, valids)
+            ]
         return records
+
+    def restore_predictions(self, records: Sequence[dict[str, Any]]) -> None:
+        """Put the pairs of an interrupted run (its ``predictions.jsonl`` lines, every row) back into the
+        row metrics.
+
+        Raises:
+            ValueError: With the A.10 analysis configured: its per-keypoint feature distances are not in
+                the prediction lines, so those pairs cannot be restored.
+        """
+        if not records:
+            return
+        if self.analysis:
+            raise ValueError("resume is not supported with `analysis` (A.10): run the analysis table from the start")
+        for row, metric in zip(self.ablation.rows, self.metrics):
+            mine = [r for r in records if r["row"] == row.name]
+            restore_keypoint_metric(metric, mine, self.protocol.groups, self.device)
 
     def _collect_analysis(self, batch: list[dict[str, Any]], outputs: Mapping[str, list[dict[str, Any]]]) -> None:
         """Per keypoint: SD / DINO / fused correctness and the SD and DINO relative distances."""

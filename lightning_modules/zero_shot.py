@@ -20,7 +20,49 @@ from .components.pipeline import EvalSize, FusedCorrespondence
 from .components.sd_featurizer import SDFeaturizer
 from .metrics import PCK, DenseFlowPCK, dense_flow_counts, format_alpha
 
-__all__ = ["ZeroShotCorrespondence", "feature_cache", "summed_over_ranks"]
+__all__ = ["ZeroShotCorrespondence", "feature_cache", "keypoint_record", "restore_keypoint_metric", "summed_over_ranks"]
+
+
+def keypoint_record(sample: dict[str, Any], pred: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
+    """The ``predictions.jsonl`` line of a keypoint pair (valid keypoints only, original pixels).
+
+    It holds everything the metric needs, so a resumed run rebuilds its state from these lines
+    (:func:`restore_keypoint_metric`) and ends with the numbers of an uninterrupted run.
+    """
+    keep = valid.cpu()
+    record = {
+        "pair_id": sample["pair_id"],
+        "category": sample["category"],
+        "src_kps": sample["src_kps"][keep].tolist(),
+        "trg_kps": sample["trg_kps"][keep].tolist(),
+        "pred_kps": pred.cpu()[keep].tolist(),
+        "threshold": float(sample["threshold"]),
+    }
+    if "variations" in sample:
+        record["variations"] = {k: int(v) for k, v in sample["variations"].items()}
+    return record
+
+
+def restore_keypoint_metric(
+    metric: PCK, records: Sequence[dict[str, Any]], groups: Sequence[str], device: torch.device
+) -> None:
+    """Feed saved :func:`keypoint_record` lines back into ``metric`` (exactly the state they came from:
+    JSON floats round-trip the float32 coordinates and the thresholds bit for bit)."""
+    if not records:
+        return
+
+    def points(key: str) -> list[torch.Tensor]:
+        return [torch.tensor(r[key], dtype=torch.float32, device=device).reshape(-1, 2) for r in records]
+
+    metric.update(
+        points("pred_kps"),
+        points("trg_kps"),
+        torch.tensor([float(r["threshold"]) for r in records], device=device),
+        [r["category"] for r in records],
+        [r["pair_id"] for r in records],
+        None,
+        {g: [r.get("variations", {}).get(g, -1) for r in records] for g in groups},
+    )
 
 
 def feature_cache(memory_gb: float, directory: str | None) -> FeatureCache | None:
@@ -117,20 +159,7 @@ class ZeroShotCorrespondence(L.LightningModule):
             valids,
             groups,
         )
-        records = []
-        for s, pred, valid in zip(batch, preds, valids):
-            keep = valid.cpu()
-            records.append(
-                {
-                    "pair_id": s["pair_id"],
-                    "category": s["category"],
-                    "src_kps": s["src_kps"][keep].tolist(),
-                    "trg_kps": s["trg_kps"][keep].tolist(),
-                    "pred_kps": pred.cpu()[keep].tolist(),
-                    "threshold": float(s["threshold"]),
-                }
-            )
-        return records
+        return [keypoint_record(s, pred, valid) for s, pred, valid in zip(batch, preds, valids)]
 
     def _dense_step(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         assert isinstance(self.metric, DenseFlowPCK)
@@ -154,9 +183,23 @@ class ZeroShotCorrespondence(L.LightningModule):
                     "num_valid": valid,
                     "pck": {format_alpha(a): 100.0 * int(c) / max(valid, 1) for a, c in zip(self.metric.alphas, correct)},
                     "epe": epe_sum / max(valid, 1),
+                    # the raw counts, from which a resumed run restores the metric exactly
+                    "correct": [int(c) for c in correct],
+                    "epe_sum": float(epe_sum),
                 }
             )
         return records
+
+    def restore_predictions(self, records: Sequence[dict[str, Any]]) -> None:
+        """Put the pairs of an interrupted run (its ``predictions.jsonl`` lines) back into the metric."""
+        assert self.metric is not None, "call after setup()"
+        if not records:
+            return
+        if isinstance(self.metric, DenseFlowPCK):
+            counts = [(torch.tensor(r["correct"]), int(r["num_valid"]), float(r["epe_sum"])) for r in records]
+            self.metric.update_counts(counts, [r["dataset"] for r in records], [r["pair_id"] for r in records])
+        else:
+            restore_keypoint_metric(self.metric, records, self.protocol.groups, self.device)
 
     def on_test_epoch_end(self) -> None:
         """Compute the summary (synchronised across processes) and log the protocol's averages."""
