@@ -1,5 +1,17 @@
-"""Lightning callbacks: output writers and visualisation."""
+"""Lightning callbacks: output writers, visualisation, progress and W&B logging."""
 
+from .config_logging import LoggerSaveConfigCallback
 from .prediction_writer import CorrespondenceWriter, format_pck_table
+from .progress import PairProgressBar
+from .visualization import CorrespondenceVisualizer
+from .wandb_logging import AutoWandbLogger, WandbResults
 
-__all__ = ["CorrespondenceWriter", "format_pck_table"]
+__all__ = [
+    "AutoWandbLogger",
+    "CorrespondenceVisualizer",
+    "CorrespondenceWriter",
+    "LoggerSaveConfigCallback",
+    "PairProgressBar",
+    "WandbResults",
+    "format_pck_table",
+]

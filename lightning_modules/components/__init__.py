@@ -7,6 +7,7 @@ from .image_prep import PadResize, pad_resize_image
 from .matching import cells_to_points, nearest_neighbors, points_to_cells, transfer_keypoints
 from .pipeline import FusedCorrespondence, ImageFeatures
 from .sd_featurizer import SDFeaturizer, decoder_layer_source
+from .visualize import draw_correspondences, keypoints_correct
 
 __all__ = [
     "DinoFeaturizer",
@@ -18,7 +19,9 @@ __all__ = [
     "cells_to_points",
     "co_pca",
     "decoder_layer_source",
+    "draw_correspondences",
     "fuse",
+    "keypoints_correct",
     "l2_normalize",
     "merge_layers",
     "nearest_neighbors",

@@ -1,0 +1,235 @@
+"""Correspondence pictures: source and target side by side, predictions against the ground truth.
+
+Plain torch / numpy / PIL (no Lightning, no matplotlib) so that notebooks and scripts can draw the records of
+``predictions.jsonl`` directly. Keypoints are ``(x, y)`` in ORIGINAL image pixels, as everywhere in this
+collection; this module does the scaling to the drawn panels.
+
+Conventions of the drawing (see :func:`draw_correspondences`):
+
+* left panel: the source image, every source keypoint as a filled dot coloured by the outcome of its match;
+* right panel: the target image, the ground-truth point as a hollow :data:`GT_COLOR` ring, the prediction as
+  a filled dot (:data:`CORRECT_COLOR` when correct, :data:`WRONG_COLOR` otherwise) and a thin line from the
+  prediction to its ground truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "CORRECT_COLOR",
+    "GT_COLOR",
+    "UNKNOWN_COLOR",
+    "WRONG_COLOR",
+    "draw_correspondences",
+    "keypoints_correct",
+    "scale_keypoints",
+    "to_pil_image",
+]
+
+#: Fill of a correct prediction (and of its source keypoint).
+CORRECT_COLOR: tuple[int, int, int] = (0, 255, 0)
+#: Fill of a wrong prediction (and of its source keypoint).
+WRONG_COLOR: tuple[int, int, int] = (255, 0, 0)
+#: Fill when correctness is not given (``correct=None``).
+UNKNOWN_COLOR: tuple[int, int, int] = (0, 160, 255)
+#: Outline of the hollow ground-truth ring on the target panel.
+GT_COLOR: tuple[int, int, int] = (255, 215, 0)
+_OUTLINE = (0, 0, 0)
+
+
+def to_pil_image(image: Any) -> Image.Image:
+    """Convert an image to an RGB PIL image.
+
+    Args:
+        image: A PIL image, a uint8 torch tensor ``[3, H, W]`` (the datasets' layout) or a uint8 numpy array
+            ``[H, W, 3]`` / ``[3, H, W]``. Float images are refused rather than guessed at (0-1 or 0-255?).
+
+    Returns:
+        The image as an RGB ``PIL.Image``.
+
+    Raises:
+        TypeError: For an unsupported type or a non-uint8 array.
+        ValueError: For a shape that is not a 3-channel image.
+    """
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"expected a PIL image, torch tensor or numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise TypeError(f"expected a uint8 image, got dtype {image.dtype}")
+    if image.ndim != 3:
+        raise ValueError(f"expected a 3-dimensional image ([3, H, W] or [H, W, 3]), got shape {tuple(image.shape)}")
+    if image.shape[0] == 3 and image.shape[-1] != 3:
+        image = np.transpose(image, (1, 2, 0))
+    elif image.shape[-1] != 3:
+        raise ValueError(f"expected 3 channels ([3, H, W] or [H, W, 3]), got shape {tuple(image.shape)}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"empty image of shape {tuple(image.shape)}")
+    return Image.fromarray(np.ascontiguousarray(image), mode="RGB")
+
+
+def _as_points(name: str, points: Any) -> np.ndarray:
+    """``[N, 2]`` float64 array from a tensor / array / nested list (an empty list is ``[0, 2]``)."""
+    if isinstance(points, torch.Tensor):
+        points = points.detach().cpu().numpy()
+    array = np.asarray(points, dtype=np.float64)
+    if array.size == 0:
+        return array.reshape(0, 2)
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise ValueError(f"{name} must have shape [N, 2] (x, y), got {tuple(array.shape)}")
+    return array
+
+
+def scale_keypoints(points: Any, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:
+    """Map ``(x, y)`` pixel coordinates of an image to the same points in a resized copy.
+
+    Pixel centres are aligned (``x' = (x + 0.5) * W' / W - 0.5``), as PIL's resampling does, so a keypoint on
+    a pixel stays on the matching pixel of the resized image.
+
+    Args:
+        points: ``[N, 2]`` points ``(x, y)``.
+        from_size: Original ``(width, height)``.
+        to_size: Resized ``(width, height)``.
+
+    Returns:
+        ``[N, 2]`` float64 points in the resized image.
+    """
+    array = _as_points("points", points)
+    scale = np.array([to_size[0] / from_size[0], to_size[1] / from_size[1]])
+    return (array + 0.5) * scale - 0.5
+
+
+def keypoints_correct(
+    pred_kps: Any, trg_kps: Any, threshold: float, alpha: float, inclusive: bool = False
+) -> np.ndarray:
+    """PCK outcome per keypoint: ``error < alpha * threshold`` (``<=`` when ``inclusive``).
+
+    Args:
+        pred_kps: ``[N, 2]`` predicted points (original target pixels).
+        trg_kps: ``[N, 2]`` ground-truth points (original target pixels).
+        threshold: The pair's PCK threshold in pixels (its protocol's rule).
+        alpha: The PCK alpha.
+        inclusive: The protocol's comparison (see ``datamodules.protocols.Protocol.inclusive``).
+
+    Returns:
+        ``[N]`` bool array; keypoints with a non-finite coordinate are False.
+    """
+    pred, gt = _as_points("pred_kps", pred_kps), _as_points("trg_kps", trg_kps)
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred_kps {pred.shape} and trg_kps {gt.shape} differ in shape")
+    with np.errstate(invalid="ignore"):
+        error = np.linalg.norm(pred - gt, axis=1)
+        limit = alpha * float(threshold)
+        return (error <= limit) if inclusive else (error < limit)
+
+
+def _valid_point(point: np.ndarray) -> bool:
+    # The readers mark a missing keypoint with NaN (CUB) or a negative coordinate (-1 in SPair / PF files).
+    return bool(np.isfinite(point).all() and (point >= 0).all())
+
+
+def _dot(draw: ImageDraw.ImageDraw, xy: np.ndarray, radius: int, fill: tuple[int, int, int]) -> None:
+    x, y = float(xy[0]), float(xy[1])
+    draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=fill, outline=_OUTLINE, width=1)
+
+
+def draw_correspondences(
+    src_image: Any,
+    trg_image: Any,
+    src_kps: Any,
+    trg_kps: Any,
+    pred_kps: Any,
+    correct: Sequence[bool] | np.ndarray | torch.Tensor | None,
+    height: int = 256,
+    radius: int | None = None,
+) -> Image.Image:
+    """Draw one pair's keypoint correspondences.
+
+    Both images are resized to ``height`` keeping their aspect ratio (panel widths ``round(w * height / h)``)
+    and put side by side, source left. Keypoints follow the resize (:func:`scale_keypoints`). Per keypoint
+    ``i``: a filled dot at the source point; on the target panel a hollow :data:`GT_COLOR` ring at the ground
+    truth, a line from the prediction to it and a filled dot at the prediction, green when ``correct[i]``,
+    red otherwise (:data:`UNKNOWN_COLOR` when ``correct`` is None). Predictions are drawn last so that they
+    are never hidden by another keypoint's ring or line, correct ones after wrong ones (matches often share a
+    target cell).
+
+    A keypoint whose source or ground-truth point is missing (NaN or negative, the readers' marks) is skipped;
+    a prediction is only skipped when it is not finite, since a match may legitimately land in the zero
+    padding around the target (slightly outside the image): such a point is drawn at the panel border.
+
+    Args:
+        src_image: Source image (uint8 ``[3, H, W]`` tensor, uint8 array or PIL image).
+        trg_image: Target image, same types.
+        src_kps: ``[N, 2]`` source keypoints ``(x, y)``, original source pixels.
+        trg_kps: ``[N, 2]`` ground-truth target keypoints, original target pixels.
+        pred_kps: ``[N, 2]`` predicted target keypoints, original target pixels.
+        correct: ``[N]`` outcome per keypoint (see :func:`keypoints_correct`), or None.
+        height: Height of the output image in pixels.
+        radius: Dot radius in output pixels (default: scales with ``height``).
+
+    Returns:
+        An RGB image of size ``(src_panel_width + trg_panel_width, height)``.
+
+    Raises:
+        ValueError: If shapes disagree, ``height`` or ``radius`` is not positive, or an image is malformed.
+        TypeError: For an unsupported image type.
+    """
+    if int(height) != height or height < 1:
+        raise ValueError(f"height must be a positive integer, got {height!r}")
+    height = int(height)
+    radius = max(2, round(height / 64)) if radius is None else int(radius)
+    if radius < 1:
+        raise ValueError(f"radius must be positive, got {radius}")
+    src, trg = to_pil_image(src_image), to_pil_image(trg_image)
+    src_pts, trg_pts, pred_pts = (_as_points(n, p) for n, p in
+                                  (("src_kps", src_kps), ("trg_kps", trg_kps), ("pred_kps", pred_kps)))
+    n = src_pts.shape[0]
+    if trg_pts.shape[0] != n or pred_pts.shape[0] != n:
+        raise ValueError(f"src_kps, trg_kps and pred_kps must hold the same number of points, "
+                         f"got {n}, {trg_pts.shape[0]} and {pred_pts.shape[0]}")
+    if correct is not None:
+        if isinstance(correct, torch.Tensor):
+            correct = correct.detach().cpu().numpy()
+        correct = np.asarray(correct, dtype=bool).reshape(-1)
+        if correct.shape[0] != n:
+            raise ValueError(f"correct must hold one flag per keypoint ({n}), got {correct.shape[0]}")
+
+    sizes = [(max(1, round(im.width * height / im.height)), height) for im in (src, trg)]
+    canvas = Image.new("RGB", (sizes[0][0] + sizes[1][0], height))
+    canvas.paste(src.resize(sizes[0], Image.BILINEAR), (0, 0))
+    canvas.paste(trg.resize(sizes[1], Image.BILINEAR), (sizes[0][0], 0))
+    offset = np.array([sizes[0][0], 0.0])
+    src_xy = scale_keypoints(src_pts, src.size, sizes[0])
+    trg_xy = scale_keypoints(trg_pts, trg.size, sizes[1]) + offset
+    pred_xy = scale_keypoints(pred_pts, trg.size, sizes[1])
+    # Keep a prediction in the padding visible: clamp it to the target panel, then shift it there.
+    pred_xy = np.clip(pred_xy, 0, np.array([sizes[1][0] - 1, height - 1])) + offset
+
+    keep = [i for i in range(n) if _valid_point(src_pts[i]) and _valid_point(trg_pts[i])]
+    has_pred = {i for i in keep if np.isfinite(pred_pts[i]).all()}
+    colors = {i: UNKNOWN_COLOR if correct is None else CORRECT_COLOR if correct[i] else WRONG_COLOR for i in keep}
+
+    draw = ImageDraw.Draw(canvas)
+    line_width = max(1, radius // 3)
+    for i in keep:  # lines first: everything else is drawn over them
+        if i in has_pred:
+            draw.line([tuple(pred_xy[i]), tuple(trg_xy[i])], fill=colors[i], width=line_width)
+    ring = radius + 2
+    for i in keep:
+        x, y = trg_xy[i]
+        draw.ellipse((x - ring, y - ring, x + ring, y + ring), outline=GT_COLOR, width=max(1, radius // 2))
+    for i in keep:
+        _dot(draw, src_xy[i], radius, colors[i])
+    # Several keypoints often match the same target cell: draw the correct predictions last so that a wrong
+    # match at the same spot never hides a correct one.
+    for i in sorted(has_pred, key=lambda i: (correct is not None and bool(correct[i]), i)):
+        _dot(draw, pred_xy[i], radius, colors[i])
+    return canvas
