@@ -166,7 +166,7 @@ def test_every_config_parses_and_instantiates(configs, tmp_path, monkeypatch) ->
     pipeline = cli.model.pipeline
     if any(p.endswith("sd_only.yaml") for p in configs):
         assert pipeline.alpha == 1.0 and pipeline.dino is None and pipeline.sd is not None
-    elif any(p.endswith("dino_only.yaml") for p in configs):
+    elif any(p.endswith(("dino_only.yaml", "smoke_dino.yaml")) for p in configs):
         assert pipeline.alpha == 0.0 and pipeline.sd is None and pipeline.dino is not None
     else:
         assert pipeline.alpha == 0.5 and pipeline.sd.layers == [2, 5, 8] and pipeline.sd.timestep == 100
