@@ -3,15 +3,96 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
+from datamodules.samplers import dataset_pair_ids
 from lightning_modules.ablation import ablation_table, analysis_markdown
 
-__all__ = ["CorrespondenceWriter", "format_pck_table"]
+__all__ = ["CorrespondenceWriter", "IncompleteEvaluationError", "check_complete", "format_pck_table", "sort_records"]
+
+
+class IncompleteEvaluationError(RuntimeError):
+    """A test run did not score every pair of the dataset exactly once (or scored pairs it does not hold)."""
+
+
+def _preview(ids: list[str], limit: int = 5) -> str:
+    return ", ".join(ids[:limit]) + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+def check_complete(records: list[dict[str, Any]], pair_ids: list[str], results: dict[str, Any] | None) -> None:
+    """Check that the run scored each pair of the dataset once: per ablation row, and in the metric's counts.
+
+    Args:
+        records: The de-duplicated prediction records of all processes (``pair_id``, optional ``row``).
+        pair_ids: The evaluated dataset's pair ids.
+        results: The LightningModule's ``test_results`` (``num_pairs``, or per ablation row in ``rows``).
+
+    Raises:
+        IncompleteEvaluationError: If the dataset's pair ids are not unique (de-duplication by pair id would
+            merge distinct pairs), a row's predictions miss or add pairs, or a metric counted a different
+            number of pairs than the dataset holds.
+    """
+    expected = set(pair_ids)
+    if len(expected) != len(pair_ids):
+        repeated = sorted(p for p, n in Counter(pair_ids).items() if n > 1)
+        raise IncompleteEvaluationError(
+            f"the dataset's pair ids are not unique ({_preview(repeated)}): pairs are de-duplicated by pair id, "
+            "so distinct pairs would be merged"
+        )
+    by_row: dict[str | None, set[str]] = {}
+    for record in records:
+        by_row.setdefault(record.get("row"), set()).add(str(record["pair_id"]))
+    for row, got in (by_row or {None: set()}).items():
+        if got != expected:
+            where = "" if row is None else f" of ablation row {row!r}"
+            raise IncompleteEvaluationError(
+                f"the predictions{where} hold {len(got)} unique pairs but the dataset has {len(expected)}; "
+                f"missing: [{_preview(sorted(expected - got))}], not in the dataset: [{_preview(sorted(got - expected))}]"
+            )
+    counts = {None: results.get("num_pairs")} if results is not None and "rows" not in results else {}
+    if results is not None and "rows" in results:
+        counts = {name: row.get("num_pairs") for name, row in results["rows"].items()}
+    for row, count in counts.items():
+        if count is not None and count != len(expected):
+            where = "" if row is None else f" of ablation row {row!r}"
+            raise IncompleteEvaluationError(
+                f"the metric{where} counted {count} pairs but the dataset has {len(expected)}"
+            )
+
+
+def sort_records(records: list[dict[str, Any]], pair_ids: list[str] | None) -> list[dict[str, Any]]:
+    """Records in dataset order (by ``pair_id``; sorted ids when the dataset order is unknown).
+
+    The sort is stable, so an ablation's rows of one pair keep the order ``test_step`` returned them in. The
+    file is then the same line for line whatever the evaluation order and the number of processes.
+    """
+    if pair_ids is None:
+        return sorted(records, key=lambda r: str(r["pair_id"]))
+    position = {pair_id: i for i, pair_id in enumerate(pair_ids)}
+    return sorted(records, key=lambda r: (position.get(str(r["pair_id"]), len(position)), str(r["pair_id"])))
+
+
+def _evaluated_pair_ids(trainer: L.Trainer) -> list[str] | None:
+    """The pair ids of the dataset under test: the datamodule's ``test_dataset``, else the test dataloader's."""
+    dataset = getattr(getattr(trainer, "datamodule", None), "test_dataset", None)
+    if dataset is None:
+        loaders = getattr(trainer, "test_dataloaders", None)
+        if isinstance(loaders, (list, tuple)) and len(loaders) == 1:
+            loaders = loaders[0]
+        dataset = loaders.dataset if isinstance(loaders, DataLoader) else None
+    return None if dataset is None else dataset_pair_ids(dataset)
+
+
+def _evaluates_everything(trainer: L.Trainer) -> bool:
+    """False when ``limit_test_batches`` / ``fast_dev_run`` deliberately evaluate a subset."""
+    limit = getattr(trainer, "limit_test_batches", 1.0)
+    return not getattr(trainer, "fast_dev_run", False) and isinstance(limit, float) and limit >= 1.0
 
 
 def format_pck_table(results: dict[str, Any], per_group: bool = True) -> str:
@@ -83,6 +164,7 @@ class CorrespondenceWriter(L.Callback):
             self._records.extend(outputs)
 
     def _gathered_records(self) -> list[dict[str, Any]]:
+        """Every process's records, each (pair, ablation row) once."""
         records = self._records
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             parts: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
@@ -94,15 +176,20 @@ class CorrespondenceWriter(L.Callback):
         return list(unique.values())
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        records = self._gathered_records()
+        records = self._gathered_records()  # a collective: every process, before rank 0 goes on alone
+        pair_ids = _evaluated_pair_ids(trainer)
+        results = getattr(pl_module, "test_results", None)
+        if pair_ids is not None and _evaluates_everything(trainer):
+            # on every process (all hold the gathered records and the synchronised results), so that all stop
+            check_complete(records, pair_ids, results)
+        out = self.resolve_dir(trainer)  # also a collective: `trainer.log_dir` broadcasts rank 0's directory
         if not trainer.is_global_zero:
             return
-        out = self.resolve_dir(trainer)
+        records = sort_records(records, pair_ids)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "predictions.jsonl", "w") as handle:
             for record in records:
                 handle.write(json.dumps(record) + "\n")
-        results = getattr(pl_module, "test_results", None)
         if results is not None and "table" in results:  # an ablation: one row per setting
             markdown, csv = ablation_table(results)
             (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -500,6 +500,18 @@ class CUBASICDataset(Dataset):
         """Pair ids in dataset order."""
         return [self.pair_id(i) for i in range(len(self))]
 
+    def pair_images(self) -> list[tuple[str, str, str]]:
+        """``(category, source image path, target image path)`` per pair, in dataset order (no decoding).
+
+        Every image has a single crop, so its path identifies its features
+        (``datamodules.samplers.image_grouped_order`` keeps pairs sharing an image together).
+        """
+        out = []
+        for src_index, trg_index in self.pairs:
+            src, trg = self.images[src_index], self.images[trg_index]
+            out.append((src.category, str(src.path), str(trg.path)))
+        return out
+
     def crop(self, record: CUBImageRecord) -> torch.Tensor:
         """The protocol's crop of one image: uint8 ``[3, crop_size, crop_size]``."""
         array = _load_rgb_array(record.path)

@@ -2,7 +2,8 @@
 
 Each wraps one reader, names its protocol (``datamodules.protocols``) and serves the evaluated split to
 ``trainer.test`` / ``trainer.predict`` as lists of sample dicts (images differ in size; the model
-resizes).
+resizes), in an order that keeps pairs sharing an image together; under DDP each process gets one
+contiguous, unpadded chunk of that order (``datamodules.samplers``), so every pair is scored exactly once.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .cub import LAYOUT_HINT as CUB_LAYOUT_HINT
 from .cub import CUBASICDataset
@@ -20,6 +21,13 @@ from .pfpascal import PFPascalDataset
 from .pfwillow import LAYOUT_HINT as PF_WILLOW_LAYOUT_HINT
 from .pfwillow import PFWillowDataset
 from .protocols import Protocol, get_protocol
+from .samplers import (
+    ContiguousDistributedSampler,
+    OrderedSampler,
+    PairDataLoader,
+    dataset_pair_images,
+    image_grouped_order,
+)
 from .spair import LAYOUT_HINT, SPairDataset, collate_pairs, normalize_split
 from .synthetic import default_synthetic_categories, synthetic_root_matches, write_synthetic_spair
 from .tss import TSS_DATASETS, TSS_LAYOUT_HINT, TSSDataset
@@ -39,7 +47,8 @@ class PairDataModule(L.LightningDataModule):
     """Base of the benchmark DataModules: one evaluated dataset, its categories and its protocol.
 
     Subclasses set ``protocol_name`` and implement :meth:`build_dataset`; the dataset must expose
-    ``categories`` (the names the metric groups by).
+    ``categories`` (the names the metric groups by), and should expose ``pair_ids`` and ``pair_images()``
+    (the evaluation order and the writer's completeness check use them).
 
     Args:
         root: Benchmark root (required; None only so that a config can leave it to ``--data.root``).
@@ -85,24 +94,51 @@ class PairDataModule(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.setup() must be called before .categories")
         return list(self.test_dataset.categories)
 
-    def _dataloader(self) -> DataLoader:
+    def evaluation_order(self) -> list[int]:
+        """Dataset indices in evaluation order: pairs sharing an image together (after :meth:`setup`).
+
+        See :func:`datamodules.samplers.image_grouped_order`; dataset order for a dataset without
+        ``pair_images()``.
+        """
         if self.test_dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup('test') must be called first")
-        return DataLoader(
+        pairs = dataset_pair_images(self.test_dataset)
+        return list(range(len(self.test_dataset))) if pairs is None else image_grouped_order(pairs)
+
+    def _distributed_kwargs(self) -> dict[str, int] | None:
+        """``num_replicas`` and ``rank`` of the attached trainer when it runs several processes, else None."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        kwargs = trainer.distributed_sampler_kwargs or {}
+        return {"num_replicas": int(kwargs.get("num_replicas", trainer.world_size)),
+                "rank": int(kwargs.get("rank", trainer.global_rank))}
+
+    def _dataloader(self) -> DataLoader:
+        order = self.evaluation_order()
+        distributed = self._distributed_kwargs()
+        # Our samplers, in one process too: the order groups pairs by shared image, and under DDP an UNPADDED
+        # sampler (Lightning keeps any DistributedSampler) scores each pair exactly once.
+        sampler: Sampler[int] = (
+            OrderedSampler(order)
+            if distributed is None
+            else ContiguousDistributedSampler(self.test_dataset, order=order, batch_size=self.batch_size, **distributed)
+        )
+        return PairDataLoader(
             self.test_dataset,
             batch_size=self.batch_size,
-            shuffle=False,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_pairs,
             persistent_workers=self.num_workers > 0,
         )
 
     def test_dataloader(self) -> DataLoader:
-        """The evaluated split, in a fixed order, as lists of sample dicts."""
+        """The evaluated split as lists of sample dicts, in :meth:`evaluation_order`; each process its own chunk."""
         return self._dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        """The evaluated split, in a fixed order, as lists of sample dicts."""
+        """The evaluated split as lists of sample dicts, in :meth:`evaluation_order`; each process its own chunk."""
         return self._dataloader()
 
 

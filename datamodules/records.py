@@ -69,6 +69,14 @@ class PairRecordsDataset(Dataset):
         """Sorted unique image paths used by the selected pairs (one feature pass each)."""
         return sorted({p for r in self.records for p in (r.src_image_path, r.trg_image_path)})
 
+    def pair_images(self) -> list[tuple[str, str, str]]:
+        """``(category, source image path, target image path)`` per pair, in dataset order (no decoding).
+
+        Used to order the evaluation so that pairs sharing an image run together
+        (``datamodules.samplers.image_grouped_order``).
+        """
+        return [(r.category, str(r.src_image_path), str(r.trg_image_path)) for r in self.records]
+
     def __len__(self) -> int:
         """Number of pairs."""
         return len(self.records)

@@ -156,6 +156,19 @@ class TSSDataset(Dataset):
             for src, trg in ((1, 2), (2, 1))
         ]
 
+    @property
+    def pair_ids(self) -> list[str]:
+        """Pair ids in dataset order (``<dataset>/<folder>/image<src>-image<trg>``)."""
+        return [p.pair_id for p in self.pairs]
+
+    def pair_images(self) -> list[tuple[str, str, str]]:
+        """``(sub-dataset, source image path, target image path)`` per pair, in dataset order (no decoding).
+
+        Both directions of a folder share its two images (padded to the same size), so ordering by shared
+        images keeps them together (``datamodules.samplers.image_grouped_order``).
+        """
+        return [(p.dataset, str(p.src_image_path), str(p.trg_image_path)) for p in self.pairs]
+
     def __len__(self) -> int:
         """Number of directed pairs (twice the number of folders)."""
         return len(self.pairs)

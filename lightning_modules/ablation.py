@@ -156,6 +156,7 @@ class ZeroShotAblation(L.LightningModule):
             parts: list[dict[str, Any]] = [{} for _ in range(torch.distributed.get_world_size())]
             torch.distributed.all_gather_object(parts, records)
             records = {k: v for part in parts for k, v in part.items()}  # duplicates collapse by pair id
+        records = dict(sorted(records.items()))  # sums independent of how pairs were split over processes
         keys = ("sd_ok", "dino_ok", "fused_ok", "sd_rel_correct", "dino_rel_correct",
                 "sd_rel_at_dino_match", "dino_rel_at_sd_match")
         columns = {k: torch.cat([r[k] for r in records.values()]) if records else torch.zeros(0) for k in keys}

@@ -23,7 +23,8 @@ update returns ``{"pck": {alpha: {"per_point": nan, "per_image": nan, "category_
 
 Distributed evaluation: Lightning's ``DistributedSampler`` pads the last batch with duplicate samples.
 ``PCK`` stores a stable 64-bit key per pair (:func:`stable_pair_key`) and ``compute()`` keeps only the
-first occurrence of each key, so N processes give exactly the single-process numbers.
+first occurrence of each key, in key order (not arrival order), so N processes give exactly the
+single-process numbers, bit for bit.
 """
 
 from __future__ import annotations
@@ -549,16 +550,19 @@ class PCK(Metric):
         return dim_zero_cat(value).to(dtype).reshape(-1)
 
     def _deduplicated(self) -> dict[str, Tensor]:
-        """Every per-pair state, concatenated, keeping each pair key's first occurrence only."""
+        """Every per-pair state, concatenated, each pair key's first occurrence only, sorted by pair key.
+
+        The canonical order (by key, not by arrival) makes the float sums of :meth:`compute` independent of
+        how the pairs were split over processes and batches, so N processes give bit-identical numbers.
+        """
         states = {attr: self._cat_state(attr) for attr in self._state_dtypes}
         states["correct"] = states["correct"].reshape(-1, len(self.alphas))
         pair_key = states["pair_key"]
         if pair_key.numel():
-            unique_keys, inverse = torch.unique(pair_key, return_inverse=True)
+            unique_keys, inverse = torch.unique(pair_key, return_inverse=True)  # sorted keys
             positions = torch.arange(pair_key.numel(), device=pair_key.device)
             first = torch.full((unique_keys.numel(),), pair_key.numel(), dtype=torch.long, device=pair_key.device)
-            first = first.scatter_reduce(0, inverse, positions, reduce="amin")
-            keep = torch.sort(first).values  # first occurrences, in arrival order
+            keep = first.scatter_reduce(0, inverse, positions, reduce="amin")  # first occurrence of each sorted key
             states = {attr: value[keep] for attr, value in states.items()}
         return states
 

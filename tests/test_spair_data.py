@@ -292,7 +292,8 @@ def test_datamodule_runs_under_trainer_test(tmp_path: Path) -> None:
     )  # fmt: skip
     trainer.test(model, datamodule=dm, verbose=False)
     assert dm.categories == ["aeroplane", "bicycle", "bird"]
-    assert model.seen == dm.test_dataset.pair_ids and len(model.seen) == 18
+    assert model.seen == [dm.test_dataset.pair_ids[i] for i in dm.evaluation_order()]  # image-grouped order
+    assert sorted(model.seen) == sorted(dm.test_dataset.pair_ids) and len(model.seen) == 18
 
 
 # ------------------------------------------------------------------------------------ synthetic
