@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -127,6 +129,29 @@ def format_pck_table(results: dict[str, Any], per_group: bool = True) -> str:
     return "\n".join(lines)
 
 
+log = logging.getLogger(__name__)
+
+#: Per-process files that receive every finished batch's records as soon as it ends.
+PARTIAL_GLOB = "predictions.partial.rank*.jsonl"
+
+
+def read_partial_records(directory: Path) -> list[dict[str, Any]]:
+    """The records an interrupted run flushed (every process's file), each (pair, row) once, only pairs
+    whose every ablation row was written. A torn last line (the process died while writing) is skipped."""
+    records: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for path in sorted(directory.glob(PARTIAL_GLOB)):
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("resume: skipping a torn line of %s", path)
+                continue
+            records.setdefault((str(record["pair_id"]), record.get("row")), record)
+    rows = {row for _, row in records}
+    per_pair = Counter(pair_id for pair_id, _ in records)
+    return [r for (pair_id, _), r in records.items() if per_pair[pair_id] == len(rows)]
+
+
 class CorrespondenceWriter(L.Callback):
     """Collects the per-pair records returned by ``test_step`` and writes the run's output files.
 
@@ -134,22 +159,60 @@ class CorrespondenceWriter(L.Callback):
     ``predictions.jsonl`` (one line per pair, original pixels) and ``results.json`` (the PCK summary
     that the LightningModule computed in ``on_test_epoch_end``).
 
+    Nothing is lost when a run stops: every process appends each finished batch's records to
+    ``predictions.partial.rank<R>.jsonl`` (flushed and synced to disk), and the partial files are removed
+    only once the final files are written. A rerun with ``resume=True`` (``evaluate.py test ... --resume
+    true``) and the same output directory and config reads them back, restores the module's metric
+    (``restore_predictions``), evaluates only the pairs not finished yet, and ends with the files an
+    uninterrupted run writes. ``extraction_passes`` then counts the resumed run's passes only.
+
     Args:
         output_dir: Where to write; None uses ``trainer.log_dir``.
         print_table: Print the PCK table at the end of the run.
+        resume: Continue an interrupted run found in the output directory instead of starting over.
     """
 
-    def __init__(self, output_dir: str | None = None, print_table: bool = True) -> None:
+    def __init__(self, output_dir: str | None = None, print_table: bool = True, resume: bool = False) -> None:
         self.output_dir = output_dir
         self.print_table = print_table
+        self.resume = resume
         self._records: list[dict[str, Any]] = []
+        self._restored: list[dict[str, Any]] = []
+        self._partial: Path | None = None
 
     def resolve_dir(self, trainer: L.Trainer) -> Path:
         """The directory this run writes to."""
         return Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Find the output directory, and on resume the finished pairs (before the dataloader is built)."""
+        if stage != "test":
+            return
+        out = self.resolve_dir(trainer)  # a collective: every process calls it
+        self._partial = out / f"predictions.partial.rank{trainer.global_rank}.jsonl"
+        self._restored = []
+        if self.resume:
+            self._restored = read_partial_records(out)
+            datamodule = getattr(trainer, "datamodule", None)
+            if self._restored and not hasattr(datamodule, "finished_pair_ids"):
+                raise ValueError("resume needs a datamodule with `finished_pair_ids` (datamodules.PairDataModule)")
+            if datamodule is not None and hasattr(datamodule, "finished_pair_ids"):
+                datamodule.finished_pair_ids = {str(r["pair_id"]) for r in self._restored}
+            log.info("resume: %d finished records found in %s", len(self._restored), out)
+        else:
+            if trainer.is_global_zero:  # a fresh run: leftovers of an earlier interrupted run must not mix in
+                for stale in out.glob(PARTIAL_GLOB):
+                    stale.unlink()
+            trainer.strategy.barrier()
+
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._records = []
+        if self._restored and trainer.is_global_zero:  # one process holds them: the metric syncs across ranks
+            restore = getattr(pl_module, "restore_predictions", None)
+            if restore is None:
+                raise ValueError(f"{type(pl_module).__name__} cannot resume: it has no restore_predictions()")
+            restore(self._restored)
+            self._records = list(self._restored)
 
     def on_test_batch_end(
         self,
@@ -162,6 +225,17 @@ class CorrespondenceWriter(L.Callback):
     ) -> None:
         if outputs:
             self._records.extend(outputs)
+            self._flush(outputs)
+
+    def _flush(self, records: list[dict[str, Any]]) -> None:
+        """Append a batch's records to this process's partial file, durably (a crash loses nothing done)."""
+        if self._partial is None:
+            return
+        self._partial.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._partial, "a") as handle:
+            handle.write("".join(json.dumps(record) + "\n" for record in records))
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def _gathered_records(self) -> list[dict[str, Any]]:
         """Every process's records, each (pair, ablation row) once."""
@@ -187,9 +261,11 @@ class CorrespondenceWriter(L.Callback):
             return
         records = sort_records(records, pair_ids)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "predictions.jsonl", "w") as handle:
+        partial = out / "predictions.jsonl.partial"
+        with open(partial, "w") as handle:
             for record in records:
                 handle.write(json.dumps(record) + "\n")
+        os.replace(partial, out / "predictions.jsonl")
         if results is not None and "table" in results:  # an ablation: one row per setting
             markdown, csv = ablation_table(results)
             (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -205,3 +281,6 @@ class CorrespondenceWriter(L.Callback):
             (out / "results.json").write_text(json.dumps(results, indent=2))
             if self.print_table:
                 print("\n" + format_pck_table(results) + f"\nwritten to {out}", flush=True)
+        if _evaluates_everything(trainer):  # the run is complete and written: the flushed batches are done with
+            for done in out.glob(PARTIAL_GLOB):
+                done.unlink()

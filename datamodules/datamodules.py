@@ -25,6 +25,7 @@ from .samplers import (
     ContiguousDistributedSampler,
     OrderedSampler,
     PairDataLoader,
+    dataset_pair_ids,
     dataset_pair_images,
     image_grouped_order,
 )
@@ -65,6 +66,8 @@ class PairDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.test_dataset: Any = None
+        #: Pair ids already scored by an interrupted run (set by ``CorrespondenceWriter(resume=True)``).
+        self.finished_pair_ids: set[str] = set()
 
     @property
     def protocol(self) -> Protocol:
@@ -103,7 +106,11 @@ class PairDataModule(L.LightningDataModule):
         if self.test_dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup('test') must be called first")
         pairs = dataset_pair_images(self.test_dataset)
-        return list(range(len(self.test_dataset))) if pairs is None else image_grouped_order(pairs)
+        order = list(range(len(self.test_dataset))) if pairs is None else image_grouped_order(pairs)
+        if self.finished_pair_ids:  # resuming: only the pairs an interrupted run did not finish
+            ids = dataset_pair_ids(self.test_dataset) or []
+            order = [i for i in order if ids[i] not in self.finished_pair_ids]
+        return order
 
     def _distributed_kwargs(self) -> dict[str, int] | None:
         """``num_replicas`` and ``rank`` of the attached trainer when it runs several processes, else None."""

@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.config_logging import LoggerSaveConfigCallback
+from callbacks.prediction_writer import CorrespondenceWriter
 
 __all__ = ["SDDinoCLI", "build_cli"]
 
@@ -20,6 +21,24 @@ class SDDinoCLI(LightningCLI):
     ``results.json``, ``config.yaml``, the PNGs and its own files in the run directory however
     ``--trainer.default_root_dir`` was given (a YAML interpolation could not see a command-line override).
     """
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--resume",
+            type=bool,
+            default=False,
+            help="Continue an interrupted test run in the same output directory: pairs whose predictions it "
+            "flushed are restored, not evaluated again (see callbacks.CorrespondenceWriter).",
+        )
+
+    def before_test(self) -> None:
+        """Hand ``--resume`` to the run's prediction writers."""
+        resume = bool(self.config_init[self.subcommand].get("resume", False))
+        writers = [c for c in self.trainer.callbacks if isinstance(c, CorrespondenceWriter)]
+        if resume and not writers:
+            raise ValueError("--resume needs a callbacks.CorrespondenceWriter in trainer.callbacks")
+        for writer in writers:
+            writer.resume = writer.resume or resume
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
