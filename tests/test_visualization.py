@@ -189,14 +189,13 @@ def test_dense_records_are_skipped_quietly(tmp_path) -> None:
 
 
 def test_pngs_of_the_first_pairs_of_a_real_run(tmp_path, monkeypatch) -> None:
-    """configs/trainer/visualize.yaml (8 pairs) + progress.yaml after configs/spair.yaml, on 9 pairs."""
+    """configs/trainer/visualize.yaml (8 pairs) after configs/spair.yaml (which has the pairs/s bar), on 9 pairs."""
     monkeypatch.chdir(tmp_path)
     root = write_synthetic_spair(tmp_path / "spair", categories=("cat", "dog", "bus"), pairs_per_category=3)
     model = FAST_MODEL
     out = tmp_path / "out"
     cli = evaluate.main(["test", "--config", str(CONFIGS / "spair.yaml"), "--config", str(model),
                          "--config", str(CONFIGS / "trainer" / "visualize.yaml"),
-                         "--config", str(CONFIGS / "trainer" / "progress.yaml"),
                          "--data.root", str(root), "--data.num_workers", "0", "--trainer.accelerator", "cpu",
                          "--trainer.default_root_dir", str(out)])
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]

@@ -156,6 +156,7 @@ def test_trainer_configs_compose_after_a_benchmark_config(fragment, base, wandb_
     cli = build_cli([*args, "--trainer.default_root_dir", str(wandb_sandbox / "run")], run=False)
     kinds = [type(c) for c in cli.trainer.callbacks]
     assert CorrespondenceWriter in kinds and LoggerSaveConfigCallback in kinds  # appended, not replaced
+    assert cli.trainer.progress_bar_callback.__class__ is PairProgressBar  # the benchmark configs' pairs/s bar
     if fragment.stem == "wandb":
         assert {CorrespondenceVisualizer, WandbResults, PairProgressBar} <= set(kinds)
         assert isinstance(cli.trainer.logger, AutoWandbLogger) and cli.trainer.logger.mode == "offline"
@@ -164,8 +165,6 @@ def test_trainer_configs_compose_after_a_benchmark_config(fragment, base, wandb_
         assert cli.trainer.logger._experiment is None  # parsing starts no run
     elif fragment.stem == "visualize":
         assert CorrespondenceVisualizer in kinds and cli.trainer.logger is None
-    elif fragment.stem == "progress":
-        assert PairProgressBar in kinds and cli.trainer.progress_bar_callback.__class__ is PairProgressBar
 
 
 # --------------------------------------------------------------------------- an offline run end to end
