@@ -56,25 +56,28 @@ def config_digest(config: Mapping[str, Any]) -> str:
 
 
 @torch.no_grad()
-def weights_digest(modules: Iterable[nn.Module | None]) -> str:
-    """A cheap fingerprint of the weights of ``modules``: per tensor its name, shape, dtype, sum and sum of
-    squares (in float64, on the tensor's device). Changed weights change it with overwhelming probability
-    without hashing gigabytes of parameters byte by byte."""
+def weights_digest(modules: Iterable[nn.Module | None], samples: int = 1024) -> str:
+    """A cheap fingerprint of the weights of ``modules``: per tensor its name, shape, dtype, ``samples``
+    evenly spaced values and the sum of all values (on the tensor's device).
+
+    Changed weights (another checkpoint, a fine-tune) change it with overwhelming probability, without
+    hashing gigabytes of parameters byte by byte: about a second for SD-1.5 on a CPU.
+    """
     digest = hashlib.blake2b(digest_size=16)
     for index, module in enumerate(modules):
         if module is None:
             continue
-        stats = []
-        names = []
+        stats, names = [], []
         for name, tensor in module.state_dict().items():
             if not torch.is_tensor(tensor) or not tensor.is_floating_point():
                 continue
-            flat = tensor.detach().double()
-            stats.append(torch.stack([flat.sum(), (flat * flat).sum()]))
+            flat = tensor.detach().reshape(-1)
+            picked = flat[:: max(1, flat.numel() // samples)][:samples].float()
+            stats.append(torch.cat([picked, flat.sum(dtype=torch.float32).view(1)]).cpu())
             names.append(f"{index}.{name}:{tuple(tensor.shape)}:{tensor.dtype}")
         digest.update("|".join(names).encode())
         if stats:
-            digest.update(torch.stack(stats).cpu().numpy().tobytes())
+            digest.update(torch.cat(stats).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -20,6 +20,8 @@ __all__ = [
     "TINY_TEXT_ENCODER",
     "TINY_DINOV2",
     "TINY_VIT",
+    "SD15_SIZED",
+    "DINOV2_BASE_SIZED",
     "build_sd_components",
     "build_dinov2",
     "write_byte_level_clip_vocab",
@@ -100,6 +102,30 @@ TINY_DINOV2: dict[str, Any] = {
     "patch_size": 14,
     "image_size": 224,
 }
+
+
+#: ``random_init`` of an SD featurizer with the architecture of stable-diffusion-v1-5 (its unet, vae and
+#: text_encoder config.json on the hub) and random weights: real-size shapes and costs without weights
+#: (the slow tests and the CPU throughput benchmark).
+SD15_SIZED: dict[str, Any] = {
+    "seed": 0,
+    "unet": {
+        "sample_size": 64,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "layers_per_block": 2,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+    },
+    "vae": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,
+            "sample_size": 512},
+    "text_encoder": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                     "num_attention_heads": 12, "projection_dim": 768},
+}
+#: ``random_init`` of a DINO featurizer with the architecture of DINOv2 ViT-B/14 and random weights.
+DINOV2_BASE_SIZED: dict[str, Any] = {"seed": 0, "hidden_size": 768, "num_hidden_layers": 12,
+                                     "num_attention_heads": 12, "mlp_ratio": 4, "patch_size": 14, "image_size": 518}
 
 
 def _merged(defaults: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
