@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from datamodules.samplers import dataset_pair_ids
 from lightning_modules.ablation import ablation_table, analysis_markdown
+from lightning_modules.distributed import gather_from_ranks
 
 __all__ = ["CorrespondenceWriter", "IncompleteEvaluationError", "check_complete", "format_pck_table", "sort_records"]
 
@@ -239,11 +239,7 @@ class CorrespondenceWriter(L.Callback):
 
     def _gathered_records(self) -> list[dict[str, Any]]:
         """Every process's records, each (pair, ablation row) once."""
-        records = self._records
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
-            dist.all_gather_object(parts, records)
-            records = [r for part in parts for r in part]
+        records = [r for part in gather_from_ranks(self._records) for r in part]
         unique: dict[tuple[str, str | None], dict[str, Any]] = {}
         for record in records:  # a padded sampler repeats pairs: keep each pair (of each ablation row) once
             unique.setdefault((record["pair_id"], record.get("row")), record)

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
 from lightning_modules.components.visualize import draw_correspondences, keypoints_correct
+from lightning_modules.distributed import gather_from_ranks
 
 __all__ = ["CorrespondenceVisualizer", "safe_filename"]
 
@@ -178,12 +178,10 @@ class CorrespondenceVisualizer(L.Callback):
             return
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         images = self._images
-        if loggers and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if loggers:
             # Collective: every rank holds the same logger config, so all ranks take this branch together.
-            parts: list[list[tuple[str, Image.Image, str]]] = [[] for _ in range(dist.get_world_size())]
-            dist.all_gather_object(parts, images)
             unique: dict[str, tuple[str, Image.Image, str]] = {}
-            for item in (i for part in parts for i in part):
+            for item in (i for part in gather_from_ranks(images) for i in part):
                 unique.setdefault(item[0], item)  # a padded sampler may have drawn a pair on two ranks
             images = list(unique.values())
         if not trainer.is_global_zero or not images:

@@ -23,9 +23,10 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import lightning as L
-import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_modules.distributed import gather_from_ranks
 
 __all__ = [
     "AutoWandbLogger",
@@ -277,12 +278,9 @@ class WandbResults(L.Callback):
                         self._images.add(str(sample[key]))
 
     def _gathered(self) -> tuple[set[str], set[str]]:
-        pair_ids, images = self._pair_ids, self._images
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, (pair_ids, images))
-            pair_ids = set().union(*(p[0] for p in parts))  # a padded sampler's duplicates collapse here
-            images = set().union(*(p[1] for p in parts))
+        parts = gather_from_ranks((self._pair_ids, self._images))
+        pair_ids = set().union(*(p[0] for p in parts))  # a padded sampler's duplicates collapse here
+        images = set().union(*(p[1] for p in parts))
         return pair_ids, images
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -22,6 +22,7 @@ from .components.analysis import relative_distance, summarize_fusion_analysis
 from .components.dino_featurizer import DinoFeaturizer
 from .components.pipeline import EvalSize
 from .components.sd_featurizer import SDFeaturizer
+from .distributed import gather_from_ranks
 from .metrics import PCK, keypoint_correct
 from .zero_shot import feature_cache, keypoint_record, restore_keypoint_metric, summed_over_ranks
 
@@ -151,11 +152,8 @@ class ZeroShotAblation(L.LightningModule):
             }
 
     def _analysis_summary(self) -> dict[str, Any]:
-        records = self._analysis_records
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts: list[dict[str, Any]] = [{} for _ in range(torch.distributed.get_world_size())]
-            torch.distributed.all_gather_object(parts, records)
-            records = {k: v for part in parts for k, v in part.items()}  # duplicates collapse by pair id
+        # duplicates collapse by pair id
+        records = {k: v for part in gather_from_ranks(self._analysis_records) for k, v in part.items()}
         records = dict(sorted(records.items()))  # sums independent of how pairs were split over processes
         keys = ("sd_ok", "dino_ok", "fused_ok", "sd_rel_correct", "dino_rel_correct",
                 "sd_rel_at_dino_match", "dino_rel_at_sd_match")
