@@ -4,6 +4,10 @@ Each wraps one reader, names its protocol (``datamodules.protocols``) and serves
 ``trainer.test`` / ``trainer.predict`` as lists of sample dicts (images differ in size; the model
 resizes), in an order that keeps pairs sharing an image together; under DDP each process gets one
 contiguous, unpadded chunk of that order (``datamodules.samplers``), so every pair is scored exactly once.
+
+SPair (``supports_fit``) also serves ``trainer.fit`` / ``trainer.validate``: a training split shuffled
+reproducibly and anew every epoch (``EpochShuffleSampler`` in one process, ``DistributedSampler`` under DDP)
+and a validation split served exactly like the evaluated one.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any, ClassVar
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
 
 from .cub import LAYOUT_HINT as CUB_LAYOUT_HINT
 from .cub import CUBASICDataset
@@ -23,6 +28,7 @@ from .pfwillow import PFWillowDataset
 from .protocols import Protocol, get_protocol
 from .samplers import (
     ContiguousDistributedSampler,
+    EpochShuffleSampler,
     OrderedSampler,
     PairDataLoader,
     dataset_pair_ids,
@@ -49,7 +55,8 @@ class PairDataModule(L.LightningDataModule):
 
     Subclasses set ``protocol_name`` and implement :meth:`build_dataset`; the dataset must expose
     ``categories`` (the names the metric groups by), and should expose ``pair_ids`` and ``pair_images()``
-    (the evaluation order and the writer's completeness check use them).
+    (the evaluation order and the writer's completeness check use them). A subclass that can also train
+    sets ``supports_fit`` and implements :meth:`build_train_dataset` and :meth:`build_val_dataset`.
 
     Args:
         root: Benchmark root (required; None only so that a config can leave it to ``--data.root``).
@@ -59,6 +66,8 @@ class PairDataModule(L.LightningDataModule):
 
     protocol_name: ClassVar[str] = ""
     layout_hint: ClassVar[str] = ""
+    #: Whether the benchmark has training / validation splits (``trainer.fit`` / ``trainer.validate``).
+    supports_fit: ClassVar[bool] = False
 
     def __init__(self, root: str | None = None, batch_size: int = 1, num_workers: int = 0) -> None:
         super().__init__()
@@ -66,6 +75,10 @@ class PairDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.test_dataset: Any = None
+        self.train_dataset: Any = None
+        self.val_dataset: Any = None
+        #: Base seed of the training shuffle (subclasses that train set it).
+        self.shuffle_seed = 0
         #: Pair ids already scored by an interrupted run (set by ``CorrespondenceWriter(resume=True)``).
         self.finished_pair_ids: set[str] = set()
 
@@ -83,12 +96,43 @@ class PairDataModule(L.LightningDataModule):
         """Build the evaluated dataset from ``root``."""
         raise NotImplementedError
 
+    def build_train_dataset(self, root: str) -> Dataset:
+        """Build the training dataset from ``root`` (only where ``supports_fit``)."""
+        raise NotImplementedError
+
+    def build_val_dataset(self, root: str) -> Dataset:
+        """Build the validation dataset from ``root`` (only where ``supports_fit``)."""
+        raise NotImplementedError
+
+    def _require_root(self) -> str:
+        if self.root is None:
+            raise ValueError(f"{type(self).__name__} needs `root` (--data.root DIR); {self.layout_hint}")
+        return self.root
+
+    def _require_fit_support(self) -> None:
+        if not self.supports_fit:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no training / validation data: only SPairDataModule supports "
+                "trainer.fit and trainer.validate (train the projection head on SPair-71k)"
+            )
+
     def setup(self, stage: str | None = None) -> None:
-        """Build the evaluated dataset for ``stage`` in ``{"test", "predict", None}``."""
+        """Build the datasets of ``stage``.
+
+        ``"test"``, ``"predict"`` or None: the evaluated dataset. ``"fit"``: the training and validation
+        datasets; ``"validate"``: the validation dataset (both only where ``supports_fit``).
+
+        Args:
+            stage: Lightning stage.
+        """
         if stage in (None, "test", "predict") and self.test_dataset is None:
-            if self.root is None:
-                raise ValueError(f"{type(self).__name__} needs `root` (--data.root DIR); {self.layout_hint}")
-            self.test_dataset = self.build_dataset(self.root)
+            self.test_dataset = self.build_dataset(self._require_root())
+        if stage in ("fit", "validate"):
+            self._require_fit_support()
+            if stage == "fit" and self.train_dataset is None:
+                self.train_dataset = self.build_train_dataset(self._require_root())
+            if self.val_dataset is None:
+                self.val_dataset = self.build_val_dataset(self._require_root())
 
     @property
     def categories(self) -> list[str]:
@@ -97,18 +141,31 @@ class PairDataModule(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.setup() must be called before .categories")
         return list(self.test_dataset.categories)
 
-    def evaluation_order(self) -> list[int]:
+    @property
+    def val_categories(self) -> list[str]:
+        """Sorted category names of the validation dataset (after ``setup("fit")`` or ``setup("validate")``)."""
+        if self.val_dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup('fit') must be called before .val_categories")
+        return list(self.val_dataset.categories)
+
+    def evaluation_order(self, dataset: Any = None) -> list[int]:
         """Dataset indices in evaluation order: pairs sharing an image together (after :meth:`setup`).
 
         See :func:`datamodules.samplers.image_grouped_order`; dataset order for a dataset without
-        ``pair_images()``.
+        ``pair_images()``. Resuming (``finished_pair_ids``) drops finished pairs of the evaluated dataset
+        only; any other dataset (validation) is ordered in full.
+
+        Args:
+            dataset: The dataset to order; None for the evaluated dataset (``test_dataset``).
         """
-        if self.test_dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup('test') must be called first")
-        pairs = dataset_pair_images(self.test_dataset)
-        order = list(range(len(self.test_dataset))) if pairs is None else image_grouped_order(pairs)
-        if self.finished_pair_ids:  # resuming: only the pairs an interrupted run did not finish
-            ids = dataset_pair_ids(self.test_dataset) or []
+        if dataset is None:
+            dataset = self.test_dataset
+            if dataset is None:
+                raise RuntimeError(f"{type(self).__name__}.setup('test') must be called first")
+        pairs = dataset_pair_images(dataset)
+        order = list(range(len(dataset))) if pairs is None else image_grouped_order(pairs)
+        if self.finished_pair_ids and dataset is self.test_dataset:  # resuming: only the unfinished pairs
+            ids = dataset_pair_ids(dataset) or []
             order = [i for i in order if ids[i] not in self.finished_pair_ids]
         return order
 
@@ -121,24 +178,29 @@ class PairDataModule(L.LightningDataModule):
         return {"num_replicas": int(kwargs.get("num_replicas", trainer.world_size)),
                 "rank": int(kwargs.get("rank", trainer.global_rank))}
 
-    def _dataloader(self) -> DataLoader:
-        order = self.evaluation_order()
-        distributed = self._distributed_kwargs()
-        # Our samplers, in one process too: the order groups pairs by shared image, and under DDP an UNPADDED
-        # sampler (Lightning keeps any DistributedSampler) scores each pair exactly once.
-        sampler: Sampler[int] = (
-            OrderedSampler(order)
-            if distributed is None
-            else ContiguousDistributedSampler(self.test_dataset, order=order, batch_size=self.batch_size, **distributed)
-        )
+    def _pair_loader(self, dataset: Any, sampler: Sampler[int]) -> DataLoader:
         return PairDataLoader(
-            self.test_dataset,
+            dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_pairs,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _dataloader(self, dataset: Any = None) -> DataLoader:
+        """An evaluation loader of ``dataset`` (None: the evaluated dataset) in :meth:`evaluation_order`."""
+        order = self.evaluation_order(dataset)
+        dataset = self.test_dataset if dataset is None else dataset
+        distributed = self._distributed_kwargs()
+        # Our samplers, in one process too: the order groups pairs by shared image, and under DDP an UNPADDED
+        # sampler (Lightning keeps any DistributedSampler) scores each pair exactly once.
+        sampler: Sampler[int] = (
+            OrderedSampler(order)
+            if distributed is None
+            else ContiguousDistributedSampler(dataset, order=order, batch_size=self.batch_size, **distributed)
+        )
+        return self._pair_loader(dataset, sampler)
 
     def test_dataloader(self) -> DataLoader:
         """The evaluated split as lists of sample dicts, in :meth:`evaluation_order`; each process its own chunk."""
@@ -148,22 +210,68 @@ class PairDataModule(L.LightningDataModule):
         """The evaluated split as lists of sample dicts, in :meth:`evaluation_order`; each process its own chunk."""
         return self._dataloader()
 
+    def train_dataloader(self) -> DataLoader:
+        """The training split as lists of sample dicts, shuffled reproducibly and anew every epoch.
+
+        One process: :class:`~datamodules.samplers.EpochShuffleSampler` (seed ``shuffle_seed``). Under DDP:
+        ``DistributedSampler(shuffle=True, seed=shuffle_seed, drop_last=False)``, which Lightning keeps;
+        Lightning calls ``set_epoch`` on either at the start of every epoch.
+
+        Raises:
+            NotImplementedError: Where the benchmark has no training split (``supports_fit`` is False).
+        """
+        self._require_fit_support()
+        if self.train_dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup('fit') must be called first")
+        distributed = self._distributed_kwargs()
+        sampler: Sampler[int] = (
+            EpochShuffleSampler(self.train_dataset, seed=self.shuffle_seed)
+            if distributed is None
+            else DistributedSampler(
+                self.train_dataset, shuffle=True, seed=self.shuffle_seed, drop_last=False, **distributed
+            )
+        )
+        return self._pair_loader(self.train_dataset, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        """The validation split, served like the evaluated one (image-grouped order, unpadded DDP chunks).
+
+        ``finished_pair_ids`` (resuming a test run) does not apply: every validation pair is scored.
+
+        Raises:
+            NotImplementedError: Where the benchmark has no validation split (``supports_fit`` is False).
+        """
+        self._require_fit_support()
+        if self.val_dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup('fit') or setup('validate') must be called first")
+        return self._dataloader(self.val_dataset)
+
 
 class SPairDataModule(PairDataModule):
     """SPair-71k (``datamodules.spair.SPairDataset``), scored with the SPair protocol.
+
+    Serves ``trainer.test`` / ``trainer.predict`` on ``test_split`` and ``trainer.fit`` /
+    ``trainer.validate`` on ``train_split`` / ``val_split`` (all with the ``categories`` filter).
 
     Args:
         root: SPair-71k root (``PairAnnotation/``, ``JPEGImages/``).
         test_split: Split evaluated (``test``, ``val`` or ``trn``).
         categories: Categories to keep (``None``: all).
-        pairs_per_category: Per-category subset size (``None``: all; the paper's ablations use 20).
-        seed: Seed of the per-category subset.
+        pairs_per_category: Per-category subset size of the evaluated split (``None``: all; the paper's
+            ablations use 20).
+        seed: Seed of the per-category subsets (of every split).
         batch_size: Pairs per batch.
         num_workers: DataLoader workers.
+        train_split: Split trained on (``trn`` alias ``train``, ``val`` or ``test``).
+        val_split: Split validated on (model selection).
+        train_pairs_per_category: Per-category subset size of the training split (``None``: all).
+        val_pairs_per_category: Per-category subset size of the validation split (``None``: all).
+        shuffle_seed: Base seed of the training shuffle (epoch ``e`` uses ``shuffle_seed + e``).
     """
 
     protocol_name = "spair"
     layout_hint = LAYOUT_HINT
+    supports_fit = True
 
     def __init__(
         self,
@@ -174,22 +282,43 @@ class SPairDataModule(PairDataModule):
         seed: int = 0,
         batch_size: int = 1,
         num_workers: int = 0,
+        train_split: str = "trn",
+        val_split: str = "val",
+        train_pairs_per_category: int | None = None,
+        val_pairs_per_category: int | None = None,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
         self.test_split = normalize_split(test_split)
         self.category_filter = list(categories) if categories is not None else None
         self.pairs_per_category = pairs_per_category
         self.seed = seed
+        self.train_split = normalize_split(train_split)
+        self.val_split = normalize_split(val_split)
+        self.train_pairs_per_category = train_pairs_per_category
+        self.val_pairs_per_category = val_pairs_per_category
+        self.shuffle_seed = int(shuffle_seed)
+
+    def _split_dataset(self, root: str, split: str, pairs_per_category: int | None) -> SPairDataset:
+        return SPairDataset(
+            root,
+            split=split,
+            categories=self.category_filter,
+            pairs_per_category=pairs_per_category,
+            seed=self.seed,
+        )
 
     def build_dataset(self, root: str) -> SPairDataset:
         """The SPair split with the configured filter and subset."""
-        return SPairDataset(
-            root,
-            split=self.test_split,
-            categories=self.category_filter,
-            pairs_per_category=self.pairs_per_category,
-            seed=self.seed,
-        )
+        return self._split_dataset(root, self.test_split, self.pairs_per_category)
+
+    def build_train_dataset(self, root: str) -> SPairDataset:
+        """The training split with the configured filter and subset."""
+        return self._split_dataset(root, self.train_split, self.train_pairs_per_category)
+
+    def build_val_dataset(self, root: str) -> SPairDataset:
+        """The validation split with the configured filter and subset."""
+        return self._split_dataset(root, self.val_split, self.val_pairs_per_category)
 
 
 class SyntheticSPairDataModule(SPairDataModule):
@@ -197,27 +326,37 @@ class SyntheticSPairDataModule(SPairDataModule):
 
     See :func:`write_synthetic_spair` for what is generated.
 
-    ``prepare_data`` (and ``setup``, for runs without a Trainer) write the benchmark into ``root``
-    unless a complete one generated with identical arguments is already there; the data is then
-    read by the real SPair reader.
+    ``prepare_data`` (and ``setup``, for runs without a Trainer) write the splits a stage needs into
+    ``root`` unless complete ones generated with identical arguments are already there: ``test_split``
+    for test / predict, ``train_split`` and ``val_split`` for fit, ``val_split`` for validate (all
+    three for ``prepare_data`` without a Trainer). The splits share the images and coexist in ``root``;
+    the data is then read by the real SPair reader.
 
     Args:
         root: Directory of the synthetic benchmark; None puts it in ``<trainer.default_root_dir>/synthetic_spair``.
         test_split: Split written and evaluated.
         categories: Categories to keep when reading (``None``: all).
-        pairs_per_category: Per-category subset size when reading (``None``: all).
-        seed: Seed of the per-category subset.
+        pairs_per_category: Per-category subset size when reading the evaluated split (``None``: all).
+        seed: Seed of the per-category subsets.
         batch_size: Pairs per batch.
         num_workers: DataLoader workers.
         synthetic_categories: Generated category names; ``None`` uses
             :func:`default_synthetic_categories` with ``num_categories``.
         num_categories: Number of generated categories when ``synthetic_categories`` is ``None``.
         images_per_category: Generated images per category.
-        synthetic_pairs_per_category: Generated pairs per category.
+        synthetic_pairs_per_category: Generated pairs per category of ``test_split``.
         image_width: Base image width.
         image_height: Base image height.
         num_keypoints: Keypoints per object.
         generator_seed: Seed of the generator.
+        train_split: Split written and trained on.
+        val_split: Split written and validated on.
+        train_pairs_per_category: Per-category subset size when reading the training split (``None``: all).
+        val_pairs_per_category: Per-category subset size when reading the validation split (``None``: all).
+        shuffle_seed: Base seed of the training shuffle.
+        synthetic_train_pairs_per_category: Generated pairs per category of ``train_split`` (capped at
+            ``images_per_category * (images_per_category - 1)``).
+        synthetic_val_pairs_per_category: Generated pairs per category of ``val_split`` (capped likewise).
     """
 
     def __init__(
@@ -237,6 +376,13 @@ class SyntheticSPairDataModule(SPairDataModule):
         image_height: int = 120,
         num_keypoints: int = 8,
         generator_seed: int = 0,
+        train_split: str = "trn",
+        val_split: str = "val",
+        train_pairs_per_category: int | None = None,
+        val_pairs_per_category: int | None = None,
+        shuffle_seed: int = 0,
+        synthetic_train_pairs_per_category: int = 12,
+        synthetic_val_pairs_per_category: int = 6,
     ) -> None:
         super().__init__(
             root=root,
@@ -246,47 +392,80 @@ class SyntheticSPairDataModule(SPairDataModule):
             seed=seed,
             batch_size=batch_size,
             num_workers=num_workers,
+            train_split=train_split,
+            val_split=val_split,
+            train_pairs_per_category=train_pairs_per_category,
+            val_pairs_per_category=val_pairs_per_category,
+            shuffle_seed=shuffle_seed,
         )
         names = (
             list(synthetic_categories)
             if synthetic_categories is not None
             else default_synthetic_categories(num_categories)
         )
-        self.generator_kwargs: dict[str, Any] = {
+        self.image_kwargs: dict[str, Any] = {
             "categories": names,
             "images_per_category": images_per_category,
-            "pairs_per_category": synthetic_pairs_per_category,
             "num_keypoints": num_keypoints,
             "image_size": (image_width, image_height),
             "seed": generator_seed,
-            "split": self.test_split,
         }
+        # Generated pairs per split; a split named twice keeps its first role's count (test, then train).
+        cap = max(1, images_per_category * (images_per_category - 1))
+        self.synthetic_pairs: dict[str, int] = {self.test_split: synthetic_pairs_per_category}
+        self.synthetic_pairs.setdefault(self.train_split, min(synthetic_train_pairs_per_category, cap))
+        self.synthetic_pairs.setdefault(self.val_split, min(synthetic_val_pairs_per_category, cap))
+        #: Generator arguments of the evaluated split.
+        self.generator_kwargs: dict[str, Any] = self.split_generator_kwargs(self.test_split)
 
-    def is_generated(self) -> bool:
-        """Whether ``root`` holds a complete benchmark generated with these arguments."""
-        return self.root is not None and synthetic_root_matches(self.root, **self.generator_kwargs)
+    def split_generator_kwargs(self, split: str) -> dict[str, Any]:
+        """The :func:`write_synthetic_spair` arguments (``root`` aside) of one of the configured splits."""
+        split = normalize_split(split)
+        return {**self.image_kwargs, "pairs_per_category": self.synthetic_pairs[split], "split": split}
 
-    def _ensure_generated(self) -> None:
+    def stage_splits(self, stage: str | None) -> list[str]:
+        """The splits ``stage`` reads: fit: train and val; validate: val; test / predict: test; None: all."""
+        if stage == "fit":
+            splits = [self.train_split, self.val_split]
+        elif stage == "validate":
+            splits = [self.val_split]
+        elif stage in ("test", "predict"):
+            splits = [self.test_split]
+        else:
+            splits = [self.test_split, self.train_split, self.val_split]
+        return list(dict.fromkeys(splits))
+
+    def is_generated(self, split: str | None = None) -> bool:
+        """Whether ``root`` holds a complete ``split`` (default: the evaluated one) generated with these arguments."""
+        kwargs = self.split_generator_kwargs(self.test_split if split is None else split)
+        return self.root is not None and synthetic_root_matches(self.root, **kwargs)
+
+    def _ensure_generated(self, splits: list[str]) -> None:
         if self.root is None:
             # Without an explicit root the benchmark lives with the run: <default_root_dir>/synthetic_spair.
             if self.trainer is None:
                 raise ValueError(f"{type(self).__name__} needs `root` when used without a Trainer")
             self.root = str(Path(self.trainer.default_root_dir) / "synthetic_spair")
-        if not self.is_generated():
-            write_synthetic_spair(self.root, **self.generator_kwargs)
+        for split in splits:
+            if not self.is_generated(split):
+                write_synthetic_spair(self.root, **self.split_generator_kwargs(split))
+
+    def _trainer_stage(self) -> str | None:
+        """The running trainer function (``fit``, ``validate``, ``test``, ``predict``), None without one."""
+        fn = getattr(getattr(self.trainer, "state", None), "fn", None)
+        return None if fn is None else str(getattr(fn, "value", fn))
 
     def prepare_data(self) -> None:
-        """Write the synthetic benchmark (skipped if already generated with identical args)."""
-        self._ensure_generated()
+        """Write the splits of the trainer's stage (all without a Trainer); those already generated are skipped."""
+        self._ensure_generated(self.stage_splits(self._trainer_stage()))
 
     def setup(self, stage: str | None = None) -> None:
-        """Generate the benchmark if needed, then build the test dataset.
+        """Generate the splits of ``stage`` if needed, then build its datasets.
 
         Args:
-            stage: Lightning stage.
+            stage: Lightning stage (None: the evaluated split, as :meth:`PairDataModule.setup`).
         """
-        if stage in (None, "test", "predict"):
-            self._ensure_generated()
+        self._ensure_generated(self.stage_splits(stage or "test"))
         super().setup(stage)
 
 

@@ -9,6 +9,8 @@
   (``_DataConnector._requires_distributed_sampler`` checks ``isinstance(sampler, DistributedSampler)``).
   Batch-aligned chunks give every process exactly the batches of the single-process run, so even batched
   feature extraction sees the same inputs, and the chunks concatenated in rank order are the 1-process order.
+* :class:`EpochShuffleSampler` shuffles a training split in one process, reproducibly and anew every epoch (the
+  same permutation as a 1-replica ``DistributedSampler(shuffle=True, seed=seed)``).
 * :class:`PairDataLoader` yields one EMPTY batch on a process whose chunk is empty (fewer pairs than
   processes): Lightning skips the whole test loop, hooks included, on a process with zero batches, and that
   process would then never join the collectives (metric sync, gathering predictions) the others wait in.
@@ -19,14 +21,16 @@ from __future__ import annotations
 import heapq
 import math
 from collections import defaultdict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 __all__ = [
     "ContiguousDistributedSampler",
+    "EpochShuffleSampler",
     "OrderedSampler",
     "PairDataLoader",
     "contiguous_bounds",
@@ -187,6 +191,37 @@ class OrderedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.order)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A reproducible shuffle that changes every epoch (one process).
+
+    Epoch ``e`` yields ``torch.randperm(len(data_source))`` drawn from a generator seeded with ``seed + e``:
+    the same permutation as ``DistributedSampler(data_source, num_replicas=1, rank=0, shuffle=True, seed=seed)``
+    after ``set_epoch(e)``. Lightning calls :meth:`set_epoch` at the start of every training epoch on any
+    sampler that has it.
+
+    Args:
+        data_source: The dataset (only its length is used).
+        seed: Base seed of the permutations.
+    """
+
+    def __init__(self, data_source: Sized, seed: int = 0) -> None:
+        self.num_items = len(data_source)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch`` for the next iteration."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_items, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_items
 
 
 class ContiguousDistributedSampler(DistributedSampler):

@@ -7,6 +7,9 @@ border. Keypoints are fixed relative positions on the object mapped through the 
 ground-truth correspondences are exact and learnable. Image sizes jitter per image and the second
 image of every category is portrait, so aspect-preserving resizing is exercised.
 
+Several splits (``trn``, ``val``, ``test``) coexist in one root: they share the images and differ in
+their sampled pairs; each split has its own marker, so one can be added without touching the others.
+
 The written root is read by the real reader, :class:`datamodules.spair.SPairDataset`.
 """
 
@@ -22,13 +25,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from datamodules.spair import normalize_split
+from datamodules.spair import SPLIT_ALIASES, normalize_split
 
 __all__ = [
     "MARKER_NAME",
     "SPAIR_CATEGORIES",
     "default_synthetic_categories",
     "read_synthetic_marker",
+    "split_marker_path",
     "synthetic_root_matches",
     "write_synthetic_spair",
 ]
@@ -39,9 +43,13 @@ SPAIR_CATEGORIES: tuple[str, ...] = (
     "cow", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor",
 )  # fmt: skip
 
-#: Marker file written in a synthetic root; it records the generator arguments.
+#: Marker file of a synthetic root's images; it records the arguments the images depend on. Each
+#: split has its own marker as well (:func:`split_marker_path`) with all generator arguments.
 MARKER_NAME = ".synthetic_spair.json"
-_MARKER_FORMAT = "sd-dino-lightning/synthetic-spair/v1"
+_MARKER_FORMAT = "sd-dino-lightning/synthetic-spair/v2"
+_LEGACY_MARKER_FORMAT = "sd-dino-lightning/synthetic-spair/v1"  # one split per root
+_IMAGE_ARG_KEYS = ("categories", "images_per_category", "num_keypoints", "image_size", "seed")
+_SPLIT_SEED_OFFSETS = {"trn": 1, "val": 2}  # test keeps the original pair seed
 _OWNED_DIRS = ("PairAnnotation", "JPEGImages", "ImageAnnotation", "Layout")
 _FORBIDDEN_NAME_CHARS = set("-:/\\ ")
 
@@ -62,22 +70,35 @@ def default_synthetic_categories(num_categories: int) -> list[str]:
     return names
 
 
-def read_synthetic_marker(root: str | Path) -> dict[str, Any] | None:
-    """Read the marker of a synthetic root.
+def split_marker_path(root: str | Path, split: str) -> Path:
+    """Path of the marker of one split of a synthetic root (``.synthetic_spair.<split>.json``).
 
     Args:
         root: Synthetic root.
+        split: Split name (aliases allowed).
+    """
+    return Path(root) / f".synthetic_spair.{normalize_split(split)}.json"
+
+
+def read_synthetic_marker(root: str | Path, split: str | None = None) -> dict[str, Any] | None:
+    """Read a marker of a synthetic root.
+
+    Args:
+        root: Synthetic root.
+        split: None for the images marker (:data:`MARKER_NAME`, whose ``args`` are the arguments the
+            images depend on), or a split for that split's marker (``args``: all generator arguments).
 
     Returns:
         The marker dict (keys ``format``, ``complete``, ``args``), or ``None`` when absent or
-        unreadable.
+        unreadable. A marker of the earlier single-split format is returned too (it matches no
+        arguments, so such a root is rewritten).
     """
-    path = Path(root) / MARKER_NAME
+    path = Path(root) / MARKER_NAME if split is None else split_marker_path(root, split)
     try:
         marker = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(marker, dict) or marker.get("format") != _MARKER_FORMAT:
+    if not isinstance(marker, dict) or marker.get("format") not in (_MARKER_FORMAT, _LEGACY_MARKER_FORMAT):
         return None
     return marker
 
@@ -161,14 +182,15 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _marker_args(
-    categories: Sequence[str],
-    images_per_category: int,
-    pairs_per_category: int,
-    num_keypoints: int,
-    image_size: tuple[int, int],
-    seed: int,
-    split: str,
+    categories: Sequence[str] = ("cat", "dog"),
+    images_per_category: int = 4,
+    pairs_per_category: int = 6,
+    num_keypoints: int = 8,
+    image_size: tuple[int, int] = (160, 120),
+    seed: int = 0,
+    split: str = "test",
 ) -> dict[str, Any]:
+    """The arguments a split marker records (defaults as in :func:`write_synthetic_spair`)."""
     return {
         "categories": [str(c) for c in categories],
         "images_per_category": int(images_per_category),
@@ -178,6 +200,254 @@ def _marker_args(
         "seed": int(seed),
         "split": normalize_split(split),
     }
+
+
+def _image_args(args: dict[str, Any]) -> dict[str, Any]:
+    """The part of the marker arguments that determines the images (shared by all splits)."""
+    return {key: args[key] for key in _IMAGE_ARG_KEYS}
+
+
+def _pair_seed(cat_seed: list[int], split: str) -> list[int]:
+    """Seed of a category's pair sampling in ``split``: the test split keeps the original seed."""
+    return [*cat_seed, 2] if split == "test" else [*cat_seed, 2, _SPLIT_SEED_OFFSETS[split]]
+
+
+def _check_root(root: Path) -> None:
+    """Refuse a non-directory and a non-empty directory without a synthetic marker (a real dataset)."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise ValueError(f"Synthetic SPair root {root} exists and is not a directory")
+    if any(root.iterdir()) and read_synthetic_marker(root) is None:
+        raise ValueError(
+            f"Refusing to write a synthetic SPair benchmark into {root}: the directory is not "
+            f"empty and has no {MARKER_NAME} marker (is it a real dataset?)"
+        )
+
+
+def _wipe(root: Path) -> None:
+    """Remove everything a synthetic root owns: its folders and the markers of all splits."""
+    for name in _OWNED_DIRS:
+        if (root / name).exists():
+            shutil.rmtree(root / name)
+    for split in sorted(set(SPLIT_ALIASES.values())):
+        split_marker_path(root, split).unlink(missing_ok=True)
+
+
+def _write_images(
+    root: Path,
+    categories: Sequence[str],
+    images_per_category: int,
+    num_keypoints: int,
+    image_size: tuple[int, int],
+    seed: int,
+) -> dict[str, list[dict[str, Any]]]:
+    """Write every category's images and image annotations; returns the annotations (plus ``name``)."""
+    base_w, base_h = image_size
+    short = min(base_w, base_h)
+    obj_h0 = max(8, round(0.42 * short))
+    obj_w0 = max(8, round(0.42 * short * 1.3))
+    images: dict[str, list[dict[str, Any]]] = {}
+    for category in categories:
+        cat_seed = _category_seed(seed, category)
+        cat_rng = np.random.default_rng(cat_seed)
+        template = Image.fromarray(_object_template(cat_rng, obj_w0, obj_h0))
+        rel_kps = cat_rng.uniform(0.08, 0.92, size=(num_keypoints, 2))
+        img_dir = root / "JPEGImages" / category
+        ann_dir = root / "ImageAnnotation" / category
+        img_dir.mkdir(parents=True)
+        ann_dir.mkdir(parents=True)
+        images[category] = []
+        for k in range(images_per_category):
+            name = f"{category}_{k:04d}"
+            canvas, annotation = _render_image(cat_seed, k, category, template, rel_kps, image_size, name)
+            Image.fromarray(canvas).save(img_dir / f"{name}.jpg", format="JPEG", quality=95)
+            _write_json(ann_dir / f"{name}.json", annotation)
+            images[category].append(annotation | {"name": name})
+    return images
+
+
+def _render_image(
+    cat_seed: list[int],
+    k: int,
+    category: str,
+    template: Image.Image,
+    rel_kps: np.ndarray,
+    image_size: tuple[int, int],
+    name: str,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Image ``k`` of a category (pixels) and its SPair image annotation."""
+    rng = np.random.default_rng([*cat_seed, 1, k])
+    width, height = _image_size(rng, image_size, portrait=(k == 1))
+    canvas = _background(rng, width, height)
+    obj_w0, obj_h0 = template.size
+
+    scale = rng.uniform(0.7, 1.2)
+    stretch = rng.uniform(0.85, 1.15)
+    ow = max(8, round(obj_w0 * scale * stretch))
+    oh = max(8, round(obj_h0 * scale))
+    fit = min(1.0, width / ow, height / oh)
+    ow, oh = max(8, int(ow * fit)), max(8, int(oh * fit))
+
+    truncated = k > 0 and rng.uniform() < 0.3
+    if truncated:  # up to 30% of the object outside the left/right or top/bottom border
+        x1 = int(rng.integers(-int(0.3 * ow), width - int(0.7 * ow) + 1))
+        y1 = int(rng.integers(-int(0.3 * oh), height - int(0.7 * oh) + 1))
+    else:
+        x1 = int(rng.integers(0, width - ow + 1))
+        y1 = int(rng.integers(0, height - oh + 1))
+
+    obj = np.asarray(template.resize((ow, oh), resample=Image.BILINEAR))
+    cx1, cy1 = max(x1, 0), max(y1, 0)
+    cx2, cy2 = min(x1 + ow, width), min(y1 + oh, height)
+    canvas[cy1:cy2, cx1:cx2] = obj[cy1 - y1 : cy2 - y1, cx1 - x1 : cx2 - x1]
+
+    # A relative point u on the template lands at pixel x1 + u * ow - 0.5 under PIL's
+    # pixel-centre resize (pixel i is centred at i).
+    kps: dict[str, list[float] | None] = {}
+    for kp_id, (u, v) in enumerate(rel_kps):
+        x = round(float(x1 + u * ow - 0.5), 2)
+        y = round(float(y1 + v * oh - 0.5), 2)
+        inside = 0.0 <= x <= width - 1 and 0.0 <= y <= height - 1
+        kps[str(kp_id)] = [x, y] if inside else None
+    annotation = {
+        "filename": f"{name}.jpg",
+        "src_database": "synthetic",
+        "annotation": "synthetic",
+        "image": "synthetic",
+        "image_width": width,
+        "image_height": height,
+        "image_depth": 3,
+        "category": category,
+        "pose": "Unspecified",
+        "truncated": int(cx1 != x1 or cy1 != y1 or cx2 != x1 + ow or cy2 != y1 + oh),
+        "occluded": 0,
+        "difficult": 0,
+        "bndbox": [cx1, cy1, cx2 - 1, cy2 - 1],
+        "kps": kps,
+        "azimuth_id": 0,
+    }
+    return canvas, annotation
+
+
+def _load_images(root: Path, categories: Sequence[str], images_per_category: int) -> dict[str, list[dict[str, Any]]]:
+    """Read back the image annotations :func:`_write_images` wrote (plus ``name``)."""
+    images: dict[str, list[dict[str, Any]]] = {}
+    for category in categories:
+        images[category] = []
+        for k in range(images_per_category):
+            name = f"{category}_{k:04d}"
+            path = root / "ImageAnnotation" / category / f"{name}.json"
+            images[category].append(json.loads(path.read_text(encoding="utf-8")) | {"name": name})
+    return images
+
+
+def _ensure_images(root: Path, args: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The image annotations of ``root``: reused when its images match ``args``, else (re)written from scratch."""
+    image_args = _image_args(args)
+    marker = read_synthetic_marker(root)
+    if marker is not None and marker.get("complete") is True and marker.get("args") == image_args:
+        try:
+            return _load_images(root, args["categories"], args["images_per_category"])
+        except (OSError, ValueError):
+            pass  # damaged: rewrite everything below
+    _wipe(root)
+    root.mkdir(parents=True, exist_ok=True)
+    marker_path = root / MARKER_NAME
+    _write_json(marker_path, {"format": _MARKER_FORMAT, "complete": False, "args": image_args})
+    images = _write_images(
+        root,
+        args["categories"],
+        args["images_per_category"],
+        args["num_keypoints"],
+        (args["image_size"][0], args["image_size"][1]),
+        args["seed"],
+    )
+    _write_json(marker_path, {"format": _MARKER_FORMAT, "complete": True, "args": image_args})
+    return images
+
+
+def _pair_annotation(stem: str, pair_id: int, category: str, src: dict, trg: dict, common: list[str]) -> dict:
+    """The SPair pair annotation of ``src`` -> ``trg`` over their ``common`` visible keypoints."""
+    sb, tb = src["bndbox"], trg["bndbox"]
+    s_side = max(sb[2] - sb[0], sb[3] - sb[1])
+    t_side = max(tb[2] - tb[0], tb[3] - tb[1])
+    ratio = max(s_side, t_side) / max(1, min(s_side, t_side))
+    return {
+        "pair_id": pair_id,
+        "filename": f"{stem}.json",
+        "src_imname": src["filename"],
+        "trg_imname": trg["filename"],
+        "src_imsize": [src["image_width"], src["image_height"], 3],
+        "trg_imsize": [trg["image_width"], trg["image_height"], 3],
+        "src_bndbox": sb,
+        "trg_bndbox": tb,
+        "category": category,
+        "src_pose": "Unspecified",
+        "trg_pose": "Unspecified",
+        "src_trunc": src["truncated"],
+        "trg_trunc": trg["truncated"],
+        "src_occl": 0,
+        "trg_occl": 0,
+        "src_kps": [src["kps"][kp] for kp in common],
+        "trg_kps": [trg["kps"][kp] for kp in common],
+        "kps_ids": common,
+        "mirror": 0,
+        "viewpoint_variation": 0,
+        "scale_variation": 0 if ratio < 1.25 else (1 if ratio < 1.5 else 2),
+        "truncation": src["truncated"] + trg["truncated"],
+        "occlusion": 0,
+    }
+
+
+def _sample_pairs(
+    images: list[dict[str, Any]], num_keypoints: int, count: int, seed: list[int]
+) -> list[tuple[int, int, list[str]]]:
+    """``count`` ordered image pairs sharing a visible keypoint, sampled with ``seed``, in candidate order."""
+    candidates: list[tuple[int, int, list[str]]] = []
+    for i in range(len(images)):
+        for j in range(len(images)):
+            if i == j:
+                continue
+            common = [
+                kp
+                for kp in map(str, range(num_keypoints))
+                if images[i]["kps"][kp] is not None and images[j]["kps"][kp] is not None
+            ]
+            if common:
+                candidates.append((i, j, common))
+    pair_rng = np.random.default_rng(seed)
+    count = min(count, len(candidates))
+    chosen = sorted(pair_rng.choice(len(candidates), size=count, replace=False).tolist())
+    return [candidates[idx] for idx in chosen]
+
+
+def _write_split(root: Path, images: dict[str, list[dict[str, Any]]], args: dict[str, Any]) -> None:
+    """(Re)write one split's pair annotations, layout file and marker; other splits are left alone."""
+    split = args["split"]
+    marker_path = split_marker_path(root, split)
+    _write_json(marker_path, {"format": _MARKER_FORMAT, "complete": False, "args": args})
+    pair_dir = root / "PairAnnotation" / split
+    layout_path = root / "Layout" / "large" / f"{split}.txt"
+    if pair_dir.exists():
+        shutil.rmtree(pair_dir)
+    layout_path.unlink(missing_ok=True)
+    pair_dir.mkdir(parents=True)
+    layout_path.parent.mkdir(parents=True, exist_ok=True)
+
+    pair_stems: list[str] = []
+    for category in args["categories"]:
+        seed = _pair_seed(_category_seed(args["seed"], category), split)
+        chosen = _sample_pairs(images[category], args["num_keypoints"], args["pairs_per_category"], seed)
+        for i, j, common in chosen:
+            src, trg = images[category][i], images[category][j]
+            pair_id = len(pair_stems) + 1
+            stem = f"{pair_id:06d}-{src['name']}-{trg['name']}:{category}"
+            _write_json(pair_dir / f"{stem}.json", _pair_annotation(stem, pair_id, category, src, trg, common))
+            pair_stems.append(stem)
+
+    layout_path.write_text("".join(f"{stem}\n" for stem in pair_stems), encoding="utf-8")
+    _write_json(marker_path, {"format": _MARKER_FORMAT, "complete": True, "args": args})
 
 
 def write_synthetic_spair(
@@ -190,17 +460,23 @@ def write_synthetic_spair(
     seed: int = 0,
     split: str = "test",
 ) -> Path:
-    """Write a small synthetic benchmark in the SPair-71k layout.
+    """Write a small synthetic benchmark (or one more split of it) in the SPair-71k layout.
 
     Writes ``JPEGImages/<cat>/<name>.jpg`` (JPEG quality 95), ``ImageAnnotation/<cat>/<name>.json``
     (``filename``, ``category``, ``image_width``, ``image_height``, ``bndbox``, ``kps`` as a dict of
     keypoint id -> ``[x, y]`` or ``null`` when outside the image, ...),
     ``PairAnnotation/<split>/<id>-<src>-<trg>:<cat>.json`` (all SPair pair keys; only keypoints
-    inside both images are listed) and ``Layout/large/<split>.txt`` (pair stems), plus a marker
-    file (:data:`MARKER_NAME`) holding the arguments. Output is deterministic given the arguments.
+    inside both images are listed) and ``Layout/large/<split>.txt`` (pair stems), plus two markers:
+    :data:`MARKER_NAME` for the images (the arguments they depend on) and :func:`split_marker_path`
+    for the split (all arguments). Output is deterministic given the arguments.
 
-    An existing synthetic root (one with a marker) is wiped and rewritten; a non-empty directory
-    without a marker is refused so that a real dataset is never overwritten.
+    Splits share the images (as in SPair-71k, pairs of all splits come from one image pool): when
+    ``root`` already holds complete images generated with the same ``categories``,
+    ``images_per_category``, ``num_keypoints``, ``image_size`` and ``seed``, only ``split`` is
+    (re)written and the other splits are left untouched. Otherwise the synthetic root (one with a
+    marker) is wiped and rewritten; a non-empty directory without a marker is refused so that a real
+    dataset is never overwritten. Each split samples its pairs with its own seed, so splits differ;
+    the test split's pairs are those of the original single-split generator.
 
     Args:
         root: Output directory (created if needed).
@@ -219,173 +495,34 @@ def write_synthetic_spair(
     Raises:
         ValueError: On invalid arguments or when ``root`` is a non-empty non-synthetic directory.
     """
-    split = normalize_split(split)
     image_size = (int(image_size[0]), int(image_size[1]))
+    args = _marker_args(categories, images_per_category, pairs_per_category, num_keypoints, image_size, seed, split)
     _validate_args(categories, images_per_category, pairs_per_category, num_keypoints, image_size)
     root = Path(root).expanduser()
-    args = _marker_args(
-        categories, images_per_category, pairs_per_category, num_keypoints, image_size, seed, split
-    )
-
-    if root.exists():
-        if not root.is_dir():
-            raise ValueError(f"Synthetic SPair root {root} exists and is not a directory")
-        if any(root.iterdir()) and read_synthetic_marker(root) is None:
-            raise ValueError(
-                f"Refusing to write a synthetic SPair benchmark into {root}: the directory is not "
-                f"empty and has no {MARKER_NAME} marker (is it a real dataset?)"
-            )
-        for name in _OWNED_DIRS:
-            if (root / name).exists():
-                shutil.rmtree(root / name)
-    root.mkdir(parents=True, exist_ok=True)
-    marker_path = root / MARKER_NAME
-    _write_json(marker_path, {"format": _MARKER_FORMAT, "complete": False, "args": args})
-
-    pair_dir = root / "PairAnnotation" / split
-    pair_dir.mkdir(parents=True)
-    layout_dir = root / "Layout" / "large"
-    layout_dir.mkdir(parents=True)
-
-    base_w, base_h = image_size
-    short = min(base_w, base_h)
-    obj_h0 = max(8, round(0.42 * short))
-    obj_w0 = max(8, round(0.42 * short * 1.3))
-    pair_stems: list[str] = []
-    pair_counter = 0
-
-    for category in categories:
-        cat_seed = _category_seed(seed, category)
-        cat_rng = np.random.default_rng(cat_seed)
-        template = Image.fromarray(_object_template(cat_rng, obj_w0, obj_h0))
-        rel_kps = cat_rng.uniform(0.08, 0.92, size=(num_keypoints, 2))
-
-        img_dir = root / "JPEGImages" / category
-        ann_dir = root / "ImageAnnotation" / category
-        img_dir.mkdir(parents=True)
-        ann_dir.mkdir(parents=True)
-
-        images: list[dict[str, Any]] = []
-        for k in range(images_per_category):
-            rng = np.random.default_rng([*cat_seed, 1, k])
-            width, height = _image_size(rng, image_size, portrait=(k == 1))
-            canvas = _background(rng, width, height)
-
-            scale = rng.uniform(0.7, 1.2)
-            stretch = rng.uniform(0.85, 1.15)
-            ow = max(8, round(obj_w0 * scale * stretch))
-            oh = max(8, round(obj_h0 * scale))
-            fit = min(1.0, width / ow, height / oh)
-            ow, oh = max(8, int(ow * fit)), max(8, int(oh * fit))
-
-            truncated = k > 0 and rng.uniform() < 0.3
-            if truncated:  # up to 30% of the object outside the left/right or top/bottom border
-                x1 = int(rng.integers(-int(0.3 * ow), width - int(0.7 * ow) + 1))
-                y1 = int(rng.integers(-int(0.3 * oh), height - int(0.7 * oh) + 1))
-            else:
-                x1 = int(rng.integers(0, width - ow + 1))
-                y1 = int(rng.integers(0, height - oh + 1))
-
-            obj = np.asarray(template.resize((ow, oh), resample=Image.BILINEAR))
-            cx1, cy1 = max(x1, 0), max(y1, 0)
-            cx2, cy2 = min(x1 + ow, width), min(y1 + oh, height)
-            canvas[cy1:cy2, cx1:cx2] = obj[cy1 - y1 : cy2 - y1, cx1 - x1 : cx2 - x1]
-
-            # A relative point u on the template lands at pixel x1 + u * ow - 0.5 under PIL's
-            # pixel-centre resize (pixel i is centred at i).
-            kps: dict[str, list[float] | None] = {}
-            for kp_id, (u, v) in enumerate(rel_kps):
-                x = round(float(x1 + u * ow - 0.5), 2)
-                y = round(float(y1 + v * oh - 0.5), 2)
-                inside = 0.0 <= x <= width - 1 and 0.0 <= y <= height - 1
-                kps[str(kp_id)] = [x, y] if inside else None
-            bbox = [cx1, cy1, cx2 - 1, cy2 - 1]
-            name = f"{category}_{k:04d}"
-            Image.fromarray(canvas).save(img_dir / f"{name}.jpg", format="JPEG", quality=95)
-            annotation = {
-                "filename": f"{name}.jpg",
-                "src_database": "synthetic",
-                "annotation": "synthetic",
-                "image": "synthetic",
-                "image_width": width,
-                "image_height": height,
-                "image_depth": 3,
-                "category": category,
-                "pose": "Unspecified",
-                "truncated": int(cx1 != x1 or cy1 != y1 or cx2 != x1 + ow or cy2 != y1 + oh),
-                "occluded": 0,
-                "difficult": 0,
-                "bndbox": bbox,
-                "kps": kps,
-                "azimuth_id": 0,
-            }
-            _write_json(ann_dir / f"{name}.json", annotation)
-            images.append(annotation | {"name": name})
-
-        candidates: list[tuple[int, int, list[str]]] = []
-        for i in range(images_per_category):
-            for j in range(images_per_category):
-                if i == j:
-                    continue
-                common = [
-                    kp
-                    for kp in map(str, range(num_keypoints))
-                    if images[i]["kps"][kp] is not None and images[j]["kps"][kp] is not None
-                ]
-                if common:
-                    candidates.append((i, j, common))
-        pair_rng = np.random.default_rng([*cat_seed, 2])
-        count = min(pairs_per_category, len(candidates))
-        chosen = sorted(pair_rng.choice(len(candidates), size=count, replace=False).tolist())
-
-        for idx in chosen:
-            i, j, common = candidates[idx]
-            src, trg = images[i], images[j]
-            pair_counter += 1
-            stem = f"{pair_counter:06d}-{src['name']}-{trg['name']}:{category}"
-            sb, tb = src["bndbox"], trg["bndbox"]
-            s_side = max(sb[2] - sb[0], sb[3] - sb[1])
-            t_side = max(tb[2] - tb[0], tb[3] - tb[1])
-            ratio = max(s_side, t_side) / max(1, min(s_side, t_side))
-            pair = {
-                "pair_id": pair_counter,
-                "filename": f"{stem}.json",
-                "src_imname": src["filename"],
-                "trg_imname": trg["filename"],
-                "src_imsize": [src["image_width"], src["image_height"], 3],
-                "trg_imsize": [trg["image_width"], trg["image_height"], 3],
-                "src_bndbox": sb,
-                "trg_bndbox": tb,
-                "category": category,
-                "src_pose": "Unspecified",
-                "trg_pose": "Unspecified",
-                "src_trunc": src["truncated"],
-                "trg_trunc": trg["truncated"],
-                "src_occl": 0,
-                "trg_occl": 0,
-                "src_kps": [src["kps"][kp] for kp in common],
-                "trg_kps": [trg["kps"][kp] for kp in common],
-                "kps_ids": common,
-                "mirror": 0,
-                "viewpoint_variation": 0,
-                "scale_variation": 0 if ratio < 1.25 else (1 if ratio < 1.5 else 2),
-                "truncation": src["truncated"] + trg["truncated"],
-                "occlusion": 0,
-            }
-            _write_json(pair_dir / f"{stem}.json", pair)
-            pair_stems.append(stem)
-
-    layout = "".join(f"{stem}\n" for stem in pair_stems)
-    (layout_dir / f"{split}.txt").write_text(layout, encoding="utf-8")
-    _write_json(marker_path, {"format": _MARKER_FORMAT, "complete": True, "args": args})
+    _check_root(root)
+    images = _ensure_images(root, args)
+    _write_split(root, images, args)
     return root
 
 
 def synthetic_root_matches(root: str | Path, **generator_kwargs: Any) -> bool:
-    """Whether ``root`` holds a complete benchmark written by :func:`write_synthetic_spair` with these args."""
-    marker = read_synthetic_marker(root)
+    """Whether ``root`` holds a complete split written by :func:`write_synthetic_spair` with these args.
+
+    Both the images (:data:`MARKER_NAME`) and the split named by ``split`` (its own marker) must be
+    complete and generated with these arguments; other splits in ``root`` do not matter.
+
+    Args:
+        root: Synthetic root.
+        **generator_kwargs: Arguments of :func:`write_synthetic_spair` (except ``root``).
+    """
+    args = _marker_args(**generator_kwargs)
+    images = read_synthetic_marker(root)
+    split = read_synthetic_marker(root, split=args["split"])
     return (
-        marker is not None
-        and marker.get("complete") is True
-        and marker.get("args") == _marker_args(**generator_kwargs)
+        images is not None
+        and images.get("complete") is True
+        and images.get("args") == _image_args(args)
+        and split is not None
+        and split.get("complete") is True
+        and split.get("args") == args
     )

@@ -2,6 +2,7 @@
 
 from .ablation import ZeroShotAblation
 from .components.ablation import AblationRow
+from .projection import ProjectionHeadTraining
 from .zero_shot import ZeroShotCorrespondence
 
-__all__ = ["AblationRow", "ZeroShotAblation", "ZeroShotCorrespondence"]
+__all__ = ["AblationRow", "ProjectionHeadTraining", "ZeroShotAblation", "ZeroShotCorrespondence"]

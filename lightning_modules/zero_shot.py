@@ -17,6 +17,7 @@ import torch
 from .components.dino_featurizer import DinoFeaturizer
 from .components.feature_cache import FeatureCache
 from .components.pipeline import EvalSize, FusedCorrespondence
+from .components.projection_head import GatedProjectionHead
 from .components.sd_featurizer import SDFeaturizer
 from .metrics import PCK, DenseFlowPCK, dense_flow_counts, format_alpha
 
@@ -99,6 +100,9 @@ class ZeroShotCorrespondence(L.LightningModule):
             featurizers' device); each image is then extracted once. 0 disables the in-memory cache.
         feature_cache_dir: Folder of an on-disk feature cache (safetensors, keyed by image content and
             feature config) that later runs reuse; None disables it.
+        projection_ckpt: A trained projection head (``train.py``'s ``.ckpt`` or a
+            :meth:`GatedProjectionHead.save_checkpoint` file) used instead of co-PCA and the fixed fusion; its
+            sources decide which featurizers run, and ``alpha``, ``pca_dims`` and ``fusion`` are then unused.
     """
 
     def __init__(
@@ -112,12 +116,14 @@ class ZeroShotCorrespondence(L.LightningModule):
         fusion: str = "concat_l2",
         feature_cache_gb: float = 4.0,
         feature_cache_dir: str | None = None,
+        projection_ckpt: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["sd", "dino"])
+        head = None if projection_ckpt is None else GatedProjectionHead.from_checkpoint(projection_ckpt)
         self.pipeline = FusedCorrespondence(
             sd, dino, alpha=alpha, pca_dims=pca_dims, eval_size=eval_size, fusion=fusion,
-            cache=feature_cache(feature_cache_gb, feature_cache_dir),
+            cache=feature_cache(feature_cache_gb, feature_cache_dir), head=head,
         )
         self.alphas = None if alphas is None else [float(a) for a in alphas]
         self.metric: PCK | None = None

@@ -19,6 +19,7 @@ from lightning_modules.components import (
     points_to_cells,
     transfer_keypoints,
 )
+from lightning_modules.components.fusion import pca_lowrank_components
 
 
 def test_pad_resize_geometry_landscape_and_portrait() -> None:
@@ -172,3 +173,16 @@ def test_eval_size_rejects_anything_but_pixels_or_original() -> None:
         check_eval_size("native")
     with pytest.raises(ValueError, match="row 'x' eval_size"):
         check_eval_size(0, "row 'x' eval_size")
+
+
+@pytest.mark.parametrize(("rows", "channels", "q"), [(300, 40, 16), (20, 64, 12), (50, 50, 50)])
+def test_pca_components_are_torch_pca_lowrank_exactly_and_leave_the_global_rng_alone(rows, channels, q) -> None:
+    data = torch.randn(rows, channels, generator=torch.Generator().manual_seed(rows))
+    data = data - data.mean(0, keepdim=True)
+    torch.manual_seed(7)
+    _, _, expected = torch.pca_lowrank(data, q=q, center=False, niter=2)  # what the reference calls
+    torch.manual_seed(99)
+    state = torch.get_rng_state()
+    got = pca_lowrank_components(data, q, niter=2, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)  # drawn from a private generator
+    assert torch.equal(got, expected[:, :q])  # same algorithm, same test matrix: bit for bit on the CPU

@@ -13,15 +13,17 @@ __all__ = ["FUSIONS", "co_pca", "fuse", "l2_normalize", "merge_layers"]
 def co_pca(pair: torch.Tensor, dim: int, niter: int = 2, seed: int = 0) -> torch.Tensor:
     """Project the features of an image pair onto their joint top principal components.
 
-    As in the reference: the tokens of both images are concatenated, mean-centred and reduced with
-    ``torch.pca_lowrank(q=dim)``; the projection is shared, so distances between the two images stay
-    comparable. ``pca_lowrank`` is randomised: it runs under a fixed private seed so a pair always gets
-    the same projection (across runs, batches and processes).
+    As in the reference: the tokens of both images are concatenated, mean-centred and reduced with the
+    randomised PCA of ``torch.pca_lowrank(q=dim, center=False)``; the projection is shared, so distances
+    between the two images stay comparable. :func:`pca_lowrank_components` computes the same thing with its
+    random test matrix drawn from a private CPU generator seeded with ``seed``, so a pair gets the same
+    projection across runs, batches, processes AND devices (``pca_lowrank`` draws it on the features' device,
+    whose generator differs between CPU and CUDA), and the global random state is left alone.
 
     Args:
         pair: ``[2, C, H, W]`` features of the source and the target image.
         dim: Number of components (clamped to ``min(C, 2*H*W)``).
-        niter: Subspace iterations of ``pca_lowrank`` (torch's default, used by the reference).
+        niter: Subspace iterations (torch's default, used by the reference).
         seed: Seed of the randomised range finder.
 
     Returns:
@@ -31,12 +33,33 @@ def co_pca(pair: torch.Tensor, dim: int, niter: int = 2, seed: int = 0) -> torch
     tokens = pair.float().permute(0, 2, 3, 1).reshape(n * height * width, channels)
     centred = tokens - tokens.mean(dim=0, keepdim=True)
     q = min(dim, channels, centred.shape[0])
-    devices = [centred.device] if centred.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        _, _, v = torch.pca_lowrank(centred, q=q, center=False, niter=niter)
-    reduced = centred @ v[:, :q]
+    reduced = centred @ pca_lowrank_components(centred, q, niter, seed)
     return reduced.reshape(n, height, width, q).permute(0, 3, 1, 2)
+
+
+def pca_lowrank_components(data: torch.Tensor, q: int, niter: int = 2, seed: int = 0) -> torch.Tensor:
+    """The ``[C, q]`` principal directions ``V`` of ``torch.pca_lowrank(data, q, center=False, niter)``.
+
+    The same algorithm (Halko et al. 2009, Algorithm 5.1, as ``torch._lowrank`` implements it), step for
+    step, so on the CPU under ``torch.manual_seed(seed)`` it returns ``pca_lowrank``'s ``V`` exactly; the
+    random test matrix comes from a CPU generator seeded with ``seed`` and is then moved to ``data``'s device.
+
+    Args:
+        data: ``[N, C]`` (already centred) rows.
+        q: Number of components (``<= min(N, C)``).
+        niter: Subspace iterations.
+        seed: Seed of the test matrix.
+    """
+    tall = data.shape[0] >= data.shape[1]
+    matrix = data if tall else data.mH  # the range finder works on the tall orientation
+    generator = torch.Generator().manual_seed(seed)
+    test = torch.randn(matrix.shape[-1], q, generator=generator, dtype=matrix.dtype).to(matrix.device)
+    basis = torch.linalg.qr(matrix @ test).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(matrix.mH @ basis).Q
+        basis = torch.linalg.qr(matrix @ basis).Q
+    left, _, right_h = torch.linalg.svd(basis.mH @ matrix, full_matrices=False)
+    return right_h.mH if tall else basis @ left
 
 
 def merge_layers(layers: Sequence[torch.Tensor], size: int | None = None) -> torch.Tensor:

@@ -21,6 +21,7 @@ from .feature_cache import FeatureCache, image_digest
 from .fusion import FUSIONS, co_pca, fuse, merge_layers
 from .image_prep import PadResize, pad_resize_image
 from .matching import dense_flow, points_to_cells, transfer_keypoints
+from .projection_head import GatedProjectionHead
 from .sd_featurizer import SDFeaturizer
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "match_keypoints",
     "project_layer",
     "run_featurizer",
+    "SOURCES",
+    "source_maps",
     "unique_images",
 ]
 
@@ -277,6 +280,46 @@ def describe_pair(
         return fuse(sd_block, dino_block, spec.alpha, spec.fusion)
 
 
+#: Feature sources a learned head (:class:`.projection_head.GatedProjectionHead`) can take, by name.
+SOURCES = ("sd", "dino")
+
+
+def check_sources(sources: Sequence[str], field: str = "sources") -> tuple[str, ...]:
+    """Validate source names: a non-empty subset of :data:`SOURCES`, without repeats."""
+    names = tuple(str(name) for name in sources)
+    unknown = [name for name in names if name not in SOURCES]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(f"{field} must be distinct names out of {list(SOURCES)}, got {list(names)}")
+    return names
+
+
+def source_maps(
+    images: Sequence[ImageFeatures], sources: Sequence[str], grid: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The raw inputs of a learned head for a batch of images: ``{source: [B, C, G, G]}`` in fp32.
+
+    ``"sd"`` is every extracted SD layer, merged coarse to fine and resized to ``grid`` as the zero-shot
+    method does (:func:`.fusion.merge_layers`) but without co-PCA (the head learns the projection);
+    ``"dino"`` is the DINO map.
+
+    Args:
+        images: Raw features of each image.
+        sources: Names out of :data:`SOURCES`.
+        grid: Output grid side (the DINO grid); None keeps the finest SD resolution.
+    """
+    maps = {}
+    for name in check_sources(sources):
+        missing = [i for i, image in enumerate(images) if getattr(image, name) is None]
+        if missing:
+            raise ValueError(f"source {name!r} was not extracted (no {name} featurizer configured)")
+        if name == "sd":
+            layers = [torch.stack([image.sd[i] for image in images]).float() for i in range(len(images[0].sd))]
+            maps[name] = merge_layers(layers, grid)
+        else:
+            maps[name] = torch.stack([image.dino for image in images]).float()
+    return maps
+
+
 def check_eval_size(eval_size: EvalSize | None, field: str = "eval_size") -> EvalSize | None:
     """Validate an ``eval_size`` setting: a positive int, ``"original"`` or None (the default)."""
     if eval_size is None or eval_size == "original":
@@ -350,6 +393,9 @@ class FusedCorrespondence(nn.Module):
         fusion: How the blocks are combined (``fusion.FUSIONS``; ``concat_l2`` is the paper's).
         cache: Per-image feature cache shared by all pairs (and, on disk, by later runs); None extracts
             the images of every batch anew.
+        head: A learned, gated projection (supervised setting) that replaces co-PCA and the fixed fusion: its
+            sources (``"sd"``, ``"dino"``) decide which featurizers run, and ``alpha``, ``pca_dims`` and
+            ``fusion`` are then unused.
 
     Attributes:
         extraction_passes: Images run through each featurizer so far (``{"sd": n, "dino": n}``); with a
@@ -365,19 +411,27 @@ class FusedCorrespondence(nn.Module):
         eval_size: EvalSize | None = None,
         fusion: str = "concat_l2",
         cache: FeatureCache | None = None,
+        head: GatedProjectionHead | None = None,
     ) -> None:
         super().__init__()
         self.cache = cache
         self.spec = DescriptorSpec(
             alpha=float(alpha), pca_dims=None if pca_dims is None else tuple(int(d) for d in pca_dims), fusion=fusion
         )
-        self.sd = sd if self.spec.uses_sd else None
-        self.dino = dino if self.spec.uses_dino else None
-        if self.sd is None and self.spec.uses_sd:
-            raise ValueError(f"alpha={alpha} gives SD features a weight, but no sd featurizer is configured")
-        if self.dino is None and self.spec.uses_dino:
-            raise ValueError(f"alpha={alpha} gives DINO features a weight, but no dino featurizer is configured")
-        if self.sd is not None:
+        self.head = head
+        if head is None:
+            uses = {"sd": self.spec.uses_sd, "dino": self.spec.uses_dino}
+            why = f"alpha={alpha} gives {{}} features a weight"
+        else:
+            sources = check_sources(list(head.sources), "the projection head's sources")
+            uses = {name: name in sources for name in SOURCES}
+            why = f"the projection head takes the source {{!r}} (sources {list(sources)})"
+        self.sd = sd if uses["sd"] else None
+        self.dino = dino if uses["dino"] else None
+        for name, featurizer in (("sd", self.sd), ("dino", self.dino)):
+            if featurizer is None and uses[name]:
+                raise ValueError(f"{why.format(name)}, but no {name} featurizer is configured")
+        if self.sd is not None and head is None:
             self.spec.layer_positions(self.sd.layers)  # validates pca_dims against the layers now
         # keypoints map at the DINO input size whenever DINO is configured, even with alpha 1 (the
         # reference maps them at the DINOv2 size in its SD-only runs too)
@@ -402,10 +456,28 @@ class FusedCorrespondence(nn.Module):
             self.extraction_passes[name] += count
         return features
 
+    @property
+    def grid(self) -> int | None:
+        """Side of the descriptor grid: the DINO grid, or None (the finest SD resolution) without DINO."""
+        return self.dino.grid_size if self.dino is not None else None
+
     def describe_pair(self, source: ImageFeatures, target: ImageFeatures) -> torch.Tensor:
         """Fused descriptors of a pair: ``[2, D, G, G]`` (source first)."""
-        grid = self.dino.grid_size if self.dino is not None else None
-        return describe_pair(source, target, self.spec, self.sd.layers if self.sd is not None else (), grid)
+        if self.head is not None:
+            return self.describe_images([source, target])
+        return describe_pair(source, target, self.spec, self.sd.layers if self.sd is not None else (), self.grid)
+
+    def describe_images(self, images: Sequence[ImageFeatures]) -> torch.Tensor:
+        """Descriptors ``[B, D, G, G]`` of a batch of images through the learned head (fp32, differentiable).
+
+        Raises:
+            ValueError: No head is configured (zero-shot descriptors exist per pair only: co-PCA is joint).
+        """
+        if self.head is None:
+            raise ValueError("describe_images needs a projection head; zero-shot descriptors come per pair")
+        device_type = self.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self.head(source_maps(images, list(self.head.sources), self.grid))
 
     def match(
         self, source: ImageFeatures, target: ImageFeatures, src_kps: torch.Tensor
@@ -421,15 +493,15 @@ class FusedCorrespondence(nn.Module):
         """Dense flow ``[2, H, W]`` from every target pixel to the source (both images share ``H x W``)."""
         return flow_from_descriptors(self.describe_pair(source, target), source, target)
 
-    def _features_by_path(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, ImageFeatures]:
-        """Extract every distinct image of a batch once."""
+    def features_by_path(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, ImageFeatures]:
+        """Raw features of every distinct image of a batch of pairs, by path (each extracted once, via the cache)."""
         unique = unique_images(samples)
         return dict(zip(unique, self.extract([v[0] for v in unique.values()], [v[1] for v in unique.values()])))
 
     @torch.no_grad()
     def predict_flows(self, samples: Sequence[Mapping[str, Any]]) -> list[torch.Tensor]:
         """Dense flows ``[2, H, W]`` (target pixel -> source pixel) for a batch of same-size image pairs."""
-        features = self._features_by_path(samples)
+        features = self.features_by_path(samples)
         return [self.flow(features[s["src_image_path"]], features[s["trg_image_path"]]) for s in samples]
 
     @torch.no_grad()
@@ -445,7 +517,7 @@ class FusedCorrespondence(nn.Module):
         Returns:
             Per pair: ``pred_kps`` ``[N, 2]`` (original target pixels) and ``distance`` ``[N]``.
         """
-        features = self._features_by_path(samples)
+        features = self.features_by_path(samples)
         outputs = []
         for s in samples:
             pred, distance = self.match(features[s["src_image_path"]], features[s["trg_image_path"]], s["src_kps"])

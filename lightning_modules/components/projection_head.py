@@ -41,6 +41,10 @@ __all__ = [
 #: A checkpoint written by :meth:`GatedProjectionHead.save_checkpoint`, or the dict it holds.
 CheckpointLike = str | os.PathLike | Mapping[str, Any]
 
+#: Key of the head (``{"config", "state_dict"}``) inside a training checkpoint written by ``train.py``; such a
+#: checkpoint is accepted wherever a head checkpoint is.
+TRAINING_CHECKPOINT_KEY = "projection_head"
+
 
 def _check_sources(sources: Mapping[str, int]) -> dict[str, int]:
     if not sources:
@@ -178,8 +182,12 @@ class GatedProjectionHead(nn.Module):
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """``torch.save`` ``{"config": self.config, "state_dict": ...}`` (tensors on the CPU)."""
+        torch.save(self.checkpoint_dict(), path)
+
+    def checkpoint_dict(self) -> dict[str, Any]:
+        """``{"config": self.config, "state_dict": ...}`` with the tensors on the CPU (what checkpoints hold)."""
         state = {key: value.detach().cpu() for key, value in self.state_dict().items()}
-        torch.save({"config": self.config, "state_dict": state}, path)
+        return {"config": self.config, "state_dict": state}
 
     @classmethod
     def from_checkpoint(cls, checkpoint: CheckpointLike) -> GatedProjectionHead:
@@ -240,6 +248,8 @@ def _read_checkpoint(checkpoint: CheckpointLike) -> Mapping[str, Any]:
             payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
             raise ValueError(f"could not read the head checkpoint {checkpoint}: {err}") from err
+    if isinstance(payload, Mapping) and isinstance(payload.get(TRAINING_CHECKPOINT_KEY), Mapping):
+        payload = payload[TRAINING_CHECKPOINT_KEY]  # a training checkpoint (train.py) holds the head here
     if not isinstance(payload, Mapping) or not {"config", "state_dict"} <= set(payload):
         found = sorted(payload) if isinstance(payload, Mapping) else type(payload).__name__
         raise ValueError(f"a head checkpoint is a dict with 'config' and 'state_dict', got {found}")

@@ -1,0 +1,24 @@
+"""Train a learned projection head on frozen, cached features with ``trainer.fit`` (LightningCLI, omegaconf mode).
+
+    python train.py fit --config configs/projection/sd_dinov2_b.yaml --data.root /data/SPair-71k
+    python train.py fit --config configs/projection/sd_dinov2_b.yaml --config configs/model/tiny.yaml   # smoke run
+    python train.py fit --config ... --ckpt_path outputs/projection/.../last.ckpt                       # resume
+
+The best checkpoint (by val PCK@0.1) then evaluates through
+``evaluate.py test --config configs/spair.yaml --model.projection_ckpt PATH``.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_modules.cli import build_cli
+
+
+def main(args: list[str] | None = None) -> LightningCLI:
+    """Run the training CLI (``args`` defaults to ``sys.argv``)."""
+    return build_cli(args)
+
+
+if __name__ == "__main__":
+    main()
