@@ -7,7 +7,7 @@
 #    typeshed-client, omegaconf, importlib_metadata + lazy-importer) into /tmp/site, no index, no deps;
 # 2. prints the GPU and the versions;
 # 3. runs each step with its own timeout, its output tee'd into $OUT/<step>.log (OUT defaults to
-#    outputs/device): `gpu_tests` (pytest -m gpu tests/test_gpu.py), `throughput` (benchmarks/throughput.py
+#    outputs/device): `gpu_tests` (pytest -m gpu tests/test_gpu.py), `co_pca` (benchmarks/co_pca.py), `throughput` (benchmarks/throughput.py
 #    on cuda: SD-1.5-sized and DINOv2-B-sized random weights at the paper's resolution, fp32/fp16/bf16,
 #    report in $OUT/throughput_gpu.json) and `projection` (train.py fit with tiny models on the GPU, then
 #    evaluate.py with its checkpoint).
@@ -83,6 +83,7 @@ run_step() {  # name timeout_s command...
 }
 
 run_step gpu_tests 180 $PY -m pytest -q -p no:cacheprovider -m gpu -rA --durations=10 tests/test_gpu.py
+run_step co_pca 60 $PY benchmarks/co_pca.py --device cuda
 run_step throughput 270 $PY benchmarks/throughput.py --device cuda --categories 2 --images 4 --pairs-per-image 3 \
     --out "$OUT/throughput_gpu.json"
 projection_on_gpu() {  # train.py fit (tiny models, generated trn/val/test), then evaluate.py with the checkpoint

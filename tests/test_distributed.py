@@ -236,6 +236,14 @@ def _runs(spair: Path, tss: Path, out: Path) -> dict[str, list[str]]:
         "ablation": ["--config", str(CONFIGS / "ablations" / "a10_analysis.yaml"),
                      "--config", str(CONFIGS / "ablations" / "tiny.yaml"), "--data.root", str(spair),
                      "--data.batch_size", "2", *common, "--trainer.default_root_dir", str(out / "ablation")],
+        # training the projection head (train.py fit): 16 trn pairs in batches of 4, 2 epochs, val every epoch
+        "fit": ["fit", "--config", str(CONFIGS / "projection" / "sd_dinov2_b.yaml"),
+                "--config", str(CONFIGS / "model" / "tiny.yaml"), "--data.root", str(spair.parent / "spair_fit"),
+                "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
+                "--data.init_args.val_pairs_per_category", "null", "--trainer.accelerator", "cpu",
+                "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+                "--model.init_args.out_dim", "16", "--model.init_args.hidden_dim", "16",
+                "--model.init_args.feature_cache_dir", "null", "--trainer.default_root_dir", str(out / "fit")],
         # dense flow (DenseFlowPCK, float64 end-point-error state)
         "tss": ["--config", str(CONFIGS / "tss.yaml"), "--config", str(CONFIGS / "model" / "tiny.yaml"),
                 "--data.root", str(tss), *common, "--trainer.default_root_dir", str(out / "tss")],
@@ -262,6 +270,9 @@ def ddp_and_single(tmp_path_factory) -> dict[str, Any]:
     spair = write_synthetic_spair(base / "spair", categories=("cat", "dog", "bus"), images_per_category=3,
                                   pairs_per_category=3)
     tss = _write_tss(base / "TSS_CVPR2016")
+    for split, pairs in (("trn", 8), ("val", 5)):  # 16 trn pairs, 10 val pairs (5 per rank)
+        write_synthetic_spair(base / "spair_fit", categories=("cat", "dog"), images_per_category=4,
+                              pairs_per_category=pairs, split=split, image_size=(96, 72))
     single, ddp = base / "single", base / "ddp"
     start = time.monotonic()
     procs = {
@@ -285,7 +296,8 @@ def ddp_and_single(tmp_path_factory) -> dict[str, Any]:
         "ablation": SPairDataset(spair, pairs_per_category=20, seed=0).pair_ids,
         "tss": TSSDataset(tss).pair_ids,
     }
-    return {"single": single, "ddp": ddp, "logs": logs, "pair_ids": pair_ids, "seconds": time.monotonic() - start}
+    return {"single": single, "ddp": ddp, "logs": logs, "pair_ids": pair_ids, "seconds": time.monotonic() - start,
+            "spair_fit": base / "spair_fit"}
 
 
 def _results(out: Path) -> str:
@@ -336,3 +348,35 @@ def test_a_metric_sorted_by_pair_key_ignores_the_arrival_order() -> None:
                       [ids[i] for i in order])
         results.append(json.dumps(metric.compute(), sort_keys=True))
     assert results[0] == results[1]
+
+
+def _fit_checkpoints(out: Path) -> tuple[dict[str, Any], Path]:
+    last = torch.load(out / "fit" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    (best,) = (out / "fit" / "checkpoints").glob("best-*.ckpt")
+    return last, best
+
+
+def test_ddp_training_splits_the_steps_and_validates_every_val_pair_once(ddp_and_single, tmp_path) -> None:
+    from lightning_modules import ProjectionHeadTraining
+    from lightning_modules.components import DinoFeaturizer, SDFeaturizer
+
+    single, _ = _fit_checkpoints(ddp_and_single["single"])
+    ddp, ddp_best = _fit_checkpoints(ddp_and_single["ddp"])
+    # 16 trn pairs, batches of 4: 4 steps an epoch in one process, 2 on each of 2 processes
+    assert (single["global_step"], ddp["global_step"]) == (8, 4)
+    assert all(k.startswith("pipeline.head.") for k in ddp["state_dict"])
+    # the val PCK the DDP run selected its best checkpoint by is the single-process PCK over all 10 val pairs
+    # of that checkpoint's head: each val pair scored exactly once across the two ranks (no padding)
+    (score,) = [state["best_model_score"] for key, state in ddp["callbacks"].items() if key.startswith("ModelCheckpoint")]
+    tiny = CONFIGS / "featurizers"
+    sd = SDFeaturizer(model_id=None, random_init={"seed": 0}, image_size=256, crop_size=128)
+    dino = DinoFeaturizer(model_id=None, random_init={"seed": 0, "num_hidden_layers": 12, "hidden_size": 80},
+                          layer=11, image_size=224)
+    assert "hidden_size: 80" in (tiny / "tiny_dino.yaml").read_text()  # the same tiny models as the run's
+    module = ProjectionHeadTraining(sd, dino, out_dim=16, hidden_dim=16, init_ckpt=str(ddp_best))
+    datamodule = SPairDataModule(root=str(ddp_and_single["spair_fit"]), batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    (metrics,) = trainer.validate(module, datamodule=datamodule)
+    assert len(datamodule.val_dataset) == 10
+    assert metrics["val/pck@0.1"] == pytest.approx(float(score), abs=1e-4)

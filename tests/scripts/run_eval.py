@@ -1,9 +1,10 @@
-"""Run ``evaluate.py test`` once per argument list of a JSON file, in this one process (or process group).
+"""Run the CLI once per argument list of a JSON file, in this one process (or process group).
 
     python tests/scripts/run_eval.py RUNS.json [EXTRA_ARG ...]
 
-``RUNS.json`` holds a list of argument lists (without the ``test`` subcommand); ``EXTRA_ARG`` are appended to
-every run, e.g. ``--trainer.devices 2 --trainer.strategy ddp --trainer.accelerator cpu``.
+``RUNS.json`` holds a list of argument lists: ``evaluate.py test`` arguments without the subcommand, or a
+list starting with a subcommand (``fit``, ``validate``, ``test``: ``train.py`` and ``evaluate.py`` are the
+same CLI); ``EXTRA_ARG`` are appended to every run, e.g. ``--trainer.devices 2 --trainer.strategy ddp``.
 
 Why a script: ``strategy="ddp"`` re-launches ``sys.argv`` for the other ranks, which inside pytest would run
 pytest again; launched from this script, every rank runs this script with the same arguments and hence the
@@ -22,6 +23,8 @@ sys.path.insert(0, str(REPO))  # the repository's top-level modules (evaluate.py
 
 import evaluate  # noqa: E402
 
+SUBCOMMANDS = ("fit", "validate", "test")
+
 
 def main(argv: list[str]) -> None:
     """Run every argument list of ``argv[0]`` (JSON), each extended by ``argv[1:]``."""
@@ -29,7 +32,8 @@ def main(argv: list[str]) -> None:
         raise SystemExit(__doc__)
     runs = json.loads(Path(argv[0]).read_text())
     for args in runs:
-        evaluate.main(["test", *args, *argv[1:]])
+        command = args if args and args[0] in SUBCOMMANDS else ["test", *args]
+        evaluate.main([*command, *argv[1:]])
 
 
 if __name__ == "__main__":
