@@ -4,11 +4,14 @@
 #   bash scripts/device_check.sh
 #
 # 1. installs the wheels in .whl/ (what that machine lacks: diffusers, jsonargparse + docstring-parser +
-#    typeshed-client, omegaconf, importlib_metadata + lazy-importer) into /tmp/site, no index, no deps;
+#    typeshed-client, omegaconf, importlib_metadata + lazy-importer) into /tmp/site, no index, no deps.
+#    Fill .whl/ where pip can reach PyPI, one wheel per package, at the versions of your .venv, e.g.:
+#      python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
+#    (every wheel needed is pure Python); without .whl/ the script uses what the machine has;
 # 2. prints the GPU and the versions;
 # 3. runs each step with its own timeout, its output tee'd into $OUT/<step>.log (OUT defaults to
-#    outputs/device): `gpu_tests` (pytest -m gpu tests/test_gpu.py), `co_pca` (benchmarks/co_pca.py), `throughput` (benchmarks/throughput.py
-#    on cuda: SD-1.5-sized and DINOv2-B-sized random weights at the paper's resolution, fp32/fp16/bf16,
+#    outputs/device): `gpu_tests` (pytest -m gpu tests/test_gpu.py), `co_pca` (benchmarks/co_pca.py),
+#    `throughput` (benchmarks/throughput.py on cuda: SD-1.5-sized and DINOv2-B-sized random weights at the paper's resolution, fp32/fp16/bf16,
 #    report in $OUT/throughput_gpu.json) and `projection` (train.py fit with tiny models on the GPU, then
 #    evaluate.py with its checkpoint).
 # Every step runs even when an earlier one fails; the script ends with one line per step and exits non-zero

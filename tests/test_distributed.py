@@ -241,7 +241,7 @@ def _runs(spair: Path, tss: Path, out: Path) -> dict[str, list[str]]:
                 "--config", str(CONFIGS / "model" / "tiny.yaml"), "--data.root", str(spair.parent / "spair_fit"),
                 "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
                 "--data.init_args.val_pairs_per_category", "null", "--trainer.accelerator", "cpu",
-                "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+                "--trainer.max_epochs", "2", "--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false",
                 "--model.init_args.out_dim", "16", "--model.init_args.hidden_dim", "16",
                 "--model.init_args.feature_cache_dir", "null", "--trainer.default_root_dir", str(out / "fit")],
         # dense flow (DenseFlowPCK, float64 end-point-error state)
