@@ -1,6 +1,7 @@
 """Lightning callbacks: output writers, visualisation, progress and W&B logging."""
 
 from .config_logging import LoggerSaveConfigCallback
+from .picture_writer import PictureWriter
 from .prediction_writer import CorrespondenceWriter, format_pck_table
 from .progress import PairProgressBar
 from .visualization import CorrespondenceVisualizer
@@ -12,6 +13,7 @@ __all__ = [
     "CorrespondenceWriter",
     "LoggerSaveConfigCallback",
     "PairProgressBar",
+    "PictureWriter",
     "WandbResults",
     "format_pck_table",
 ]

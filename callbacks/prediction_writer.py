@@ -129,6 +129,30 @@ def format_pck_table(results: dict[str, Any], per_group: bool = True) -> str:
     return "\n".join(lines)
 
 
+def format_scores_table(results: dict[str, Any], per_group: bool = True) -> str:
+    """Render a run scored without PCK (DAVIS J&F: fractions in ``results.json``) as a table in percent.
+
+    Rows are the protocol's averages, then, with ``per_group``, one row per group (sequence) with the same
+    columns.
+    """
+    protocol = results.get("protocol") or {}
+    averages = list(protocol.get("averages") or [k for k, v in results.items() if k.endswith("_mean")])
+    head = f"{protocol.get('name', 'scores'):<30}" + "".join(f"{a:>10}" for a in averages)
+    lines = [head, "-" * len(head), f"{'all':<30}" + "".join(f"{100 * results[a]:>10.2f}" for a in averages)]
+    groups = results.get(protocol.get("group_label", "per_sequence")) or {}
+    if per_group and groups:
+        lines.append("-" * len(head))
+        for name, values in sorted(groups.items()):
+            lines.append(f"{name:<30}" + "".join(f"{100 * values.get(a, float('nan')):>10.2f}" for a in averages))
+    lines.append("  ".join(f"{k}: {v}" for k, v in results.items() if k.startswith("num_")))
+    return "\n".join(lines)
+
+
+def format_results_table(results: dict[str, Any]) -> str:
+    """The printed summary of a run: the PCK table, or the scores table of a benchmark without PCK."""
+    return format_pck_table(results) if "pck" in results else format_scores_table(results)
+
+
 log = logging.getLogger(__name__)
 
 #: Per-process files that receive every finished batch's records as soon as it ends.
@@ -276,7 +300,7 @@ class CorrespondenceWriter(L.Callback):
         elif results is not None:
             (out / "results.json").write_text(json.dumps(results, indent=2))
             if self.print_table:
-                print("\n" + format_pck_table(results) + f"\nwritten to {out}", flush=True)
+                print("\n" + format_results_table(results) + f"\nwritten to {out}", flush=True)
         if _evaluates_everything(trainer):  # the run is complete and written: the flushed batches are done with
             for done in out.glob(PARTIAL_GLOB):
                 done.unlink()

@@ -3,13 +3,18 @@
 from .cub import CUBASICDataset
 from .datamodules import (
     CUBDataModule,
+    DAVISDataModule,
+    MaskedPairsDataModule,
     PairDataModule,
     PFPascalDataModule,
     PFWillowDataModule,
     SPairDataModule,
+    SyntheticDAVISDataModule,
     SyntheticSPairDataModule,
     TSSDataModule,
 )
+from .davis import DAVISDataset, write_synthetic_davis
+from .masked_pairs import MaskedPairsDataset, write_synthetic_masked_pairs
 from .pfpascal import PFPascalDataset
 from .pfwillow import PFWillowDataset
 from .protocols import PROTOCOLS, Protocol, get_protocol
@@ -20,6 +25,10 @@ from .tss import TSSDataset
 __all__ = [
     "CUBASICDataset",
     "CUBDataModule",
+    "DAVISDataModule",
+    "DAVISDataset",
+    "MaskedPairsDataModule",
+    "MaskedPairsDataset",
     "PROTOCOLS",
     "PFPascalDataModule",
     "PFPascalDataset",
@@ -29,10 +38,13 @@ __all__ = [
     "Protocol",
     "SPairDataModule",
     "SPairDataset",
+    "SyntheticDAVISDataModule",
     "SyntheticSPairDataModule",
     "TSSDataModule",
     "TSSDataset",
     "collate_pairs",
     "get_protocol",
+    "write_synthetic_davis",
+    "write_synthetic_masked_pairs",
     "write_synthetic_spair",
 ]

@@ -21,6 +21,10 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .cub import LAYOUT_HINT as CUB_LAYOUT_HINT
 from .cub import CUBASICDataset
+from .davis import LAYOUT_HINT as DAVIS_LAYOUT_HINT
+from .davis import SYNTHETIC_MARKER as DAVIS_SYNTHETIC_MARKER
+from .davis import DAVISDataset, write_synthetic_davis
+from .masked_pairs import MASKED_PAIRS_HINT, MaskedPairsDataset, write_synthetic_masked_pairs
 from .pfpascal import LAYOUT_HINT as PF_PASCAL_LAYOUT_HINT
 from .pfpascal import PFPascalDataset
 from .pfwillow import LAYOUT_HINT as PF_WILLOW_LAYOUT_HINT
@@ -41,10 +45,13 @@ from .tss import TSS_DATASETS, TSS_LAYOUT_HINT, TSSDataset
 
 __all__ = [
     "CUBDataModule",
+    "DAVISDataModule",
+    "MaskedPairsDataModule",
     "PFPascalDataModule",
     "PFWillowDataModule",
     "PairDataModule",
     "SPairDataModule",
+    "SyntheticDAVISDataModule",
     "SyntheticSPairDataModule",
     "TSSDataModule",
 ]
@@ -495,6 +502,136 @@ class TSSDataModule(PairDataModule):
     def build_dataset(self, root: str) -> TSSDataset:
         """All directed pairs of the selected sub-datasets."""
         return TSSDataset(root, self.datasets)
+
+
+class DAVISDataModule(PairDataModule):
+    """DAVIS-2017 label propagation (``datamodules.davis.DAVISDataset``): the first frame's annotation carried to
+    every later frame of its sequence, scored with J and F (``lightning_modules.segmentation_metrics``).
+
+    Args:
+        root: The DAVIS root holding ``JPEGImages/`` and ``Annotations/``.
+        sequences: Sequences to evaluate (None: all of ``split``, or all folders without a split).
+        resolution: ``480p`` or ``Full-Resolution``.
+        split: Sequence list ``ImageSets/2017/<split>.txt`` (e.g. ``val``); None lists the folders.
+        frame_stride: Evaluate every ``frame_stride``-th frame.
+        max_frames: At most this many target frames per sequence (None: all).
+        skip_last_frame: Leave each sequence's last frame out, as the DAVIS toolkit does.
+        batch_size: Pairs (frames) per batch.
+        num_workers: DataLoader workers.
+    """
+
+    protocol_name = "davis"
+    layout_hint = DAVIS_LAYOUT_HINT
+
+    def __init__(
+        self,
+        root: str | None = None,
+        sequences: list[str] | None = None,
+        resolution: str = "480p",
+        split: str | None = None,
+        frame_stride: int = 1,
+        max_frames: int | None = None,
+        skip_last_frame: bool = False,
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        self.dataset_kwargs: dict[str, Any] = {
+            "sequences": sequences, "resolution": resolution, "split": split, "frame_stride": frame_stride,
+            "max_frames": max_frames, "skip_last_frame": skip_last_frame,
+        }
+
+    def build_dataset(self, root: str) -> DAVISDataset:
+        """The selected sequences' (first frame, frame t) items."""
+        return DAVISDataset(root, **self.dataset_kwargs)
+
+
+class SyntheticDAVISDataModule(DAVISDataModule):
+    """:class:`DAVISDataModule` over a generated DAVIS-format root (``datamodules.davis.write_synthetic_davis``).
+
+    The root is written unless one generated before is there (its marker file); with ``root`` None it lives in
+    ``<trainer.default_root_dir>/synthetic_davis``.
+
+    Args:
+        root: Where the generated root goes.
+        num_sequences: Generated sequences (named ``seq0``, ``seq1``, ...).
+        num_frames: Frames per sequence.
+        image_width: Frame width.
+        image_height: Frame height.
+        num_objects: Objects per sequence.
+        generator_seed: Seed of the generator.
+        batch_size: Pairs (frames) per batch.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        num_sequences: int = 2,
+        num_frames: int = 4,
+        image_width: int = 96,
+        image_height: int = 64,
+        num_objects: int = 2,
+        generator_seed: int = 0,
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        self.generator_kwargs: dict[str, Any] = {
+            "sequences": tuple(f"seq{i}" for i in range(num_sequences)), "num_frames": num_frames,
+            "size": (image_width, image_height), "num_objects": num_objects, "seed": generator_seed,
+        }
+
+    def prepare_data(self) -> None:
+        """Write the generated root (skipped when one is there)."""
+        self._ensure_generated()
+
+    def _ensure_generated(self) -> None:
+        if self.root is None:
+            if self.trainer is None:
+                raise ValueError(f"{type(self).__name__} needs `root` when used without a Trainer")
+            self.root = str(Path(self.trainer.default_root_dir) / "synthetic_davis")
+        if not (Path(self.root) / DAVIS_SYNTHETIC_MARKER).is_file():
+            write_synthetic_davis(self.root, **self.generator_kwargs)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Generate the root if needed, then build the dataset."""
+        if stage in (None, "test", "predict"):
+            self._ensure_generated()
+        super().setup(stage)
+
+
+class MaskedPairsDataModule(PairDataModule):
+    """Image pairs with instance masks from a JSON list (``datamodules.masked_pairs``): the inputs of instance
+    swapping, served to ``trainer.predict``. There is no benchmark protocol.
+
+    Args:
+        root: The JSON file, or a folder holding it as ``pairs.json``.
+        generate: When ``root`` holds no ``pairs.json``, write ``num_generated`` generated pairs (textured
+            ellipses and their masks) into it: a smoke run without data.
+        num_generated: Pairs generated.
+        batch_size: Pairs per batch.
+        num_workers: DataLoader workers.
+    """
+
+    layout_hint = MASKED_PAIRS_HINT
+
+    def __init__(self, root: str | None = None, generate: bool = False, num_generated: int = 2,
+                 batch_size: int = 1, num_workers: int = 0) -> None:
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        self.generate, self.num_generated = bool(generate), int(num_generated)
+
+    @property
+    def protocol(self) -> None:  # type: ignore[override]
+        """None: swapped images are not scored against a benchmark protocol."""
+        return None
+
+    def build_dataset(self, root: str) -> MaskedPairsDataset:
+        """The listed pairs (generated first when ``generate`` is set and none are there)."""
+        path = Path(root)
+        if self.generate and not (path.is_file() or (path / "pairs.json").is_file()):
+            write_synthetic_masked_pairs(path, num_pairs=self.num_generated)
+        return MaskedPairsDataset(path)
 
 
 class CUBDataModule(PairDataModule):

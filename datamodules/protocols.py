@@ -84,11 +84,21 @@ PROTOCOLS: dict[str, Protocol] = {
         dense=True,
         group_label="per_dataset",
     ),
+    "davis": Protocol(
+        # label propagation (supplementary B.1): the first frame's annotation carried to every later frame;
+        # J = region IoU and F = boundary F-measure per object (the DAVIS-2017 toolkit's definitions)
+        name="DAVIS-2017 label propagation",
+        alphas=(),
+        threshold="none: J is IoU, F matches boundaries within 0.008 x the image diagonal",
+        averages=("JF_mean", "J_mean", "F_mean"),
+        dense=True,
+        group_label="per_sequence",
+    ),
 }
 
 
 def get_protocol(name: str) -> Protocol:
-    """Look a protocol up by its key (``spair``, ``pfpascal``, ``pfwillow``, ``cub``, ``tss``)."""
+    """Look a protocol up by its key (``spair``, ``pfpascal``, ``pfwillow``, ``cub``, ``tss``, ``davis``)."""
     try:
         return PROTOCOLS[name]
     except KeyError:

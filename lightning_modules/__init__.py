@@ -2,7 +2,16 @@
 
 from .ablation import ZeroShotAblation
 from .components.ablation import AblationRow
+from .dense import DenseCorrespondence
 from .projection import ProjectionHeadTraining
+from .swap import InstanceSwap
 from .zero_shot import ZeroShotCorrespondence
 
-__all__ = ["AblationRow", "ProjectionHeadTraining", "ZeroShotAblation", "ZeroShotCorrespondence"]
+__all__ = [
+    "AblationRow",
+    "DenseCorrespondence",
+    "InstanceSwap",
+    "ProjectionHeadTraining",
+    "ZeroShotAblation",
+    "ZeroShotCorrespondence",
+]
