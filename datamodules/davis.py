@@ -33,6 +33,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .records import PairRecordsDataset, category_filter, load_rgb_image
+from .spair import collate_pairs
 
 __all__ = [
     "DAVIS_LAYOUT_HINT",
@@ -320,16 +321,8 @@ def _labels_for(annotation_path: Path, image_path: Path, image: torch.Tensor) ->
     return labels
 
 
-def collate_davis(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Identity collate: items keep their own image sizes (the model resizes).
-
-    Args:
-        samples: Items of :class:`DAVISDataset`.
-
-    Returns:
-        The same list of item dicts.
-    """
-    return list(samples)
+#: Identity collate (items keep their own image sizes): the one the SPair reader uses.
+collate_davis = collate_pairs
 
 
 # --------------------------------------------------------------------------------------------------
