@@ -3,18 +3,24 @@
 Thin by design: the masked per-pixel correspondence is :class:`.dense.DenseCorrespondence`'s (fused, SD-only or
 DINO-only by ``alpha``, as the paper's Fig. 5 compares), the pixel swap is :func:`.components.swap.swap_instance`
 and the refinement :class:`.components.ddim.DDIMRefiner` (DDIM inversion of the swapped image, then DDIM
-sampling with a prompt naming the category).
+sampling with a prompt naming the category). With ``metrics``, the CLIP score and CLIP-based FID of supplementary
+Table 9 (:class:`.swap_metrics.SwapScores`) are computed for the preliminary and the refined swaps.
 """
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
+from .components.clip_features import CLIP_B32, CLIPImageEmbedder, region_crop
 from .components.ddim import DDIMRefiner
 from .components.dense import resize_nearest
 from .components.dino_featurizer import DinoFeaturizer
@@ -23,8 +29,9 @@ from .components.sd_featurizer import SDFeaturizer
 from .components.swap import swap_instance
 from .components.visualize import to_pil_image
 from .dense import DenseCorrespondence
+from .swap_metrics import SwapScores
 
-__all__ = ["InstanceSwap", "side_by_side"]
+__all__ = ["InstanceSwap", "format_swap_table", "side_by_side"]
 
 
 def side_by_side(images: Sequence[Any], height: int) -> Image.Image:
@@ -76,6 +83,16 @@ class InstanceSwap(DenseCorrespondence):
         refine_prompt: Prompt template, ``{category}`` replaced by the pair's category.
         refine_size: Side of the square the refinement runs at (512 for SD 1.5).
         picture_height: Height of each panel of the picture.
+        metrics: Score the swaps (supplementary Table 9, Paint-by-Example's protocol): per pair the CLIP score
+            between the edited region (bounding box of the target mask in the swapped image) and the reference
+            (bounding box of the source mask in the source image), both at the working size, and over all pairs
+            the Fréchet distance of their CLIP embeddings (``fid_clip``; meaningless on a handful of pairs),
+            for the preliminary and the refined swaps. Written to ``<log_dir>/swap_metrics.json``, printed
+            and sent to the loggers (``swap/refined/clip_score``, ...). Table 9's Quality score (GIQA) is not
+            computed (see :mod:`.swap_metrics`).
+        clip_model: Hub id or local directory of the CLIP of the metrics (Paint-by-Example: ViT-B/32).
+        clip_random_init: Tests only: a tiny random CLIP tower instead (see
+            :class:`.components.clip_features.CLIPImageEmbedder`).
     """
 
     def __init__(
@@ -99,6 +116,9 @@ class InstanceSwap(DenseCorrespondence):
         refine_prompt: str = "a photo of {category}",
         refine_size: int = 512,
         picture_height: int = 256,
+        metrics: bool = False,
+        clip_model: str | None = CLIP_B32,
+        clip_random_init: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             sd=sd, dino=dino, alpha=alpha, pca_dims=pca_dims, eval_size=eval_size, fusion=fusion,
@@ -113,6 +133,13 @@ class InstanceSwap(DenseCorrespondence):
             sd, num_inference_steps=refine_steps, strength=refine_strength, guidance_scale=guidance_scale,
             prompt=refine_prompt, image_size=refine_size,
         )
+        self.swap_metrics: nn.ModuleDict | None = None
+        self.swap_results: dict[str, Any] | None = None
+        if metrics:
+            embedder = CLIPImageEmbedder(clip_model, random_init=clip_random_init)  # one tower, shared
+            self.clip_source = embedder.model_id or "random_init"
+            stages = ["preliminary"] + (["refined"] if refine else [])
+            self.swap_metrics = nn.ModuleDict({stage: SwapScores(embedder) for stage in stages})
 
     def setup(self, stage: str) -> None:
         """Instance swapping is a predict-time output only."""
@@ -146,4 +173,55 @@ class InstanceSwap(DenseCorrespondence):
                 "refined": refined, "picture": side_by_side(panels, self.picture_height),
                 "caption": f"{sample['pair_id']}: source | target | swapped" + (" | refined" if refined is not None else ""),
             })
+            if self.swap_metrics is not None:
+                self._update_swap_metrics(sample, match, preliminary, refined)
         return outputs
+
+    # --- metrics (supplementary Table 9) ---------------------------------------------------------------------
+
+    def _update_swap_metrics(
+        self, sample: dict[str, Any], match: Any, preliminary: torch.Tensor, refined: torch.Tensor | None
+    ) -> None:
+        """Score one pair: edited region (target box of each swap) against the reference (source box)."""
+        assert self.swap_metrics is not None
+        target_mask = resize_nearest(sample["trg_mask"].to(torch.uint8), match.target_size).bool()
+        source_mask = resize_nearest(sample["src_mask"].to(torch.uint8), match.source_size).bool()
+        if not target_mask.any() or not source_mask.any():
+            warnings.warn(f"swap metrics: pair {sample['pair_id']!r} has an empty mask at the working size; "
+                          "not scored", stacklevel=2)
+            return
+        reference = region_crop(_resized(sample["src_image"], match.source_size), source_mask)
+        for stage, image in (("preliminary", preliminary), ("refined", refined)):
+            if image is not None and stage in self.swap_metrics:
+                self.swap_metrics[stage].update([region_crop(image, target_mask)], [reference], [sample["pair_id"]])
+
+    def on_predict_epoch_end(self) -> None:
+        """Compute the swap metrics (synchronised across processes); rank zero writes, prints and logs them."""
+        if self.swap_metrics is None:
+            return
+        results = {stage: metric.compute() for stage, metric in self.swap_metrics.items()}
+        for metric in self.swap_metrics.values():
+            metric.reset()
+        self.swap_results = results
+        trainer = self.trainer
+        out = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank
+        if not trainer.is_global_zero:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {**results, "clip_model": self.clip_source}
+        (out / "swap_metrics.json").write_text(json.dumps(payload, indent=2))
+        print("\n" + format_swap_table(results) + f"written to {out / 'swap_metrics.json'}", flush=True)
+        flat = {f"swap/{stage}/{key}": float(value) for stage, values in results.items()
+                for key, value in values.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(flat, step=trainer.global_step)
+            logger.save()
+
+
+def format_swap_table(results: dict[str, dict[str, Any]]) -> str:
+    """The swap metrics as a small plain-text table (one row per stage)."""
+    lines = [f"{'instance swap':<14}{'CLIP score':>12}{'FID (CLIP)':>12}{'pairs':>7}"]
+    for stage, values in results.items():
+        lines.append(f"{stage:<14}{values['clip_score']:>12.2f}{values['fid_clip']:>12.2f}{values['num_pairs']:>7d}")
+    lines.append("(Quality score of Table 9 not computed: it needs GIQA's GMM fitted on real images)")
+    return "\n".join(lines) + "\n"
