@@ -368,7 +368,31 @@ def pck(
 # --------------------------------------------------------------------------------------------------
 # torchmetrics Metric
 # --------------------------------------------------------------------------------------------------
-class PCK(Metric):
+class TypedListStates(Metric):
+    """A torchmetrics ``Metric`` whose states are ``"cat"`` lists of tensors of fixed dtypes.
+
+    Subclasses name them in ``_state_dtypes`` (``{state: dtype}``, a class attribute or a property). This base
+    keeps a rank that saw no data from breaking ``all_gather`` and concatenates a state with its dtype.
+    """
+
+    def _sync_dist(self, *args: Any, **kwargs: Any) -> None:
+        # torchmetrics replaces an empty list state on a rank that saw no data by a float32 placeholder,
+        # whose dtype would not match the other ranks' tensors in all_gather: use an empty tensor of the
+        # state's dtype instead (the states are restored from the cache after `unsync`).
+        for attr, dtype in self._state_dtypes.items():
+            if isinstance(getattr(self, attr), list) and len(getattr(self, attr)) == 0:
+                setattr(self, attr, [torch.zeros(0, dtype=dtype, device=self.device)])
+        super()._sync_dist(*args, **kwargs)
+
+    def _cat_state(self, attr: str) -> Tensor:
+        """The state ``attr`` concatenated into one flat tensor of its dtype (empty when nothing was added)."""
+        value, dtype = getattr(self, attr), self._state_dtypes[attr]
+        if isinstance(value, list) and len(value) == 0:
+            return torch.zeros(0, dtype=dtype, device=self.device)
+        return dim_zero_cat(value).to(dtype).reshape(-1)
+
+
+class PCK(TypedListStates):
     """Percentage of Correct Keypoints with per-point, per-image and category-mean averages.
 
     States (all ``dist_reduce_fx="cat"`` lists of long tensors, created on the metric's device):
@@ -525,14 +549,6 @@ class PCK(Metric):
             levels = (groups or {}).get(name, [-1] * batch)
             getattr(self, f"group_{i}").append(torch.tensor(list(levels), dtype=torch.long, device=self.device))
 
-    def _sync_dist(self, *args: Any, **kwargs: Any) -> None:
-        # torchmetrics replaces an empty list state on a rank that saw no data by a float32 placeholder,
-        # whose dtype would not match the long tensors of the other ranks in all_gather: use an empty
-        # long tensor instead (the states are restored from the cache after `unsync`).
-        for attr, dtype in self._state_dtypes.items():
-            if isinstance(getattr(self, attr), list) and len(getattr(self, attr)) == 0:
-                setattr(self, attr, [torch.zeros(0, dtype=dtype, device=self.device)])
-        super()._sync_dist(*args, **kwargs)
 
     @property
     def _group_states(self) -> list[str]:
@@ -543,11 +559,6 @@ class PCK(Metric):
         names = ("correct", "num_points", "category_index", "pair_key", *self._group_states)
         return {name: torch.long for name in names}
 
-    def _cat_state(self, attr: str) -> Tensor:
-        value, dtype = getattr(self, attr), self._state_dtypes[attr]
-        if isinstance(value, list) and len(value) == 0:
-            return torch.zeros(0, dtype=dtype, device=self.device)
-        return dim_zero_cat(value).to(dtype).reshape(-1)
 
     def _deduplicated(self) -> dict[str, Tensor]:
         """Every per-pair state, concatenated, each pair key's first occurrence only, sorted by pair key.

@@ -38,10 +38,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
-from .metrics import stable_pair_key
+from .metrics import TypedListStates, stable_pair_key
 
 __all__ = [
     "JAndF",
@@ -388,7 +386,7 @@ def first_occurrence(keys: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # torchmetrics Metric
 # --------------------------------------------------------------------------------------------------
-class JAndF(Metric):
+class JAndF(TypedListStates):
     """DAVIS region similarity J, boundary F-measure F and J&F, per sequence and overall.
 
     States (``dist_reduce_fx="cat"`` lists, one row per scored (frame, object), on the metric's device):
@@ -414,7 +412,7 @@ class JAndF(Metric):
     higher_is_better: bool = True
     is_differentiable: bool = False
 
-    _STATE_DTYPES = {
+    _state_dtypes = {
         "pair_key": torch.long,
         "object_id": torch.long,
         "sequence_index": torch.long,
@@ -438,7 +436,7 @@ class JAndF(Metric):
         self._sequence_lookup = {name: i for i, name in enumerate(self.sequences)}
         self.void_label = void_label
         self.bound_th = float(bound_th)
-        for name in self._STATE_DTYPES:
+        for name in self._state_dtypes:
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(
@@ -472,7 +470,7 @@ class JAndF(Metric):
         unknown = sorted({str(s) for s in sequences} - self._sequence_lookup.keys())
         if unknown:
             raise ValueError(f"Unknown sequence{'s' if len(unknown) > 1 else ''} {unknown}; known: {list(self.sequences)}.")
-        rows: dict[str, list[float]] = {name: [] for name in self._STATE_DTYPES}
+        rows: dict[str, list[float]] = {name: [] for name in self._state_dtypes}
         for pred, gt, seq, pair_id, n in zip(pred_labels, gt_labels, sequences, pair_ids, num_objects):
             js, fs = frame_scores(pred, gt, int(n), self.void_label, self.bound_th)
             rows["j"] += js
@@ -482,27 +480,12 @@ class JAndF(Metric):
             rows["sequence_index"] += [self._sequence_lookup[str(seq)]] * len(js)
         if not rows["j"]:
             return
-        for name, dtype in self._STATE_DTYPES.items():
+        for name, dtype in self._state_dtypes.items():
             getattr(self, name).append(torch.tensor(rows[name], dtype=dtype, device=self.device))
-
-    def _sync_dist(self, *args: Any, **kwargs: Any) -> None:
-        # torchmetrics replaces an empty list state of a rank that saw no frame by a float32 placeholder, whose
-        # dtype would not match the other ranks' tensors in all_gather: use an empty tensor of the right dtype
-        # instead (the states are restored from the cache after `unsync`).
-        for name, dtype in self._STATE_DTYPES.items():
-            if isinstance(getattr(self, name), list) and len(getattr(self, name)) == 0:
-                setattr(self, name, [torch.zeros(0, dtype=dtype, device=self.device)])
-        super()._sync_dist(*args, **kwargs)
-
-    def _cat_state(self, name: str) -> Tensor:
-        value, dtype = getattr(self, name), self._STATE_DTYPES[name]
-        if isinstance(value, list) and len(value) == 0:
-            return torch.zeros(0, dtype=dtype, device=self.device)
-        return dim_zero_cat(value).to(dtype).reshape(-1)
 
     def _deduplicated(self) -> dict[str, Tensor]:
         """Every state, concatenated, the first occurrence of each (pair key, object id) only, in key order."""
-        states = {name: self._cat_state(name) for name in self._STATE_DTYPES}
+        states = {name: self._cat_state(name) for name in self._state_dtypes}
         keep = first_occurrence(torch.stack([states["pair_key"], states["object_id"]], dim=1))
         return {name: value[keep] for name, value in states.items()}
 

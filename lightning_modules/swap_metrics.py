@@ -36,11 +36,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
 from .components.clip_features import CLIPImageEmbedder
-from .metrics import stable_pair_key
+from .metrics import TypedListStates, stable_pair_key
 from .segmentation_metrics import first_occurrence
 
 __all__ = ["SwapScores", "clip_image_score", "frechet_distance"]
@@ -94,7 +92,7 @@ def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
     return max(0.0, float(mean_term + torch.trace(cov_a) + torch.trace(cov_b) - 2 * trace_root))
 
 
-class SwapScores(Metric):
+class SwapScores(TypedListStates):
     """Mean CLIP score and CLIP-based FID of edited regions against reference regions (see the module doc).
 
     States (``dist_reduce_fx="cat"`` lists, on the metric's device): ``clip_score`` (float32 per pair),
@@ -117,7 +115,7 @@ class SwapScores(Metric):
     higher_is_better: bool = True
     is_differentiable: bool = False
 
-    _STATE_DTYPES = {
+    _state_dtypes = {
         "clip_score": torch.float32,
         "edited_embedding": torch.float32,
         "reference_embedding": torch.float32,
@@ -127,7 +125,7 @@ class SwapScores(Metric):
     def __init__(self, embedder: CLIPImageEmbedder, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.embedder = embedder
-        for name in self._STATE_DTYPES:
+        for name in self._state_dtypes:
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(
@@ -160,24 +158,9 @@ class SwapScores(Metric):
         self.pair_key.append(torch.tensor([stable_pair_key(p) for p in pair_ids], dtype=torch.long,
                                           device=self.device))
 
-    def _sync_dist(self, *args: Any, **kwargs: Any) -> None:
-        # torchmetrics replaces an empty list state of a rank that saw no pair by a float32 placeholder, whose
-        # dtype would not match the other ranks' long keys in all_gather: use empty tensors of the right dtype
-        # (the states are restored from the cache after `unsync`).
-        for name, dtype in self._STATE_DTYPES.items():
-            if isinstance(getattr(self, name), list) and len(getattr(self, name)) == 0:
-                setattr(self, name, [torch.zeros(0, dtype=dtype, device=self.device)])
-        super()._sync_dist(*args, **kwargs)
-
-    def _cat_state(self, name: str) -> Tensor:
-        value, dtype = getattr(self, name), self._STATE_DTYPES[name]
-        if isinstance(value, list) and len(value) == 0:
-            return torch.zeros(0, dtype=dtype, device=self.device)
-        return dim_zero_cat(value).to(dtype).reshape(-1)
-
     def compute(self) -> dict[str, Any]:
         """``{"clip_score", "fid_clip", "num_pairs"}`` over the de-duplicated pairs (see the class doc)."""
-        states = {name: self._cat_state(name) for name in self._STATE_DTYPES}
+        states = {name: self._cat_state(name) for name in self._state_dtypes}
         dim = self.embedder.embed_dim
         for name in ("edited_embedding", "reference_embedding"):
             states[name] = states[name].reshape(-1, dim)
