@@ -120,10 +120,12 @@ class DenseCorrespondence(ZeroShotCorrespondence):
         if stage == "test":
             datamodule = getattr(self.trainer, "datamodule", None)
             self.protocol = getattr(datamodule, "protocol", None)
-            sequences = list(getattr(datamodule, "categories", None) or [])
-            if not sequences or not hasattr(datamodule, "test_dataset"):
-                raise ValueError("testing DenseCorrespondence needs a label-propagation datamodule (DAVISDataModule)")
-            self.metric = JAndF(sequences=sequences)
+            if getattr(datamodule, "protocol_name", None) != "davis":
+                raise ValueError(
+                    f"DenseCorrespondence tests label propagation: it needs a DAVIS datamodule (protocol 'davis'), "
+                    f"got {type(datamodule).__name__}; for pictures of other pairs use `predict`"
+                )
+            self.metric = JAndF(sequences=list(datamodule.categories))
 
     @torch.no_grad()
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:

@@ -179,8 +179,9 @@ class ProjectionHeadTraining(ZeroShotCorrespondence):
             raise ValueError(f"{type(datamodule).__name__} has no {stage} data to read the feature channels from")
         head = GatedProjectionHead(self.source_channels(dataset[0]), **self.head_kwargs)
         if self.init_ckpt is not None:
-            check_head_config(GatedProjectionHead.from_checkpoint(self.init_ckpt).config, head.config, self.init_ckpt)
-            head.load_head_state(self.init_ckpt)
+            stored = GatedProjectionHead.from_checkpoint(self.init_ckpt)
+            check_head_config(stored.config, head.config, self.init_ckpt)
+            head.load_state_dict(stored.state_dict())
         self.pipeline.head = head.to(self.pipeline.device)
 
     def source_channels(self, sample: dict[str, Any]) -> dict[str, int]:

@@ -20,11 +20,12 @@ from datamodules import (
     DAVISDataset,
     MaskedPairsDataModule,
     MaskedPairsDataset,
+    SPairDataModule,
     write_synthetic_davis,
     write_synthetic_masked_pairs,
     write_synthetic_spair,
 )
-from lightning_modules import InstanceSwap
+from lightning_modules import DenseCorrespondence, InstanceSwap
 from lightning_modules.components.dense import resize_nearest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,3 +118,10 @@ def test_swap_needs_masks_and_an_sd_model_for_refinement(tiny_dino) -> None:
         InstanceSwap(None, tiny_dino, alpha=0.0, refine=True)
     with pytest.raises(FileNotFoundError, match="masked pairs file not found"):
         MaskedPairsDataset("/nonexistent/pairs.json")
+
+
+def test_dense_test_stage_refuses_a_keypoint_benchmark(tmp_path, tiny_sd, tiny_dino) -> None:
+    root = write_synthetic_spair(tmp_path / "spair", categories=("cat",), pairs_per_category=1, image_size=(96, 72))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="needs a DAVIS datamodule .* got SPairDataModule; for pictures"):
+        trainer.test(DenseCorrespondence(tiny_sd, tiny_dino), datamodule=SPairDataModule(root=str(root)))
