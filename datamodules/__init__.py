@@ -4,6 +4,7 @@ from .cub import CUBASICDataset
 from .datamodules import (
     CUBDataModule,
     DAVISDataModule,
+    DAVISSwapDataModule,
     MaskedPairsDataModule,
     PairDataModule,
     PFPascalDataModule,
@@ -13,7 +14,7 @@ from .datamodules import (
     SyntheticSPairDataModule,
     TSSDataModule,
 )
-from .davis import DAVISDataset, write_synthetic_davis
+from .davis import DAVISDataset, DAVISInstancePairs, write_synthetic_davis
 from .masked_pairs import MaskedPairsDataset, write_synthetic_masked_pairs
 from .pfpascal import PFPascalDataset
 from .pfwillow import PFWillowDataset
@@ -27,6 +28,8 @@ __all__ = [
     "CUBDataModule",
     "DAVISDataModule",
     "DAVISDataset",
+    "DAVISInstancePairs",
+    "DAVISSwapDataModule",
     "MaskedPairsDataModule",
     "MaskedPairsDataset",
     "PROTOCOLS",

@@ -23,7 +23,7 @@ from .cub import LAYOUT_HINT as CUB_LAYOUT_HINT
 from .cub import CUBASICDataset
 from .davis import LAYOUT_HINT as DAVIS_LAYOUT_HINT
 from .davis import SYNTHETIC_MARKER as DAVIS_SYNTHETIC_MARKER
-from .davis import DAVISDataset, write_synthetic_davis
+from .davis import DAVISDataset, DAVISInstancePairs, write_synthetic_davis
 from .masked_pairs import MASKED_PAIRS_HINT, MaskedPairsDataset, write_synthetic_masked_pairs
 from .pfpascal import LAYOUT_HINT as PF_PASCAL_LAYOUT_HINT
 from .pfpascal import PFPascalDataset
@@ -46,6 +46,7 @@ from .tss import TSS_DATASETS, TSS_LAYOUT_HINT, TSSDataset
 __all__ = [
     "CUBDataModule",
     "DAVISDataModule",
+    "DAVISSwapDataModule",
     "MaskedPairsDataModule",
     "PFPascalDataModule",
     "PFWillowDataModule",
@@ -632,6 +633,34 @@ class MaskedPairsDataModule(PairDataModule):
         if self.generate and not (path.is_file() or (path / "pairs.json").is_file()):
             write_synthetic_masked_pairs(path, num_pairs=self.num_generated)
         return MaskedPairsDataset(path)
+
+
+class DAVISSwapDataModule(MaskedPairsDataModule):
+    """Instance-swap inputs with the dataset's own instance masks: DAVIS frame-0 pairs of two sequences
+    (``datamodules.davis.DAVISInstancePairs``), served to ``trainer.predict``.
+
+    Args:
+        root: DAVIS root holding ``JPEGImages/`` and ``Annotations/``.
+        pairs: ``[[source sequence, target sequence], ...]``; None pairs each sequence with the next.
+        object_id: The annotated object swapped (its mask in both frames).
+        resolution: ``480p`` or ``Full-Resolution``.
+        split: Restrict the sequences to ``ImageSets/2017/<split>.txt``.
+        batch_size: Pairs per batch.
+        num_workers: DataLoader workers.
+    """
+
+    layout_hint = DAVIS_LAYOUT_HINT
+
+    def __init__(self, root: str | None = None, pairs: list[list[str]] | None = None, object_id: int = 1,
+                 resolution: str = "480p", split: str | None = None, batch_size: int = 1,
+                 num_workers: int = 0) -> None:
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        self.pair_kwargs: dict[str, Any] = {"pairs": pairs, "object_id": object_id, "resolution": resolution,
+                                            "split": split}
+
+    def build_dataset(self, root: str) -> DAVISInstancePairs:
+        """The configured sequence pairs with their object masks."""
+        return DAVISInstancePairs(root, **self.pair_kwargs)
 
 
 class CUBDataModule(PairDataModule):

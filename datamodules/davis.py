@@ -41,6 +41,7 @@ __all__ = [
     "DAVISFrame",
     "LAYOUT_HINT",
     "VOID_LABEL",
+    "DAVISInstancePairs",
     "collate_davis",
     "davis_palette",
     "read_davis_annotation",
@@ -451,3 +452,79 @@ def _render_sequence(
                     step = min(max(obj["pos"][axis] + obj["vel"][axis], 0), limit)
                 obj["pos"][axis] = step
     return out
+
+
+class DAVISInstancePairs(torch.utils.data.Dataset):
+    """Instance-swap inputs from a DAVIS root: frame 0 of one sequence and frame 0 of another, each with the
+    mask of one annotated object (the dataset's own instance masks).
+
+    Items have the keys of :class:`datamodules.masked_pairs.MaskedPairsDataset`: ``pair_id`` (``"<a>-<b>"``),
+    ``category`` (the source sequence's name: the refinement prompt), ``src_image`` / ``trg_image``,
+    ``src_mask`` / ``trg_mask`` (bool, annotation == ``object_id``), ``src_image_path`` / ``trg_image_path``.
+
+    Args:
+        root: DAVIS root holding ``JPEGImages/`` and ``Annotations/``.
+        pairs: ``[[source sequence, target sequence], ...]``; None pairs each sequence with the next one in
+            sorted order.
+        object_id: The annotated object whose mask is used, in both frames.
+        resolution: ``480p`` or ``Full-Resolution``.
+        split: Restrict the sequences to ``ImageSets/2017/<split>.txt``.
+
+    Raises:
+        ValueError: An unknown sequence, fewer than two sequences, or an object absent from a frame (named).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        pairs: Sequence[Sequence[str]] | None = None,
+        object_id: int = 1,
+        resolution: str = "480p",
+        split: str | None = None,
+    ) -> None:
+        davis = DAVISDataset(root, resolution=resolution, split=split, max_frames=1)
+        first: dict[str, tuple[str, str]] = {}
+        for record in davis.records:
+            first.setdefault(record.category, (str(record.src_image_path), str(record.src_annotation_path)))
+        names = sorted(first)
+        if pairs is None:
+            if len(names) < 2:
+                raise ValueError(f"{root}: instance swapping pairs two sequences, found {names}")
+            pairs = list(zip(names, names[1:]))
+        unknown = sorted({name for pair in pairs for name in pair} - set(first))
+        if unknown:
+            raise ValueError(f"{root}: unknown sequences {unknown}; available: {names}")
+        self.object_id = int(object_id)
+        self.entries = [(str(a), str(b), first[a], first[b]) for a, b in pairs]
+        self.categories = sorted({entry[0] for entry in self.entries})
+
+    @property
+    def pair_ids(self) -> list[str]:
+        """``"<source sequence>-<target sequence>"`` of every pair."""
+        return [f"{a}-{b}" for a, b, _, _ in self.entries]
+
+    def pair_images(self) -> list[tuple[str, str, str]]:
+        """``(category, source image, target image)`` of every pair."""
+        return [(a, src[0], trg[0]) for a, _, src, trg in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _mask(self, annotation: str) -> torch.Tensor:
+        mask = read_davis_annotation(annotation) == self.object_id
+        if not mask.any():
+            raise ValueError(f"{annotation}: object {self.object_id} is not annotated in this frame")
+        return mask
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        source, target, (src_image, src_annotation), (trg_image, trg_annotation) = self.entries[index]
+        return {
+            "pair_id": f"{source}-{target}",
+            "category": source,
+            "src_image": load_rgb_image(src_image),
+            "trg_image": load_rgb_image(trg_image),
+            "src_mask": self._mask(src_annotation),
+            "trg_mask": self._mask(trg_annotation),
+            "src_image_path": src_image,
+            "trg_image_path": trg_image,
+        }

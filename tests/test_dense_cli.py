@@ -125,3 +125,24 @@ def test_dense_test_stage_refuses_a_keypoint_benchmark(tmp_path, tiny_sd, tiny_d
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     with pytest.raises(ValueError, match="needs a DAVIS datamodule .* got SPairDataModule; for pictures"):
         trainer.test(DenseCorrespondence(tiny_sd, tiny_dino), datamodule=SPairDataModule(root=str(root)))
+
+
+def test_davis_instance_masks_feed_the_swap(tmp_path, tiny_sd, tiny_dino) -> None:
+    from datamodules import DAVISInstancePairs, DAVISSwapDataModule
+    from datamodules.davis import read_davis_annotation
+
+    root = write_synthetic_davis(tmp_path / "davis", sequences=("blob", "bars", "dots"), num_frames=2)
+    pairs = DAVISInstancePairs(root)
+    assert pairs.pair_ids == ["bars-blob", "blob-dots"]  # each sequence with the next, sorted
+    sample = pairs[0]
+    annotation = read_davis_annotation(Path(root) / "Annotations" / "480p" / "bars" / "00000.png")
+    assert torch.equal(sample["src_mask"], annotation == 1) and sample["category"] == "bars"
+    module = InstanceSwap(tiny_sd, tiny_dino, pca_dims=None, resolution=40, refine=False)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    outputs = [r for batch in trainer.predict(module, datamodule=DAVISSwapDataModule(str(root), pairs=[["dots", "bars"]]))
+               for r in batch]
+    assert [o["pair_id"] for o in outputs] == ["dots-bars"] and outputs[0]["refined"] is None
+    with pytest.raises(ValueError, match=r"unknown sequences \['nope'\]"):
+        DAVISInstancePairs(root, pairs=[["blob", "nope"]])
+    with pytest.raises(ValueError, match="object 9 is not annotated"):
+        DAVISInstancePairs(root, object_id=9)[0]
