@@ -146,3 +146,23 @@ def test_davis_instance_masks_feed_the_swap(tmp_path, tiny_sd, tiny_dino) -> Non
         DAVISInstancePairs(root, pairs=[["blob", "nope"]])
     with pytest.raises(ValueError, match="object 9 is not annotated"):
         DAVISInstancePairs(root, object_id=9)[0]
+
+
+def test_picture_writer_saves_every_picture_and_logs_the_first_to_wandb(tmp_path) -> None:
+    from types import SimpleNamespace
+    from unittest.mock import MagicMock
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = MagicMock(spec=WandbLogger)
+    trainer = SimpleNamespace(loggers=[logger], world_size=1, is_global_zero=True, log_dir=None,
+                              default_root_dir=str(tmp_path))
+    writer = PictureWriter(subdir="dense", key="dense_correspondence", num_logged=2)
+    writer.on_predict_start(trainer, None)
+    records = [{"pair_id": f"a:{i}", "picture": Image.new("RGB", (10 + i, 8))} for i in range(3)]
+    writer.on_predict_batch_end(trainer, None, records, None, 0)
+    writer.on_predict_end(trainer, None)
+    assert sorted(p.name for p in (tmp_path / "dense").iterdir()) == ["a_0.png", "a_1.png", "a_2.png"]
+    (call,) = logger.log_image.call_args_list
+    assert call.kwargs["key"] == "dense_correspondence" and call.kwargs["caption"] == ["a:0", "a:1"]
+    assert [image.size for image in call.kwargs["images"]] == [(11, 8), (11, 8)]  # padded to a common width
