@@ -110,7 +110,8 @@ class ZeroShotAblation(L.LightningModule):
             metric.update(preds, gts, thresholds, [s["category"] for s in batch], [s["pair_id"] for s in batch],
                           valids, groups)
             records += [
-                {"row": row.name, **keypoint_record(s, pred, valid)} for s, pred, valid in zip(batch, preds, valids)
+                {"row": row.name, **keypoint_record(s, o["pred_kps"], v, o)}
+                for s, o, v in zip(batch, outputs[row.name], valids)
             ]
         return records
 

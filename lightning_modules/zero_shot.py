@@ -18,17 +18,25 @@ from .components.dino_featurizer import DinoFeaturizer
 from .components.feature_cache import FeatureCache
 from .components.pipeline import EvalSize, FusedCorrespondence
 from .components.projection_head import GatedProjectionHead
+from .components.refinements import MatchRefinement
 from .components.sd_featurizer import SDFeaturizer
 from .metrics import PCK, DenseFlowPCK, dense_flow_counts, format_alpha
 
 __all__ = ["ZeroShotCorrespondence", "feature_cache", "keypoint_record", "restore_keypoint_metric", "summed_over_ranks"]
 
 
-def keypoint_record(sample: dict[str, Any], pred: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
+#: Per-keypoint extras of the test-time refinements that ``predictions.jsonl`` keeps when they are computed.
+KEYPOINT_EXTRAS = ("confidence", "mutual")
+
+
+def keypoint_record(
+    sample: dict[str, Any], pred: torch.Tensor, valid: torch.Tensor, output: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The ``predictions.jsonl`` line of a keypoint pair (valid keypoints only, original pixels).
 
     It holds everything the metric needs, so a resumed run rebuilds its state from these lines
-    (:func:`restore_keypoint_metric`) and ends with the numbers of an uninterrupted run.
+    (:func:`restore_keypoint_metric`) and ends with the numbers of an uninterrupted run; and the per-keypoint
+    :data:`KEYPOINT_EXTRAS` of ``output`` (the pipeline's prediction of the pair) when it has them.
     """
     keep = valid.cpu()
     record = {
@@ -41,6 +49,9 @@ def keypoint_record(sample: dict[str, Any], pred: torch.Tensor, valid: torch.Ten
     }
     if "variations" in sample:
         record["variations"] = {k: int(v) for k, v in sample["variations"].items()}
+    for key in KEYPOINT_EXTRAS:
+        if output is not None and key in output:
+            record[key] = output[key].cpu()[keep].tolist()
     return record
 
 
@@ -103,6 +114,12 @@ class ZeroShotCorrespondence(L.LightningModule):
         projection_ckpt: A trained projection head (``train.py``'s ``.ckpt`` or a
             :meth:`GatedProjectionHead.save_checkpoint` file) used instead of co-PCA and the fixed fusion; its
             sources decide which featurizers run, and ``alpha``, ``pca_dims`` and ``fusion`` are then unused.
+        soft_argmax_window: Beyond the paper (GeoAware-SC): predict the softmax-weighted mean cell of a
+            ``(2w+1)^2`` window around the best match (sub-cell predictions); None (default) keeps the cell
+            centre of the nearest neighbour, as the paper does.
+        soft_argmax_temperature: Softmax temperature over cosine similarities (window and confidence).
+        mutual_check: Beyond the paper: record per keypoint whether its match is a mutual nearest neighbour.
+            With either knob on, ``predictions.jsonl`` also holds a ``confidence`` per keypoint.
     """
 
     def __init__(
@@ -117,13 +134,17 @@ class ZeroShotCorrespondence(L.LightningModule):
         feature_cache_gb: float = 4.0,
         feature_cache_dir: str | None = None,
         projection_ckpt: str | None = None,
+        soft_argmax_window: int | None = None,
+        soft_argmax_temperature: float = 0.04,
+        mutual_check: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["sd", "dino"])
         head = None if projection_ckpt is None else GatedProjectionHead.from_checkpoint(projection_ckpt)
+        refinement = MatchRefinement(soft_argmax_window, float(soft_argmax_temperature), bool(mutual_check))
         self.pipeline = FusedCorrespondence(
             sd, dino, alpha=alpha, pca_dims=pca_dims, eval_size=eval_size, fusion=fusion,
-            cache=feature_cache(feature_cache_gb, feature_cache_dir), head=head,
+            cache=feature_cache(feature_cache_gb, feature_cache_dir), head=head, refinement=refinement,
         )
         self.alphas = None if alphas is None else [float(a) for a in alphas]
         self.metric: PCK | None = None
@@ -165,7 +186,7 @@ class ZeroShotCorrespondence(L.LightningModule):
             valids,
             groups,
         )
-        return [keypoint_record(s, pred, valid) for s, pred, valid in zip(batch, preds, valids)]
+        return [keypoint_record(s, o["pred_kps"], v, o) for s, o, v in zip(batch, outputs, valids)]
 
     def _dense_step(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         assert isinstance(self.metric, DenseFlowPCK)

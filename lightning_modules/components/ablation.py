@@ -27,8 +27,10 @@ from .pipeline import (
     extract_features,
     keypoint_cells,
     match_keypoints,
+    match_keypoints_refined,
     unique_images,
 )
+from .refinements import MatchRefinement
 from .sd_featurizer import SDFeaturizer
 
 __all__ = ["AblationRow", "AblationCorrespondence"]
@@ -66,6 +68,9 @@ class AblationRow:
         eval_size: Keypoint-to-cell square of this row ("annotation resolution"; None: the module's).
         projection: Path of a learned per-layer projection used instead of co-PCA (see
             ``DescriptorSpec.projection``).
+        soft_argmax_window: Beyond the paper: window soft-argmax half-width in cells (None: off).
+        soft_argmax_temperature: Its softmax temperature (also of the recorded confidence).
+        mutual: Beyond the paper: record whether each match is a mutual nearest neighbour.
     """
 
     name: str
@@ -77,6 +82,13 @@ class AblationRow:
     pca_dim: int | None = 256
     eval_size: EvalSize | None = None
     projection: str | None = None
+    soft_argmax_window: int | None = None
+    soft_argmax_temperature: float = 0.04
+    mutual: bool = False
+
+    def refinement(self) -> MatchRefinement:
+        """The row's test-time refinements of the keypoint transfer (all off by default)."""
+        return MatchRefinement(self.soft_argmax_window, float(self.soft_argmax_temperature), bool(self.mutual))
 
     def spec(self, layers: Sequence[int]) -> DescriptorSpec:
         """The row's descriptor settings (alpha forced to 1 / 0 for SD-only / DINO-only rows)."""
@@ -205,8 +217,14 @@ class AblationCorrespondence(nn.Module):
                     self._combine(row, spec, sd_feats, dino_feats, s[k]) for k in ("src_image_path", "trg_image_path")
                 )
                 descriptors = describe_pair(src, trg, spec, layers, grid)
-                pred, distance = match_keypoints(descriptors, src, trg, s["src_kps"], eval_size)
-                out = {"pred_kps": pred, "distance": distance}
+                refinement = row.refinement()
+                if refinement.active:
+                    pred, distance, extras = match_keypoints_refined(
+                        descriptors, src, trg, s["src_kps"], eval_size, refinement
+                    )
+                else:
+                    (pred, distance), extras = match_keypoints(descriptors, src, trg, s["src_kps"], eval_size), {}
+                out = {"pred_kps": pred, "distance": distance, **extras}
                 if row.name in detail_rows:
                     side = descriptors.shape[-1]
                     src_cells = keypoint_cells(src, s["src_kps"].to(descriptors.device), eval_size, side)

@@ -22,6 +22,7 @@ from .fusion import FUSIONS, co_pca, fuse, merge_layers
 from .image_prep import PadResize, pad_resize_image
 from .matching import dense_flow, points_to_cells, transfer_keypoints
 from .projection_head import GatedProjectionHead
+from .refinements import MatchRefinement, refined_transfer
 from .sd_featurizer import SDFeaturizer
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "extract_features",
     "flow_from_descriptors",
     "match_keypoints",
+    "match_keypoints_refined",
     "project_layer",
     "run_featurizer",
     "SOURCES",
@@ -355,6 +357,29 @@ def match_keypoints(
     return trg_geo.inverse_points(predicted), distance
 
 
+def match_keypoints_refined(
+    descriptors: torch.Tensor,
+    source: ImageFeatures,
+    target: ImageFeatures,
+    src_kps: torch.Tensor,
+    eval_size: EvalSize,
+    refinement: MatchRefinement,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`match_keypoints` with test-time refinements (:mod:`.refinements`).
+
+    Returns:
+        ``(predicted [N, 2] original target pixels, distance [N], extras)``; ``extras`` holds ``confidence``
+        and, with ``refinement.mutual``, ``mutual``.
+    """
+    src_geo, trg_geo = annotation_geometry(source, eval_size), annotation_geometry(target, eval_size)
+    points = src_geo.forward_points(src_kps.to(descriptors.device).float())
+    with torch.autocast(device_type=descriptors.device.type, enabled=False):
+        predicted, distance, extras = refined_transfer(
+            descriptors[0], descriptors[1], points, src_geo.size, trg_geo.size, refinement
+        )
+    return trg_geo.inverse_points(predicted), distance, extras
+
+
 def keypoint_cells(features: ImageFeatures, kps: torch.Tensor, eval_size: EvalSize, grid: int) -> torch.Tensor:
     """Flat feature-grid cell of each keypoint (original pixels) of an image."""
     geometry = annotation_geometry(features, eval_size)
@@ -396,6 +421,8 @@ class FusedCorrespondence(nn.Module):
         head: A learned, gated projection (supervised setting) that replaces co-PCA and the fixed fusion: its
             sources (``"sd"``, ``"dino"``) decide which featurizers run, and ``alpha``, ``pca_dims`` and
             ``fusion`` are then unused.
+        refinement: Test-time refinements of the keypoint transfer (:class:`.refinements.MatchRefinement`:
+            window soft-argmax, mutual-NN check and confidence); None is the paper's plain nearest neighbour.
 
     Attributes:
         extraction_passes: Images run through each featurizer so far (``{"sd": n, "dino": n}``); with a
@@ -412,9 +439,11 @@ class FusedCorrespondence(nn.Module):
         fusion: str = "concat_l2",
         cache: FeatureCache | None = None,
         head: GatedProjectionHead | None = None,
+        refinement: MatchRefinement | None = None,
     ) -> None:
         super().__init__()
         self.cache = cache
+        self.refinement = refinement if refinement is not None and refinement.active else None
         self.spec = DescriptorSpec(
             alpha=float(alpha), pca_dims=None if pca_dims is None else tuple(int(d) for d in pca_dims), fusion=fusion
         )
@@ -515,13 +544,21 @@ class FusedCorrespondence(nn.Module):
                 ``src_image_path``, ``trg_image_path``, ``category`` and ``src_kps`` (``[N, 2]``).
 
         Returns:
-            Per pair: ``pred_kps`` ``[N, 2]`` (original target pixels) and ``distance`` ``[N]``.
+            Per pair: ``pred_kps`` ``[N, 2]`` (original target pixels) and ``distance`` ``[N]``; with a
+            refinement also ``confidence`` ``[N]`` (and ``mutual`` ``[N]`` bool when it checks them).
         """
         features = self.features_by_path(samples)
         outputs = []
         for s in samples:
-            pred, distance = self.match(features[s["src_image_path"]], features[s["trg_image_path"]], s["src_kps"])
-            outputs.append({"pred_kps": pred, "distance": distance})
+            source, target = features[s["src_image_path"]], features[s["trg_image_path"]]
+            if self.refinement is None:
+                pred, distance = self.match(source, target, s["src_kps"])
+                outputs.append({"pred_kps": pred, "distance": distance})
+                continue
+            pred, distance, extras = match_keypoints_refined(
+                self.describe_pair(source, target), source, target, s["src_kps"], self.eval_size, self.refinement
+            )
+            outputs.append({"pred_kps": pred, "distance": distance, **extras})
         return outputs
 
 
