@@ -136,3 +136,19 @@ def test_ibot_checkpoint_file_replaces_the_weights(tmp_path, images) -> None:
     torch.save(_to_timm(other), tmp_path / "wrong.pth")
     with pytest.raises(ValueError, match="wrong.pth does not fit"):
         DinoFeaturizer(model_id=str(tmp_path / "arch"), layer=3, image_size=224, checkpoint=str(tmp_path / "wrong.pth"))
+
+
+def test_dinov2_with_registers_drops_the_register_tokens(tmp_path) -> None:
+    featurizer = DinoFeaturizer(model_id=None, random_init={"seed": 0, "model_type": "dinov2_with_registers",
+                                                            "num_hidden_layers": 4}, layer=3, image_size=224)
+    assert featurizer.num_prefix_tokens == 1 + 4  # CLS and 4 registers
+    images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    features = featurizer(images)
+    pixels = (images - featurizer.mean) / featurizer.std
+    hidden = featurizer.model(pixel_values=pixels, output_hidden_states=True).hidden_states[4]  # block 3's output
+    expected = hidden[:, 5:].transpose(1, 2).reshape(2, -1, 16, 16)
+    torch.testing.assert_close(features, expected)
+    featurizer.save_pretrained(str(tmp_path / "reg"))  # the production loading path: AutoModel.from_pretrained
+    loaded = DinoFeaturizer(model_id=str(tmp_path / "reg"), layer=3, image_size=224)
+    assert type(loaded.model).__name__ == "Dinov2WithRegistersModel"
+    torch.testing.assert_close(loaded(images), features)

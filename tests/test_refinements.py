@@ -106,8 +106,10 @@ def test_refinement_knobs_run_through_evaluate_and_keep_their_extras(tmp_path, m
 def test_refinement_ablation_rows_keep_their_own_extras(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     root = write_synthetic_spair(tmp_path / "spair", categories=("cat",), pairs_per_category=2, image_size=(96, 72))
-    evaluate.main(["test", "--config", str(CONFIGS / "ablations" / "beyond_refinements.yaml"), "--config",
-                   str(CONFIGS / "ablations" / "tiny.yaml"), "--data.root", str(root), "--data.num_workers", "0",
+    ablations = CONFIGS / "ablations"
+    evaluate.main(["test", "--config", str(ablations / "beyond_refinements.yaml"), "--config", str(ablations / "tiny.yaml"),
+                   "--config", str(ablations / "tiny_beyond_refinements.yaml"), "--data.root", str(root),
+                   "--data.num_workers", "0",
                    "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "run")])
     records = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     by_row: dict[str, list[dict]] = {}

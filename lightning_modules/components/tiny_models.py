@@ -235,9 +235,17 @@ def build_dinov2(random_init: dict[str, Any]) -> torch.nn.Module:
     """Build a random ViT from the tiny defaults updated by ``random_init`` (and its ``seed``).
 
     ``model_type: vit`` builds a ``transformers.ViTModel`` (the DINOv1 / iBOT architecture, patch 16)
-    instead of a ``Dinov2Model``.
+    instead of a ``Dinov2Model``; ``model_type: dinov2_with_registers`` a ``Dinov2WithRegistersModel``
+    (4 register tokens unless ``num_register_tokens`` says otherwise).
     """
-    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+    from transformers import (
+        Dinov2Config,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+        ViTConfig,
+        ViTModel,
+    )
 
     overrides = {k: v for k, v in random_init.items() if k not in ("seed", "model_type")}
     with torch.random.fork_rng(devices=[]):
@@ -245,4 +253,7 @@ def build_dinov2(random_init: dict[str, Any]) -> torch.nn.Module:
         if random_init.get("model_type", "dinov2") == "vit":
             cfg = _merged(TINY_VIT, overrides)
             return ViTModel(ViTConfig(**cfg), add_pooling_layer=False)
+        if random_init.get("model_type") == "dinov2_with_registers":
+            cfg = _merged({**TINY_DINOV2, "num_register_tokens": 4}, overrides)
+            return Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**cfg))
         return Dinov2Model(Dinov2Config(**_merged(TINY_DINOV2, overrides)))
