@@ -384,6 +384,15 @@ class TypedListStates(Metric):
                 setattr(self, attr, [torch.zeros(0, dtype=dtype, device=self.device)])
         super()._sync_dist(*args, **kwargs)
 
+    def _add_list_states(self) -> None:
+        """Register every state of ``_state_dtypes`` as an empty ``"cat"`` list (call from ``__init__``)."""
+        for name in self._state_dtypes:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def _cat_states(self) -> dict[str, Tensor]:
+        """Every state concatenated (see :meth:`_cat_state`), by name."""
+        return {attr: self._cat_state(attr) for attr in self._state_dtypes}
+
     def _cat_state(self, attr: str) -> Tensor:
         """The state ``attr`` concatenated into one flat tensor of its dtype (empty when nothing was added)."""
         value, dtype = getattr(self, attr), self._state_dtypes[attr]
@@ -566,7 +575,7 @@ class PCK(TypedListStates):
         The canonical order (by key, not by arrival) makes the float sums of :meth:`compute` independent of
         how the pairs were split over processes and batches, so N processes give bit-identical numbers.
         """
-        states = {attr: self._cat_state(attr) for attr in self._state_dtypes}
+        states = self._cat_states()
         states["correct"] = states["correct"].reshape(-1, len(self.alphas))
         pair_key = states["pair_key"]
         if pair_key.numel():

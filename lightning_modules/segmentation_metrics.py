@@ -436,8 +436,7 @@ class JAndF(TypedListStates):
         self._sequence_lookup = {name: i for i, name in enumerate(self.sequences)}
         self.void_label = void_label
         self.bound_th = float(bound_th)
-        for name in self._state_dtypes:
-            self.add_state(name, default=[], dist_reduce_fx="cat")
+        self._add_list_states()
 
     def update(
         self,
@@ -485,7 +484,7 @@ class JAndF(TypedListStates):
 
     def _deduplicated(self) -> dict[str, Tensor]:
         """Every state, concatenated, the first occurrence of each (pair key, object id) only, in key order."""
-        states = {name: self._cat_state(name) for name in self._state_dtypes}
+        states = self._cat_states()
         keep = first_occurrence(torch.stack([states["pair_key"], states["object_id"]], dim=1))
         return {name: value[keep] for name, value in states.items()}
 

@@ -125,8 +125,7 @@ class SwapScores(TypedListStates):
     def __init__(self, embedder: CLIPImageEmbedder, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.embedder = embedder
-        for name in self._state_dtypes:
-            self.add_state(name, default=[], dist_reduce_fx="cat")
+        self._add_list_states()
 
     def update(
         self,
@@ -160,7 +159,7 @@ class SwapScores(TypedListStates):
 
     def compute(self) -> dict[str, Any]:
         """``{"clip_score", "fid_clip", "num_pairs"}`` over the de-duplicated pairs (see the class doc)."""
-        states = {name: self._cat_state(name) for name in self._state_dtypes}
+        states = self._cat_states()
         dim = self.embedder.embed_dim
         for name in ("edited_embedding", "reference_embedding"):
             states[name] = states[name].reshape(-1, dim)
