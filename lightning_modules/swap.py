@@ -146,19 +146,30 @@ class InstanceSwap(DenseCorrespondence):
         if stage != "predict":
             raise ValueError(f"InstanceSwap runs with `predict` (evaluate.py predict ...), not {stage!r}")
 
-    @torch.no_grad()
-    def swap(self, sample: dict[str, Any], match: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(preliminary, refined or None)`` uint8 ``[3, Ht, Wt]`` images of one pair at the working size."""
+    @staticmethod
+    def working_inputs(sample: dict[str, Any], match: Any) -> dict[str, torch.Tensor]:
+        """The pair at the correspondence's working sizes: ``source`` / ``target`` uint8 images and
+        ``source_mask`` / ``target_mask`` (bool), resized once for the swap and its metrics."""
         for key in ("src_mask", "trg_mask"):
             if sample.get(key) is None:
                 raise ValueError(f"pair {sample.get('pair_id')!r} has no {key!r}: instance swapping needs both masks")
-        source = _resized(sample["src_image"], match.source_size)
-        target = _resized(sample["trg_image"], match.target_size)
-        mask = resize_nearest(sample["trg_mask"].to(torch.uint8), match.target_size).bool()
-        preliminary = swap_instance(source, target, mask, match.source_xy.cpu(), match.valid.cpu(), self.blend_edges)
+        return {
+            "source": _resized(sample["src_image"], match.source_size),
+            "target": _resized(sample["trg_image"], match.target_size),
+            "source_mask": resize_nearest(sample["src_mask"].to(torch.uint8), match.source_size).bool(),
+            "target_mask": resize_nearest(sample["trg_mask"].to(torch.uint8), match.target_size).bool(),
+        }
+
+    @torch.no_grad()
+    def swap(
+        self, inputs: dict[str, torch.Tensor], match: Any, category: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(preliminary, refined or None)`` uint8 ``[3, Ht, Wt]`` images of one pair at the working size."""
+        preliminary = swap_instance(inputs["source"], inputs["target"], inputs["target_mask"], match.source_xy.cpu(),
+                                    match.valid.cpu(), self.blend_edges)
         if self.refiner is None:
             return preliminary, None
-        refined = self.refiner.refine(preliminary[None].to(self.device), [sample["category"]])[0].cpu()
+        refined = self.refiner.refine(preliminary[None].to(self.device), [category])[0].cpu()
         return preliminary, refined
 
     @torch.no_grad()
@@ -166,7 +177,8 @@ class InstanceSwap(DenseCorrespondence):
         """One record per pair: ``pair_id``, ``category``, ``preliminary``, ``refined`` and ``picture``."""
         outputs = []
         for sample, match in zip(batch, self._correspondences(batch)):
-            preliminary, refined = self.swap(sample, match)
+            inputs = self.working_inputs(sample, match)
+            preliminary, refined = self.swap(inputs, match, sample["category"])
             panels = [sample["src_image"], sample["trg_image"], preliminary] + ([refined] if refined is not None else [])
             outputs.append({
                 "pair_id": sample["pair_id"], "category": sample["category"], "preliminary": preliminary,
@@ -174,26 +186,25 @@ class InstanceSwap(DenseCorrespondence):
                 "caption": f"{sample['pair_id']}: source | target | swapped" + (" | refined" if refined is not None else ""),
             })
             if self.swap_metrics is not None:
-                self._update_swap_metrics(sample, match, preliminary, refined)
+                self._update_swap_metrics(sample["pair_id"], inputs, preliminary, refined)
         return outputs
 
     # --- metrics (supplementary Table 9) ---------------------------------------------------------------------
 
     def _update_swap_metrics(
-        self, sample: dict[str, Any], match: Any, preliminary: torch.Tensor, refined: torch.Tensor | None
+        self, pair_id: str, inputs: dict[str, torch.Tensor], preliminary: torch.Tensor, refined: torch.Tensor | None
     ) -> None:
         """Score one pair: edited region (target box of each swap) against the reference (source box)."""
         assert self.swap_metrics is not None
-        target_mask = resize_nearest(sample["trg_mask"].to(torch.uint8), match.target_size).bool()
-        source_mask = resize_nearest(sample["src_mask"].to(torch.uint8), match.source_size).bool()
+        target_mask, source_mask = inputs["target_mask"], inputs["source_mask"]
         if not target_mask.any() or not source_mask.any():
-            warnings.warn(f"swap metrics: pair {sample['pair_id']!r} has an empty mask at the working size; "
+            warnings.warn(f"swap metrics: pair {pair_id!r} has an empty mask at the working size; "
                           "not scored", stacklevel=2)
             return
-        reference = region_crop(_resized(sample["src_image"], match.source_size), source_mask)
+        reference = region_crop(inputs["source"], source_mask)
         for stage, image in (("preliminary", preliminary), ("refined", refined)):
             if image is not None and stage in self.swap_metrics:
-                self.swap_metrics[stage].update([region_crop(image, target_mask)], [reference], [sample["pair_id"]])
+                self.swap_metrics[stage].update([region_crop(image, target_mask)], [reference], [pair_id])
 
     def on_predict_epoch_end(self) -> None:
         """Compute the swap metrics (synchronised across processes); rank zero writes, prints and logs them."""
