@@ -47,6 +47,7 @@ class ZeroShotAblation(L.LightningModule):
         analysis_alpha: PCK alpha that decides "correct" in the analysis (0.10 in the paper).
         feature_cache_gb: Memory for raw per-image features (per variant) shared by all pairs of the run.
         feature_cache_dir: Folder of an on-disk feature cache that later runs reuse; None disables it.
+        flip_pairs: Left/right keypoint id pairs per category for rows with ``pose_alignment`` (None: SPair-71k's).
     """
 
     def __init__(
@@ -64,12 +65,14 @@ class ZeroShotAblation(L.LightningModule):
         dino_models: dict[str, DinoFeaturizer] | None = None,
         feature_cache_gb: float = 4.0,
         feature_cache_dir: str | None = None,
+        flip_pairs: dict[str, list[list[int]]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["sd", "dino", "sd_models", "dino_models"])
         self.ablation = AblationCorrespondence(
             rows, sd=sd, dino=dino, sd_variants=sd_variants, dino_variants=dino_variants, eval_size=eval_size,
             sd_models=sd_models, dino_models=dino_models, cache=feature_cache(feature_cache_gb, feature_cache_dir),
+            flip_pairs=flip_pairs,
         )
         self.title = title
         names = {row.name for row in rows}

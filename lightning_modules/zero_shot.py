@@ -17,6 +17,7 @@ import torch
 from .components.dino_featurizer import DinoFeaturizer
 from .components.feature_cache import FeatureCache
 from .components.pipeline import EvalSize, FusedCorrespondence
+from .components.pose_alignment import PoseAlignment
 from .components.projection_head import GatedProjectionHead
 from .components.refinements import MatchRefinement
 from .components.sd_featurizer import SDFeaturizer
@@ -27,6 +28,8 @@ __all__ = ["ZeroShotCorrespondence", "feature_cache", "keypoint_record", "restor
 
 #: Per-keypoint extras of the test-time refinements that ``predictions.jsonl`` keeps when they are computed.
 KEYPOINT_EXTRAS = ("confidence", "mutual")
+#: Per-pair extras of pose alignment: whether the mirrored source won, and both orientations' instance distances.
+PAIR_EXTRAS = ("flipped", "pose_distances")
 
 
 def keypoint_record(
@@ -52,6 +55,9 @@ def keypoint_record(
     for key in KEYPOINT_EXTRAS:
         if output is not None and key in output:
             record[key] = output[key].cpu()[keep].tolist()
+    for key in PAIR_EXTRAS:
+        if output is not None and key in output:
+            record[key] = output[key].cpu().tolist()
     return record
 
 
@@ -120,6 +126,11 @@ class ZeroShotCorrespondence(L.LightningModule):
         soft_argmax_temperature: Softmax temperature over cosine similarities (window and confidence).
         mutual_check: Beyond the paper: record per keypoint whether its match is a mutual nearest neighbour.
             With either knob on, ``predictions.jsonl`` also holds a ``confidence`` per keypoint.
+        pose_alignment: Beyond the paper (GeoAware-SC): also match from each source image's horizontal mirror
+            (one more extraction per source image), with left/right keypoint ids swapped, and keep the
+            orientation whose instance (bounding box) features agree better; ``predictions.jsonl`` then holds
+            ``flipped`` and ``pose_distances`` per pair. Keypoint benchmarks with keypoint ids (SPair-71k).
+        flip_pairs: Category -> left/right keypoint id pairs for pose alignment; None is SPair-71k's table.
     """
 
     def __init__(
@@ -137,6 +148,8 @@ class ZeroShotCorrespondence(L.LightningModule):
         soft_argmax_window: int | None = None,
         soft_argmax_temperature: float = 0.04,
         mutual_check: bool = False,
+        pose_alignment: bool = False,
+        flip_pairs: dict[str, list[list[int]]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["sd", "dino"])
@@ -145,6 +158,7 @@ class ZeroShotCorrespondence(L.LightningModule):
         self.pipeline = FusedCorrespondence(
             sd, dino, alpha=alpha, pca_dims=pca_dims, eval_size=eval_size, fusion=fusion,
             cache=feature_cache(feature_cache_gb, feature_cache_dir), head=head, refinement=refinement,
+            pose_alignment=PoseAlignment(flip_pairs) if pose_alignment else None,
         )
         self.alphas = None if alphas is None else [float(a) for a in alphas]
         self.metric: PCK | None = None
@@ -161,6 +175,8 @@ class ZeroShotCorrespondence(L.LightningModule):
         categories = list(getattr(datamodule, "categories", None) or [])
         if not categories:
             raise ValueError("the datamodule must expose its category names as `categories` after setup()")
+        if self.protocol.dense and self.pipeline.pose_alignment is not None:
+            raise ValueError("pose_alignment applies to keypoint benchmarks; this datamodule's protocol is dense flow")
         if self.protocol.dense:
             self.metric = DenseFlowPCK(alphas, categories, inclusive=self.protocol.inclusive)
         else:

@@ -398,6 +398,13 @@ def test_every_ablation_config_runs_end_to_end(table, spair_root, tmp_path, monk
     used_sd = {row.get("sd", "default") for row in rows} - {None}
     used_dino = {row.get("dino", "default") for row in rows} - {None, False}
     expected_passes = {**{f"sd:{v}": per_variant for v in used_sd}, **{f"dino:{v}": per_variant for v in used_dino}}
+    # pose-aligned rows also extract each distinct source image's mirror with their variants
+    sources = len({r.src_image_path for r in dataset.records})
+    for row in rows:
+        if row.get("pose_alignment"):
+            for key in (f"sd:{row.get('sd', 'default')}", f"dino:{row.get('dino', 'default')}"):
+                if key in expected_passes:
+                    expected_passes[key] = per_variant + sources
     assert results["extraction_passes"] == expected_passes
 
     # ablation.csv: one line per row, in the config's order, 3 PCK columns

@@ -122,3 +122,11 @@ def test_refinement_ablation_rows_keep_their_own_extras(tmp_path, monkeypatch) -
     assert all(len(r["mutual"]) == len(r["pred_kps"]) for r in mutual)
     # recording mutual matches changes no prediction
     assert [r["pred_kps"] for r in mutual] == [r["pred_kps"] for r in by_row["Fused (paper)"]]
+    # pose alignment: a pair keeps the paper row's predictions exactly when the original orientation wins
+    posed = by_row["+ pose alignment"]
+    assert all(isinstance(r["flipped"], bool) and len(r["pose_distances"]) == 2 for r in posed)
+    assert all("flipped" not in r for r in by_row["Fused (paper)"])
+    for r, paper in zip(posed, by_row["Fused (paper)"]):
+        assert r["pair_id"] == paper["pair_id"]
+        if not r["flipped"]:
+            assert r["pred_kps"] == paper["pred_kps"]

@@ -26,10 +26,12 @@ from .pipeline import (
     describe_pair,
     extract_features,
     keypoint_cells,
-    match_keypoints,
-    match_keypoints_refined,
+    mirrored_key,
+    pose_aligned_match,
+    transfer,
     unique_images,
 )
+from .pose_alignment import PoseAlignment
 from .refinements import MatchRefinement
 from .sd_featurizer import SDFeaturizer
 
@@ -71,6 +73,8 @@ class AblationRow:
         soft_argmax_window: Beyond the paper: window soft-argmax half-width in cells (None: off).
         soft_argmax_temperature: Its softmax temperature (also of the recorded confidence).
         mutual: Beyond the paper: record whether each match is a mutual nearest neighbour.
+        pose_alignment: Beyond the paper: also match from the mirrored source and keep the orientation whose
+            instance features agree better (:mod:`.pose_alignment`).
     """
 
     name: str
@@ -85,6 +89,7 @@ class AblationRow:
     soft_argmax_window: int | None = None
     soft_argmax_temperature: float = 0.04
     mutual: bool = False
+    pose_alignment: bool = False
 
     def refinement(self) -> MatchRefinement:
         """The row's test-time refinements of the keypoint transfer (all off by default)."""
@@ -119,6 +124,8 @@ class AblationCorrespondence(nn.Module):
         eval_size: Keypoint-to-cell square (default: the DINO input size, else the SD one).
         cache: Per-image feature cache (keyed by each variant's settings, so variants never mix); None
             extracts the images of every batch anew.
+        flip_pairs: Left/right keypoint id pairs per category for the rows with ``pose_alignment`` (None:
+            SPair-71k's table).
 
     Attributes:
         extraction_passes: Images run through each featurizer variant so far (cache misses only).
@@ -135,9 +142,11 @@ class AblationCorrespondence(nn.Module):
         sd_models: Mapping[str, SDFeaturizer] | None = None,
         dino_models: Mapping[str, DinoFeaturizer] | None = None,
         cache: FeatureCache | None = None,
+        flip_pairs: Mapping[str, Sequence[Sequence[int]]] | None = None,
     ) -> None:
         super().__init__()
         self.cache = cache
+        self.pose_alignment = PoseAlignment(flip_pairs)
         if not rows:
             raise ValueError("an ablation needs at least one row")
         names = [row.name for row in rows]
@@ -163,6 +172,11 @@ class AblationCorrespondence(nn.Module):
         # a featurizer runs only for rows that give it a weight (an alpha-1 row with DINO set skips DINO)
         self.used_variants = sorted({r.sd for r, sp in zip(self.rows, self.specs) if sp.uses_sd})
         self.used_dino_variants = sorted({r.dino for r, sp in zip(self.rows, self.specs) if sp.uses_dino})
+        # the variants whose features of mirrored sources some row needs (only those extract them)
+        posed = [(r, sp) for r, sp in zip(self.rows, self.specs) if r.pose_alignment]
+        self.mirrored_variants = {f"sd:{r.sd}" for r, sp in posed if sp.uses_sd} | {
+            f"dino:{r.dino}" for r, sp in posed if sp.uses_dino
+        }
         self.extraction_passes = {
             **{f"sd:{v}": 0 for v in self.used_variants}, **{f"dino:{v}": 0 for v in self.used_dino_variants}
         }
@@ -188,24 +202,17 @@ class AblationCorrespondence(nn.Module):
         Returns:
             Row name -> per pair ``{"pred_kps": [N, 2] original target pixels, "distance": [N], ...}``.
         """
-        unique = unique_images(samples)
-        paths, images = list(unique), [v[0] for v in unique.values()]
-        categories = [v[1] for v in unique.values()]
-        keys = None if self.cache is None else [image_digest(img) for img in images]
+        unique = unique_images(samples, mirrored_sources=bool(self.mirrored_variants))
+        keys = None if self.cache is None else {path: image_digest(img) for path, (img, _) in unique.items()}
+        plain = list(unique_images(samples))  # without the mirrors
         sd_feats = {}
         for variant in self.used_variants:
-            feats, passes = extract_features(
-                self.variants[variant], None, images, categories, self.device, self.cache, keys
-            )
-            sd_feats[variant] = dict(zip(paths, feats))
-            self.extraction_passes[f"sd:{variant}"] += passes["sd"]
+            paths = list(unique) if f"sd:{variant}" in self.mirrored_variants else plain
+            sd_feats[variant] = self._extract("sd", variant, paths, unique, keys)
         dino_feats = {}
         for variant in self.used_dino_variants:
-            feats, passes = extract_features(
-                None, self.dino_variants[variant], images, categories, self.device, self.cache, keys
-            )
-            dino_feats[variant] = dict(zip(paths, feats))
-            self.extraction_passes[f"dino:{variant}"] += passes["dino"]
+            paths = list(unique) if f"dino:{variant}" in self.mirrored_variants else plain
+            dino_feats[variant] = self._extract("dino", variant, paths, unique, keys)
         outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
         for row, spec in zip(self.rows, self.specs):
             layers = self.variants[row.sd].layers if spec.uses_sd else []
@@ -216,22 +223,44 @@ class AblationCorrespondence(nn.Module):
                 src, trg = (
                     self._combine(row, spec, sd_feats, dino_feats, s[k]) for k in ("src_image_path", "trg_image_path")
                 )
-                descriptors = describe_pair(src, trg, spec, layers, grid)
-                refinement = row.refinement()
-                if refinement.active:
-                    pred, distance, extras = match_keypoints_refined(
-                        descriptors, src, trg, s["src_kps"], eval_size, refinement
+                refinement, descriptors = row.refinement(), None
+                if row.pose_alignment:
+                    mirrored = self._combine(row, spec, sd_feats, dino_feats, mirrored_key(s["src_image_path"]))
+                    out = pose_aligned_match(
+                        lambda a, b: describe_pair(a, b, spec, layers, grid),  # noqa: B023
+                        src, mirrored, trg, s, eval_size, self.pose_alignment, refinement,
                     )
                 else:
-                    (pred, distance), extras = match_keypoints(descriptors, src, trg, s["src_kps"], eval_size), {}
-                out = {"pred_kps": pred, "distance": distance, **extras}
+                    descriptors = describe_pair(src, trg, spec, layers, grid)
+                    pred, distance, extras = transfer(descriptors, src, trg, s["src_kps"], eval_size, refinement)
+                    out = {"pred_kps": pred, "distance": distance, **extras}
                 if row.name in detail_rows:
+                    if descriptors is None:
+                        descriptors = describe_pair(src, trg, spec, layers, grid)
                     side = descriptors.shape[-1]
                     src_cells = keypoint_cells(src, s["src_kps"].to(descriptors.device), eval_size, side)
                     out["cell_distances"] = cell_distances(descriptors, src_cells)
                     out["gt_cells"] = keypoint_cells(trg, s["trg_kps"].to(descriptors.device), eval_size, side)
                 outputs[row.name].append(out)
         return outputs
+
+    def _extract(
+        self,
+        kind: str,
+        variant: str,
+        paths: Sequence[str],
+        unique: Mapping[str, tuple[torch.Tensor, str]],
+        keys: Mapping[str, str] | None,
+    ) -> dict[str, ImageFeatures]:
+        """Features of the images at ``paths`` from one SD or DINO variant (cache misses counted)."""
+        sd = self.variants[variant] if kind == "sd" else None
+        dino = self.dino_variants[variant] if kind == "dino" else None
+        feats, passes = extract_features(
+            sd, dino, [unique[p][0] for p in paths], [unique[p][1] for p in paths], self.device, self.cache,
+            None if keys is None else [keys[p] for p in paths],
+        )
+        self.extraction_passes[f"{kind}:{variant}"] += passes[kind]
+        return dict(zip(paths, feats))
 
     def row_eval_size(self, row: AblationRow) -> EvalSize:
         """The row's keypoint-to-cell square: its own ``eval_size``, else the module's, else the input size

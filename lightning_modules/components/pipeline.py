@@ -9,7 +9,7 @@ Usable without Lightning::
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
@@ -21,6 +21,7 @@ from .feature_cache import FeatureCache, image_digest
 from .fusion import FUSIONS, co_pca, fuse, merge_layers
 from .image_prep import PadResize, pad_resize_image
 from .matching import dense_flow, points_to_cells, transfer_keypoints
+from .pose_alignment import PoseAlignment, box_cells, instance_nn_distance, mirror_box, mirror_points, partner_positions
 from .projection_head import GatedProjectionHead
 from .refinements import MatchRefinement, refined_transfer
 from .sd_featurizer import SDFeaturizer
@@ -39,10 +40,13 @@ __all__ = [
     "flow_from_descriptors",
     "match_keypoints",
     "match_keypoints_refined",
+    "mirrored_key",
+    "pose_aligned_match",
     "project_layer",
     "run_featurizer",
     "SOURCES",
     "source_maps",
+    "transfer",
     "unique_images",
 ]
 
@@ -144,12 +148,28 @@ def project_layer(pair: torch.Tensor, path: str, layer: int) -> torch.Tensor:
     return out if bias is None else out + bias.to(pair).view(1, -1, 1, 1)
 
 
-def unique_images(samples: Sequence[Mapping[str, Any]]) -> dict[str, tuple[torch.Tensor, str]]:
-    """Every distinct image of a batch of pairs, by path: ``{path: (uint8 image, category)}``."""
+def mirrored_key(path: str) -> str:
+    """The key of an image's horizontal mirror among a batch's features (:func:`unique_images`)."""
+    return f"{path}#mirrored"
+
+
+def unique_images(
+    samples: Sequence[Mapping[str, Any]], mirrored_sources: bool = False
+) -> dict[str, tuple[torch.Tensor, str]]:
+    """Every distinct image of a batch of pairs, by path: ``{path: (uint8 image, category)}``.
+
+    Args:
+        samples: Pair dicts.
+        mirrored_sources: Also each source image's horizontal mirror, under :func:`mirrored_key` (pose
+            alignment).
+    """
     unique: dict[str, tuple[torch.Tensor, str]] = {}
     for s in samples:
         unique.setdefault(s["src_image_path"], (s["src_image"], s["category"]))
         unique.setdefault(s["trg_image_path"], (s["trg_image"], s["category"]))
+    if mirrored_sources:
+        for s in samples:
+            unique.setdefault(mirrored_key(s["src_image_path"]), (s["src_image"].flip(-1), s["category"]))
     return unique
 
 
@@ -380,6 +400,105 @@ def match_keypoints_refined(
     return trg_geo.inverse_points(predicted), distance, extras
 
 
+def transfer(
+    descriptors: torch.Tensor,
+    source: ImageFeatures,
+    target: ImageFeatures,
+    src_kps: torch.Tensor,
+    eval_size: EvalSize,
+    refinement: MatchRefinement | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`match_keypoints`, or :func:`match_keypoints_refined` when ``refinement`` is active.
+
+    Returns:
+        ``(predicted [N, 2] original target pixels, distance [N], extras)``; ``extras`` is empty without a
+        refinement.
+    """
+    if refinement is None or not refinement.active:
+        pred, distance = match_keypoints(descriptors, source, target, src_kps, eval_size)
+        return pred, distance, {}
+    return match_keypoints_refined(descriptors, source, target, src_kps, eval_size, refinement)
+
+
+def _instance_distance(
+    descriptors: torch.Tensor,
+    source: ImageFeatures,
+    target: ImageFeatures,
+    src_box: torch.Tensor | None,
+    trg_box: torch.Tensor | None,
+    eval_size: EvalSize,
+) -> torch.Tensor:
+    """:func:`.pose_alignment.instance_nn_distance` over the cells of the two boxes (None: whole image)."""
+    grid = descriptors.shape[-1]
+    src_cells = box_cells(annotation_geometry(source, eval_size), src_box, grid)
+    trg_cells = box_cells(annotation_geometry(target, eval_size), trg_box, grid)
+    return instance_nn_distance(descriptors, src_cells, trg_cells)
+
+
+def pose_aligned_match(
+    describe: Callable[[ImageFeatures, ImageFeatures], torch.Tensor],
+    source: ImageFeatures,
+    mirrored_source: ImageFeatures,
+    target: ImageFeatures,
+    sample: Mapping[str, Any],
+    eval_size: EvalSize,
+    alignment: PoseAlignment,
+    refinement: MatchRefinement | None = None,
+) -> dict[str, torch.Tensor]:
+    """Match a pair from the source and from its mirror; keep the orientation whose instances agree better.
+
+    See :mod:`.pose_alignment`. The instances are the pair's ``src_bbox`` / ``trg_bbox`` when the sample
+    has them, else the whole images.
+
+    Args:
+        describe: Pair descriptors ``[2, D, G, G]`` of (source features, target features).
+        source: Features of the source image.
+        mirrored_source: Features of its horizontal mirror.
+        target: Features of the target image.
+        sample: The pair: ``src_kps``, ``kps_ids`` and ``category`` (the flip pairs), boxes if any.
+        eval_size: Keypoint-to-cell square.
+        alignment: The flip pairs per category.
+        refinement: Refinements of both transfers.
+
+    Returns:
+        ``pred_kps`` ``[N, 2]``, ``distance`` ``[N]``, the refinement's extras, ``flipped`` (scalar bool: the
+        mirror won) and ``pose_distances`` ``[2]`` (instance distance of the original and the mirror).
+
+    Raises:
+        ValueError: The sample has no ``kps_ids`` (only SPair-71k names its keypoints) or its category no
+            flip pairs.
+    """
+    if sample.get("kps_ids") is None:
+        raise ValueError(
+            f"pose alignment needs keypoint ids ('kps_ids') to swap left and right; pair {sample.get('pair_id')!r} "
+            "has none (SPair-71k provides them)"
+        )
+    partner = partner_positions(sample["kps_ids"], alignment.partners(sample["category"]))
+    src_kps = sample["src_kps"].float()
+    src_box, trg_box = sample.get("src_bbox"), sample.get("trg_bbox")
+    descriptors = describe(source, target)
+    pred, distance, extras = transfer(descriptors, source, target, src_kps, eval_size, refinement)
+    mirrored = describe(mirrored_source, target)
+    # mirrored keypoint k sits where the original's partner of k is, mirrored
+    mirrored_kps = mirror_points(src_kps[partner.clamp(min=0)], source.width)
+    m_pred, m_distance, m_extras = transfer(mirrored, mirrored_source, target, mirrored_kps, eval_size, refinement)
+    mirrored_box = None if src_box is None else mirror_box(src_box, source.width)
+    distances = torch.stack([
+        _instance_distance(descriptors, source, target, src_box, trg_box, eval_size),
+        _instance_distance(mirrored, mirrored_source, target, mirrored_box, trg_box, eval_size),
+    ])
+    flipped = bool(distances[1] < distances[0])
+    if flipped:
+        use = (partner >= 0).to(pred.device)
+        pred = torch.where(use[:, None], m_pred, pred)
+        distance = torch.where(use, m_distance, distance)
+        extras = {key: torch.where(use, m_extras[key], value) for key, value in extras.items()}
+    return {
+        "pred_kps": pred, "distance": distance, **extras,
+        "flipped": torch.tensor(flipped), "pose_distances": distances.cpu(),
+    }
+
+
 def keypoint_cells(features: ImageFeatures, kps: torch.Tensor, eval_size: EvalSize, grid: int) -> torch.Tensor:
     """Flat feature-grid cell of each keypoint (original pixels) of an image."""
     geometry = annotation_geometry(features, eval_size)
@@ -423,6 +542,8 @@ class FusedCorrespondence(nn.Module):
             ``fusion`` are then unused.
         refinement: Test-time refinements of the keypoint transfer (:class:`.refinements.MatchRefinement`:
             window soft-argmax, mutual-NN check and confidence); None is the paper's plain nearest neighbour.
+        pose_alignment: Test-time pose alignment (:mod:`.pose_alignment`): also match from each source's
+            mirror and keep the orientation whose instance features agree better; None (the paper) does not.
 
     Attributes:
         extraction_passes: Images run through each featurizer so far (``{"sd": n, "dino": n}``); with a
@@ -440,10 +561,12 @@ class FusedCorrespondence(nn.Module):
         cache: FeatureCache | None = None,
         head: GatedProjectionHead | None = None,
         refinement: MatchRefinement | None = None,
+        pose_alignment: PoseAlignment | None = None,
     ) -> None:
         super().__init__()
         self.cache = cache
         self.refinement = refinement if refinement is not None and refinement.active else None
+        self.pose_alignment = pose_alignment
         self.spec = DescriptorSpec(
             alpha=float(alpha), pca_dims=None if pca_dims is None else tuple(int(d) for d in pca_dims), fusion=fusion
         )
@@ -522,9 +645,12 @@ class FusedCorrespondence(nn.Module):
         """Dense flow ``[2, H, W]`` from every target pixel to the source (both images share ``H x W``)."""
         return flow_from_descriptors(self.describe_pair(source, target), source, target)
 
-    def features_by_path(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, ImageFeatures]:
-        """Raw features of every distinct image of a batch of pairs, by path (each extracted once, via the cache)."""
-        unique = unique_images(samples)
+    def features_by_path(
+        self, samples: Sequence[Mapping[str, Any]], mirrored_sources: bool = False
+    ) -> dict[str, ImageFeatures]:
+        """Raw features of every distinct image of a batch of pairs, by path (each extracted once, via the cache);
+        with ``mirrored_sources`` also the sources' mirrors, under :func:`mirrored_key`."""
+        unique = unique_images(samples, mirrored_sources)
         return dict(zip(unique, self.extract([v[0] for v in unique.values()], [v[1] for v in unique.values()])))
 
     @torch.no_grad()
@@ -545,17 +671,21 @@ class FusedCorrespondence(nn.Module):
 
         Returns:
             Per pair: ``pred_kps`` ``[N, 2]`` (original target pixels) and ``distance`` ``[N]``; with a
-            refinement also ``confidence`` ``[N]`` (and ``mutual`` ``[N]`` bool when it checks them).
+            refinement also ``confidence`` ``[N]`` (and ``mutual`` ``[N]`` bool when it checks them); with pose
+            alignment also ``flipped`` and ``pose_distances`` (:func:`pose_aligned_match`).
         """
-        features = self.features_by_path(samples)
+        features = self.features_by_path(samples, mirrored_sources=self.pose_alignment is not None)
         outputs = []
         for s in samples:
             source, target = features[s["src_image_path"]], features[s["trg_image_path"]]
-            if self.refinement is None:
-                pred, distance = self.match(source, target, s["src_kps"])
-                outputs.append({"pred_kps": pred, "distance": distance})
+            if self.pose_alignment is not None:
+                mirrored = features[mirrored_key(s["src_image_path"])]
+                outputs.append(pose_aligned_match(
+                    self.describe_pair, source, mirrored, target, s, self.eval_size, self.pose_alignment,
+                    self.refinement,
+                ))
                 continue
-            pred, distance, extras = match_keypoints_refined(
+            pred, distance, extras = transfer(
                 self.describe_pair(source, target), source, target, s["src_kps"], self.eval_size, self.refinement
             )
             outputs.append({"pred_kps": pred, "distance": distance, **extras})

@@ -1,0 +1,175 @@
+"""Test-time pose alignment (GeoAware-SC, "Telling Left from Right"): also match from the mirrored source.
+
+Semantic features confuse an object's left and right parts (a cat's left eye with its right eye). The
+alignment matches a pair twice, from the source image and from its horizontal mirror, and keeps the
+orientation whose instance features agree better with the target's: the lower mean nearest-neighbour
+distance from the source instance's cells to the target instance's cells (:func:`instance_nn_distance`).
+
+Mirroring swaps the semantics of symmetric parts: the mirrored cat's left eye is where the original's RIGHT
+eye was. So the keypoint with id ``k`` of the mirrored source sits at the mirror image of the original's
+keypoint ``partner(k)``, where the per-category flip permutation pairs left and right parts
+(:data:`SPAIR_FLIP_PAIRS`); its match in the target is the prediction for target keypoint ``k``. A keypoint
+whose partner is not annotated in the pair keeps its original-orientation prediction (as in GeoAware-SC,
+which only replaces keypoints whose flipped counterpart is visible).
+
+Choices where GeoAware-SC differs, written down in the README: the instance is the annotated bounding box
+(GeoAware-SC uses SAM masks, which we cannot ship), the distance is taken on the descriptor grid (it
+upsamples to 64 x 64 first), and mirrored x is ``W - 1 - x`` in pixel-centre coordinates (it uses
+``W - x``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .image_prep import PadResize
+
+__all__ = [
+    "SPAIR_FLIP_PAIRS",
+    "PoseAlignment",
+    "box_cells",
+    "instance_nn_distance",
+    "mirror_box",
+    "mirror_points",
+    "partner_positions",
+]
+
+#: SPair-71k's left/right keypoint pairs per category, in the dataset's own keypoint ids (those of its
+#: ``kps_ids``); ids not listed are their own mirror image (nose, tail, ...). The facts of GeoAware-SC's
+#: ``SPAIR_FLIP_TRN`` (the table in SPair ids; its test table renumbers bicycle and bus, whose ids 11, 12
+#: and 8, 9 are unused).
+SPAIR_FLIP_PAIRS: dict[str, tuple[tuple[int, int], ...]] = {
+    "aeroplane": ((4, 5), (6, 7), (8, 9), (10, 11), (12, 13), (14, 15), (16, 17), (18, 19), (20, 21)),
+    "bicycle": ((2, 3), (6, 7), (9, 10)),
+    "bird": ((1, 2), (4, 5), (7, 8), (10, 11), (12, 13), (14, 15)),
+    "boat": ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12)),
+    "bottle": ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9)),
+    "bus": ((0, 1), (2, 3), (5, 6), (10, 20), (13, 23), (11, 21), (14, 24), (12, 22), (15, 25), (16, 17),
+            (26, 27), (18, 19), (28, 29)),
+    "car": ((0, 1), (2, 3), (6, 7), (10, 20), (13, 23), (11, 21), (14, 24), (12, 22), (15, 25), (16, 17),
+            (26, 27), (18, 19), (28, 29)),
+    "cat": ((0, 1), (2, 3), (4, 5), (6, 7), (9, 10), (11, 12)),
+    "chair": ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11), (12, 13)),
+    "cow": ((0, 1), (2, 3), (4, 5), (6, 7), (9, 10), (11, 12), (15, 16), (17, 18), (19, 20)),
+    "dog": ((0, 1), (2, 3), (4, 5), (9, 10), (11, 12)),
+    "horse": ((0, 1), (2, 3), (4, 5), (6, 7), (10, 11), (12, 13), (16, 17), (18, 19)),
+    "motorbike": ((0, 1), (2, 3)),
+    "person": ((0, 1), (2, 3), (8, 9), (10, 11), (12, 13), (14, 15), (16, 17), (18, 19)),
+    "pottedplant": ((0, 2), (4, 5), (6, 8)),
+    "sheep": ((0, 1), (2, 3), (4, 5), (6, 7), (9, 10), (11, 12), (15, 16), (17, 18), (19, 20)),
+    "train": ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11), (12, 13), (14, 15), (16, 17)),
+    "tvmonitor": ((0, 2), (4, 6), (3, 7), (8, 10), (12, 14), (11, 15)),
+}
+
+
+def _partner_table(category: str, pairs: Sequence[Sequence[int]]) -> dict[int, int]:
+    """``{id: partner id}`` of one category's pairs; every id may appear in one pair only."""
+    table: dict[int, int] = {}
+    for pair in pairs:
+        if len(pair) != 2 or int(pair[0]) == int(pair[1]):
+            raise ValueError(f"flip_pairs[{category!r}]: {list(pair)} is not a pair of two distinct keypoint ids")
+        a, b = int(pair[0]), int(pair[1])
+        if a in table or b in table:
+            raise ValueError(f"flip_pairs[{category!r}]: keypoint id {a if a in table else b} is in two pairs")
+        table[a], table[b] = b, a
+    return table
+
+
+@dataclass(frozen=True)
+class PoseAlignment:
+    """Which left/right keypoint ids swap under a horizontal flip, per category.
+
+    Attributes:
+        flip_pairs: Category -> pairs of keypoint ids that swap; None is SPair-71k's table
+            (:data:`SPAIR_FLIP_PAIRS`). A category with an empty list has only self-symmetric keypoints.
+    """
+
+    flip_pairs: Mapping[str, Sequence[Sequence[int]]] | None = None
+    _tables: dict[str, dict[int, int]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        pairs = SPAIR_FLIP_PAIRS if self.flip_pairs is None else self.flip_pairs
+        object.__setattr__(self, "_tables", {str(c): _partner_table(str(c), p) for c, p in pairs.items()})
+
+    def partners(self, category: str) -> dict[int, int]:
+        """``{id: partner id}`` of ``category`` (ids not in it are self-symmetric).
+
+        Raises:
+            ValueError: The category has no flip pairs (name it in ``flip_pairs``).
+        """
+        if category not in self._tables:
+            raise ValueError(
+                f"pose alignment has no flip pairs for category {category!r} (known: {sorted(self._tables)}); "
+                "give them in flip_pairs"
+            )
+        return self._tables[category]
+
+
+def partner_positions(kps_ids: Sequence[int], partners: Mapping[int, int]) -> torch.Tensor:
+    """Position, in the pair's keypoint list, of each keypoint's mirror partner (-1 where it is not listed).
+
+    Args:
+        kps_ids: The pair's keypoint ids, one per keypoint position.
+        partners: ``{id: partner id}``; an id not in it is its own partner.
+
+    Returns:
+        ``[N]`` long: ``out[i]`` is the position of ``partners[kps_ids[i]]``, or -1.
+    """
+    position = {int(k): i for i, k in enumerate(kps_ids)}
+    return torch.tensor([position.get(partners.get(int(k), int(k)), -1) for k in kps_ids], dtype=torch.long)
+
+
+def mirror_points(points: torch.Tensor, width: int) -> torch.Tensor:
+    """``[N, 2]`` (x, y) pixel-centre coordinates mirrored in an image ``width`` pixels wide."""
+    mirrored = points.clone()
+    mirrored[:, 0] = (width - 1) - points[:, 0]
+    return mirrored
+
+
+def mirror_box(box: torch.Tensor, width: int) -> torch.Tensor:
+    """An inclusive ``[x1, y1, x2, y2]`` box mirrored in an image ``width`` pixels wide."""
+    x1, y1, x2, y2 = box.tolist()
+    return box.new_tensor([width - 1 - x2, y1, width - 1 - x1, y2])
+
+
+def box_cells(geometry: PadResize, box: torch.Tensor | None, grid: int) -> torch.Tensor:
+    """Flat cells of a ``grid`` x ``grid`` map over ``geometry``'s square whose centres lie in ``box``.
+
+    Args:
+        geometry: The image's map from original pixels to the padded square.
+        box: Inclusive ``[x1, y1, x2, y2]`` in original pixels; None is the whole image.
+        grid: Cells per side.
+
+    Returns:
+        ``[M]`` long, never empty: a box smaller than a cell gives the cell holding its centre.
+    """
+    if box is None:
+        box = torch.tensor([0.0, 0.0, geometry.width - 1.0, geometry.height - 1.0])
+    corners = geometry.forward_points(box.float().reshape(2, 2))
+    step = geometry.size / grid
+    centres = torch.arange(grid, dtype=torch.float32) * step + (step / 2 - 0.5)
+    cols = ((centres >= corners[0, 0]) & (centres <= corners[1, 0])).nonzero().flatten()
+    rows = ((centres >= corners[0, 1]) & (centres <= corners[1, 1])).nonzero().flatten()
+    if len(cols) == 0 or len(rows) == 0:
+        centre = torch.floor(corners.mean(dim=0) / step).long().clamp(0, grid - 1)
+        return (centre[1] * grid + centre[0]).reshape(1)
+    return (rows[:, None] * grid + cols[None, :]).flatten()
+
+
+def instance_nn_distance(descriptors: torch.Tensor, src_cells: torch.Tensor, trg_cells: torch.Tensor) -> torch.Tensor:
+    """Mean, over the source instance's cells, of the L2 distance to the nearest target instance cell.
+
+    Args:
+        descriptors: ``[2, D, G, G]`` pair descriptors (source first).
+        src_cells: Flat cells of the source instance.
+        trg_cells: Flat cells of the target instance.
+
+    Returns:
+        A scalar tensor (lower: the two instances' features agree better).
+    """
+    source = descriptors[0].flatten(1).T[src_cells.to(descriptors.device)].float()
+    target = descriptors[1].flatten(1).T[trg_cells.to(descriptors.device)].float()
+    return torch.cdist(source, target).amin(dim=1).mean()
