@@ -154,3 +154,42 @@ def test_distilled_round_trips_through_a_local_directory(tmp_path: Path) -> None
 def test_unknown_architecture_is_an_error() -> None:
     with pytest.raises(ValueError, match="random_init.architecture 'sd3' unknown"):
         _featurizer("sd3", (1,))
+
+
+# ----------------------------------------------------------------------------------- SD 2-1 (768 px preset)
+
+
+def test_sd2_structure_text_encoder_and_v_prediction_scheduler() -> None:
+    sd2 = _featurizer("sd2", (2, 5, 8))
+    unet = sd2.unet
+    assert unet.config.use_linear_projection and unet.config.upcast_attention
+    transformer = unet.up_blocks[1].attentions[0]
+    assert isinstance(transformer.proj_in, torch.nn.Linear)  # SD 1.x uses 1x1 convolutions here
+    assert sd2.text_encoder.config.hidden_size == 48 == unet.config.cross_attention_dim
+    assert sd2.text_encoder.config.hidden_act == "gelu"
+    assert sd2.scheduler.config.prediction_type == "v_prediction"
+    # conditioned on the text encoder's last hidden state, as diffusers' SD 2 pipeline does
+    seen = _unet_kwargs(sd2, _images(1), ["cat"])
+    ids = _ids(sd2.tokenizer, sd2.text_encoder, "a photo of cat")
+    torch.testing.assert_close(seen["encoder_hidden_states"][0], sd2.text_encoder(ids).last_hidden_state[0])
+
+
+def test_sd21_768_preset_loads_a_local_directory_at_768_px(tmp_path: Path) -> None:
+    """configs/featurizers/sd21_768.yaml with its hub id swapped for a saved tiny SD 2 stand-in."""
+    from omegaconf import OmegaConf
+
+    preset = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "featurizers"
+                                                   / "sd21_768.yaml"))
+    args = preset["init_args"]
+    assert args["model_id"] == "stabilityai/stable-diffusion-2-1"
+    assert (args["image_size"], args["sliding_window"], args["layers"], args["timestep"]) == (768, False, [2, 5, 8], 100)
+    built = SDFeaturizer(**{**args, "model_id": None, "random_init": {"architecture": "sd2", "seed": 6}})
+    built.save_pretrained(tmp_path / "sd21")
+    loaded = SDFeaturizer(**{**args, "model_id": str(tmp_path / "sd21")})
+    assert loaded.scheduler.config.prediction_type == "v_prediction" and loaded.unet.config.use_linear_projection
+    images = torch.rand(1, 3, 768, 768, generator=torch.Generator().manual_seed(0))
+    features = loaded(images, ["cat"])
+    # one 768 px window: latent 96 x 96, so layers 2 / 5 / 8 at 12 / 24 / 48 cells (real SD 2-1: 1280 / 1280 / 640 ch)
+    assert [tuple(f.shape) for f in features] == [(1, 32, 12, 12), (1, 32, 24, 24), (1, 16, 48, 48)]
+    for a, b in zip(built(images, ["cat"]), features):
+        torch.testing.assert_close(a, b)

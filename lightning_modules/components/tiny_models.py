@@ -55,6 +55,9 @@ TINY_UNETS: dict[str, dict[str, Any]] = {
         "addition_embed_type": "text_time",
         "addition_time_embed_dim": 8,
     },
+    # SD 2.x: linear projections in the transformers, per-stage head counts, and attention upcast to fp32
+    # (the 768 px stable-diffusion-2-1 sets upcast_attention)
+    "sd2": {**TINY_UNET, "attention_head_dim": [2, 2, 4, 4], "use_linear_projection": True, "upcast_attention": True},
     "bk-sdm-small": {**TINY_UNET, "layers_per_block": 1, "mid_block_type": None},
     "bk-sdm-tiny": {
         **TINY_UNET,
@@ -86,6 +89,14 @@ TINY_TEXT_ENCODER: dict[str, Any] = {
 }
 #: SD-XL's second, projecting text encoder (wider than the first, like OpenCLIP bigG next to CLIP-L).
 TINY_TEXT_ENCODER_2: dict[str, Any] = {**TINY_TEXT_ENCODER, "hidden_size": 48, "projection_dim": 24}
+#: Text encoder per SD family where it differs from :data:`TINY_TEXT_ENCODER`: SD 2.x's OpenCLIP ViT-H is
+#: wider than SD 1.x's CLIP-L and uses exact GELU instead of quick-GELU.
+TINY_TEXT_ENCODERS: dict[str, dict[str, Any]] = {
+    "sd2": {**TINY_TEXT_ENCODER, "hidden_size": 48, "hidden_act": "gelu"},
+}
+#: Scheduler prediction type per SD family (stable-diffusion-2-1 at 768 px is a v-prediction model; the
+#: noising of a latent, all the featurizer uses, is the same for every prediction type).
+PREDICTION_TYPES: dict[str, str] = {"sd2": "v_prediction"}
 TINY_VIT: dict[str, Any] = {
     "hidden_size": 32,
     "num_hidden_layers": 4,
@@ -170,7 +181,8 @@ def build_sd_components(random_init: dict[str, Any], tmp_dir: str | Path) -> dic
         random_init: Optional overrides ``{"architecture": "sd", "unet": {...}, "vae": {...},
             "text_encoder": {...}, "text_encoder_2": {...}, "seed": int}`` on top of the tiny defaults of
             this module; ``architecture`` picks the UNet structure from :data:`TINY_UNETS` (``sdxl`` also
-            builds ``text_encoder_2`` / ``tokenizer_2``).
+            builds ``text_encoder_2`` / ``tokenizer_2``; ``sd2`` takes its text encoder and scheduler
+            prediction type from :data:`TINY_TEXT_ENCODERS` and :data:`PREDICTION_TYPES`).
         tmp_dir: Directory for the tokenizer's vocabulary files.
 
     Returns:
@@ -184,7 +196,7 @@ def build_sd_components(random_init: dict[str, Any], tmp_dir: str | Path) -> dic
     if architecture not in TINY_UNETS:
         raise ValueError(f"random_init.architecture {architecture!r} unknown; choose one of {sorted(TINY_UNETS)}")
     vocab, merges = write_byte_level_clip_vocab(tmp_dir)
-    text_cfg = _merged(TINY_TEXT_ENCODER, random_init.get("text_encoder"))
+    text_cfg = _merged(TINY_TEXT_ENCODERS.get(architecture, TINY_TEXT_ENCODER), random_init.get("text_encoder"))
     unet_cfg = _merged(TINY_UNETS[architecture], random_init.get("unet"))
     xl = unet_cfg.get("addition_embed_type") == "text_time"
     text_2_cfg = _merged(TINY_TEXT_ENCODER_2, random_init.get("text_encoder_2"))
@@ -205,8 +217,10 @@ def build_sd_components(random_init: dict[str, Any], tmp_dir: str | Path) -> dic
         components["unet"] = UNet2DConditionModel(**unet_cfg)
         components["vae"] = AutoencoderKL(**_merged(TINY_VAE, random_init.get("vae")))
     # SD v1's training schedule: the ldm "linear" betas, i.e. diffusers' scaled_linear 0.00085..0.012.
+    # (SD 2.x keeps these betas.)
     components["scheduler"] = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type=PREDICTION_TYPES.get(architecture, "epsilon"),
     )
     return components
 
