@@ -36,8 +36,10 @@ class ZeroShotAblation(L.LightningModule):
         rows: The table's rows (name, SD variant, DINO on/off, alpha, fusion, SD layers, co-PCA dim).
         sd: The SD featurizer whose weights every SD variant shares.
         dino: The DINO featurizer.
-        sd_variants: Variant name -> extraction overrides (``timestep``, ``prompt``, ``image_size``, ...).
-        dino_variants: Variant name -> DINO extraction overrides (``layer``, ``image_size``, ``facet``, ...).
+        sd_variants: Variant name -> extraction overrides (``timestep``, ``prompt``, ``image_size``, ...) of ``sd``,
+            or of one of ``sd_models`` named by ``of:`` (sharing its weights).
+        dino_variants: Variant name -> DINO extraction overrides (``layer``, ``image_size``, ``facet``, ...);
+            ``of:`` works the same way.
         sd_models: Further SD featurizers (their own weights: SD 1-3, 2-1-base, ...) rows can name.
         dino_models: Further DINO featurizers (DINOv1, iBOT, DINOv2-S, ...) rows can name.
         title: Table title (printed and written).

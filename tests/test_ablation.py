@@ -262,6 +262,27 @@ def test_a_variant_shares_the_weights(tiny_sd) -> None:
     assert layered.layers == [5] and tiny_sd.layers == [2, 5, 8] and layered.unet is tiny_sd.unet
 
 
+def test_a_variant_of_an_extra_model_shares_its_weights(tiny_sd, samples) -> None:
+    """``of:`` varies one of ``sd_models`` (DIFT's settings on SD 2-1 in beyond_refinements.yaml)."""
+    from lightning_modules.components import SDFeaturizer
+
+    other = SDFeaturizer(model_id=None, random_init={"seed": 7, "architecture": "sd2"}, image_size=128,
+                         sliding_window=False)
+    settings = {"timestep": 261, "layers": [6], "ensemble_size": 2, "prompt": "a photo of a {category}"}
+    ablation = AblationCorrespondence(
+        [AblationRow("dift-like", sd="late", dino=None, pca_dim=None)], sd=tiny_sd, sd_models={"other": other},
+        sd_variants={"late": {"of": "other", **settings}},
+    )
+    late = ablation.variants["late"]
+    assert late.unet is other.unet and (late.timestep, late.layers, late.ensemble_size) == (261, [6], 2)
+    assert other.timestep == 100 and other.layers == [2, 5, 8]  # the model itself is untouched
+    expected = FusedCorrespondence(other.variant(**settings), None, alpha=1.0, pca_dims=None).predict_pairs(samples)
+    _assert_same(ablation.predict_pairs(samples)["dift-like"], expected, "variant of an extra model")
+    with pytest.raises(ValueError, match=r"sd_variants\['late'\] varies 'nope'.*\['default', 'other'\]"):
+        AblationCorrespondence([AblationRow("a", dino=None)], sd=tiny_sd, sd_models={"other": other},
+                               sd_variants={"late": {"of": "nope"}})
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 

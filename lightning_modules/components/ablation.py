@@ -38,13 +38,26 @@ from .sd_featurizer import SDFeaturizer
 __all__ = ["AblationRow", "AblationCorrespondence"]
 
 
-def _variants(kind: str, base: Any, overrides: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
-    """``{"default": base, name: base.variant(**overrides[name])}`` (empty without a base featurizer)."""
-    if base is None:
-        if overrides:
-            raise ValueError(f"{kind}_variants given without a {kind} featurizer")
-        return {}
-    return {"default": base, **{name: base.variant(**o) for name, o in (overrides or {}).items()}}
+def _variants(
+    kind: str, base: Any, overrides: Mapping[str, Mapping[str, Any]] | None, models: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``{"default": base, name: <featurizer>.variant(**overrides[name])}`` (no ``default`` without a base).
+
+    A variant varies ``base`` unless its overrides name another featurizer with ``of: <sd_models /
+    dino_models name>`` (e.g. DIFT's settings on SD 2-1): it then shares that model's weights.
+    """
+    bases = {**({"default": base} if base is not None else {}), **models}
+    variants = {"default": base} if base is not None else {}
+    for name, settings in (overrides or {}).items():
+        settings = dict(settings)
+        of = str(settings.pop("of", "default"))
+        if of not in bases:
+            raise ValueError(
+                f"{kind}_variants[{name!r}] varies {of!r}, which is not a configured {kind} featurizer "
+                f"(configured: {sorted(bases)}; without `of:` a variant varies the `{kind}` featurizer)"
+            )
+        variants[name] = bases[of].variant(**settings)
+    return variants
 
 
 def _models(kind: str, models: Mapping[str, Any], variants: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -116,7 +129,8 @@ class AblationCorrespondence(nn.Module):
         sd: The SD featurizer (its weights serve every variant), or None.
         dino: The DINO featurizer, or None.
         sd_variants: Variant name -> extraction overrides of ``sd`` (see ``SDFeaturizer.variant``),
-            e.g. ``{"t0": {"timestep": 0}}``; ``"default"`` is ``sd`` itself.
+            e.g. ``{"t0": {"timestep": 0}}``; ``"default"`` is ``sd`` itself. ``of: <sd_models name>`` varies
+            that model instead (sharing its weights).
         dino_variants: The same for ``dino`` (``layer``, ``image_size``, ``facet``, ...).
         sd_models: Further SD featurizers with their own weights (other SD versions), usable by rows
             under their names like variants.
@@ -156,9 +170,12 @@ class AblationCorrespondence(nn.Module):
         self.sd, self.dino = sd, dino
         self.sd_models = nn.ModuleDict(dict(sd_models or {}))  # registered: they move with the module
         self.dino_models = nn.ModuleDict(dict(dino_models or {}))
-        self.variants = {**_variants("sd", sd, sd_variants), **_models("sd", self.sd_models, sd_variants)}
+        self.variants = {
+            **_variants("sd", sd, sd_variants, self.sd_models), **_models("sd", self.sd_models, sd_variants)
+        }
         self.dino_variants = {
-            **_variants("dino", dino, dino_variants), **_models("dino", self.dino_models, dino_variants)
+            **_variants("dino", dino, dino_variants, self.dino_models),
+            **_models("dino", self.dino_models, dino_variants),
         }
         for row in self.rows:
             for kind, name, known in (("SD", row.sd, self.variants), ("DINO", row.dino, self.dino_variants)):
