@@ -77,9 +77,10 @@ TARGET_GPU_MEMORY = 24 * 2**30  # the default config fits in 24 GB
 
 
 class TimedCorrespondence(FusedCorrespondence):
-    """``FusedCorrespondence`` that adds up the time spent in ``extract`` and in ``match``.
+    """``FusedCorrespondence`` that adds up the time spent in ``extract`` and in matching.
 
-    ``match`` covers co-PCA, fusion and the nearest-neighbour transfer (``describe_pair`` + matching).
+    ``match`` is the time in ``predict_pair``: co-PCA, fusion and the nearest-neighbour transfer
+    (``describe_pair`` + matching).
     ``extract`` covers padding/resizing, image hashing and cache lookups (with a cache) and the
     featurizer passes. ``sync`` waits for the device so the times are real on CUDA.
     """
@@ -102,9 +103,9 @@ class TimedCorrespondence(FusedCorrespondence):
         with self._timed("extract"):
             return super().extract(images, categories)
 
-    def match(self, source, target, src_kps):  # noqa: ANN001, ANN201
+    def predict_pair(self, features, sample):  # noqa: ANN001, ANN201
         with self._timed("match"):
-            return super().match(source, target, src_kps)
+            return super().predict_pair(features, sample)
 
 
 def _reset_peak_rss() -> bool:

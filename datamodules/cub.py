@@ -535,8 +535,9 @@ class CUBASICDataset(Dataset):
             key), ``src_file`` / ``trg_file`` (the image files), ``src_kps`` / ``trg_kps`` (float32
             ``[15, 2]`` crop pixels ``(x, y)``, all 15 parts), ``kps_valid`` (bool ``[15]``: visible in
             both), ``kps_ids`` (1..15), ``threshold`` (``S``), ``src_bbox`` / ``trg_bbox`` (float32
-            ``[4]`` zero-based tight bbox, original pixels) and ``src_crop_box`` / ``trg_crop_box``
-            (float32 ``[4]`` square crop, original pixels, inclusive corners).
+            ``[4]`` zero-based tight bbox, original pixels), ``src_crop_box`` / ``trg_crop_box``
+            (float32 ``[4]`` square crop, original pixels, inclusive corners) and ``src_instance_box`` /
+            ``trg_instance_box`` (the tight bbox in crop pixels).
 
         Raises:
             FileNotFoundError: If an image file is missing.
@@ -564,7 +565,16 @@ class CUBASICDataset(Dataset):
             "trg_bbox": torch.tensor(trg.bbox, dtype=torch.float32),
             "src_crop_box": torch.tensor(src.crop_box, dtype=torch.float32),
             "trg_crop_box": torch.tensor(trg.crop_box, dtype=torch.float32),
+            "src_instance_box": self.instance_box(src),
+            "trg_instance_box": self.instance_box(trg),
         }
+
+    def instance_box(self, record: CUBImageRecord) -> torch.Tensor:
+        """The tight bbox in crop pixels (float32 ``[4]``), mapped like the keypoints (pose alignment's instance)."""
+        x0, y0 = record.crop_box[0], record.crop_box[1]
+        scale = self.crop_size / float(1 + record.crop_box[2] - record.crop_box[0])
+        x1, y1, x2, y2 = record.bbox
+        return torch.tensor([(x1 - x0) * scale, (y1 - y0) * scale, (x2 - x0) * scale, (y2 - y0) * scale])
 
     def __repr__(self) -> str:
         return (

@@ -28,6 +28,9 @@ class Protocol:
         dense: Scored on dense flow over valid pixels instead of keypoints.
         groups: Per-pair attributes that ``results.json`` breaks the PCK down by.
         group_label: What the per-group dictionary of the results is called.
+        flip_pairs: The name of the benchmark's left/right keypoint table for test-time pose alignment
+            (``lightning_modules.components.pose_alignment.FLIP_TABLES``), or None when its keypoints have no
+            fixed semantic ids.
     """
 
     name: str
@@ -38,6 +41,7 @@ class Protocol:
     dense: bool = False
     groups: tuple[str, ...] = ()
     group_label: str = "per_category"
+    flip_pairs: str | None = None
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -47,6 +51,7 @@ PROTOCOLS: dict[str, Protocol] = {
         threshold="max(w, h) of the target bbox",
         averages=("category_mean", "weighted", "per_point", "per_image"),
         groups=SPAIR_VARIATIONS,
+        flip_pairs="spair",
     ),
     "pfpascal": Protocol(
         # sd-dino load_pascal_data: thresholds None -> alpha * image size; `err < threshold` (strict).
@@ -74,6 +79,7 @@ PROTOCOLS: dict[str, Protocol] = {
         # ASIC scores one class per run (per-point pooled); the paper's single number over the first three
         # classes is their mean: category_mean is the headline, per_category holds ASIC's per-run numbers.
         averages=("category_mean", "per_point", "per_image"),
+        flip_pairs="cub",
     ),
     "tss": Protocol(
         name="TSS",

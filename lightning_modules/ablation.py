@@ -24,7 +24,13 @@ from .components.pipeline import EvalSize
 from .components.sd_featurizer import SDFeaturizer
 from .distributed import gather_from_ranks
 from .metrics import PCK, keypoint_correct
-from .zero_shot import feature_cache, keypoint_record, restore_keypoint_metric, summed_over_ranks
+from .zero_shot import (
+    benchmark_pose_alignment,
+    feature_cache,
+    keypoint_record,
+    restore_keypoint_metric,
+    summed_over_ranks,
+)
 
 __all__ = ["ZeroShotAblation"]
 
@@ -49,7 +55,8 @@ class ZeroShotAblation(L.LightningModule):
         analysis_alpha: PCK alpha that decides "correct" in the analysis (0.10 in the paper).
         feature_cache_gb: Memory for raw per-image features (per variant) shared by all pairs of the run.
         feature_cache_dir: Folder of an on-disk feature cache that later runs reuse; None disables it.
-        flip_pairs: Left/right keypoint id pairs per category for rows with ``pose_alignment`` (None: SPair-71k's).
+        flip_pairs: Left/right keypoint id pairs per category (or a table name) for rows with ``pose_alignment``;
+            None takes the benchmark protocol's table.
     """
 
     def __init__(
@@ -67,15 +74,16 @@ class ZeroShotAblation(L.LightningModule):
         dino_models: dict[str, DinoFeaturizer] | None = None,
         feature_cache_gb: float = 4.0,
         feature_cache_dir: str | None = None,
-        flip_pairs: dict[str, list[list[int]]] | None = None,
+        flip_pairs: dict[str, list[list[int]]] | str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["sd", "dino", "sd_models", "dino_models"])
         self.ablation = AblationCorrespondence(
             rows, sd=sd, dino=dino, sd_variants=sd_variants, dino_variants=dino_variants, eval_size=eval_size,
             sd_models=sd_models, dino_models=dino_models, cache=feature_cache(feature_cache_gb, feature_cache_dir),
-            flip_pairs=flip_pairs,
+            flip_pairs=flip_pairs if flip_pairs is not None else "spair",  # the benchmark's, once known (setup)
         )
+        self.flip_pairs = flip_pairs
         self.title = title
         names = {row.name for row in rows}
         if analysis is not None and (set(analysis) != {"sd", "dino", "fused"} or not set(analysis.values()) <= names):
@@ -93,6 +101,8 @@ class ZeroShotAblation(L.LightningModule):
         self.protocol = getattr(datamodule, "protocol", None)
         if self.protocol is None or self.protocol.dense:
             raise ValueError("ablations run on keypoint benchmarks: the datamodule needs a sparse `protocol`")
+        if any(row.pose_alignment for row in self.ablation.rows):
+            self.ablation.pose_alignment = benchmark_pose_alignment(self.flip_pairs, self.protocol)
         categories = list(datamodule.categories)
         self.metrics = torch.nn.ModuleList(
             PCK(self.protocol.alphas, categories, groups=self.protocol.groups, inclusive=self.protocol.inclusive)

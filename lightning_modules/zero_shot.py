@@ -23,7 +23,7 @@ from .components.refinements import MatchRefinement
 from .components.sd_featurizer import SDFeaturizer
 from .metrics import PCK, DenseFlowPCK, dense_flow_counts, format_alpha
 
-__all__ = ["ZeroShotCorrespondence", "feature_cache", "keypoint_record", "restore_keypoint_metric", "summed_over_ranks"]
+__all__ = ["ZeroShotCorrespondence", "benchmark_pose_alignment", "feature_cache", "keypoint_record", "restore_keypoint_metric", "summed_over_ranks"]
 
 
 #: Per-keypoint extras of the test-time refinements that ``predictions.jsonl`` keeps when they are computed.
@@ -83,6 +83,23 @@ def restore_keypoint_metric(
     )
 
 
+def benchmark_pose_alignment(flip_pairs: Any, protocol: Any) -> PoseAlignment:
+    """The pose alignment of a run: ``flip_pairs`` when given, else the benchmark protocol's table.
+
+    Raises:
+        ValueError: A dense benchmark, or one without a left/right keypoint table and no ``flip_pairs``.
+    """
+    if protocol.dense:
+        raise ValueError(f"pose_alignment applies to keypoint benchmarks; {protocol.name} is scored on dense flow")
+    table = flip_pairs if flip_pairs is not None else protocol.flip_pairs
+    if table is None:
+        raise ValueError(
+            f"pose_alignment needs left/right keypoint pairs, and {protocol.name} has no semantic keypoint ids; "
+            "give flip_pairs (category -> [[left id, right id], ...]) to use it anyway"
+        )
+    return PoseAlignment(table)
+
+
 def feature_cache(memory_gb: float, directory: str | None) -> FeatureCache | None:
     """The per-image feature cache of a run: ``memory_gb`` in memory (0 = none), ``directory`` on disk."""
     if memory_gb < 0:
@@ -129,8 +146,10 @@ class ZeroShotCorrespondence(L.LightningModule):
         pose_alignment: Beyond the paper (GeoAware-SC): also match from each source image's horizontal mirror
             (one more extraction per source image), with left/right keypoint ids swapped, and keep the
             orientation whose instance (bounding box) features agree better; ``predictions.jsonl`` then holds
-            ``flipped`` and ``pose_distances`` per pair. Keypoint benchmarks with keypoint ids (SPair-71k).
-        flip_pairs: Category -> left/right keypoint id pairs for pose alignment; None is SPair-71k's table.
+            ``flipped`` and ``pose_distances`` per pair. Keypoint benchmarks with semantic keypoint ids
+            (SPair-71k, CUB-200).
+        flip_pairs: Category -> left/right keypoint id pairs for pose alignment (``"*"``: any other category),
+            or a table name (``"spair"``, ``"cub"``); None takes the benchmark protocol's table.
     """
 
     def __init__(
@@ -149,7 +168,7 @@ class ZeroShotCorrespondence(L.LightningModule):
         soft_argmax_temperature: float = 0.04,
         mutual_check: bool = False,
         pose_alignment: bool = False,
-        flip_pairs: dict[str, list[list[int]]] | None = None,
+        flip_pairs: dict[str, list[list[int]]] | str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["sd", "dino"])
@@ -158,8 +177,10 @@ class ZeroShotCorrespondence(L.LightningModule):
         self.pipeline = FusedCorrespondence(
             sd, dino, alpha=alpha, pca_dims=pca_dims, eval_size=eval_size, fusion=fusion,
             cache=feature_cache(feature_cache_gb, feature_cache_dir), head=head, refinement=refinement,
-            pose_alignment=PoseAlignment(flip_pairs) if pose_alignment else None,
+            # without a table here, the benchmark's own is set in setup()
+            pose_alignment=PoseAlignment(flip_pairs) if pose_alignment and flip_pairs is not None else None,
         )
+        self.pose_alignment, self.flip_pairs = bool(pose_alignment), flip_pairs
         self.alphas = None if alphas is None else [float(a) for a in alphas]
         self.metric: PCK | None = None
         self.protocol: Any = None
@@ -175,8 +196,8 @@ class ZeroShotCorrespondence(L.LightningModule):
         categories = list(getattr(datamodule, "categories", None) or [])
         if not categories:
             raise ValueError("the datamodule must expose its category names as `categories` after setup()")
-        if self.protocol.dense and self.pipeline.pose_alignment is not None:
-            raise ValueError("pose_alignment applies to keypoint benchmarks; this datamodule's protocol is dense flow")
+        if self.pose_alignment:
+            self.pipeline.pose_alignment = benchmark_pose_alignment(self.flip_pairs, self.protocol)
         if self.protocol.dense:
             self.metric = DenseFlowPCK(alphas, categories, inclusive=self.protocol.inclusive)
         else:

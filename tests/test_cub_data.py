@@ -331,6 +331,10 @@ def test_samples_are_the_asic_crops(cub_root: Path) -> None:
             assert s[f"{side}_kps"].dtype == torch.float32
             assert s[f"{side}_crop_box"].tolist() == [float(c) for c in theirs]
             assert s[f"{side}_bbox"].tolist() == [float(c - 1) for c in bbox]
+            # the tight box in crop pixels (pose alignment's instance): its corners mapped like keypoints
+            corners = torch.tensor([[bbox[0], bbox[1], 1.0], [bbox[2], bbox[3], 1.0]])
+            expected_box = _asic_preprocess_kps_box_crop(corners, theirs, 256)[:, :2].flatten()
+            torch.testing.assert_close(s[f"{side}_instance_box"], expected_box)
         visible = [set(range(15)) - INVISIBLE.get(r.image_id, set()) for r in (src, trg)]
         assert s["kps_valid"].dtype == torch.bool
         assert set(torch.nonzero(s["kps_valid"]).flatten().tolist()) == visible[0] & visible[1]
@@ -489,6 +493,21 @@ def test_cub_config_end_to_end_with_tiny_models(cub_root: Path, tmp_path: Path, 
             assert got[average] == pytest.approx(expected[alpha][average], abs=1e-6), (alpha, average)
         assert got["per_category"] == pytest.approx(expected[alpha]["per_category"], abs=1e-6)
     assert sorted(results["pck"]["0.1"]["per_category"]) == ["Black footed Albatross", "Laysan Albatross"]
+
+
+def test_cub_pose_alignment_uses_the_cub_table_and_crop_boxes(cub_root: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    cli = evaluate.main(["test", "--config", CUB_CONFIG, "--config", TINY, "--data.root", str(cub_root),
+                         "--data.categories", "[1]", "--data.num_workers", "0", "--trainer.accelerator", "cpu",
+                         "--model.init_args.pose_alignment", "true", "--trainer.default_root_dir", str(out)])  # fmt: skip
+    # the protocol's table: CUB's left/right parts for every class
+    assert cli.model.pipeline.pose_alignment.partners("Black footed Albatross") == {7: 11, 11: 7, 8: 12, 12: 8, 9: 13,
+                                                                                    13: 9}
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 6
+    for rec in predictions:
+        assert isinstance(rec["flipped"], bool) and rec["flipped"] == (rec["pose_distances"][1] < rec["pose_distances"][0])
 
 
 def test_cub_config_defaults() -> None:

@@ -37,6 +37,32 @@ def test_partner_positions_map_each_keypoint_to_its_mirror_partner() -> None:
     assert partner_positions([1, 8, 0, 4], partners).tolist() == [2, 1, 0, -1]
 
 
+def test_partners_that_are_not_valid_are_not_used_and_the_wildcard_covers_other_categories() -> None:
+    alignment = PoseAlignment("cub")  # every class: eyes 7/11, legs 8/12, wings 9/13
+    partners = alignment.partners("any bird")
+    assert partners == {7: 11, 11: 7, 8: 12, 12: 8, 9: 13, 13: 9}
+    valid = torch.ones(15, dtype=torch.bool)
+    valid[10] = False  # the right eye (id 11, position 10) is not visible in both images
+    positions = partner_positions(list(range(1, 16)), partners, valid)
+    assert positions[6] == -1 and positions[7] == 11 and positions[0] == 0  # left eye unusable; leg; back itself
+    assert PoseAlignment({"cat": [[0, 1]], "*": []}).partners("dog") == {}
+    with pytest.raises(ValueError, match="unknown flip table 'pascal'"):
+        PoseAlignment("pascal")
+
+
+def test_the_benchmark_decides_the_table_and_refuses_what_has_none() -> None:
+    from datamodules import get_protocol
+    from lightning_modules.zero_shot import benchmark_pose_alignment
+
+    assert benchmark_pose_alignment(None, get_protocol("spair")).partners("car")[10] == 20
+    assert benchmark_pose_alignment(None, get_protocol("cub")).partners("x")[7] == 11
+    assert benchmark_pose_alignment({"*": [[0, 1]]}, get_protocol("pfpascal")).partners("car") == {0: 1, 1: 0}
+    with pytest.raises(ValueError, match="PF-Pascal has no semantic keypoint ids; give flip_pairs"):
+        benchmark_pose_alignment(None, get_protocol("pfpascal"))
+    with pytest.raises(ValueError, match="TSS is scored on dense flow"):
+        benchmark_pose_alignment(None, get_protocol("tss"))
+
+
 def test_spair_table_covers_every_category_with_disjoint_pairs() -> None:
     alignment = PoseAlignment()  # validates that no id is in two pairs
     assert sorted(SPAIR_FLIP_PAIRS) == sorted(SPAIR_CATEGORIES)

@@ -138,8 +138,8 @@ class AblationCorrespondence(nn.Module):
         eval_size: Keypoint-to-cell square (default: the DINO input size, else the SD one).
         cache: Per-image feature cache (keyed by each variant's settings, so variants never mix); None
             extracts the images of every batch anew.
-        flip_pairs: Left/right keypoint id pairs per category for the rows with ``pose_alignment`` (None:
-            SPair-71k's table).
+        flip_pairs: Left/right keypoint id pairs per category for the rows with ``pose_alignment``, or a table
+            name (see :class:`.pose_alignment.PoseAlignment`; SPair-71k's by default).
 
     Attributes:
         extraction_passes: Images run through each featurizer variant so far (cache misses only).
@@ -156,7 +156,7 @@ class AblationCorrespondence(nn.Module):
         sd_models: Mapping[str, SDFeaturizer] | None = None,
         dino_models: Mapping[str, DinoFeaturizer] | None = None,
         cache: FeatureCache | None = None,
-        flip_pairs: Mapping[str, Sequence[Sequence[int]]] | None = None,
+        flip_pairs: Mapping[str, Sequence[Sequence[int]]] | str = "spair",
     ) -> None:
         super().__init__()
         self.cache = cache

@@ -447,15 +447,18 @@ def pose_aligned_match(
 ) -> dict[str, torch.Tensor]:
     """Match a pair from the source and from its mirror; keep the orientation whose instances agree better.
 
-    See :mod:`.pose_alignment`. The instances are the pair's ``src_bbox`` / ``trg_bbox`` when the sample
-    has them, else the whole images.
+    See :mod:`.pose_alignment`. The instances are the pair's boxes in its images' pixels when the sample has
+    them (``src_instance_box`` / ``trg_instance_box``, else ``src_bbox`` / ``trg_bbox``), else the whole
+    images. A keypoint whose partner is not in ``kps_ids`` or not in ``kps_valid`` keeps the original
+    orientation's prediction.
 
     Args:
         describe: Pair descriptors ``[2, D, G, G]`` of (source features, target features).
         source: Features of the source image.
         mirrored_source: Features of its horizontal mirror.
         target: Features of the target image.
-        sample: The pair: ``src_kps``, ``kps_ids`` and ``category`` (the flip pairs), boxes if any.
+        sample: The pair: ``src_kps``, ``kps_ids`` and ``category`` (the flip pairs), ``kps_valid`` and boxes
+            if any.
         eval_size: Keypoint-to-cell square.
         alignment: The flip pairs per category.
         refinement: Refinements of both transfers.
@@ -473,9 +476,9 @@ def pose_aligned_match(
             f"pose alignment needs keypoint ids ('kps_ids') to swap left and right; pair {sample.get('pair_id')!r} "
             "has none (SPair-71k provides them)"
         )
-    partner = partner_positions(sample["kps_ids"], alignment.partners(sample["category"]))
+    partner = partner_positions(sample["kps_ids"], alignment.partners(sample["category"]), sample.get("kps_valid"))
     src_kps = sample["src_kps"].float()
-    src_box, trg_box = sample.get("src_bbox"), sample.get("trg_bbox")
+    src_box, trg_box = (sample.get(f"{side}_instance_box", sample.get(f"{side}_bbox")) for side in ("src", "trg"))
     descriptors = describe(source, target)
     pred, distance, extras = transfer(descriptors, source, target, src_kps, eval_size, refinement)
     mirrored = describe(mirrored_source, target)
@@ -675,21 +678,22 @@ class FusedCorrespondence(nn.Module):
             alignment also ``flipped`` and ``pose_distances`` (:func:`pose_aligned_match`).
         """
         features = self.features_by_path(samples, mirrored_sources=self.pose_alignment is not None)
-        outputs = []
-        for s in samples:
-            source, target = features[s["src_image_path"]], features[s["trg_image_path"]]
-            if self.pose_alignment is not None:
-                mirrored = features[mirrored_key(s["src_image_path"])]
-                outputs.append(pose_aligned_match(
-                    self.describe_pair, source, mirrored, target, s, self.eval_size, self.pose_alignment,
-                    self.refinement,
-                ))
-                continue
-            pred, distance, extras = transfer(
-                self.describe_pair(source, target), source, target, s["src_kps"], self.eval_size, self.refinement
+        return [self.predict_pair(features, s) for s in samples]
+
+    def predict_pair(self, features: Mapping[str, ImageFeatures], sample: Mapping[str, Any]) -> dict[str, Any]:
+        """One pair's prediction (:meth:`predict_pairs`) from the batch's features by path: descriptors, the
+        transfer and, when configured, the refinements and the pose alignment; no extraction."""
+        source, target = features[sample["src_image_path"]], features[sample["trg_image_path"]]
+        if self.pose_alignment is not None:
+            mirrored = features[mirrored_key(sample["src_image_path"])]
+            return pose_aligned_match(
+                self.describe_pair, source, mirrored, target, sample, self.eval_size, self.pose_alignment,
+                self.refinement,
             )
-            outputs.append({"pred_kps": pred, "distance": distance, **extras})
-        return outputs
+        pred, distance, extras = transfer(
+            self.describe_pair(source, target), source, target, sample["src_kps"], self.eval_size, self.refinement
+        )
+        return {"pred_kps": pred, "distance": distance, **extras}
 
 
 def default_eval_size(sd: SDFeaturizer | None, dino: DinoFeaturizer | None) -> int:

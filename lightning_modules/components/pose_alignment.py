@@ -9,8 +9,8 @@ Mirroring swaps the semantics of symmetric parts: the mirrored cat's left eye is
 eye was. So the keypoint with id ``k`` of the mirrored source sits at the mirror image of the original's
 keypoint ``partner(k)``, where the per-category flip permutation pairs left and right parts
 (:data:`SPAIR_FLIP_PAIRS`); its match in the target is the prediction for target keypoint ``k``. A keypoint
-whose partner is not annotated in the pair keeps its original-orientation prediction (as in GeoAware-SC,
-which only replaces keypoints whose flipped counterpart is visible).
+whose partner is not annotated (or not visible) in the pair keeps its original-orientation prediction (as in
+GeoAware-SC, which only replaces keypoints whose flipped counterpart is visible).
 
 Choices where GeoAware-SC differs, written down in the README: the instance is the annotated bounding box
 (GeoAware-SC uses SAM masks, which we cannot ship), the distance is taken on the descriptor grid (it
@@ -28,6 +28,8 @@ import torch
 from .image_prep import PadResize
 
 __all__ = [
+    "CUB_FLIP_PAIRS",
+    "FLIP_TABLES",
     "SPAIR_FLIP_PAIRS",
     "PoseAlignment",
     "box_cells",
@@ -65,6 +67,15 @@ SPAIR_FLIP_PAIRS: dict[str, tuple[tuple[int, int], ...]] = {
 }
 
 
+#: CUB-200-2011's left/right parts (1-based part ids, as the CUB readers number them), for every class:
+#: left eye 7 / right eye 11, left leg 8 / right leg 12, left wing 9 / right wing 13.
+CUB_FLIP_PAIRS: dict[str, tuple[tuple[int, int], ...]] = {"*": ((7, 11), (8, 12), (9, 13))}
+
+#: Flip tables by name (a benchmark protocol names its table; see ``datamodules.protocols``). The key ``"*"``
+#: of a table applies to every category it does not list.
+FLIP_TABLES: dict[str, dict[str, tuple[tuple[int, int], ...]]] = {"spair": SPAIR_FLIP_PAIRS, "cub": CUB_FLIP_PAIRS}
+
+
 def _partner_table(category: str, pairs: Sequence[Sequence[int]]) -> dict[int, int]:
     """``{id: partner id}`` of one category's pairs; every id may appear in one pair only."""
     table: dict[int, int] = {}
@@ -83,43 +94,58 @@ class PoseAlignment:
     """Which left/right keypoint ids swap under a horizontal flip, per category.
 
     Attributes:
-        flip_pairs: Category -> pairs of keypoint ids that swap; None is SPair-71k's table
-            (:data:`SPAIR_FLIP_PAIRS`). A category with an empty list has only self-symmetric keypoints.
+        flip_pairs: Category -> pairs of keypoint ids that swap (``"*"``: every category not listed), or the
+            name of a table in :data:`FLIP_TABLES` (``"spair"``, the default, or ``"cub"``). A category with
+            an empty list has only self-symmetric keypoints.
     """
 
-    flip_pairs: Mapping[str, Sequence[Sequence[int]]] | None = None
+    flip_pairs: Mapping[str, Sequence[Sequence[int]]] | str = "spair"
     _tables: dict[str, dict[int, int]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        pairs = SPAIR_FLIP_PAIRS if self.flip_pairs is None else self.flip_pairs
+        pairs = self.flip_pairs
+        if isinstance(pairs, str):
+            if pairs not in FLIP_TABLES:
+                raise ValueError(f"unknown flip table {pairs!r}; known: {sorted(FLIP_TABLES)} (or a mapping)")
+            pairs = FLIP_TABLES[pairs]
         object.__setattr__(self, "_tables", {str(c): _partner_table(str(c), p) for c, p in pairs.items()})
 
     def partners(self, category: str) -> dict[int, int]:
         """``{id: partner id}`` of ``category`` (ids not in it are self-symmetric).
 
         Raises:
-            ValueError: The category has no flip pairs (name it in ``flip_pairs``).
+            ValueError: The category has no flip pairs (name it, or ``"*"``, in ``flip_pairs``).
         """
-        if category not in self._tables:
+        table = self._tables.get(category, self._tables.get("*"))
+        if table is None:
             raise ValueError(
                 f"pose alignment has no flip pairs for category {category!r} (known: {sorted(self._tables)}); "
                 "give them in flip_pairs"
             )
-        return self._tables[category]
+        return table
 
 
-def partner_positions(kps_ids: Sequence[int], partners: Mapping[int, int]) -> torch.Tensor:
-    """Position, in the pair's keypoint list, of each keypoint's mirror partner (-1 where it is not listed).
+def partner_positions(
+    kps_ids: Sequence[int], partners: Mapping[int, int], valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Position, in the pair's keypoint list, of each keypoint's mirror partner (-1 where it is not usable).
 
     Args:
         kps_ids: The pair's keypoint ids, one per keypoint position.
         partners: ``{id: partner id}``; an id not in it is its own partner.
+        valid: ``[N]`` bool, keypoints annotated in both images (readers that list every part, like CUB's);
+            a partner that is not valid is not usable. None: all are.
 
     Returns:
-        ``[N]`` long: ``out[i]`` is the position of ``partners[kps_ids[i]]``, or -1.
+        ``[N]`` long: ``out[i]`` is the position of ``partners[kps_ids[i]]``, or -1 when it is not listed or not
+        valid.
     """
     position = {int(k): i for i, k in enumerate(kps_ids)}
-    return torch.tensor([position.get(partners.get(int(k), int(k)), -1) for k in kps_ids], dtype=torch.long)
+    out = torch.tensor([position.get(partners.get(int(k), int(k)), -1) for k in kps_ids], dtype=torch.long)
+    if valid is not None:
+        ok = valid.cpu().bool()[out.clamp(min=0)]
+        out = torch.where((out >= 0) & ok, out, torch.full_like(out, -1))
+    return out
 
 
 def mirror_points(points: torch.Tensor, width: int) -> torch.Tensor:
