@@ -21,6 +21,7 @@ __all__ = [
     "TINY_DINOV2",
     "TINY_VIT",
     "SD15_SIZED",
+    "SD21_SIZED",
     "DINOV2_BASE_SIZED",
     "build_sd_components",
     "build_dinov2",
@@ -133,6 +134,16 @@ SD15_SIZED: dict[str, Any] = {
             "sample_size": 512},
     "text_encoder": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                      "num_attention_heads": 12, "projection_dim": 768},
+}
+#: ``random_init`` of an SD featurizer with the architecture of stable-diffusion-2-1 (the 768 px model: its
+#: unet, vae and text_encoder config.json on the hub; OpenCLIP ViT-H's 23 text layers as diffusers ships them).
+SD21_SIZED: dict[str, Any] = {
+    "seed": 0,
+    "architecture": "sd2",
+    "unet": {**SD15_SIZED["unet"], "sample_size": 96, "attention_head_dim": [5, 10, 20, 20]},
+    "vae": {**SD15_SIZED["vae"], "sample_size": 768},
+    "text_encoder": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
+                     "num_attention_heads": 16, "projection_dim": 512, "hidden_act": "gelu"},
 }
 #: ``random_init`` of a DINO featurizer with the architecture of DINOv2 ViT-B/14 and random weights.
 DINOV2_BASE_SIZED: dict[str, Any] = {"seed": 0, "hidden_size": 768, "num_hidden_layers": 12,
