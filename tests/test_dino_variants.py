@@ -152,3 +152,22 @@ def test_dinov2_with_registers_drops_the_register_tokens(tmp_path) -> None:
     loaded = DinoFeaturizer(model_id=str(tmp_path / "reg"), layer=3, image_size=224)
     assert type(loaded.model).__name__ == "Dinov2WithRegistersModel"
     torch.testing.assert_close(loaded(images), features)
+
+
+def test_dinov3_drops_cls_and_registers_and_round_trips(tmp_path) -> None:
+    """DINOv3 (rotary positions, 4 registers, blocks under ``model.layer``) through the same featurizer."""
+    featurizer = DinoFeaturizer(model_id=None, random_init={"seed": 0, "model_type": "dinov3_vit"}, layer=2,
+                                image_size=128)
+    assert featurizer.num_prefix_tokens == 1 + 4 and featurizer.grid_size == 8
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    features = featurizer(images)
+    pixels = (images - featurizer.mean) / featurizer.std
+    out = featurizer.model(pixel_values=pixels, output_hidden_states=True).hidden_states[3]  # block 2's output
+    assert out.shape[1] == 5 + 64
+    torch.testing.assert_close(features, out[:, 5:].transpose(1, 2).reshape(2, -1, 8, 8))
+    featurizer.save_pretrained(str(tmp_path / "v3"))  # the production loading path: AutoModel.from_pretrained
+    loaded = DinoFeaturizer(model_id=str(tmp_path / "v3"), layer=2, image_size=128)
+    assert type(loaded.model).__name__ == "DINOv3ViTModel"
+    torch.testing.assert_close(loaded(images), features)
+    key = DinoFeaturizer(model_id=str(tmp_path / "v3"), layer=2, image_size=128, facet="key")(images)
+    assert key.shape == (2, 32, 8, 8) and not torch.allclose(key, features)  # the key facet hooks k_proj

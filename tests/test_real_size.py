@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_modules.components import DinoFeaturizer, SDFeaturizer
-from lightning_modules.components.tiny_models import DINOV2_BASE_SIZED, SD15_SIZED, SD21_SIZED
+from lightning_modules.components.tiny_models import DINOV2_BASE_SIZED, DINOV3_BASE_SIZED, SD15_SIZED, SD21_SIZED
 
 
 @pytest.mark.slow
@@ -35,3 +35,10 @@ def test_sd21_sized_unet_at_768px_gives_the_preset_and_dift_layer_shapes() -> No
 def test_dinov2_base_sized_vit_gives_60x60_tokens_at_840px() -> None:
     dino = DinoFeaturizer(model_id=None, random_init=DINOV2_BASE_SIZED)
     assert tuple(dino(torch.rand(1, 3, 840, 840)).shape) == (1, 768, 60, 60)
+
+
+@pytest.mark.slow
+def test_dinov3_base_sized_vit_gives_60x60_tokens_at_960px() -> None:
+    """configs/featurizers/dinov3_vitb16.yaml's grid: 16 px patches at 960 px, CLS and 4 registers dropped."""
+    dino = DinoFeaturizer(model_id=None, random_init=DINOV3_BASE_SIZED, layer=11, image_size=960)
+    assert tuple(dino(torch.rand(1, 3, 960, 960)).shape) == (1, 768, 60, 60)

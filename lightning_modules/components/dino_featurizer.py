@@ -4,7 +4,8 @@ The reference takes the "token" facet of block 11 of DINOv2 ViT-B/14: the output
 block BEFORE the final LayerNorm, with the CLS (and any register) tokens dropped, on an 840 px input
 (60 x 60 patches of 14 px). Ablation settings (supplementary Tables 7 and 10): the ``key`` / ``query`` /
 ``value`` facets (the block's attention projections), other ViTs that ``transformers.AutoModel`` loads
-(DINOv1 ``facebook/dino-vitb16``, iBOT converted with :func:`ibot_to_transformers`), an ensemble of
+(DINOv1 ``facebook/dino-vitb16``, iBOT converted with :func:`ibot_to_transformers`, DINOv2 with registers,
+DINOv3 ViTs), an ensemble of
 blocks (Ensemble-ViT: block 9 with the last) and a bilateral filter over the token map (Filter-ViT).
 """
 
@@ -61,9 +62,15 @@ def bilateral_filter(
 
 
 def vit_blocks(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a transformers ViT (``encoder.layer`` before v5, ``layers`` since)."""
+    """The transformer blocks of a transformers ViT (``encoder.layer`` before v5, ``layers`` since; DINOv3:
+    ``model.layer``)."""
     encoder = getattr(model, "encoder", None)
-    return encoder.layer if encoder is not None and hasattr(encoder, "layer") else model.layers
+    if encoder is not None and hasattr(encoder, "layer"):
+        return encoder.layer
+    inner = getattr(model, "model", None)  # DINOv3ViTModel keeps its encoder under `model`
+    if inner is not None and hasattr(inner, "layer"):
+        return inner.layer
+    return model.layers
 
 
 def attention_projection(block: nn.Module, facet: str) -> nn.Module:
@@ -277,7 +284,8 @@ class DinoFeaturizer(nn.Module):
             raise ValueError(f"expected {self.image_size}px square images, got {tuple(images.shape)}")
         pixels = ((images - self.mean) / self.std).to(self.model.dtype)
         layers = [self.layer, *self.ensemble_layers]
-        kwargs = {} if "dinov2" in self.model.config.model_type else {"interpolate_pos_encoding": True}
+        # DINOv2 interpolates its position embeddings by itself and DINOv3 has rotary ones; ViT must be asked
+        kwargs = {"interpolate_pos_encoding": True} if self.model.config.model_type == "vit" else {}
         captured = run_and_capture(
             lambda: self.model(pixel_values=pixels, **kwargs), {str(i): self._facet_module(i) for i in layers}
         )

@@ -19,10 +19,12 @@ __all__ = [
     "TINY_VAE",
     "TINY_TEXT_ENCODER",
     "TINY_DINOV2",
+    "TINY_DINOV3",
     "TINY_VIT",
     "SD15_SIZED",
     "SD21_SIZED",
     "DINOV2_BASE_SIZED",
+    "DINOV3_BASE_SIZED",
     "build_sd_components",
     "build_dinov2",
     "write_byte_level_clip_vocab",
@@ -115,6 +117,17 @@ TINY_DINOV2: dict[str, Any] = {
     "image_size": 224,
 }
 
+#: A tiny DINOv3 ViT (patch 16, 4 register tokens, rotary position embeddings, layer scale), like
+#: facebook/dinov3-vitb16-pretrain-lvd1689m in structure.
+TINY_DINOV3: dict[str, Any] = {
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "patch_size": 16,
+    "num_register_tokens": 4,
+}
+
 
 #: ``random_init`` of an SD featurizer with the architecture of stable-diffusion-v1-5 (its unet, vae and
 #: text_encoder config.json on the hub) and random weights: real-size shapes and costs without weights
@@ -145,6 +158,9 @@ SD21_SIZED: dict[str, Any] = {
     "text_encoder": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
                      "num_attention_heads": 16, "projection_dim": 512, "hidden_act": "gelu"},
 }
+#: ``random_init`` of a DINO featurizer with the architecture of DINOv3 ViT-B/16 and random weights.
+DINOV3_BASE_SIZED: dict[str, Any] = {"seed": 0, "model_type": "dinov3_vit", "hidden_size": 768, "num_hidden_layers": 12,
+                                     "num_attention_heads": 12, "intermediate_size": 3072}
 #: ``random_init`` of a DINO featurizer with the architecture of DINOv2 ViT-B/14 and random weights.
 DINOV2_BASE_SIZED: dict[str, Any] = {"seed": 0, "hidden_size": 768, "num_hidden_layers": 12,
                                      "num_attention_heads": 12, "mlp_ratio": 4, "patch_size": 14, "image_size": 518}
@@ -261,13 +277,16 @@ def build_dinov2(random_init: dict[str, Any]) -> torch.nn.Module:
 
     ``model_type: vit`` builds a ``transformers.ViTModel`` (the DINOv1 / iBOT architecture, patch 16)
     instead of a ``Dinov2Model``; ``model_type: dinov2_with_registers`` a ``Dinov2WithRegistersModel``
-    (4 register tokens unless ``num_register_tokens`` says otherwise).
+    (4 register tokens unless ``num_register_tokens`` says otherwise); ``model_type: dinov3_vit`` a
+    ``DINOv3ViTModel`` (patch 16, 4 registers, rotary position embeddings; :data:`TINY_DINOV3`).
     """
     from transformers import (
         Dinov2Config,
         Dinov2Model,
         Dinov2WithRegistersConfig,
         Dinov2WithRegistersModel,
+        DINOv3ViTConfig,
+        DINOv3ViTModel,
         ViTConfig,
         ViTModel,
     )
@@ -281,4 +300,7 @@ def build_dinov2(random_init: dict[str, Any]) -> torch.nn.Module:
         if random_init.get("model_type") == "dinov2_with_registers":
             cfg = _merged({**TINY_DINOV2, "num_register_tokens": 4}, overrides)
             return Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**cfg))
+        if random_init.get("model_type") == "dinov3_vit":
+            cfg = _merged(TINY_DINOV3, overrides)
+            return DINOv3ViTModel(DINOv3ViTConfig(**cfg))
         return Dinov2Model(Dinov2Config(**_merged(TINY_DINOV2, overrides)))
