@@ -29,6 +29,29 @@ SPAIR_CATEGORIES = (
     "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor",
 )
 
+#: Independent facts to check the flip table against: each SPair keypoint id's side (0 none, 1 left, 2 right),
+#: GeoAware-SC's SPAIR_LR.
+SPAIR_SIDES = {
+    "aeroplane": [0, 0, 0, 0, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 0, 0, 0],
+    "bicycle": [0, 0, 2, 1, 0, 0, 2, 1, 0, 2, 1, 0, 0, 0],
+    "bird": [0, 2, 1, 0, 2, 1, 0, 2, 1, 0, 2, 1, 2, 1, 2, 1, 0],
+    "boat": [0, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 0],
+    "bottle": [1, 2, 1, 2, 1, 2, 1, 2, 1, 2],
+    "bus": [2, 1, 2, 1, 0, 2, 1, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 1, 2, 1, 1, 1, 1, 1, 1, 1, 2, 1, 2, 1],
+    "car": [2, 1, 2, 1, 0, 0, 2, 1, 0, 0, 2, 2, 2, 2, 2, 2, 2, 1, 2, 1, 1, 1, 1, 1, 1, 1, 2, 1, 2, 1],
+    "cat": [2, 1, 2, 1, 2, 1, 2, 1, 0, 2, 1, 2, 1, 0, 0],
+    "chair": [2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1],
+    "cow": [2, 1, 2, 1, 2, 1, 2, 1, 0, 2, 1, 2, 1, 0, 0, 2, 1, 2, 1, 2, 1],
+    "dog": [2, 1, 2, 1, 2, 1, 0, 0, 0, 2, 1, 2, 1, 0, 0, 0],
+    "horse": [2, 1, 2, 1, 2, 1, 2, 1, 0, 0, 2, 1, 2, 1, 0, 0, 2, 1, 2, 1],
+    "motorbike": [2, 1, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    "person": [2, 1, 2, 1, 0, 0, 0, 0, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1],
+    "pottedplant": [2, 0, 1, 0, 2, 1, 2, 0, 1],
+    "sheep": [2, 1, 2, 1, 2, 1, 2, 1, 0, 2, 1, 2, 1, 0, 0, 2, 1, 2, 1, 2, 1],
+    "train": [1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2],
+    "tvmonitor": [2, 0, 1, 2, 2, 0, 1, 1, 2, 0, 1, 2, 2, 0, 1, 1],
+}
+
 
 def test_partner_positions_map_each_keypoint_to_its_mirror_partner() -> None:
     partners = PoseAlignment({"cat": [[0, 1], [4, 5]]}).partners("cat")
@@ -69,6 +92,12 @@ def test_spair_table_covers_every_category_with_disjoint_pairs() -> None:
     assert alignment.partners("cat")[0] == 1 and 8 not in alignment.partners("cat")  # eyes swap, the nose stays
     assert alignment.partners("car")[10] == 20  # the table is in SPair's ids (car wheels 10 <-> 20)
     assert alignment.partners("bus")[10] == 20 and 8 not in alignment.partners("bus")  # bus ids 8, 9 are unused
+    # every pair joins a left and a right part, and every sided part has a partner
+    for category, pairs in SPAIR_FLIP_PAIRS.items():
+        sides = SPAIR_SIDES[category]
+        assert all({sides[a], sides[b]} == {1, 2} for a, b in pairs), category
+        paired = {i for pair in pairs for i in pair}
+        assert {i for i, side in enumerate(sides) if side} == paired, category
 
 
 def test_bad_flip_tables_are_refused_with_the_category_named() -> None:
