@@ -95,7 +95,8 @@ def benchmark_pose_alignment(flip_pairs: Any, protocol: Any) -> PoseAlignment:
     if table is None:
         raise ValueError(
             f"pose_alignment needs left/right keypoint pairs, and {protocol.name} has no semantic keypoint ids; "
-            "give flip_pairs (category -> [[left id, right id], ...]) to use it anyway"
+            "a dataset whose samples carry keypoint ids ('kps_ids') can give flip_pairs (category -> [[left id, "
+            "right id], ...])"
         )
     return PoseAlignment(table)
 

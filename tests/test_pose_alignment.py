@@ -80,7 +80,7 @@ def test_the_benchmark_decides_the_table_and_refuses_what_has_none() -> None:
     assert benchmark_pose_alignment(None, get_protocol("spair")).partners("car")[10] == 20
     assert benchmark_pose_alignment(None, get_protocol("cub")).partners("x")[7] == 11
     assert benchmark_pose_alignment({"*": [[0, 1]]}, get_protocol("pfpascal")).partners("car") == {0: 1, 1: 0}
-    with pytest.raises(ValueError, match="PF-Pascal has no semantic keypoint ids; give flip_pairs"):
+    with pytest.raises(ValueError, match="PF-Pascal has no semantic keypoint ids; a dataset whose samples carry"):
         benchmark_pose_alignment(None, get_protocol("pfpascal"))
     with pytest.raises(ValueError, match="TSS is scored on dense flow"):
         benchmark_pose_alignment(None, get_protocol("tss"))

@@ -468,13 +468,13 @@ def pose_aligned_match(
         mirror won) and ``pose_distances`` ``[2]`` (instance distance of the original and the mirror).
 
     Raises:
-        ValueError: The sample has no ``kps_ids`` (only SPair-71k names its keypoints) or its category no
-            flip pairs.
+        ValueError: The sample has no ``kps_ids`` (SPair-71k and CUB-200 name their keypoints) or its category
+            no flip pairs.
     """
     if sample.get("kps_ids") is None:
         raise ValueError(
             f"pose alignment needs keypoint ids ('kps_ids') to swap left and right; pair {sample.get('pair_id')!r} "
-            "has none (SPair-71k provides them)"
+            "has none (the SPair-71k and CUB-200 readers provide them)"
         )
     partner = partner_positions(sample["kps_ids"], alignment.partners(sample["category"]), sample.get("kps_valid"))
     src_kps = sample["src_kps"].float()
