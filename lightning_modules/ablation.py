@@ -81,8 +81,7 @@ class ZeroShotAblation(L.LightningModule):
         self.ablation = AblationCorrespondence(
             rows, sd=sd, dino=dino, sd_variants=sd_variants, dino_variants=dino_variants, eval_size=eval_size,
             sd_models=sd_models, dino_models=dino_models, cache=feature_cache(feature_cache_gb, feature_cache_dir),
-            flip_pairs=flip_pairs if flip_pairs is not None else "spair",  # the benchmark's, once known (setup)
-        )
+        )  # the flip table of pose-aligned rows is set in setup(), once the benchmark is known
         self.flip_pairs = flip_pairs
         self.title = title
         names = {row.name for row in rows}

@@ -178,9 +178,7 @@ class ZeroShotCorrespondence(L.LightningModule):
         self.pipeline = FusedCorrespondence(
             sd, dino, alpha=alpha, pca_dims=pca_dims, eval_size=eval_size, fusion=fusion,
             cache=feature_cache(feature_cache_gb, feature_cache_dir), head=head, refinement=refinement,
-            # without a table here, the benchmark's own is set in setup()
-            pose_alignment=PoseAlignment(flip_pairs) if pose_alignment and flip_pairs is not None else None,
-        )
+        )  # pose alignment is set in setup(), once the benchmark (and so its default flip table) is known
         self.pose_alignment, self.flip_pairs = bool(pose_alignment), flip_pairs
         self.alphas = None if alphas is None else [float(a) for a in alphas]
         self.metric: PCK | None = None
