@@ -13,7 +13,7 @@ and a validation split served exactly like the evaluated one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -39,7 +39,7 @@ from .samplers import (
     dataset_pair_images,
     image_grouped_order,
 )
-from .spair import LAYOUT_HINT, SPairDataset, collate_pairs, normalize_split
+from .spair import LAYOUT_HINT, SUBSET_DRAWS, SPairDataset, collate_pairs, normalize_split
 from .synthetic import default_synthetic_categories, synthetic_root_matches, write_synthetic_spair
 from .tss import TSS_DATASETS, TSS_LAYOUT_HINT, TSSDataset
 
@@ -268,6 +268,9 @@ class SPairDataModule(PairDataModule):
         pairs_per_category: Per-category subset size of the evaluated split (``None``: all; the paper's
             ablations use 20).
         seed: Seed of the per-category subsets (of every split).
+        subset_draw: How the subsets are drawn: ``uniform`` (distinct pairs, the default) or ``reference``
+            (the reference's ``--SAMPLE`` draw with replacement; with ``seed: 42`` the paper's ablation pairs,
+            see ``configs/data/spair_subset20.yaml``).
         batch_size: Pairs per batch.
         num_workers: DataLoader workers.
         train_split: Split trained on (``trn`` alias ``train``, ``val`` or ``test``).
@@ -288,6 +291,7 @@ class SPairDataModule(PairDataModule):
         categories: list[str] | None = None,
         pairs_per_category: int | None = None,
         seed: int = 0,
+        subset_draw: Literal["uniform", "reference"] = "uniform",
         batch_size: int = 1,
         num_workers: int = 0,
         train_split: str = "trn",
@@ -301,6 +305,9 @@ class SPairDataModule(PairDataModule):
         self.category_filter = list(categories) if categories is not None else None
         self.pairs_per_category = pairs_per_category
         self.seed = seed
+        if subset_draw not in SUBSET_DRAWS:  # the CLI checks the Literal; this is for Python callers
+            raise ValueError(f"unknown subset_draw {subset_draw!r}; choose one of {list(SUBSET_DRAWS)}")
+        self.subset_draw = subset_draw
         self.train_split = normalize_split(train_split)
         self.val_split = normalize_split(val_split)
         self.train_pairs_per_category = train_pairs_per_category
@@ -314,6 +321,7 @@ class SPairDataModule(PairDataModule):
             categories=self.category_filter,
             pairs_per_category=pairs_per_category,
             seed=self.seed,
+            subset_draw=self.subset_draw,
         )
 
     def build_dataset(self, root: str) -> SPairDataset:
@@ -346,6 +354,7 @@ class SyntheticSPairDataModule(SPairDataModule):
         categories: Categories to keep when reading (``None``: all).
         pairs_per_category: Per-category subset size when reading the evaluated split (``None``: all).
         seed: Seed of the per-category subsets.
+        subset_draw: How the subsets are drawn (``uniform`` or ``reference``, see :class:`SPairDataModule`).
         batch_size: Pairs per batch.
         num_workers: DataLoader workers.
         synthetic_categories: Generated category names; ``None`` uses
@@ -374,6 +383,7 @@ class SyntheticSPairDataModule(SPairDataModule):
         categories: list[str] | None = None,
         pairs_per_category: int | None = None,
         seed: int = 0,
+        subset_draw: Literal["uniform", "reference"] = "uniform",
         batch_size: int = 1,
         num_workers: int = 0,
         synthetic_categories: list[str] | None = None,
@@ -398,6 +408,7 @@ class SyntheticSPairDataModule(SPairDataModule):
             categories=categories,
             pairs_per_category=pairs_per_category,
             seed=seed,
+            subset_draw=subset_draw,
             batch_size=batch_size,
             num_workers=num_workers,
             train_split=train_split,

@@ -16,6 +16,7 @@ is :class:`datamodules.datamodules.SPairDataModule`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .protocols import SPAIR_VARIATIONS
@@ -30,12 +32,17 @@ from .records import PairRecordsDataset, category_filter, load_rgb_image
 
 __all__ = [
     "SPLIT_ALIASES",
+    "SUBSET_DRAWS",
     "SPairDataset",
     "SPairRecord",
     "collate_pairs",
     "load_rgb_image",
     "normalize_split",
 ]
+
+#: How ``pairs_per_category`` draws a category's subset: ``uniform`` distinct pairs without replacement;
+#: ``reference`` the reference's ``--SAMPLE`` draw (see :func:`draw_subset`), with replacement.
+SUBSET_DRAWS = ("uniform", "reference")
 
 #: Accepted split names and the folder each maps to.
 SPLIT_ALIASES: dict[str, str] = {"trn": "trn", "train": "trn", "val": "val", "test": "test"}
@@ -243,12 +250,49 @@ def _parse_pair(path: Path, images_dir: Path, category_hint: str | None) -> SPai
     )
 
 
+def _records(paths: list[Path], images_dir: Path, hints: dict[Path, str | None]) -> list[SPairRecord]:
+    """Parse each file once; a file listed again (a with-replacement draw) gets ``#2``, ``#3``... on its
+    ``pair_id``, so pair ids stay unique (predictions, resume and DDP de-duplication key on them)."""
+    parsed: dict[Path, SPairRecord] = {}
+    seen: dict[Path, int] = {}
+    records = []
+    for path in paths:
+        if path not in parsed:
+            parsed[path] = _parse_pair(path, images_dir, hints[path])
+        seen[path] = seen.get(path, 0) + 1
+        record = parsed[path]
+        records.append(record if seen[path] == 1 else dataclasses.replace(record, pair_id=f"{record.pair_id}#{seen[path]}"))
+    return records
+
+
 def _level(path: Path, key: str, value: Any) -> int:
     """An integer difficulty level (SPair stores small non-negative ints)."""
     try:
         return int(value)
     except (TypeError, ValueError):
         raise ValueError(f"Malformed SPair annotation {path}: key '{key}' must be an integer") from None
+
+
+def draw_subset(paths: list[Path], size: int, draw: str, seed: int, rng: random.Random) -> list[Path]:
+    """One category's subset of its sorted pair files.
+
+    ``reference`` is the draw of the reference's ``load_spair_data`` (``pck_spair_pascal.py``, ``--SAMPLE``):
+    for every category, ``np.random.seed(SEED)`` and then ``np.random.choice(len(pairs), SAMPLE)`` over the
+    sorted pair files: numpy's legacy generator, reseeded per category, WITH replacement (a pair can come
+    twice and then counts twice), and ``size`` draws even from a category with fewer pairs. ``uniform``
+    samples ``size`` distinct pairs with ``rng`` (shared across categories) and keeps every pair of a
+    category that has no more than ``size``.
+
+    Args:
+        paths: The category's pair files, sorted by file name.
+        size: Pairs to draw.
+        draw: One of :data:`SUBSET_DRAWS`.
+        seed: The reference draw's seed (its ``--SEED``, 42 by default).
+        rng: The uniform draw's generator.
+    """
+    if draw == "reference":
+        return [paths[i] for i in np.random.RandomState(seed).choice(len(paths), size)]
+    return rng.sample(paths, size) if len(paths) > size else list(paths)
 
 
 class SPairDataset(PairRecordsDataset):
@@ -261,11 +305,14 @@ class SPairDataset(PairRecordsDataset):
         root: Dataset root holding ``PairAnnotation/`` and ``JPEGImages/``.
         split: ``"trn"`` (alias ``"train"``), ``"val"`` or ``"test"``.
         categories: Categories to keep; ``None`` keeps all categories of the split.
-        pairs_per_category: Keep at most this many pairs per category, sampled with
-            ``random.Random(seed)`` from each category's sorted pair list (categories visited in
-            sorted order over all categories of the split, so a category's subset does not depend
-            on the ``categories`` filter). ``None`` keeps all pairs.
+        pairs_per_category: Per-category subset size (``None`` keeps all pairs), drawn from each
+            category's sorted pair list as ``subset_draw`` says (categories visited in sorted order over
+            all categories of the split, so a category's subset does not depend on the ``categories``
+            filter).
         seed: Seed of the per-category subset.
+        subset_draw: ``uniform`` (at most ``pairs_per_category`` distinct pairs, ``random.Random(seed)``)
+            or ``reference`` (the reference's ``--SAMPLE`` draw, with replacement, see :func:`draw_subset`).
+            A pair drawn again is a record of its own whose ``pair_id`` gets the suffix ``#2``, ``#3``...
 
     Attributes:
         root: Dataset root.
@@ -286,9 +333,12 @@ class SPairDataset(PairRecordsDataset):
         categories: Sequence[str] | None = None,
         pairs_per_category: int | None = None,
         seed: int = 0,
+        subset_draw: str = "uniform",
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
+        if subset_draw not in SUBSET_DRAWS:
+            raise ValueError(f"unknown subset_draw {subset_draw!r}; choose one of {list(SUBSET_DRAWS)}")
         self.split = normalize_split(split)
         if pairs_per_category is not None and (
             isinstance(pairs_per_category, bool) or int(pairs_per_category) < 1
@@ -340,15 +390,13 @@ class SPairDataset(PairRecordsDataset):
         rng = random.Random(seed)
         for category in available:
             paths = by_category[category]  # already sorted by file name
-            if pairs_per_category is not None and len(paths) > pairs_per_category:
-                paths = rng.sample(paths, int(pairs_per_category))
+            if pairs_per_category is not None:
+                paths = draw_subset(paths, int(pairs_per_category), subset_draw, seed, rng)
             if category in wanted:
                 selected.extend(paths)
         selected.sort(key=lambda p: p.name)
 
-        self.records: list[SPairRecord] = [
-            _parse_pair(path, images_dir, hints[path]) for path in selected
-        ]
+        self.records: list[SPairRecord] = _records(selected, images_dir, hints)
         for image_path in self.image_paths:
             if not image_path.is_file():
                 raise FileNotFoundError(f"SPair-71k image file not found: {image_path}")

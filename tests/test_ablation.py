@@ -397,8 +397,9 @@ def test_every_ablation_config_runs_end_to_end(table, spair_root, tmp_path, monk
     monkeypatch.chdir(tmp_path)  # relative paths in configs must not write into the repository
     out = tmp_path / "out"
     tiny = [arg for path in _tiny_configs(table) for arg in ("--config", str(path))]
+    # 3 pairs per category (of the config's draw) instead of 20 keep the smoke run short
     cli = evaluate.main(["test", "--config", str(table), *tiny, "--data.root", str(spair_root),
-                         "--data.num_workers", "0", "--trainer.accelerator", "cpu",
+                         "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--data.pairs_per_category", "3",
                          "--trainer.default_root_dir", str(out)])
     config = OmegaConf.to_container(OmegaConf.load(table), resolve=False)
     rows = config["model"]["init_args"]["rows"]
@@ -407,8 +408,10 @@ def test_every_ablation_config_runs_end_to_end(table, spair_root, tmp_path, monk
 
     # the evaluated pairs, independently of the datamodule
     data_args = config.get("data", {}).get("init_args", {})
-    dataset = SPairDataset(spair_root, pairs_per_category=data_args.get("pairs_per_category"),
-                           seed=data_args.get("seed", 0), categories=data_args.get("categories"))
+    assert data_args.get("pairs_per_category") == 20 and data_args.get("seed") == 42
+    assert data_args.get("subset_draw") == "reference"  # the paper's pairs: the reference's --SAMPLE draw
+    dataset = SPairDataset(spair_root, pairs_per_category=3, seed=42, subset_draw="reference",
+                           categories=data_args.get("categories"))
     assert [r.pair_id for r in dataset.records] == [r.pair_id for r in cli.datamodule.test_dataset.records]
     assert len(dataset) == 6
     # the run's feature cache extracts every distinct image once per variant, whatever the batching

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cubic_resize import resize_channels_last
 from safetensors.torch import save_file
 
 from lightning_modules.components.captioner import CLIP_MEAN, CLIP_STD, ImplicitCaptioner
@@ -68,9 +69,38 @@ def test_zero_gates_give_empty_prompt(images, uncond):
     assert torch.equal(time, torch.zeros(2, TIME_DIM))
 
 
+def _odise_pixels(images: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """ODISE's CLIP input, computed independently: bicubic (no antialias, no clamp) short side to ``size``,
+    centre crop, CLIP normalisation."""
+    out = []
+    for image in images:
+        height, width = image.shape[-2:]
+        short, long = min(height, width), max(height, width)
+        new = (size, int(size * long / short)) if height <= width else (int(size * long / short), size)
+        resized = torch.from_numpy(resize_channels_last(image.permute(1, 2, 0).numpy(), new)).float().permute(2, 0, 1)
+        top, left = round((new[0] - size) / 2), round((new[1] - size) / 2)
+        out.append(resized[:, top : top + size, left : left + size])
+    pixels = torch.stack(out)
+    return (pixels - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (40, 64), (72, 48)])
+def test_clip_input_is_odises_preprocessing(captioner, shape):
+    images = torch.rand(2, 3, *shape, generator=torch.Generator().manual_seed(3))
+    seen = {}
+    handle = captioner.clip.register_forward_pre_hook(lambda _m, _a, kw: seen.update(kw), with_kwargs=True)
+    try:
+        captioner.embed_images(images)
+    finally:
+        handle.remove()
+    assert seen["pixel_values"].shape == (2, 3, 32, 32)
+    torch.testing.assert_close(seen["pixel_values"], _odise_pixels(images), rtol=1e-4, atol=1e-4)
+    # bicubic overshoots [0, 1] and ODISE does not clamp a float image: neither do we
+    assert seen["pixel_values"].amax() > (1 - CLIP_MEAN[0]) / CLIP_STD[0] or seen["pixel_values"].amin() < -CLIP_MEAN[0] / CLIP_STD[0]
+
+
 def test_formula_against_independent_computation(captioner, images, uncond):
-    pixels = torch.nn.functional.interpolate(images, size=(32, 32), mode="bicubic", antialias=True).clamp(0, 1)
-    pixels = (pixels - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    pixels = _odise_pixels(images)
     with torch.no_grad():
         prefix = captioner.clip(pixel_values=pixels).image_embeds  # [2, 16]
     assert prefix.shape == (2, 16)

@@ -232,9 +232,11 @@ def _runs(spair: Path, tss: Path, out: Path) -> dict[str, list[str]]:
         # 1 pair on 2 processes: rank 1 has nothing to score
         "one_pair": [*tiny_spair, "--data.categories", "[dog]", "--data.pairs_per_category", "1",
                      "--trainer.default_root_dir", str(out / "one_pair")],
-        # the ablation module (3 rows and the A.10 analysis, which gathers per-pair records), batches of 2
+        # the ablation module (3 rows and the A.10 analysis, which gathers per-pair records), batches of 2; the
+        # reference's subset draw (3 per category here) repeats pairs, which count once per draw on any device count
         "ablation": ["--config", str(CONFIGS / "ablations" / "a10_analysis.yaml"),
                      "--config", str(CONFIGS / "ablations" / "tiny.yaml"), "--data.root", str(spair),
+                     "--data.pairs_per_category", "3",
                      "--data.batch_size", "2", *common, "--trainer.default_root_dir", str(out / "ablation")],
         # training the projection head (train.py fit): 16 trn pairs in batches of 4, 2 epochs, val every epoch
         "fit": ["fit", "--config", str(CONFIGS / "projection" / "sd_dinov2_b.yaml"),
@@ -293,7 +295,7 @@ def ddp_and_single(tmp_path_factory) -> dict[str, Any]:
     pair_ids = {  # the evaluated pairs, read independently of the datamodules
         "odd": SPairDataset(spair).pair_ids,
         "one_pair": SPairDataset(spair, categories=["dog"], pairs_per_category=1).pair_ids,
-        "ablation": SPairDataset(spair, pairs_per_category=20, seed=0).pair_ids,
+        "ablation": SPairDataset(spair, pairs_per_category=3, seed=42, subset_draw="reference").pair_ids,
         "tss": TSSDataset(tss).pair_ids,
     }
     return {"single": single, "ddp": ddp, "logs": logs, "pair_ids": pair_ids, "seconds": time.monotonic() - start,

@@ -151,7 +151,8 @@ def _config_sets() -> list[list[str]]:
     """Every config file, composed the way the README composes it."""
     sets = [[str(CONFIGS / "demo.yaml")], [SPAIR, TINY]]
     for fragment in sorted((CONFIGS / "model").glob("*.yaml")) + sorted((CONFIGS / "data").glob("*.yaml")):
-        if fragment.name not in ("tiny.yaml", "sd_dino.yaml"):  # sd_dino.yaml is included by spair.yaml
+        # sd_dino.yaml is included by spair.yaml; sd_dino_reference.yaml needs ODISE's weights (its own test)
+        if fragment.name not in ("tiny.yaml", "sd_dino.yaml", "sd_dino_reference.yaml"):
             sets.append([SPAIR, TINY, str(fragment)])
     return sets
 
@@ -172,6 +173,42 @@ def test_every_config_parses_and_instantiates(configs, tmp_path, monkeypatch) ->
         assert pipeline.alpha == 0.5 and pipeline.sd.layers == [2, 5, 8] and pipeline.sd.timestep == 100
     if any(p.endswith("spair_subset20.yaml") for p in configs):
         assert cli.datamodule.pairs_per_category == 20
+        assert (cli.datamodule.seed, cli.datamodule.subset_draw) == (42, "reference")  # the reference's --SAMPLE
+
+
+REFERENCE = str(CONFIGS / "model" / "sd_dino_reference.yaml")
+
+
+def test_the_reference_default_is_one_config_away(tmp_path, monkeypatch) -> None:
+    """configs/model/sd_dino_reference.yaml: implicit conditioning per crop from ODISE's captioner, its
+    weights named; with tiny stand-ins for the weights, it builds that featurizer."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.chdir(tmp_path)
+    overlay = OmegaConf.load(REFERENCE).model.init_args
+    assert overlay.sd == "../featurizers/sd15_implicit_captioner.yaml" and set(overlay) == {"sd"}
+    sd = OmegaConf.load(CONFIGS / "featurizers" / "sd15_implicit_captioner.yaml").init_args
+    paper = OmegaConf.load(CONFIGS / "featurizers" / "sd15.yaml").init_args
+    assert {k: v for k, v in sd.items() if k not in ("conditioning", "captioner")} == dict(paper)
+    assert sd.conditioning == "implicit"
+    captioner = sd.captioner.init_args
+    assert captioner.clip_model_id == "openai/clip-vit-large-patch14-336"
+    assert captioner.weights == "odise_label_coco_50e-b67d2efc.pth" and captioner.time_embed_dim == 1280
+    # without the checkpoint: an error naming the file and the field
+    with pytest.raises(ValueError, match=r"captioner weights odise_label_coco_50e-b67d2efc.pth not found "
+                                         r"\(captioner.init_args.weights\)"):
+        build_cli(["--config", SPAIR, "--config", REFERENCE, "--data.root", str(tmp_path)], run=False)
+    stand_in = tmp_path / "tiny_captioner.yaml"
+    stand_in.write_text(
+        "model:\n  init_args:\n    sd:\n      init_args:\n        captioner:\n"
+        "          init_args: {clip_model_id: null, weights: null, random_init: {seed: 1}, text_dim: 32, "
+        "time_embed_dim: 64}\n"
+    )
+    cli = build_cli(["--config", SPAIR, "--config", REFERENCE, "--config", TINY, "--config", str(stand_in),
+                     "--data.root", str(tmp_path)], run=False)
+    featurizer = cli.model.pipeline.sd
+    assert featurizer.conditioning == "implicit" and featurizer.captioner is not None
+    assert cli.model.pipeline.alpha == 0.5 and cli.model.pipeline.dino is not None
 
 
 def test_the_paper_config_holds_the_reference_defaults(tmp_path) -> None:

@@ -515,7 +515,9 @@ def test_dino_earlier_layer_stops_early(tiny_dino: DinoFeaturizer) -> None:
 
 
 def test_dino_other_image_size_interpolates_positions(tiny_dino: DinoFeaturizer) -> None:
-    small = DinoFeaturizer(model_id=None, random_init={"seed": 0, "num_hidden_layers": 4}, layer=3, image_size=112)
+    # transformers' own resize; the default hub rule is checked in test_position_rule.py
+    small = DinoFeaturizer(model_id=None, random_init={"seed": 0, "num_hidden_layers": 4}, layer=3, image_size=112,
+                           pos_interpolation="exact")
     x = _images(1, 112, seed=13)
     feats = small(x)
     assert tuple(feats.shape) == (1, 32, 8, 8)

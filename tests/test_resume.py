@@ -39,7 +39,10 @@ def root(tmp_path_factory) -> Path:
 
 
 def _args(configs: list[str], root: Path, out: Path) -> list[str]:
-    return ["test", *[a for c in configs for a in ("--config", c)], "--data.root", str(root),
+    """``configs``: config files, then (from the first ``--`` option on) extra command-line arguments."""
+    first_option = next((i for i, c in enumerate(configs) if c.startswith("--")), len(configs))
+    files, extra = configs[:first_option], configs[first_option:]
+    return ["test", *[a for c in files for a in ("--config", c)], "--data.root", str(root), *extra,
             "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(out)]
 
 
@@ -56,7 +59,9 @@ def _outputs(out: Path) -> tuple[dict, str]:
     return results | {"_passes": passes}, (out / "predictions.jsonl").read_text()
 
 
-@pytest.mark.parametrize("configs", [[SPAIR, TINY], [TABLE4, TINY_ABLATION]], ids=["spair", "ablation"])
+# the ablation's reference subset draw, 3 per category: 9 draws of which 3 repeat a pair ('#2' ids)
+@pytest.mark.parametrize("configs", [[SPAIR, TINY], [TABLE4, TINY_ABLATION, "--data.pairs_per_category", "3"]],
+                         ids=["spair", "ablation"])
 def test_resumed_run_ends_with_the_uninterrupted_files(configs, root, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     evaluate.main(_args(configs, root, tmp_path / "whole"))

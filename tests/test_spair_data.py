@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from glob import glob
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from datamodules.datamodules import SPairDataModule, SyntheticSPairDataModule
 from datamodules.spair import SPairDataset, collate_pairs
+from lightning_modules.metrics import PCK
 from datamodules.synthetic import (
     MARKER_NAME,
     read_synthetic_marker,
@@ -123,6 +126,64 @@ def test_pairs_per_category_is_deterministic_subset(tmp_path: Path) -> None:
     assert dog_only.pair_ids == [pid for pid in a.pair_ids if pid.endswith(":dog")]
     # Asking for more pairs than exist keeps them all.
     assert SPairDataset(root, pairs_per_category=100).pair_ids == full.pair_ids
+
+
+def _reference_draw(root: Path, category: str, sample: int, seed: int = 42) -> list[str]:
+    """The reference's ``load_spair_data`` subset (pck_spair_pascal.py), line for line: file stems in draw order."""
+    np.random.seed(seed)
+    pairs = sorted(glob(f"{root}/PairAnnotation/test/*:{category}.json"))
+    pairs = [pairs[ix] for ix in np.random.choice(len(pairs), sample)]
+    return [Path(p).stem for p in pairs]
+
+
+def test_reference_subset_draw_is_the_reference_code(tmp_path: Path) -> None:
+    root = write_synthetic_spair(tmp_path / "big", images_per_category=5, pairs_per_category=12)
+    ds = SPairDataset(root, pairs_per_category=20, seed=42, subset_draw="reference")
+    assert len(ds) == 40  # 20 draws per category, with replacement, from 12 pairs each
+    assert len(set(ds.pair_ids)) == 40  # pair ids stay unique
+    for category in ("cat", "dog"):
+        drawn = _reference_draw(root, category, 20)
+        assert len(set(drawn)) < 20  # with replacement: some pairs come more than once
+        records = [r for r in ds.records if r.category == category]
+        assert sorted(r.annotation_path.stem for r in records) == sorted(drawn)
+        for stem in set(drawn):  # the k-th draw of a pair is '<stem>#k'
+            ids = sorted(r.pair_id for r in records if r.annotation_path.stem == stem)
+            assert ids == sorted([stem] + [f"{stem}#{k}" for k in range(2, drawn.count(stem) + 1)])
+    # another seed, another draw; the category filter does not change a category's draw
+    assert SPairDataset(root, pairs_per_category=20, seed=0, subset_draw="reference").pair_ids != ds.pair_ids
+    dog = SPairDataset(root, categories=["dog"], pairs_per_category=20, seed=42, subset_draw="reference")
+    assert dog.pair_ids == [pid for pid in ds.pair_ids if pid.split("#")[0].endswith(":dog")]
+    with pytest.raises(ValueError, match="unknown subset_draw 'numpy'"):
+        SPairDataset(root, pairs_per_category=20, subset_draw="numpy")
+
+
+def test_a_repeated_draw_is_scored_once_per_draw(tmp_path: Path) -> None:
+    """The reference counts a pair drawn twice twice; the PCK metric de-duplicates by pair id, so the
+    repeat's own id ('#2') is what makes it count."""
+    root = write_synthetic_spair(tmp_path / "big", images_per_category=5, pairs_per_category=12)
+    ds = SPairDataset(root, categories=["cat"], pairs_per_category=20, seed=42, subset_draw="reference")
+    repeat = next(i for i, pid in enumerate(ds.pair_ids) if "#" in pid)
+    first = ds.pair_ids.index(ds.pair_ids[repeat].split("#")[0])
+    other = next(i for i, pid in enumerate(ds.pair_ids) if pid.split("#")[0] != ds.pair_ids[first])
+    metric = PCK(alphas=(0.1,), categories=["cat", "dog"])
+    # the pair, its repeat (both right), the pair again under its own id (a sampler duplicate: dropped), another (wrong)
+    for index, correct in ((first, True), (repeat, True), (first, False), (other, False)):
+        sample = ds[index]
+        pred = sample["trg_kps"] if correct else sample["trg_kps"] + 1e4
+        metric.update([pred], [sample["trg_kps"]], [sample["threshold"]], [sample["category"]], [sample["pair_id"]],
+                      valids=[sample["kps_valid"]])
+    result = metric.compute()
+    assert result["num_pairs"] == 3
+    assert result["pck"]["0.1"]["per_image"] == pytest.approx(200 / 3)
+
+
+def test_datamodule_subset_draw_reaches_the_dataset_and_is_checked(tmp_path: Path) -> None:
+    root = write_synthetic_spair(tmp_path / "big", images_per_category=5, pairs_per_category=12)
+    dm = SPairDataModule(str(root), pairs_per_category=20, seed=42, subset_draw="reference")
+    dm.setup("test")
+    assert dm.test_dataset.pair_ids == SPairDataset(root, pairs_per_category=20, seed=42, subset_draw="reference").pair_ids
+    with pytest.raises(ValueError, match="unknown subset_draw"):
+        SPairDataModule(str(root), subset_draw="numpy")
 
 
 def test_category_filter(spair_root: Path) -> None:

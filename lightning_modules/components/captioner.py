@@ -24,7 +24,7 @@ from torch import nn
 
 from .hub import load_pretrained
 
-__all__ = ["CLIP_L14_336", "ImplicitCaptioner"]
+__all__ = ["CLIP_L14_336", "ImplicitCaptioner", "odise_clip_preprocess"]
 
 #: ODISE's CLIP tower: OpenAI ViT-L/14 at 336 px, 768-d projected image embedding.
 CLIP_L14_336 = "openai/clip-vit-large-patch14-336"
@@ -142,12 +142,11 @@ class ImplicitCaptioner(nn.Module):
 
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        """CLIP's projected image embedding ``[B, clip_dim]`` (not normalised) of images in [0, 1]."""
-        x = images.float()
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bicubic", antialias=True, align_corners=False)
-            x = x.clamp(0.0, 1.0)  # bicubic overshoots; CLIP's own preprocessing resizes 8-bit images
-        x = (x - self.mean) / self.std
+        """CLIP's projected image embedding ``[B, clip_dim]`` (not normalised) of images in [0, 1].
+
+        The images go through :func:`odise_clip_preprocess` first, as in ODISE's ``ClipAdapter.embed_image``.
+        """
+        x = odise_clip_preprocess(images, self.image_size, self.mean, self.std)
         dtype = next(self.clip.parameters()).dtype
         return self.clip(pixel_values=x.to(dtype)).image_embeds
 
@@ -171,7 +170,7 @@ class ImplicitCaptioner(nn.Module):
         """Conditioning for each image.
 
         Args:
-            images: ``[B, 3, H, W]`` in [0, 1], any size (resized to the tower's ``image_size``).
+            images: ``[B, 3, H, W]`` in [0, 1], any size (preprocessed as ODISE does, :func:`odise_clip_preprocess`).
             uncond: The text encoder's embedding of the empty prompt ``""``, ``[text_length, text_dim]``.
 
         Returns:
@@ -207,6 +206,36 @@ class ImplicitCaptioner(nn.Module):
                         f"{list(param.shape)} here (check text_length, text_dim, time_embed_dim, clip_model_id)"
                     )
                 param.copy_(value)
+
+
+def odise_clip_preprocess(
+    images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """ODISE's CLIP preprocessing of float images in [0, 1] (``ClipAdapter.clip_preprocess``).
+
+    ODISE keeps the first two and the last of open_clip's (2.0.2) eval transforms, applied to a float tensor
+    with torchvision 0.14: ``Resize(size, BICUBIC)`` (the short side to ``size``, the long side to
+    ``int(size * long / short)``; on tensors torchvision 0.14 does not antialias, and does not clamp float
+    images), ``CenterCrop(size)`` (top-left ``round((side - size) / 2)``), and CLIP's mean/std normalisation.
+    The sliding-window crops the SD featurizer passes are square, so the crop is a no-op there.
+
+    Args:
+        images: ``[B, 3, H, W]`` in [0, 1].
+        size: CLIP's input side (336 for ViT-L/14-336).
+        mean: CLIP's channel means, broadcastable to ``images``.
+        std: CLIP's channel standard deviations.
+    """
+    x = images.float()
+    height, width = x.shape[-2:]
+    if min(height, width) != size:
+        short, long = sorted((height, width))
+        new_long = int(size * long / short)
+        new_size = (size, new_long) if height <= width else (new_long, size)
+        x = F.interpolate(x, size=new_size, mode="bicubic", align_corners=False, antialias=False)
+    height, width = x.shape[-2:]
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    x = x[..., top : top + size, left : left + size]
+    return (x - mean.to(x.device)) / std.to(x.device)
 
 
 def _gate(shape: tuple[int, ...], random: bool) -> torch.Tensor:

@@ -7,11 +7,20 @@ block BEFORE the final LayerNorm, with the CLS (and any register) tokens dropped
 (DINOv1 ``facebook/dino-vitb16``, iBOT converted with :func:`ibot_to_transformers`, DINOv2 with registers,
 DINOv3 ViTs), an ensemble of
 blocks (Ensemble-ViT: block 9 with the last) and a bilateral filter over the token map (Filter-ViT).
+
+Position embeddings: a ViT learns a fixed ``M x M`` grid of position embeddings (37 x 37 for DINOv2, 14 x 14
+for DINOv1 ViT-B/16) and resizes it to the token grid of a larger input. The reference runs the torch-hub
+models, whose code resizes with "the +0.1 rule" (``pos_interpolation="hub"``, the default, see
+:func:`hub_position_embeddings`); transformers resizes to exactly ``n x n`` (``"exact"``). The sampling
+positions differ, so every token differs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -22,9 +31,36 @@ from .feature_cache import featurizer_fingerprint
 from .hooks import run_and_capture
 from .hub import load_pretrained
 
-__all__ = ["FACETS", "DinoFeaturizer", "attention_projection", "bilateral_filter", "ibot_to_transformers", "vit_blocks"]
+__all__ = [
+    "FACETS",
+    "HUB_POSITION_RULES",
+    "POS_INTERPOLATIONS",
+    "DinoFeaturizer",
+    "attention_projection",
+    "bilateral_filter",
+    "hub_position_embeddings",
+    "ibot_to_transformers",
+    "vit_blocks",
+]
 
 FACETS = ("token", "key", "query", "value")
+
+#: How the learned position grid is resized to the token grid: ``hub`` the rule of the model's original
+#: (torch-hub) code, which the reference runs; ``exact`` transformers' own resize to exactly ``n x n``.
+POS_INTERPOLATIONS = ("hub", "exact")
+
+#: The torch-hub rule per transformers ``model_type``: ``(offset, antialias)`` of :func:`hub_position_embeddings`.
+#: DINOv2 (facebookresearch/dinov2 ``interpolate_offset=0.1``, no antialias) and DINOv1 / iBOT
+#: (facebookresearch/dino ``w0 + 0.1``, and the reference's stride-aware ``ViTExtractor._fix_pos_enc``, the
+#: same rule on the strided grid) add 0.1; DINOv2 with registers is built by the hub with
+#: ``interpolate_offset=0.0, interpolate_antialias=True``, which is what transformers does too. DINOv3 has
+#: rotary positions (nothing to resize), so both rules are the same there.
+HUB_POSITION_RULES: dict[str, tuple[float, bool]] = {
+    "dinov2": (0.1, False),
+    "vit": (0.1, False),
+    "dinov2_with_registers": (0.0, True),
+}
+_ROTARY_MODEL_TYPES = ("dinov3_vit",)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,6 +95,73 @@ def bilateral_filter(
     )
     out = (neighbours * weights.unsqueeze(1)).sum(2) / weights.sum(1, keepdim=True)
     return out.view(b, c, h, w)
+
+
+def hub_position_embeddings(
+    position_embeddings: torch.Tensor, grid: int, offset: float = 0.1, antialias: bool = False
+) -> torch.Tensor:
+    """Resize a ViT's learned position embeddings to a ``grid x grid`` token grid with the torch-hub rule.
+
+    The patch part ``[1, M*M, D]`` is resized bicubically (``align_corners=False``) with
+    ``scale_factor = (grid + offset) / M`` and the output cropped by the floor to ``grid`` (the
+    "+0.1" rule of DINO's and DINOv2's code: the sampling positions are those of a ``(grid + 0.1)``-wide
+    output, not of a ``grid``-wide one); ``offset = 0`` resizes to exactly ``grid x grid``. The class
+    embedding is kept. The resize runs in float32 and returns the input's dtype. Inputs are square here,
+    so the hub code's swapped (width, height) scale factors do not matter.
+
+    Args:
+        position_embeddings: ``[1, 1 + M*M, D]``, the class token's first.
+        grid: Tokens per side of the input.
+        offset: 0.1 for DINOv2 and DINOv1 / iBOT, 0.0 for DINOv2 with registers.
+        antialias: ``interpolate``'s antialias flag (True only for DINOv2 with registers).
+
+    Returns:
+        ``[1, 1 + grid*grid, D]``; the input itself when ``grid == M``.
+    """
+    cls_embedding, patch = position_embeddings[:, :1], position_embeddings[:, 1:]
+    side = int(round(math.sqrt(patch.shape[1])))
+    if side * side != patch.shape[1]:
+        raise ValueError(f"position embeddings of {patch.shape[1]} patches do not form a square grid")
+    if grid == side:
+        return position_embeddings
+    patch = patch.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    if offset:
+        factor = (grid + offset) / side
+        resized = F.interpolate(patch, scale_factor=(factor, factor), mode="bicubic", align_corners=False, antialias=antialias)
+    else:
+        resized = F.interpolate(patch, size=(grid, grid), mode="bicubic", align_corners=False, antialias=antialias)
+    if resized.shape[-2:] != (grid, grid):  # cannot happen for offset < 1; guards a misuse
+        raise ValueError(f"the hub rule gave a {tuple(resized.shape[-2:])} grid for {grid} tokens per side")
+    resized = resized.to(position_embeddings.dtype).permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
+    return torch.cat([cls_embedding, resized], dim=1)
+
+
+@contextlib.contextmanager
+def _position_rule(model: nn.Module, pos_interpolation: str) -> Iterator[None]:
+    """While the block runs, make ``model.embeddings`` resize its position grid with the hub rule.
+
+    transformers' ViT, DINOv2 and DINOv2-with-registers embeddings call
+    ``self.interpolate_pos_encoding(embeddings, height, width)``; an instance attribute shadows that
+    method for this forward pass only (variants share the model, and may use the other rule).
+    """
+    model_type = model.config.model_type
+    if pos_interpolation == "exact" or model_type in _ROTARY_MODEL_TYPES:
+        yield
+        return
+    offset, antialias = HUB_POSITION_RULES[model_type]
+    embeddings = model.embeddings
+    patch = int(model.config.patch_size)
+
+    def interpolate(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        if height != width:
+            raise ValueError(f"the hub position rule is implemented for square inputs, got {height}x{width}")
+        return hub_position_embeddings(embeddings.position_embeddings, height // patch, offset, antialias)
+
+    embeddings.interpolate_pos_encoding = interpolate
+    try:
+        yield
+    finally:
+        del embeddings.interpolate_pos_encoding
 
 
 def vit_blocks(model: nn.Module) -> nn.ModuleList:
@@ -155,6 +258,10 @@ class DinoFeaturizer(nn.Module):
         checkpoint: A timm-style ViT checkpoint (the iBOT release's ``checkpoint_teacher.pth``) whose
             weights replace ``model_id``'s after :func:`ibot_to_transformers`; ``model_id`` then only gives
             the architecture (``facebook/dino-vitb16`` for iBOT ViT-B/16).
+        pos_interpolation: How the learned position grid is resized to the token grid (see
+            :data:`POS_INTERPOLATIONS`): ``hub`` (default) the rule of the model's torch-hub code, which the
+            reference runs (:data:`HUB_POSITION_RULES`); ``exact`` transformers' own resize. No effect when
+            the grid already has the model's size, nor for DINOv3 (rotary positions).
     """
 
     def __init__(
@@ -169,6 +276,7 @@ class DinoFeaturizer(nn.Module):
         bilateral_sigma_space: float = 1.0,
         bilateral_sigma_range: float = 0.5,
         checkpoint: str | None = None,
+        pos_interpolation: str = "hub",
     ) -> None:
         super().__init__()
         self.model_id = None if random_init is not None else model_id  # where the weights came from
@@ -182,6 +290,7 @@ class DinoFeaturizer(nn.Module):
         self.ensemble_layers = [int(i) for i in (ensemble_layers or [])]
         self.bilateral_window = int(bilateral_window)
         self.bilateral_sigma_space, self.bilateral_sigma_range = float(bilateral_sigma_space), float(bilateral_sigma_range)
+        self.pos_interpolation = pos_interpolation
         self._validate()
         self._digests: dict[str, str] = {}  # weight digest for the feature cache, shared with variants
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -190,7 +299,7 @@ class DinoFeaturizer(nn.Module):
     #: Extraction settings a variant may change; the weights stay shared.
     VARIANT_FIELDS = (
         "layer", "image_size", "facet", "ensemble_layers", "bilateral_window", "bilateral_sigma_space",
-        "bilateral_sigma_range",
+        "bilateral_sigma_range", "pos_interpolation",
     )
 
     def cache_key(self, category: str = "") -> str:
@@ -210,6 +319,17 @@ class DinoFeaturizer(nn.Module):
             raise ValueError(f"unknown facet {self.facet!r}; choose one of {list(FACETS)}")
         if self.bilateral_window and self.bilateral_window % 2 == 0:
             raise ValueError(f"bilateral_window must be odd (or 0 = off), got {self.bilateral_window}")
+        if self.pos_interpolation not in POS_INTERPOLATIONS:
+            raise ValueError(
+                f"unknown pos_interpolation {self.pos_interpolation!r}; choose one of {list(POS_INTERPOLATIONS)}"
+            )
+        model_type = self.model.config.model_type
+        known = (*HUB_POSITION_RULES, *_ROTARY_MODEL_TYPES)
+        if self.pos_interpolation == "hub" and model_type not in known:
+            raise ValueError(
+                f"no torch-hub position rule is known for model_type {model_type!r} (known: {list(known)}); "
+                "set pos_interpolation: exact to use transformers' own"
+            )
 
     def variant(self, **overrides: Any) -> DinoFeaturizer:
         """A featurizer sharing this one's weights with other extraction settings (ablations).
@@ -286,9 +406,10 @@ class DinoFeaturizer(nn.Module):
         layers = [self.layer, *self.ensemble_layers]
         # DINOv2 interpolates its position embeddings by itself and DINOv3 has rotary ones; ViT must be asked
         kwargs = {"interpolate_pos_encoding": True} if self.model.config.model_type == "vit" else {}
-        captured = run_and_capture(
-            lambda: self.model(pixel_values=pixels, **kwargs), {str(i): self._facet_module(i) for i in layers}
-        )
+        with _position_rule(self.model, self.pos_interpolation):
+            captured = run_and_capture(
+                lambda: self.model(pixel_values=pixels, **kwargs), {str(i): self._facet_module(i) for i in layers}
+            )
         grid = self.grid_size
         maps = [
             captured[str(i)][:, self.num_prefix_tokens :].float().transpose(1, 2).reshape(len(images), -1, grid, grid)

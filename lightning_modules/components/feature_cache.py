@@ -35,7 +35,8 @@ __all__ = ["FeatureCache", "config_digest", "featurizer_fingerprint", "image_dig
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the meaning of a stored entry changes; entries of another version are recomputed.
-FORMAT_VERSION = "1"
+#: 2: the implicit captioner sees each sliding-window crop and adds its time term in prompt mode too.
+FORMAT_VERSION = "2"
 
 Features = tuple[torch.Tensor, ...]
 

@@ -170,9 +170,11 @@ class SDFeaturizer(nn.Module):
             ``encoder``, ``encoder_decoder``, ``conv`` or ``attn`` (see :data:`LOCATIONS`).
         conditioning: ``prompt`` (the template above, the "explicit captioner") or ``implicit`` (the
             ``captioner``'s image-based conditioning; the prompt is then unused).
-        captioner: ODISE's implicit captioner, needed for ``conditioning="implicit"`` (SD 1.x only). Its
-            conditioning replaces the prompt's and its extra time embedding is added to the UNet's. It
-            sees the whole padded image once; every sliding-window crop shares its conditioning.
+        captioner: ODISE's implicit captioner, needed for ``conditioning="implicit"`` (SD 1.x only). As in
+            ODISE's sliding window, it sees each crop the UNet sees (every window gets its own CLIP
+            embedding). With ``conditioning="implicit"`` its conditioning replaces the prompt's. Its extra
+            time embedding (when it has one) is added to the UNet's in BOTH conditionings, as the
+            reference does with and without ``--TEXT_INPUT``; without a captioner there is none.
         random_init: Build tiny random components from configs instead of loading weights:
             ``{"unet": {...}, "vae": {...}, "text_encoder": {...}, "seed": 0}`` overriding
             :mod:`.tiny_models` defaults. For tests, the demo and CPU smoke runs.
@@ -386,15 +388,20 @@ class SDFeaturizer(nn.Module):
         hidden, pooled = self._prompt_cache[prompt]
         return hidden.to(device), None if pooled is None else pooled.to(device)
 
-    def _implicit_conditioning(
-        self, images: torch.Tensor, windows: int, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The captioner's prompt states ``[B * windows, L, D]`` and extra time embedding (or None)."""
-        assert self.captioner is not None
-        uncond = self._text_embedding("", images.device)[0]
-        cond, time_extra = self.captioner(images, uncond)
-        cond = cond.repeat_interleave(windows, dim=0).to(dtype)
-        return cond, None if time_extra is None else time_extra.repeat_interleave(windows, dim=0).to(dtype)
+    def _captioner_conditioning(
+        self, crops: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The captioner's prompt states ``[N, L, D]`` and extra time embedding ``[N, T]`` of each crop.
+
+        ``(None, None)`` without a captioner, and without a CLIP pass when neither output would be used
+        (prompt conditioning and a captioner without a time projection).
+        """
+        captioner = self.captioner
+        if captioner is None or (self.conditioning == "prompt" and captioner.time_embed_dim is None):
+            return None, None
+        uncond = self._text_embedding("", crops.device)[0]
+        cond, time_extra = captioner(crops, uncond)
+        return cond.to(dtype), None if time_extra is None else time_extra.to(dtype)
 
     def _conditioning(
         self, categories: Sequence[str], windows: int, side: int, device: torch.device, dtype: torch.dtype
@@ -443,10 +450,9 @@ class SDFeaturizer(nn.Module):
         crops = crops.flatten(0, 1)  # [B * windows, 3, side, side], image-major
         dtype = self.vae.dtype
         latents = self.vae.encode(crops.to(dtype) * 2 - 1).latent_dist.mean * self.vae.config.scaling_factor
-        time_extra = None
+        implicit_text, time_extra = self._captioner_conditioning(crops, dtype)
         if self.conditioning == "implicit":
-            text, time_extra = self._implicit_conditioning(images, len(offsets), dtype)
-            added = None
+            text, added = implicit_text, None
         else:
             text, added = self._conditioning(categories, len(offsets), side, images.device, dtype)
         t = torch.full((latents.shape[0],), self.timestep, device=images.device, dtype=torch.long)
