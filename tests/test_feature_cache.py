@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 import evaluate
 from datamodules import SPairDataset, write_synthetic_spair
 from lightning_modules.components import FusedCorrespondence
-from lightning_modules.components.feature_cache import FeatureCache, image_digest
+from lightning_modules.components.feature_cache import FORMAT_VERSION, FeatureCache, image_digest
 
 REPO = Path(__file__).resolve().parents[1]
 SPAIR, TINY = str(REPO / "configs" / "spair.yaml"), str(REPO / "configs" / "model" / "tiny.yaml")
@@ -90,8 +93,26 @@ def test_corrupt_disk_entry_is_recomputed_and_replaced(tmp_path: Path) -> None:
     assert computed == 0 and cache.rejected == 0
 
 
-@pytest.mark.parametrize("metadata", [{"key": "another", "format": "1", "count": "1"},
-                                      {"key": "a", "format": "0", "count": "1"}], ids=["key", "format"])
+def test_damaged_tensor_bytes_are_detected_recomputed_and_logged(tmp_path: Path, caplog) -> None:
+    """The header (key, format) intact, a byte of the tensor data flipped: the checksum catches it."""
+    values = {"a": torch.randn(64)}
+    cache, _ = _disk_round(tmp_path, ["a"], values)
+    path = cache.path_for("a")
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # inside the last float's bytes
+    path.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        cache, computed = _disk_round(tmp_path, ["a"], values)  # asserts the values are the computed ones
+    assert computed == 1 and cache.rejected == 1 and cache.disk_hits == 0
+    assert "checksum mismatch" in caplog.text and str(path) in caplog.text
+    cache, computed = _disk_round(tmp_path, ["a"], values)  # replaced by a good entry
+    assert computed == 0 and cache.disk_hits == 1
+
+
+@pytest.mark.parametrize("metadata", [{"key": "another", "format": FORMAT_VERSION, "count": "1"},
+                                      {"key": "a", "format": "0", "count": "1"},
+                                      {"key": "a", "format": FORMAT_VERSION, "count": "1"}],
+                         ids=["key", "format", "no-checksum"])
 def test_stale_disk_entry_is_recomputed_never_used(tmp_path: Path, metadata: dict) -> None:
     from safetensors.torch import save_file
 
@@ -161,15 +182,20 @@ def test_cached_pipeline_extracts_each_image_once_and_predicts_the_same(tiny_sd,
 
 
 def test_a_second_run_with_the_disk_cache_does_no_extraction(tmp_path, monkeypatch) -> None:
+    """Two runs in two fresh processes with different hash seeds: the keys must not depend on the process."""
     monkeypatch.chdir(tmp_path)
     root = write_synthetic_spair(tmp_path / "spair", categories=("cat", "dog"), pairs_per_category=4)
     dataset = SPairDataset(root)
     runs = []
-    for name in ("first", "second"):
-        evaluate.main(["test", "--config", SPAIR, "--config", TINY, "--data.root", str(root),
-                       "--data.num_workers", "0", "--trainer.accelerator", "cpu",
-                       "--model.init_args.feature_cache_dir", str(tmp_path / "features"),
-                       "--trainer.default_root_dir", str(tmp_path / name)])
+    for name, hash_seed in (("first", "1"), ("second", "2")):
+        args = ["test", "--config", SPAIR, "--config", TINY, "--data.root", str(root),
+                "--data.num_workers", "0", "--trainer.accelerator", "cpu",
+                "--model.init_args.feature_cache_dir", str(tmp_path / "features"),
+                "--trainer.default_root_dir", str(tmp_path / name)]
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
         runs.append(json.loads((tmp_path / name / "results.json").read_text()))
     unique = len(dataset.image_paths)
     assert unique < 2 * len(dataset)  # pairs share images

@@ -10,9 +10,11 @@ matching) is per pair and cheap. A benchmark pairs every image with many others,
 
 A key is the image's content hash plus the featurizer's fingerprint (its class, extraction settings,
 model configs, a digest of its weights, the numeric precision, and the prompt where the features depend
-on one). A disk entry stores its full key and a format version in the file's metadata; an entry whose
-metadata does not match (stale) or that cannot be read (corrupt, truncated) is recomputed and replaced,
-never used. Files are written to a temporary name and renamed, so an interrupted run leaves no partial
+on one); it is canonical (sorted, without the config entries that depend on the process or the download
+folder), so a new process finds what an earlier one stored. A disk entry stores its full key, a format
+version and a checksum of its tensor bytes in the file's metadata; an entry whose metadata does not match
+(stale), that cannot be read (corrupt, truncated) or whose bytes do not match the checksum (damaged) is
+recomputed and replaced, never used, and the log says so. Files are written to a temporary name and renamed, so an interrupted run leaves no partial
 entry behind.
 """
 
@@ -35,7 +37,8 @@ __all__ = ["FeatureCache", "config_digest", "featurizer_fingerprint", "image_dig
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the meaning of a stored entry changes; entries of another version are recomputed.
-#: 2: the implicit captioner sees each sliding-window crop and adds its time term in prompt mode too.
+#: 2: the implicit captioner sees each sliding-window crop and adds its time term in prompt mode too; a
+#: checksum of the tensor bytes is stored with every entry and checked on read.
 FORMAT_VERSION = "2"
 
 Features = tuple[torch.Tensor, ...]
@@ -50,9 +53,43 @@ def image_digest(image: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+#: Model-config entries that describe how a config was made, not the model: diffusers' ``_use_default_values``
+#: (a list built from a set, so its order changes with Python's hash seed), ``_name_or_path`` (where the model
+#: was loaded from), library versions. The weights digest identifies the model; these would only make a key
+#: differ between processes, machines or download folders.
+_CONFIG_METADATA = ("transformers_version",)
+
+
+def model_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A model config without its metadata entries (keys starting with ``_``, :data:`_CONFIG_METADATA`)."""
+    return {k: v for k, v in config.items() if not str(k).startswith("_") and k not in _CONFIG_METADATA}
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` with sets and frozensets sorted, so that its JSON text is the same in every process."""
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted((_canonical(v) for v in value), key=lambda v: json.dumps(v, sort_keys=True, default=str))
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def tensors_checksum(tensors: Iterable[torch.Tensor]) -> str:
+    """Digest of the bytes, dtypes and shapes of CPU tensors (stored with a disk entry, checked on read)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in tensors:
+        flat = tensor.detach().contiguous().reshape(-1)
+        digest.update(f"{tuple(tensor.shape)}:{tensor.dtype}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
 def config_digest(config: Mapping[str, Any]) -> str:
-    """Stable hash of a JSON-able settings mapping (non-JSON values by their ``str``)."""
-    text = json.dumps(config, sort_keys=True, default=str)
+    """Stable hash of a JSON-able settings mapping (non-JSON values by their ``str``), the same in every
+    process: keys sorted, sets sorted."""
+    text = json.dumps(_canonical(config), sort_keys=True, default=str)
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
@@ -98,7 +135,7 @@ def featurizer_fingerprint(
     for name, module in modules.items():
         config = getattr(module, "config", None)
         if config is not None:
-            configs[name] = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            configs[name] = model_config(config.to_dict() if hasattr(config, "to_dict") else dict(config))
         if module is not None and name not in digests:
             digests[name] = weights_digest([module])
         if module is not None:
@@ -218,7 +255,10 @@ class FeatureCache:
                 if meta.get("key") != key or meta.get("format") != FORMAT_VERSION:
                     raise ValueError(f"stale entry (format {meta.get('format')!r}, another key)")
                 count = int(meta["count"])
-                features = tuple(handle.get_tensor(str(i)).to(device) for i in range(count))
+                stored = tuple(handle.get_tensor(str(i)) for i in range(count))
+            if meta.get("checksum") != tensors_checksum(stored):
+                raise ValueError("checksum mismatch: the stored tensor bytes are damaged")
+            features = tuple(t.to(device) for t in stored)
         except Exception as err:  # noqa: BLE001 - a broken file can fail in many ways; all mean "recompute"
             self.rejected += 1
             log.warning("feature cache: recomputing %s (%s: %s)", path, type(err).__name__, err)
@@ -235,7 +275,9 @@ class FeatureCache:
         path = self.path_for(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {str(i): t.detach().to("cpu").contiguous() for i, t in enumerate(features)}
-        metadata = {"key": key, "format": FORMAT_VERSION, "count": str(len(features))}
+        metadata = {
+            "key": key, "format": FORMAT_VERSION, "count": str(len(features)), "checksum": tensors_checksum(tensors.values()),
+        }
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
         save_file(tensors, str(partial), metadata=metadata)
         os.replace(partial, path)  # atomic: readers (other ranks, a later run) never see half a file

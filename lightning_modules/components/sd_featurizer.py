@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .captioner import ImplicitCaptioner
-from .feature_cache import featurizer_fingerprint
+from .feature_cache import featurizer_fingerprint, model_config
 from .hooks import run_and_capture
 from .hub import check_tokenizer, load_pretrained
 
@@ -265,7 +265,7 @@ class SDFeaturizer(nn.Module):
         """What an image's features depend on besides its pixels (see :mod:`.feature_cache`): settings,
         model configs and weights, and the prompt (when the conditioning uses one)."""
         settings: dict[str, Any] = {name: getattr(self, name) for name in self.VARIANT_FIELDS if name != "prompt"}
-        settings["scheduler"] = dict(self.scheduler.config)
+        settings["scheduler"] = model_config(self.scheduler.config)
         modules = {
             "unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
             "text_encoder_2": self.text_encoder_2, "captioner": self.captioner,
