@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_modules.cli import build_cli
+from lightning_modules.cli import build_cli, run_script
 
 
 def main(args: list[str] | None = None) -> LightningCLI:
@@ -21,4 +21,4 @@ def main(args: list[str] | None = None) -> LightningCLI:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # SIGTERM: exit 143 and the resume command; errors: one paragraph (SD_DINO_DEBUG=1: traceback)

@@ -14,7 +14,11 @@ from torch.utils.data import DataLoader
 
 from datamodules.samplers import dataset_pair_ids
 from lightning_modules.ablation import ablation_table, analysis_markdown
+from lightning_modules.components.feature_cache import config_digest
+from lightning_modules.components.strict_json import dumps
 from lightning_modules.distributed import gather_from_ranks
+
+from .run_folder import PARTIAL_GLOB, RunFolderError, claim_run_folder, release_run_folder
 
 __all__ = ["CorrespondenceWriter", "IncompleteEvaluationError", "check_complete", "format_pck_table", "sort_records"]
 
@@ -93,8 +97,36 @@ def _evaluated_pair_ids(trainer: L.Trainer) -> list[str] | None:
 
 def _evaluates_everything(trainer: L.Trainer) -> bool:
     """False when ``limit_test_batches`` / ``fast_dev_run`` deliberately evaluate a subset."""
+    return _partial_reason(trainer) is None
+
+
+def _partial_reason(trainer: L.Trainer) -> str | None:
+    """Why the run evaluates a subset on purpose (``limit_test_batches``, ``fast_dev_run``), or None."""
+    if getattr(trainer, "fast_dev_run", False):
+        return f"fast_dev_run={trainer.fast_dev_run}"
     limit = getattr(trainer, "limit_test_batches", 1.0)
-    return not getattr(trainer, "fast_dev_run", False) and isinstance(limit, float) and limit >= 1.0
+    if not (isinstance(limit, float) and limit >= 1.0):
+        return f"limit_test_batches={limit}"
+    return None
+
+
+def check_scored(results: dict[str, Any] | None) -> None:
+    """Refuse a summary in which nothing was scored (its averages would all be undefined).
+
+    Raises:
+        IncompleteEvaluationError: If the run (or an ablation row) scored no keypoint or pixel.
+    """
+    if results is None:
+        return
+    summaries = results["rows"] if "rows" in results else {None: results}
+    for row, summary in summaries.items():
+        for count in ("num_points", "num_pixels"):
+            if summary.get(count) == 0:
+                where = "" if row is None else f" (ablation row {row!r})"
+                raise IncompleteEvaluationError(
+                    f"no {count[4:-1]} was scored{where}: every keypoint of the {summary.get('num_pairs')} pairs is "
+                    "invalid or invisible, so every PCK would be undefined"
+                )
 
 
 def format_pck_table(results: dict[str, Any], per_group: bool = True) -> str:
@@ -115,18 +147,23 @@ def format_pck_table(results: dict[str, Any], per_group: bool = True) -> str:
     head = f"{protocol.get('name', 'PCK'):<22}" + "".join(f"{'@' + a:>10}" for a in alphas)
     lines = [head, "-" * len(head)]
     for average in averages:
-        lines.append(f"{average:<22}" + "".join(f"{results['pck'][a][average]:>10.2f}" for a in alphas))
+        lines.append(f"{average:<22}" + "".join(_cell(results["pck"][a][average]) for a in alphas))
     if "aepe" in results:  # dense benchmarks: average end-point error in pixels, per image
         lines.append(f"{'aepe (px)':<22}" + f"{results['aepe']['per_image']:>10.2f}")
     groups = sorted({g for a in alphas for g in results["pck"][a].get(group_label, {})})
     if per_group and groups:
         lines.append("-" * len(head))
         for group in groups:
-            values = [results["pck"][a][group_label].get(group, float("nan")) for a in alphas]
-            lines.append(f"{group:<22}" + "".join(f"{v:>10.2f}" for v in values))
+            values = [results["pck"][a][group_label].get(group) for a in alphas]
+            lines.append(f"{group:<22}" + "".join(_cell(v) for v in values))
     counts = "  ".join(f"{k}: {v}" for k, v in results.items() if k.startswith("num_"))
     lines.append(counts)
     return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    """A table cell: the value in percent, or ``n/a`` where it is undefined (no point to score)."""
+    return f"{'n/a':>10}" if value is None or value != value else f"{value:>10.2f}"
 
 
 def format_scores_table(results: dict[str, Any], per_group: bool = True) -> str:
@@ -154,10 +191,6 @@ def format_results_table(results: dict[str, Any]) -> str:
 
 
 log = logging.getLogger(__name__)
-
-#: Per-process files that receive every finished batch's records as soon as it ends.
-PARTIAL_GLOB = "predictions.partial.rank*.jsonl"
-
 
 def read_partial_records(directory: Path) -> list[dict[str, Any]]:
     """The records an interrupted run flushed (every process's file), each (pair, row) once, only pairs
@@ -190,29 +223,43 @@ class CorrespondenceWriter(L.Callback):
     (``restore_predictions``), evaluates only the pairs not finished yet, and ends with the files an
     uninterrupted run writes. ``extraction_passes`` then counts the resumed run's passes only.
 
+    The run owns its folder (:mod:`callbacks.run_folder`): a lock while it runs, ``run.json`` with the
+    settings its predictions depend on (the CLI hands them over as ``run_settings``); a second run into a
+    locked folder, a fresh run into a finished one (without ``overwrite``) and a resume with other settings
+    are refused. ``results.json`` repeats the settings (``run``) and says whether the run is ``complete``.
+
     Args:
         output_dir: Where to write; None uses ``trainer.log_dir``.
         print_table: Print the PCK table at the end of the run.
         resume: Continue an interrupted run found in the output directory instead of starting over.
+        overwrite: Replace a finished run found in the output directory instead of refusing to start.
     """
 
-    def __init__(self, output_dir: str | None = None, print_table: bool = True, resume: bool = False) -> None:
+    def __init__(
+        self, output_dir: str | None = None, print_table: bool = True, resume: bool = False, overwrite: bool = False
+    ) -> None:
         self.output_dir = output_dir
         self.print_table = print_table
         self.resume = resume
+        self.overwrite = overwrite
+        #: The prediction settings of this run (:func:`callbacks.run_folder.prediction_settings`); set by the CLI.
+        self.run_settings: dict[str, Any] | None = None
         self._records: list[dict[str, Any]] = []
         self._restored: list[dict[str, Any]] = []
         self._partial: Path | None = None
+        self._claimed: Path | None = None
+        self._run: dict[str, Any] = {}
 
     def resolve_dir(self, trainer: L.Trainer) -> Path:
         """The directory this run writes to."""
         return Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Find the output directory, and on resume the finished pairs (before the dataloader is built)."""
+        """Claim the output directory, and on resume find the finished pairs (before the dataloader is built)."""
         if stage != "test":
             return
         out = self.resolve_dir(trainer)  # a collective: every process calls it
+        self._claim(trainer, out)
         self._partial = out / f"predictions.partial.rank{trainer.global_rank}.jsonl"
         self._restored = []
         if self.resume:
@@ -223,11 +270,28 @@ class CorrespondenceWriter(L.Callback):
             if datamodule is not None and hasattr(datamodule, "finished_pair_ids"):
                 datamodule.finished_pair_ids = {str(r["pair_id"]) for r in self._restored}
             log.info("resume: %d finished records found in %s", len(self._restored), out)
-        else:
-            if trainer.is_global_zero:  # a fresh run: leftovers of an earlier interrupted run must not mix in
-                for stale in out.glob(PARTIAL_GLOB):
-                    stale.unlink()
-            trainer.strategy.barrier()
+
+    def _claim(self, trainer: L.Trainer, out: Path) -> None:
+        """Rank 0 takes the folder (:func:`claim_run_folder`); every process learns the outcome."""
+        error = None
+        if trainer.is_global_zero:
+            try:
+                self._run = claim_run_folder(out, self.run_settings, self.resume, self.overwrite)
+                self._claimed = out
+            except RunFolderError as err:
+                error = str(err)
+        error = trainer.strategy.broadcast(error, src=0)
+        if error is not None:
+            raise RunFolderError(error)
+
+    def _release(self) -> None:
+        if self._claimed is not None:
+            release_run_folder(self._claimed)
+            self._claimed = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Give the folder back; the flushed predictions stay for ``--resume``."""
+        self._release()
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._records = []
@@ -257,7 +321,7 @@ class CorrespondenceWriter(L.Callback):
             return
         self._partial.parent.mkdir(parents=True, exist_ok=True)
         with open(self._partial, "a") as handle:
-            handle.write("".join(json.dumps(record) + "\n" for record in records))
+            handle.write("".join(dumps(record) + "\n" for record in records))
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -273,22 +337,38 @@ class CorrespondenceWriter(L.Callback):
         records = self._gathered_records()  # a collective: every process, before rank 0 goes on alone
         pair_ids = _evaluated_pair_ids(trainer)
         results = getattr(pl_module, "test_results", None)
-        if pair_ids is not None and _evaluates_everything(trainer):
-            # on every process (all hold the gathered records and the synchronised results), so that all stop
+        partial_reason = _partial_reason(trainer)
+        # on every process (all hold the gathered records and the synchronised results), so that all stop
+        if pair_ids is not None and partial_reason is None:
             check_complete(records, pair_ids, results)
+        check_scored(results)
         out = self.resolve_dir(trainer)  # also a collective: `trainer.log_dir` broadcasts rank 0's directory
         if not trainer.is_global_zero:
             return
-        records = sort_records(records, pair_ids)
+        try:
+            self._write(out, sort_records(records, pair_ids), results, partial_reason)
+        finally:
+            self._release()
+
+    def _write(
+        self, out: Path, records: list[dict[str, Any]], results: dict[str, Any] | None, partial_reason: str | None
+    ) -> None:
         out.mkdir(parents=True, exist_ok=True)
         partial = out / "predictions.jsonl.partial"
         with open(partial, "w") as handle:
             for record in records:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(dumps(record) + "\n")
         os.replace(partial, out / "predictions.jsonl")
+        if results is not None:
+            settings = self._run.get("settings")
+            results = {**results, "run": {
+                "complete": partial_reason is None, "partial_reason": partial_reason, "config": "config.yaml",
+                "settings_digest": None if settings is None else config_digest(settings), "settings": settings,
+            }}  # fmt: skip
+        warning = "" if partial_reason is None else f"\nPARTIAL RUN ({partial_reason}): not every pair was evaluated"
         if results is not None and "table" in results:  # an ablation: one row per setting
             markdown, csv = ablation_table(results)
-            (out / "results.json").write_text(json.dumps(results, indent=2))
+            (out / "results.json").write_text(dumps(results, indent=2))
             (out / "ablation.md").write_text(markdown)
             (out / "ablation.csv").write_text(csv)
             if "analysis" in results:
@@ -296,11 +376,11 @@ class CorrespondenceWriter(L.Callback):
                 (out / "analysis.md").write_text(analysis)
                 markdown += "\n" + analysis
             if self.print_table:
-                print("\n" + markdown + f"written to {out}", flush=True)
+                print("\n" + markdown + f"written to {out}" + warning, flush=True)
         elif results is not None:
-            (out / "results.json").write_text(json.dumps(results, indent=2))
+            (out / "results.json").write_text(dumps(results, indent=2))
             if self.print_table:
-                print("\n" + format_results_table(results) + f"\nwritten to {out}", flush=True)
-        if _evaluates_everything(trainer):  # the run is complete and written: the flushed batches are done with
+                print("\n" + format_results_table(results) + f"\nwritten to {out}" + warning, flush=True)
+        if partial_reason is None:  # the run is complete and written: the flushed batches are done with
             for done in out.glob(PARTIAL_GLOB):
                 done.unlink()

@@ -34,6 +34,7 @@ Expected layout (``root`` is the ``CUB_200_2011`` folder)::
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
@@ -42,8 +43,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
+
+from .records import load_rgb_image
 
 __all__ = [
     "ACSM_CACHEDIR_HINT",
@@ -235,6 +238,8 @@ def read_part_locs(path: str | Path) -> dict[int, np.ndarray]:
             raise ValueError(
                 f"Malformed CUB keypoint file {path} line {number}: part id {part_id} is not in 1..{CUB_NUM_PARTS}"
             )
+        if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(visible)):
+            raise ValueError(f"Malformed CUB keypoint file {path} line {number}: a non-finite number (NaN or infinity)")
         block = parts.get(image_id)
         if block is None:
             block = parts[image_id] = np.full((CUB_NUM_PARTS, 3), np.nan, dtype=np.float32)
@@ -347,15 +352,11 @@ def _class_of(rel_path: str, where: Path) -> tuple[int, str, str]:
 
 
 def _load_rgb_array(path: Path) -> np.ndarray:
-    """``[H, W, 3]`` uint8 RGB (``Image.open(...).convert('RGB')`` as ASIC), with errors naming the file."""
+    """``[H, W, 3]`` uint8 RGB (:func:`load_rgb_image`; for CUB's RGB JPEGs ASIC's ``convert('RGB')``), with
+    errors naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"CUB image file not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return np.array(img.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"Could not read image {path}: {err}") from err
+    return load_rgb_image(path).permute(1, 2, 0).numpy()
 
 
 # ------------------------------------------------------------------------------------ dataset

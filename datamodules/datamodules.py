@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning as L
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
@@ -77,11 +78,15 @@ class PairDataModule(L.LightningDataModule):
     #: Whether the benchmark has training / validation splits (``trainer.fit`` / ``trainer.validate``).
     supports_fit: ClassVar[bool] = False
 
-    def __init__(self, root: str | None = None, batch_size: int = 1, num_workers: int = 0) -> None:
+    def __init__(self, root: str | None = None, batch_size: PositiveInt = 1, num_workers: NonNegativeInt = 0) -> None:
         super().__init__()
+        if isinstance(batch_size, bool) or int(batch_size) < 1:  # the CLI checks the type; this for Python callers
+            raise ValueError(f"batch_size must be a positive int (data.init_args.batch_size), got {batch_size!r}")
+        if int(num_workers) < 0:
+            raise ValueError(f"num_workers must be >= 0 (data.init_args.num_workers), got {num_workers!r}")
         self.root = root
-        self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
         self.test_dataset: Any = None
         self.train_dataset: Any = None
         self.val_dataset: Any = None
@@ -292,8 +297,8 @@ class SPairDataModule(PairDataModule):
         pairs_per_category: int | None = None,
         seed: int = 0,
         subset_draw: Literal["uniform", "reference"] = "uniform",
-        batch_size: int = 1,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 0,
         train_split: str = "trn",
         val_split: str = "val",
         train_pairs_per_category: int | None = None,
@@ -384,8 +389,8 @@ class SyntheticSPairDataModule(SPairDataModule):
         pairs_per_category: int | None = None,
         seed: int = 0,
         subset_draw: Literal["uniform", "reference"] = "uniform",
-        batch_size: int = 1,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 0,
         synthetic_categories: list[str] | None = None,
         num_categories: int = 2,
         images_per_category: int = 4,
@@ -505,8 +510,8 @@ class TSSDataModule(PairDataModule):
         self,
         root: str | None = None,
         datasets: list[str] | None = None,
-        batch_size: int = 1,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 0,
     ) -> None:
         super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
         self.datasets = list(datasets) if datasets is not None else list(TSS_DATASETS)
@@ -544,8 +549,8 @@ class DAVISDataModule(PairDataModule):
         frame_stride: int = 1,
         max_frames: int | None = None,
         skip_last_frame: bool = False,
-        batch_size: int = 1,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 0,
     ) -> None:
         super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
         self.dataset_kwargs: dict[str, Any] = {
@@ -585,8 +590,8 @@ class SyntheticDAVISDataModule(DAVISDataModule):
         image_height: int = 64,
         num_objects: int = 2,
         generator_seed: int = 0,
-        batch_size: int = 1,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 0,
     ) -> None:
         super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
         self.generator_kwargs: dict[str, Any] = {
@@ -629,7 +634,7 @@ class MaskedPairsDataModule(PairDataModule):
     layout_hint = MASKED_PAIRS_HINT
 
     def __init__(self, root: str | None = None, generate: bool = False, num_generated: int = 2,
-                 batch_size: int = 1, num_workers: int = 0) -> None:
+                 batch_size: PositiveInt = 1, num_workers: NonNegativeInt = 0) -> None:
         super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
         self.generate, self.num_generated = bool(generate), int(num_generated)
 
@@ -663,8 +668,8 @@ class DAVISSwapDataModule(MaskedPairsDataModule):
     layout_hint = DAVIS_LAYOUT_HINT
 
     def __init__(self, root: str | None = None, pairs: list[list[str]] | None = None, object_id: int = 1,
-                 resolution: str = "480p", split: str | None = None, batch_size: int = 1,
-                 num_workers: int = 0) -> None:
+                 resolution: str = "480p", split: str | None = None, batch_size: PositiveInt = 1,
+                 num_workers: NonNegativeInt = 0) -> None:
         super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
         self.pair_kwargs: dict[str, Any] = {"pairs": pairs, "object_id": object_id, "resolution": resolution,
                                             "split": split}
@@ -699,8 +704,8 @@ class CUBDataModule(PairDataModule):
         categories: list[int] | None = None,
         crop_size: int = 256,
         test_list: str | None = None,
-        batch_size: int = 1,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 0,
     ) -> None:
         super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
         self.class_indices = [int(c) for c in categories] if categories is not None else [1, 2, 3]
@@ -737,8 +742,8 @@ class PFPascalDataModule(PairDataModule):
         test_split: str = "test",
         categories: list[str] | None = None,
         threshold: str = "image",
-        batch_size: int = 1,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 0,
     ) -> None:
         super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
         self.test_split = test_split
@@ -768,8 +773,8 @@ class PFWillowDataModule(PairDataModule):
         self,
         root: str | None = None,
         categories: list[str] | None = None,
-        batch_size: int = 1,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 0,
     ) -> None:
         super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
         self.category_filter = list(categories) if categories is not None else None

@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .records import load_rgb_image
+
 __all__ = ["MASKED_PAIRS_HINT", "MaskedPairsDataset", "write_synthetic_masked_pairs"]
 
 MASKED_PAIRS_HINT = (
@@ -61,8 +63,7 @@ def _read_entries(path: Path) -> list[dict[str, Any]]:
 
 
 def _image(path: str) -> torch.Tensor:
-    with Image.open(path) as image:
-        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    return load_rgb_image(path)
 
 
 def _mask(path: str, size: tuple[int, int], image_path: str) -> torch.Tensor:

@@ -24,10 +24,18 @@ def category_filter(categories: str | Sequence[str] | None) -> list[str] | None:
     return names
 
 
-def load_rgb_image(path: str | Path) -> torch.Tensor:
-    """Load an image file as an RGB ``uint8`` tensor.
+#: 16-bit (and 32-bit integer) grey modes: scaled to 8 bits as an image viewer shows them.
+_WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
-    Grayscale, palette, CMYK and RGBA images are converted to RGB (alpha is dropped).
+
+def load_rgb_image(path: str | Path) -> torch.Tensor:
+    """Load an image file as the RGB ``uint8`` pixels a viewer shows.
+
+    - 8-bit grey, bilevel, palette, CMYK and YCbCr images convert to RGB;
+    - 16-bit grey (PNG, TIFF) is scaled to 8 bits, ``round(v * 255 / 65535)`` (a plain conversion would
+      clip every value above 255 to white);
+    - transparency (RGBA, grey + alpha, a palette or colour key with a transparent entry) is composited over
+      white, as on a page.
 
     Args:
         path: Image file path.
@@ -37,7 +45,8 @@ def load_rgb_image(path: str | Path) -> torch.Tensor:
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If the file cannot be decoded as an image (corrupt, truncated, not an image).
+        ValueError: If the file cannot be decoded as an image (corrupt, truncated, not an image), or holds
+            pixels with no 8-bit RGB meaning (32-bit float, integers outside 0..65535, unsupported modes).
     """
     path = Path(path)
     if not path.is_file():
@@ -45,10 +54,27 @@ def load_rgb_image(path: str | Path) -> torch.Tensor:
     try:
         with Image.open(path) as img:
             img.load()
-            array = np.array(img.convert("RGB"), dtype=np.uint8)
+            array = _rgb_pixels(img, path)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"Could not read image {path}: {err}") from err
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _rgb_pixels(img: Image.Image, path: Path) -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB of a loaded PIL image (see :func:`load_rgb_image`)."""
+    if img.mode in _WIDE_GREY_MODES:
+        grey = np.asarray(img).astype(np.int64)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise ValueError(f"{img.mode} pixels outside 0..65535 have no 8-bit meaning")
+        scaled = np.floor(grey * 255 / 65535 + 0.5).astype(np.uint8)
+        return np.repeat(scaled[..., None], 3, axis=2)
+    if img.mode == "F":
+        raise ValueError("32-bit float pixels have no fixed 8-bit meaning; save the image with 8 or 16 bits")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.array(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
+    return np.array(img.convert("RGB"), dtype=np.uint8)
 
 
 class PairRecordsDataset(Dataset):

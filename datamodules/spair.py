@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ __all__ = [
     "load_rgb_image",
     "normalize_split",
 ]
+
+log = logging.getLogger(__name__)
 
 #: How ``pairs_per_category`` draws a category's subset: ``uniform`` distinct pairs without replacement;
 #: ``reference`` the reference's ``--SAMPLE`` draw (see :func:`draw_subset`), with replacement.
@@ -102,6 +105,8 @@ class SPairRecord:
         threshold: PCK threshold ``max(x2 - x1, y2 - y1)`` of the target bbox.
         variations: The pair's difficulty levels (``viewpoint_variation``, ``scale_variation``,
             ``truncation``, ``occlusion``); -1 where the file does not say.
+        outside: How many of its keypoints lie outside their image (``src_imsize`` / ``trg_imsize``); they are
+            scored as annotated, as the reference does (the reader warns with the count).
     """
 
     pair_id: str
@@ -116,6 +121,7 @@ class SPairRecord:
     trg_bbox: torch.Tensor
     threshold: float
     variations: dict[str, int] = field(default_factory=dict)
+    outside: int = 0
 
 
 def _category_from_stem(stem: str) -> str | None:
@@ -160,7 +166,23 @@ def _points(path: Path, key: str, value: Any) -> torch.Tensor:
             f"Malformed SPair annotation {path}: key '{key}' must be a list of [x, y], "
             f"got shape {tuple(tensor.shape)}"
         )
+    _require_finite(path, key, tensor)
     return tensor
+
+
+def _require_finite(path: Path, key: str, tensor: torch.Tensor) -> None:
+    """Every reader's rule: a NaN or infinite coordinate is an error naming the file and key."""
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"Malformed SPair annotation {path}: key '{key}' holds a non-finite number (NaN or infinity)")
+
+
+def _outside(points: torch.Tensor, imsize: Any) -> int:
+    """How many points lie outside ``[0, W] x [0, H]`` of ``imsize`` ([W, H, ...]); 0 when it is not given."""
+    if not isinstance(imsize, list) or len(imsize) < 2 or not all(isinstance(v, (int, float)) for v in imsize[:2]):
+        return 0
+    width, height = float(imsize[0]), float(imsize[1])
+    x, y = points[:, 0], points[:, 1]
+    return int(((x < 0) | (y < 0) | (x > width) | (y > height)).sum())
 
 
 def _bbox(path: Path, key: str, value: Any) -> torch.Tensor:
@@ -176,6 +198,7 @@ def _bbox(path: Path, key: str, value: Any) -> torch.Tensor:
             f"Malformed SPair annotation {path}: key '{key}' must be [x1, y1, x2, y2], "
             f"got shape {tuple(tensor.shape)}"
         )
+    _require_finite(path, key, tensor)
     return tensor
 
 
@@ -247,6 +270,7 @@ def _parse_pair(path: Path, images_dir: Path, category_hint: str | None) -> SPai
         trg_bbox=trg_bbox,
         threshold=threshold,
         variations={key: _level(path, key, data.get(key, -1)) for key in SPAIR_VARIATIONS},
+        outside=_outside(src_kps, data.get("src_imsize")) + _outside(trg_kps, data.get("trg_imsize")),
     )
 
 
@@ -397,6 +421,12 @@ class SPairDataset(PairRecordsDataset):
         selected.sort(key=lambda p: p.name)
 
         self.records: list[SPairRecord] = _records(selected, images_dir, hints)
+        outside = [r for r in self.records if r.outside]
+        if outside:
+            log.warning(
+                "SPair-71k: %d keypoints of %d pairs lie outside their image (e.g. %s); they are scored as "
+                "annotated, as the reference does", sum(r.outside for r in outside), len(outside), outside[0].annotation_path,
+            )
         for image_path in self.image_paths:
             if not image_path.is_file():
                 raise FileNotFoundError(f"SPair-71k image file not found: {image_path}")

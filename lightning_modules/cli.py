@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.config_logging import LoggerSaveConfigCallback
 from callbacks.prediction_writer import CorrespondenceWriter
+from callbacks.run_folder import prediction_settings
 
-__all__ = ["SDDinoCLI", "build_cli"]
+__all__ = ["SDDinoCLI", "build_cli", "resume_command", "run_script"]
 
 
 class SDDinoCLI(LightningCLI):
@@ -30,23 +37,90 @@ class SDDinoCLI(LightningCLI):
             help="Continue an interrupted test run in the same output directory: pairs whose predictions it "
             "flushed are restored, not evaluated again (see callbacks.CorrespondenceWriter).",
         )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="Replace a finished run found in the output directory (by default a test run refuses to start "
+            "there, see callbacks.run_folder).",
+        )
 
     def before_test(self) -> None:
-        """Hand ``--resume`` to the run's prediction writers."""
-        resume = bool(self.config_init[self.subcommand].get("resume", False))
+        """Hand ``--resume`` and ``--overwrite`` to the run's prediction writers."""
+        config = self.config_init[self.subcommand]
+        resume, overwrite = bool(config.get("resume", False)), bool(config.get("overwrite", False))
         writers = [c for c in self.trainer.callbacks if isinstance(c, CorrespondenceWriter)]
         if resume and not writers:
             raise ValueError("--resume needs a callbacks.CorrespondenceWriter in trainer.callbacks")
         for writer in writers:
             writer.resume = writer.resume or resume
+            writer.overwrite = writer.overwrite or overwrite
+
+    def before_instantiate_classes(self) -> None:
+        """Check the settings that name files and folders before any model is loaded."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        problems = path_problems(config.clone().as_dict())
+        if problems:
+            raise ValueError("settings that cannot work (found before loading any model):\n  " + "\n  ".join(problems))
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        settings = prediction_settings(config.clone().as_dict())
+        for callback in kwargs.get("callbacks") or []:
+            if isinstance(callback, CorrespondenceWriter):
+                callback.run_settings = settings
         trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.callbacks:  # the config's callbacks (the writer is usually one of them)
+            if isinstance(callback, CorrespondenceWriter):
+                callback.run_settings = settings
         for logger in trainer.loggers:
             use_default = getattr(logger, "use_default_save_dir", None)
             if callable(use_default):
                 use_default(trainer.default_root_dir)
         return trainer
+
+
+#: Config fields (by the end of their dotted key) that name a file that must exist, and a local model folder.
+_FILE_FIELDS = ("checkpoint", "weights", "projection_ckpt", "ckpt_path")
+_MODEL_FIELDS = ("model_id", "clip_model_id")
+
+
+def _looks_local(model_id: str) -> bool:
+    """A local folder rather than a hub id (``org/name``): absolute, relative (``./``, ``../``, ``~``), or deeper."""
+    return model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or os.sep != "/" and os.sep in model_id
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value}
+
+
+def path_problems(config: dict[str, Any]) -> list[str]:
+    """``"<field>: <problem>"`` for each file, model folder or cache folder in ``config`` that cannot work.
+
+    Checked: files named by ``checkpoint`` / ``weights`` / ``projection_ckpt`` / ``ckpt_path`` exist; a
+    ``model_id`` that is a local path (not a hub id) is a folder; ``feature_cache_dir`` is a folder (or can be
+    made) that this process can write to.
+    """
+    problems = []
+    for key, value in _flat(config).items():
+        if not isinstance(value, str) or not value:
+            continue
+        field = key.rsplit(".", 1)[-1]
+        path = Path(value).expanduser()
+        if field in _FILE_FIELDS and not path.is_file():
+            problems.append(f"{key}: file {value} not found")
+        elif field in _MODEL_FIELDS and _looks_local(value) and not path.is_dir():
+            problems.append(f"{key}: model folder {value} not found (a hub id is written org/name)")
+        elif field == "feature_cache_dir":
+            if path.exists() and not path.is_dir():
+                problems.append(f"{key}: {value} is a file, not a folder")
+                continue
+            existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+            if not os.access(existing, os.W_OK | os.X_OK):
+                problems.append(f"{key}: {value} cannot be written ({existing} is not writable)")
+    return problems
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
@@ -70,3 +144,59 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         args=args,
         run=run,
     )
+
+
+#: Set to 1 to see the full traceback of an error instead of its one-paragraph summary.
+DEBUG_ENV = "SD_DINO_DEBUG"
+#: The exit status of a run stopped by SIGTERM (128 + 15, as a shell reports a process killed by it).
+SIGTERM_EXIT = 143
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost ``__cause__`` (jsonargparse wraps a constructor's error in its own union errors)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that resumes the run ``argv`` started (``--resume true`` replacing any ``--resume``)."""
+    args, skip = [], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--resume":
+            skip = True
+            continue
+        if not arg.startswith("--resume="):
+            args.append(arg)
+    return shlex.join(["python", argv[0], *args, "--resume", "true"])
+
+
+def run_script(main: Callable[[], Any], argv: list[str] | None = None) -> None:
+    """Run a script's ``main()`` and turn how it ended into an exit status a scheduler can act on.
+
+    - SIGTERM (a preemption): Lightning stops the loop after the current batch; the flushed predictions
+      stay in the run folder, the resume command is printed, and the exit status is :data:`SIGTERM_EXIT`.
+    - Any other error: ``error: <message of its root cause>`` and exit status 1; with ``SD_DINO_DEBUG=1``
+      the full traceback instead.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    is_rank_zero = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+    try:
+        main()
+    except SIGTERMException:
+        if is_rank_zero:
+            command = resume_command(argv) if len(argv) > 1 and argv[1] == "test" else None
+            print("\nstopped by SIGTERM: the predictions of the finished batches are kept in the run folder."
+                  + (f"\nresume with:\n  {command}" if command else ""), file=sys.stderr, flush=True)
+        sys.exit(SIGTERM_EXIT)
+    except Exception as error:  # noqa: BLE001 - every error becomes a short message and a non-zero exit
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        root = _root_cause(error)
+        if is_rank_zero:
+            print(f"error: {root}\n({type(root).__name__}; set {DEBUG_ENV}=1 for the full traceback)",
+                  file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveInt
 
 from .components.dino_featurizer import DinoFeaturizer
 from .components.feature_cache import FeatureCache
@@ -157,12 +158,12 @@ class ZeroShotCorrespondence(L.LightningModule):
         self,
         sd: SDFeaturizer | None = None,
         dino: DinoFeaturizer | None = None,
-        alpha: float = 0.5,
-        pca_dims: Sequence[int] | None = (256, 256, 256),
+        alpha: ClosedUnitInterval = 0.5,
+        pca_dims: Sequence[PositiveInt] | None = (256, 256, 256),
         eval_size: EvalSize | None = None,
         alphas: Sequence[float] | None = None,
         fusion: str = "concat_l2",
-        feature_cache_gb: float = 4.0,
+        feature_cache_gb: NonNegativeFloat = 4.0,
         feature_cache_dir: str | None = None,
         projection_ckpt: str | None = None,
         soft_argmax_window: int | None = None,

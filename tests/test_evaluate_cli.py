@@ -195,8 +195,8 @@ def test_the_reference_default_is_one_config_away(tmp_path, monkeypatch) -> None
     assert captioner.clip_model_id == "openai/clip-vit-large-patch14-336"
     assert captioner.weights == "odise_label_coco_50e-b67d2efc.pth" and captioner.time_embed_dim == 1280
     # without the checkpoint: an error naming the file and the field
-    with pytest.raises(ValueError, match=r"captioner weights odise_label_coco_50e-b67d2efc.pth not found "
-                                         r"\(captioner.init_args.weights\)"):
+    with pytest.raises(ValueError, match=r"model.init_args.sd.init_args.captioner.init_args.weights: file "
+                                         r"odise_label_coco_50e-b67d2efc.pth not found"):
         build_cli(["--config", SPAIR, "--config", REFERENCE, "--data.root", str(tmp_path)], run=False)
     stand_in = tmp_path / "tiny_captioner.yaml"
     stand_in.write_text(

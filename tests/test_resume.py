@@ -4,6 +4,9 @@ files an uninterrupted run writes."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +14,7 @@ import pytest
 
 import evaluate
 from callbacks.prediction_writer import PARTIAL_GLOB, read_partial_records
+from callbacks.run_folder import LOCK_FILE, RunFolderError
 from datamodules import write_synthetic_spair
 from lightning_modules.cli import build_cli
 
@@ -114,3 +118,71 @@ def test_read_partial_records_keeps_only_pairs_with_every_row(tmp_path) -> None:
     (tmp_path / "predictions.partial.rank1.jsonl").write_text(json.dumps(lines[3]) + "\n{bad")
     records = read_partial_records(tmp_path)
     assert sorted((r["pair_id"], r["row"]) for r in records) == [("a", "x"), ("a", "y")]
+
+
+# ------------------------------------------------------------------------------- one run per folder
+
+
+def test_resume_refuses_other_prediction_settings_and_names_them(root, tmp_path, monkeypatch) -> None:
+    """An interrupted alpha-0.5 run resumed with alpha 0.0 would mix two settings in one PCK."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    _crash_after([SPAIR, TINY], root, out, batches=3)
+    config_before = (out / "config.yaml").read_text()
+    with pytest.raises(RunFolderError, match=r"other settings[\s\S]*model\.init_args\.alpha: 0\.5 -> 0\.0") as info:
+        evaluate.main([*_args([SPAIR, TINY], root, out), "--resume", "true", "--model.init_args.alpha", "0.0"])
+    assert "data.init_args" not in str(info.value)  # only what differs is named
+    assert (out / "config.yaml").read_text() == config_before  # the refused run wrote nothing
+    assert len(read_partial_records(out)) == 3
+    # what cannot change predictions may differ: workers, batch size, the feature cache, the progress bar
+    evaluate.main([*_args([SPAIR, TINY], root, out), "--resume", "true", "--data.batch_size", "2",
+                   "--model.init_args.feature_cache_gb", "0"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_pairs"] == 9 and results["run"]["complete"] is True
+    assert results["run"]["settings"]["model.init_args.alpha"] == 0.5
+
+
+def test_a_folder_in_use_is_refused_and_left_alone(root, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    _crash_after([SPAIR, TINY], root, out, batches=2)  # the other run's flushed batches and config
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK_FILE).write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "started": "now"}))
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        for extra in ([], ["--resume", "true"]):
+            with pytest.raises(RunFolderError, match=rf"is in use: another run \(process {other.pid}"):
+                evaluate.main([*_args([SPAIR, TINY], root, out), *extra])
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing deleted or overwritten
+    finally:
+        other.kill()
+        other.wait()
+    # its process gone, the lock is stale: taken over, and the run resumes
+    evaluate.main([*_args([SPAIR, TINY], root, out), "--resume", "true"])
+    assert json.loads((out / "results.json").read_text())["num_pairs"] == 9
+    assert not (out / LOCK_FILE).exists()  # given back at the end
+
+
+def test_a_finished_run_is_never_silently_overwritten(root, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    evaluate.main(_args([SPAIR, TINY], root, out))
+    finished = {name: (out / name).read_bytes() for name in ("results.json", "predictions.jsonl", "config.yaml")}
+    for extra in ([], ["--resume", "true"]):
+        with pytest.raises(RunFolderError, match="holds a finished run|nothing to resume"):
+            evaluate.main([*_args([SPAIR, TINY], root, out), "--model.init_args.alpha", "0.0", *extra])
+        assert {name: (out / name).read_bytes() for name in finished} == finished  # config.yaml still matches
+    evaluate.main([*_args([SPAIR, TINY], root, out), "--model.init_args.alpha", "0.0", "--overwrite", "true"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["run"]["settings"]["model.init_args.alpha"] == 0.0
+    assert "alpha: 0.0" in (out / "config.yaml").read_text()
+
+
+def test_a_limited_run_is_marked_partial(root, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    evaluate.main([*_args([SPAIR, TINY], root, out), "--trainer.limit_test_batches", "3"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_pairs"] == 3
+    assert results["run"]["complete"] is False and results["run"]["partial_reason"] == "limit_test_batches=3"
+    assert "PARTIAL RUN (limit_test_batches=3)" in capsys.readouterr().out
