@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .records import PairRecordsDataset, category_filter
+from .records import PairRecordsDataset, category_filter, points_outside, warn_points_outside
 
 __all__ = [
     "PF_PASCAL_CATEGORIES",
@@ -293,6 +293,9 @@ class PFPascalDataset(PairRecordsDataset):
             records = [r for r in records if r.category in set(categories)]
         self.records: list[PFPascalRecord] = records
         self.categories: list[str] = sorted({r.category for r in records})
+        warn_points_outside("PF-PASCAL", [
+            (r.pair_id, points_outside(r.src_kps, r.src_size) + points_outside(r.trg_kps, r.trg_size)) for r in records
+        ])  # fmt: skip
 
     # ------------------------------------------------------------------------------------ parsing
 

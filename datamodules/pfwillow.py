@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from .pfpascal import read_image_size, resolve_pair_path
-from .records import PairRecordsDataset, category_filter
+from .records import PairRecordsDataset, category_filter, points_outside, warn_points_outside
 
 __all__ = ["LAYOUT_HINT", "PF_WILLOW_CSV_NAMES", "PFWillowDataset", "PFWillowRecord", "NUM_KEYPOINTS"]
 
@@ -141,6 +141,10 @@ class PFWillowDataset(PairRecordsDataset):
             records = [r for r in records if r.category in wanted or r.subclass in wanted]
         self.records: list[PFWillowRecord] = records
         self.categories: list[str] = sorted({r.category for r in records})
+        warn_points_outside("PF-WILLOW", [
+            (r.pair_id, points_outside(r.src_kps, self._sizes[r.src_image_path])
+             + points_outside(r.trg_kps, self._sizes[r.trg_image_path])) for r in records
+        ])  # fmt: skip
         self.subclasses: list[str] = sorted({r.subclass for r in records})
 
     def _parse_csv(self) -> list[PFWillowRecord]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-__all__ = ["PairRecordsDataset", "category_filter", "load_rgb_image"]
+__all__ = ["PairRecordsDataset", "category_filter", "load_rgb_image", "points_outside", "warn_points_outside"]
+
+log = logging.getLogger(__name__)
 
 
 def category_filter(categories: str | Sequence[str] | None) -> list[str] | None:
@@ -22,6 +25,29 @@ def category_filter(categories: str | Sequence[str] | None) -> list[str] | None:
     if not names:
         raise ValueError("categories is an empty list; pass None to keep all categories")
     return names
+
+
+def points_outside(points: torch.Tensor, size: Sequence[float]) -> int:
+    """How many ``(x, y)`` points lie outside ``[0, W] x [0, H]`` of an image of ``size = (W, H)``."""
+    width, height = float(size[0]), float(size[1])
+    x, y = points[:, 0], points[:, 1]
+    return int(((x < 0) | (y < 0) | (x > width) | (y > height)).sum())
+
+
+def warn_points_outside(benchmark: str, counts: Sequence[tuple[str, int]]) -> None:
+    """Every reader's rule for keypoints outside their image: they are scored as annotated (as the benchmarks'
+    own code and the reference do), and the reader warns once with the count.
+
+    Args:
+        benchmark: The benchmark's name, for the message.
+        counts: ``(pair or file, points outside)`` per pair.
+    """
+    outside = [(name, n) for name, n in counts if n]
+    if outside:
+        log.warning(
+            "%s: %d keypoints of %d pairs lie outside their image (e.g. %s); they are scored as annotated, as "
+            "the benchmark's own code does", benchmark, sum(n for _, n in outside), len(outside), outside[0][0],
+        )
 
 
 #: 16-bit (and 32-bit integer) grey modes: scaled to 8 bits as an image viewer shows them.

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from .protocols import SPAIR_VARIATIONS
-from .records import PairRecordsDataset, category_filter, load_rgb_image
+from .records import PairRecordsDataset, category_filter, load_rgb_image, points_outside, warn_points_outside
 
 __all__ = [
     "SPLIT_ALIASES",
@@ -40,8 +39,6 @@ __all__ = [
     "load_rgb_image",
     "normalize_split",
 ]
-
-log = logging.getLogger(__name__)
 
 #: How ``pairs_per_category`` draws a category's subset: ``uniform`` distinct pairs without replacement;
 #: ``reference`` the reference's ``--SAMPLE`` draw (see :func:`draw_subset`), with replacement.
@@ -177,12 +174,10 @@ def _require_finite(path: Path, key: str, tensor: torch.Tensor) -> None:
 
 
 def _outside(points: torch.Tensor, imsize: Any) -> int:
-    """How many points lie outside ``[0, W] x [0, H]`` of ``imsize`` ([W, H, ...]); 0 when it is not given."""
+    """How many points lie outside the image ``imsize`` ([W, H, ...]); 0 when the file does not give it."""
     if not isinstance(imsize, list) or len(imsize) < 2 or not all(isinstance(v, (int, float)) for v in imsize[:2]):
         return 0
-    width, height = float(imsize[0]), float(imsize[1])
-    x, y = points[:, 0], points[:, 1]
-    return int(((x < 0) | (y < 0) | (x > width) | (y > height)).sum())
+    return points_outside(points, imsize[:2])
 
 
 def _bbox(path: Path, key: str, value: Any) -> torch.Tensor:
@@ -421,12 +416,7 @@ class SPairDataset(PairRecordsDataset):
         selected.sort(key=lambda p: p.name)
 
         self.records: list[SPairRecord] = _records(selected, images_dir, hints)
-        outside = [r for r in self.records if r.outside]
-        if outside:
-            log.warning(
-                "SPair-71k: %d keypoints of %d pairs lie outside their image (e.g. %s); they are scored as "
-                "annotated, as the reference does", sum(r.outside for r in outside), len(outside), outside[0].annotation_path,
-            )
+        warn_points_outside("SPair-71k", [(str(r.annotation_path), r.outside) for r in self.records])
         for image_path in self.image_paths:
             if not image_path.is_file():
                 raise FileNotFoundError(f"SPair-71k image file not found: {image_path}")

@@ -139,7 +139,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_callback=LoggerSaveConfigCallback,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        # a bad value raises (run_script prints it in a few lines) instead of printing the whole usage and exiting
+        parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
@@ -195,8 +196,15 @@ def run_script(main: Callable[[], Any], argv: list[str] | None = None) -> None:
     except Exception as error:  # noqa: BLE001 - every error becomes a short message and a non-zero exit
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        root = _root_cause(error)
+        parse_error = type(error).__name__ == "ArgumentError"  # its message names the field; its cause does not
+        root = error if parse_error else _root_cause(error)
         if is_rank_zero:
-            print(f"error: {root}\n({type(root).__name__}; set {DEBUG_ENV}=1 for the full traceback)",
-                  file=sys.stderr, flush=True)
-        sys.exit(1)
+            print(f"error: {_essential(str(root))}\n({type(root).__name__}; set {DEBUG_ENV}=1 for the full "
+                  "traceback; --help lists every option)", file=sys.stderr, flush=True)
+        sys.exit(2 if parse_error else 1)
+
+
+def _essential(message: str) -> str:
+    """A jsonargparse error without its echo of the value and of the ``None`` alternative of every union."""
+    noise = ("Given value", "- Expected a <class 'NoneType'>", "Subtypes:", "Does not validate against any of")
+    return "\n".join(line for line in message.splitlines() if not line.strip().startswith(noise))

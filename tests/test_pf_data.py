@@ -634,3 +634,15 @@ def test_pfwillow_end_to_end_matches_an_inclusive_recomputation(tmp_path, monkey
     _check_results(again, results2, inclusive=True, categories=["car", "duck", "winebottle"])
     inclusive = recompute_pck(again, [0.1], inclusive=True)["0.1"]["per_point"]
     assert inclusive != pytest.approx(recompute_pck(again, [0.1], inclusive=False)["0.1"]["per_point"])
+
+
+def test_pfpascal_keypoints_outside_the_image_are_scored_and_counted(tmp_path, caplog) -> None:
+    root, _ = write_pfpascal(tmp_path)
+    csv_path = root / PASCAL_CSV
+    rows = list(csv.reader(csv_path.open()))
+    rows[1][5] = "100000;" + rows[1][5].split(";", 1)[1]  # the first target keypoint far right of its image
+    _write_csv(csv_path, rows)
+    with caplog.at_level("WARNING"):
+        dataset = PFPascalDataset(root)
+    assert "PF-PASCAL: 1 keypoints of 1 pairs lie outside their image" in caplog.text
+    assert dataset.records[0].trg_kps[0, 0] == 100000  # scored as annotated
