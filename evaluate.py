@@ -2,7 +2,7 @@
 
     python evaluate.py test --config configs/demo.yaml
     python evaluate.py test --config configs/spair.yaml --data.root /data/SPair-71k
-    python evaluate.py test --config configs/spair.yaml --config configs/model/tiny.yaml --data.root DIR
+    python evaluate.py test --config configs/spair.yaml --config configs/overlays/tiny.yaml --data.root DIR
 """
 
 from __future__ import annotations

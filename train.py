@@ -1,7 +1,7 @@
 """Train a learned projection head on frozen, cached features with ``trainer.fit`` (LightningCLI, omegaconf mode).
 
     python train.py fit --config configs/projection/sd_dinov2_b.yaml --data.root /data/SPair-71k
-    python train.py fit --config configs/projection/sd_dinov2_b.yaml --config configs/model/tiny.yaml   # smoke run
+    python train.py fit --config configs/projection/sd_dinov2_b.yaml --config configs/overlays/tiny.yaml   # smoke run
     python train.py fit --config ... --ckpt_path outputs/projection/.../last.ckpt                       # resume
 
 The best checkpoint (by val PCK@0.1) then evaluates through

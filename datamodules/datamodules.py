@@ -275,7 +275,7 @@ class SPairDataModule(PairDataModule):
         seed: Seed of the per-category subsets (of every split).
         subset_draw: How the subsets are drawn: ``uniform`` (distinct pairs, the default) or ``reference``
             (the reference's ``--SAMPLE`` draw with replacement; with ``seed: 42`` the paper's ablation pairs,
-            see ``configs/data/spair_subset20.yaml``).
+            see ``configs/overlays/spair_subset20.yaml``).
         batch_size: Pairs per batch.
         num_workers: DataLoader workers.
         train_split: Split trained on (``trn`` alias ``train``, ``val`` or ``test``).

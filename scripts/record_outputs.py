@@ -1,7 +1,7 @@
 """Record what every config produces with the tiny models on generated data, and compare two recordings.
 
 A restructuring must not change behaviour: record before, record after, compare. Every config of the
-collection runs once with the tiny random models (``configs/model/tiny.yaml``, and the ablations' tiny
+collection runs once with the tiny random models (``configs/overlays/tiny.yaml``, and the ablations' tiny
 overlays) on small generated benchmarks in the real on-disk formats:
 
 - the demo; SPair-71k, PF-Pascal, PF-Willow, TSS and CUB-200 tests; every ablation table (3 pairs per
@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 CONFIGS = REPO / "configs"
-TINY = str(CONFIGS / "model" / "tiny.yaml")
+TINY = str(CONFIGS / "overlays" / "tiny.yaml")
 COMMON = ["--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu"]
 
 

@@ -39,7 +39,7 @@ from datamodules.cub import (
 
 REPO = Path(__file__).resolve().parents[1]
 CUB_CONFIG = str(REPO / "configs" / "cub.yaml")
-TINY = str(REPO / "configs" / "model" / "tiny.yaml")
+TINY = str(REPO / "configs" / "overlays" / "tiny.yaml")
 
 # --------------------------------------------------------------------------- ASIC, transcribed
 # kampta/asic @ 7124b93, datasets/cub.py (python2_round, perturb_bbox with jf=0, square_bbox, acsm_crop

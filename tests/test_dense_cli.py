@@ -30,7 +30,7 @@ from lightning_modules.components.dense import resize_nearest
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-TINY = str(CONFIGS / "model" / "tiny.yaml")
+TINY = str(CONFIGS / "overlays" / "tiny.yaml")
 COMMON = ["--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu"]
 
 

@@ -224,7 +224,7 @@ def _write_tss(root: Path) -> Path:
 def _runs(spair: Path, tss: Path, out: Path) -> dict[str, list[str]]:
     """The runs compared, by name: evaluate.py arguments (without ``test``)."""
     common = ["--data.num_workers", "0", "--trainer.accelerator", "cpu"]
-    tiny_spair = ["--config", str(CONFIGS / "spair.yaml"), "--config", str(CONFIGS / "model" / "tiny.yaml"),
+    tiny_spair = ["--config", str(CONFIGS / "spair.yaml"), "--config", str(CONFIGS / "overlays" / "tiny.yaml"),
                   "--data.root", str(spair), *common]
     return {
         # 9 pairs (odd): rank 0 scores 5, rank 1 scores 4; large alphas so that the PCK values are not all 0
@@ -240,14 +240,14 @@ def _runs(spair: Path, tss: Path, out: Path) -> dict[str, list[str]]:
                      "--data.batch_size", "2", *common, "--trainer.default_root_dir", str(out / "ablation")],
         # training the projection head (train.py fit): 16 trn pairs in batches of 4, 2 epochs, val every epoch
         "fit": ["fit", "--config", str(CONFIGS / "projection" / "sd_dinov2_b.yaml"),
-                "--config", str(CONFIGS / "model" / "tiny.yaml"), "--data.root", str(spair.parent / "spair_fit"),
+                "--config", str(CONFIGS / "overlays" / "tiny.yaml"), "--data.root", str(spair.parent / "spair_fit"),
                 "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
                 "--data.init_args.val_pairs_per_category", "null", "--trainer.accelerator", "cpu",
                 "--trainer.max_epochs", "2", "--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false",
                 "--model.init_args.out_dim", "16", "--model.init_args.hidden_dim", "16",
                 "--model.init_args.feature_cache_dir", "null", "--trainer.default_root_dir", str(out / "fit")],
         # dense flow (DenseFlowPCK, float64 end-point-error state)
-        "tss": ["--config", str(CONFIGS / "tss.yaml"), "--config", str(CONFIGS / "model" / "tiny.yaml"),
+        "tss": ["--config", str(CONFIGS / "tss.yaml"), "--config", str(CONFIGS / "overlays" / "tiny.yaml"),
                 "--data.root", str(tss), *common, "--trainer.default_root_dir", str(out / "tss")],
     }
 

@@ -17,7 +17,7 @@ from lightning_modules.components import DinoFeaturizer, SDFeaturizer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-SPAIR, TINY = str(CONFIGS / "spair.yaml"), str(CONFIGS / "model" / "tiny.yaml")
+SPAIR, TINY = str(CONFIGS / "spair.yaml"), str(CONFIGS / "overlays" / "tiny.yaml")
 
 
 def recompute_official_pck(predictions: list[dict], alphas: list[float]) -> dict[str, dict[str, float]]:
@@ -150,9 +150,10 @@ def test_local_pretrained_directories_load_through_the_config(tmp_path, monkeypa
 def _config_sets() -> list[list[str]]:
     """Every config file, composed the way the README composes it."""
     sets = [[str(CONFIGS / "demo.yaml")], [SPAIR, TINY]]
-    for fragment in sorted((CONFIGS / "model").glob("*.yaml")) + sorted((CONFIGS / "data").glob("*.yaml")):
-        # sd_dino.yaml is included by spair.yaml; sd_dino_reference.yaml needs ODISE's weights (its own test)
-        if fragment.name not in ("tiny.yaml", "sd_dino.yaml", "sd_dino_reference.yaml"):
+    for fragment in sorted((CONFIGS / "overlays").glob("*.yaml")):
+        # sd_dino_reference.yaml needs ODISE's weights (its own test); the logger overlays have theirs
+        # (test_wandb_logging.py, test_visualization.py)
+        if fragment.name not in ("tiny.yaml", "sd_dino_reference.yaml", "wandb.yaml", "visualize.yaml"):
             sets.append([SPAIR, TINY, str(fragment)])
     return sets
 
@@ -176,11 +177,11 @@ def test_every_config_parses_and_instantiates(configs, tmp_path, monkeypatch) ->
         assert (cli.datamodule.seed, cli.datamodule.subset_draw) == (42, "reference")  # the reference's --SAMPLE
 
 
-REFERENCE = str(CONFIGS / "model" / "sd_dino_reference.yaml")
+REFERENCE = str(CONFIGS / "overlays" / "sd_dino_reference.yaml")
 
 
 def test_the_reference_default_is_one_config_away(tmp_path, monkeypatch) -> None:
-    """configs/model/sd_dino_reference.yaml: implicit conditioning per crop from ODISE's captioner, its
+    """configs/overlays/sd_dino_reference.yaml: implicit conditioning per crop from ODISE's captioner, its
     weights named; with tiny stand-ins for the weights, it builds that featurizer."""
     from omegaconf import OmegaConf
 

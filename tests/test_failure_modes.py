@@ -30,7 +30,7 @@ from lightning_modules.cli import SIGTERM_EXIT, resume_command
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-SPAIR, TINY = str(CONFIGS / "spair.yaml"), str(CONFIGS / "model" / "tiny.yaml")
+SPAIR, TINY = str(CONFIGS / "spair.yaml"), str(CONFIGS / "overlays" / "tiny.yaml")
 
 
 def _env() -> dict[str, str]:

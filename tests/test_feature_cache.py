@@ -17,7 +17,7 @@ from lightning_modules.components import FusedCorrespondence
 from lightning_modules.components.feature_cache import FORMAT_VERSION, FeatureCache, image_digest
 
 REPO = Path(__file__).resolve().parents[1]
-SPAIR, TINY = str(REPO / "configs" / "spair.yaml"), str(REPO / "configs" / "model" / "tiny.yaml")
+SPAIR, TINY = str(REPO / "configs" / "spair.yaml"), str(REPO / "configs" / "overlays" / "tiny.yaml")
 
 
 def _counting(values: dict[str, torch.Tensor], keys: list[str], calls: list[list[int]]):

@@ -27,7 +27,7 @@ from datamodules.protocols import get_protocol
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 PFPASCAL_CFG, PFWILLOW_CFG = str(CONFIGS / "pfpascal.yaml"), str(CONFIGS / "pfwillow.yaml")
-TINY = str(CONFIGS / "model" / "tiny.yaml")
+TINY = str(CONFIGS / "overlays" / "tiny.yaml")
 
 PASCAL_CSV = "test_pairs_pf_pascal.csv"
 PASCAL_HEADER = ["source_image", "target_image", "class", "XA", "YA", "XB", "YB"]

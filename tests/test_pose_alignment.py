@@ -201,7 +201,7 @@ def test_pose_alignment_needs_keypoint_ids_and_a_known_category(tiny_dino) -> No
 def test_pose_alignment_runs_through_evaluate_and_records_the_orientation(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     root = write_synthetic_spair(tmp_path / "spair", categories=("cat",), pairs_per_category=3, image_size=(96, 72))
-    evaluate.main(["test", "--config", str(CONFIGS / "spair.yaml"), "--config", str(CONFIGS / "model" / "tiny.yaml"),
+    evaluate.main(["test", "--config", str(CONFIGS / "spair.yaml"), "--config", str(CONFIGS / "overlays" / "tiny.yaml"),
                    "--data.root", str(root), "--data.num_workers", "0", "--trainer.accelerator", "cpu",
                    "--model.init_args.pose_alignment", "true", "--trainer.default_root_dir", str(tmp_path / "run")])
     records = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]

@@ -23,7 +23,7 @@ from lightning_modules.projection import check_head_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-TINY = str(CONFIGS / "model" / "tiny.yaml")
+TINY = str(CONFIGS / "overlays" / "tiny.yaml")
 SPAIR = str(CONFIGS / "spair.yaml")
 PRESETS = sorted((CONFIGS / "projection").glob("*.yaml"))
 PRESET = str(CONFIGS / "projection" / "sd_dinov2_b.yaml")

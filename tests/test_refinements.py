@@ -89,7 +89,7 @@ def test_confidence_and_settings() -> None:
 def test_refinement_knobs_run_through_evaluate_and_keep_their_extras(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     root = write_synthetic_spair(tmp_path / "spair", categories=("cat",), pairs_per_category=2, image_size=(96, 72))
-    common = ["--config", str(CONFIGS / "spair.yaml"), "--config", str(CONFIGS / "model" / "tiny.yaml"),
+    common = ["--config", str(CONFIGS / "spair.yaml"), "--config", str(CONFIGS / "overlays" / "tiny.yaml"),
               "--data.root", str(root), "--data.num_workers", "0", "--trainer.accelerator", "cpu"]
     evaluate.main(["test", *common, "--trainer.default_root_dir", str(tmp_path / "plain")])
     evaluate.main(["test", *common, "--model.init_args.soft_argmax_window", "1", "--model.init_args.mutual_check",

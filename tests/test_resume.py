@@ -20,7 +20,7 @@ from lightning_modules.cli import build_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-SPAIR, TINY = str(CONFIGS / "spair.yaml"), str(CONFIGS / "model" / "tiny.yaml")
+SPAIR, TINY = str(CONFIGS / "spair.yaml"), str(CONFIGS / "overlays" / "tiny.yaml")
 TABLE4 = str(CONFIGS / "ablations" / "table4_fusion.yaml")
 TINY_ABLATION = str(CONFIGS / "ablations" / "tiny.yaml")
 

@@ -150,7 +150,7 @@ def test_tss_config_end_to_end_with_tiny_models(tmp_path, monkeypatch) -> None:
          "PASCAL": [("bike_1", (30, 30), (30, 30)), ("cat_2", (50, 40), (50, 40))]},
     )
     out = tmp_path / "out"
-    evaluate.main(["test", "--config", str(CONFIGS / "tss.yaml"), "--config", str(CONFIGS / "model" / "tiny.yaml"),
+    evaluate.main(["test", "--config", str(CONFIGS / "tss.yaml"), "--config", str(CONFIGS / "overlays" / "tiny.yaml"),
                    "--data.root", str(root), "--data.num_workers", "0", "--trainer.accelerator", "cpu",
                    "--trainer.default_root_dir", str(out)])
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]

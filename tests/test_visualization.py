@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
 # A DINO-only model small enough that a whole evaluate.py run takes seconds (numbers are meaningless).
-FAST_MODEL = CONFIGS / "model" / "smoke_dino.yaml"  # one random DINO block: runs in seconds
+FAST_MODEL = CONFIGS / "overlays" / "smoke_dino.yaml"  # one random DINO block: runs in seconds
 
 GRAY = (128, 128, 128)
 
@@ -189,13 +189,13 @@ def test_dense_records_are_skipped_quietly(tmp_path) -> None:
 
 
 def test_pngs_of_the_first_pairs_of_a_real_run(tmp_path, monkeypatch) -> None:
-    """configs/trainer/visualize.yaml (8 pairs) after configs/spair.yaml (which has the pairs/s bar), on 9 pairs."""
+    """configs/overlays/visualize.yaml (8 pairs) after configs/spair.yaml (which has the pairs/s bar), on 9 pairs."""
     monkeypatch.chdir(tmp_path)
     root = write_synthetic_spair(tmp_path / "spair", categories=("cat", "dog", "bus"), pairs_per_category=3)
     model = FAST_MODEL
     out = tmp_path / "out"
     cli = evaluate.main(["test", "--config", str(CONFIGS / "spair.yaml"), "--config", str(model),
-                         "--config", str(CONFIGS / "trainer" / "visualize.yaml"),
+                         "--config", str(CONFIGS / "overlays" / "visualize.yaml"),
                          "--data.root", str(root), "--data.num_workers", "0", "--trainer.accelerator", "cpu",
                          "--trainer.default_root_dir", str(out)])
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""W&B: the offline/online decision, the results as W&B data, and an offline run through configs/trainer/wandb.yaml.
+"""W&B: the offline/online decision, the results as W&B data, and an offline run through configs/overlays/wandb.yaml.
 
 Never online: every test that may start a run sets ``WANDB_MODE=offline`` and keeps all W&B files in tmp.
 """
@@ -27,10 +27,10 @@ from lightning_modules.cli import build_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-SPAIR, TINY = str(CONFIGS / "spair.yaml"), str(CONFIGS / "model" / "tiny.yaml")
-TRAINER_CONFIGS = sorted((CONFIGS / "trainer").glob("*.yaml"))
+SPAIR, TINY = str(CONFIGS / "spair.yaml"), str(CONFIGS / "overlays" / "tiny.yaml")
+TRAINER_CONFIGS = [CONFIGS / "overlays" / "visualize.yaml", CONFIGS / "overlays" / "wandb.yaml"]
 
-FAST_MODEL = CONFIGS / "model" / "smoke_dino.yaml"  # one random DINO block: runs in seconds
+FAST_MODEL = CONFIGS / "overlays" / "smoke_dino.yaml"  # one random DINO block: runs in seconds
 
 
 @pytest.fixture
@@ -177,7 +177,7 @@ def test_offline_run_logs_config_results_tables_and_images(wandb_sandbox, monkey
     model = FAST_MODEL
     out = tmp_path / "out"
     cli = evaluate.main(["test", "--config", SPAIR, "--config", str(model),
-                         "--config", str(CONFIGS / "trainer" / "wandb.yaml"), "--data.root", str(root),
+                         "--config", str(CONFIGS / "overlays" / "wandb.yaml"), "--data.root", str(root),
                          "--data.num_workers", "0", "--trainer.accelerator", "cpu",
                          "--trainer.default_root_dir", str(out)])
     results = json.loads((out / "results.json").read_text())  # the run dir is unchanged by W&B
