@@ -3,7 +3,7 @@
 This module depends on ``torch`` and ``torchmetrics`` only (never on ``lightning``), so the
 metric can be used in plain PyTorch code as well as inside a LightningModule.
 
-Semantics (see ``DESIGN.md``, "Benchmark protocols"):
+Semantics (see ``docs/protocols.md``):
 
 * A predicted keypoint is *correct* at ``alpha`` when its Euclidean error to the ground truth is
   **strictly** less than ``alpha * threshold``; ``threshold`` is per pair (SPair-71k: max side of the
@@ -407,8 +407,8 @@ class PCK(TypedListStates):
     States (all ``dist_reduce_fx="cat"`` lists of long tensors, created on the metric's device):
     ``correct`` (per pair ``[A]`` counts, stored flattened), ``num_points``, ``category_index`` and
     ``pair_key`` (:func:`stable_pair_key` of the pair id). ``compute()`` de-duplicates pairs by key,
-    keeping the first occurrence, so that the duplicates a padded ``DistributedSampler`` adds do not
-    bias the result.
+    keeping the first occurrence, so that a pair scored twice counts once (our evaluation sampler does not
+    pad, see ``datamodules.samplers``; a padded ``DistributedSampler`` or a user's own loop might repeat pairs).
 
     ``compute()`` returns ``{"pck": {format_alpha(a): {"per_point", "per_image", "category_mean",
     "per_category": {...}}}, "num_pairs": int, "num_points": int}``, values in percent. With no
