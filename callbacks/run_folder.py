@@ -33,6 +33,7 @@ __all__ = [
     "RUN_FILE",
     "RunFolderError",
     "claim_run_folder",
+    "flatten_config",
     "prediction_settings",
     "release_run_folder",
     "settings_differences",
@@ -63,11 +64,12 @@ class RunFolderError(RuntimeError):
     """The run folder is in use, holds a finished run, or holds a run made with other settings."""
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_config(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"dotted.key": value}`` (lists are values)."""
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}{key}."))
+            out.update(flatten_config(item, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: value}
 
@@ -78,7 +80,7 @@ def prediction_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     Args:
         config: The run's resolved config (the CLI's, as a nested dict).
     """
-    flat = _flatten(json.loads(json.dumps(config, default=str)))
+    flat = flatten_config(json.loads(json.dumps(config, default=str)))
     return {  # an unset (null) setting is left out: a key missing from a recorded run means null
         key: value for key, value in sorted(flat.items())
         if value is not None and (key in KEPT_SETTINGS or not _ignored(key))

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.config_logging import LoggerSaveConfigCallback
 from callbacks.prediction_writer import CorrespondenceWriter
-from callbacks.run_folder import prediction_settings
+from callbacks.run_folder import flatten_config, prediction_settings
 
 __all__ = ["SDDinoCLI", "build_cli", "resume_command", "run_script"]
 
@@ -66,11 +66,8 @@ class SDDinoCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         config = self.config[self.subcommand] if self.subcommand else self.config
         settings = prediction_settings(config.clone().as_dict())
-        for callback in kwargs.get("callbacks") or []:
-            if isinstance(callback, CorrespondenceWriter):
-                callback.run_settings = settings
         trainer = super().instantiate_trainer(**kwargs)
-        for callback in trainer.callbacks:  # the config's callbacks (the writer is usually one of them)
+        for callback in trainer.callbacks:  # the writers record the settings their predictions depend on
             if isinstance(callback, CorrespondenceWriter):
                 callback.run_settings = settings
         for logger in trainer.loggers:
@@ -90,12 +87,6 @@ def _looks_local(model_id: str) -> bool:
     return model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or os.sep != "/" and os.sep in model_id
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: value}
-
-
 def path_problems(config: dict[str, Any]) -> list[str]:
     """``"<field>: <problem>"`` for each file, model folder or cache folder in ``config`` that cannot work.
 
@@ -104,7 +95,7 @@ def path_problems(config: dict[str, Any]) -> list[str]:
     made) that this process can write to.
     """
     problems = []
-    for key, value in _flat(config).items():
+    for key, value in flatten_config(config).items():
         if not isinstance(value, str) or not value:
             continue
         field = key.rsplit(".", 1)[-1]
