@@ -57,8 +57,14 @@ class SDDinoCLI(LightningCLI):
             writer.overwrite = writer.overwrite or overwrite
 
     def before_instantiate_classes(self) -> None:
-        """Check the settings that name files and folders before any model is loaded."""
+        """Check the settings that name files and folders before any model is loaded; honour
+        ``--trainer.enable_progress_bar false`` over a config's progress bar."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("trainer.enable_progress_bar") is False and config.get("trainer.callbacks"):
+            # Lightning refuses a progress-bar callback with the bar disabled; the flag is the user's last word
+            config["trainer.callbacks"] = [
+                c for c in config["trainer.callbacks"] if str(c.get("class_path", "")).rsplit(".", 1)[-1] != "PairProgressBar"
+            ]
         problems = path_problems(config.clone().as_dict())
         if problems:
             raise ValueError("settings that cannot work (found before loading any model):\n  " + "\n  ".join(problems))

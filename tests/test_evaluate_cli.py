@@ -251,3 +251,16 @@ def test_identical_images_are_matched_to_themselves(tiny_sd, tiny_dino) -> None:
     pred = pipeline.predict_pairs([sample])[0]["pred_kps"]
     cell = 150 / 16  # one 14 px cell of the 224 px square, in original pixels
     assert (pred - kps).abs().max() <= cell / 2 + 0.5
+
+
+def test_the_progress_bar_flag_overrides_the_configs_progress_bar(tmp_path, monkeypatch) -> None:
+    """`--trainer.enable_progress_bar false` on a benchmark config (which lists a PairProgressBar) runs silently."""
+    from callbacks import PairProgressBar
+
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["--config", SPAIR, "--config", TINY, "--data.root", str(tmp_path),
+                     "--trainer.enable_progress_bar", "false"], run=False)
+    assert not any(isinstance(c, PairProgressBar) for c in cli.trainer.callbacks)
+    assert cli.trainer.progress_bar_callback is None
+    with_bar = build_cli(["--config", SPAIR, "--config", TINY, "--data.root", str(tmp_path)], run=False)
+    assert isinstance(with_bar.trainer.progress_bar_callback, PairProgressBar)
