@@ -95,11 +95,6 @@ def _evaluated_pair_ids(trainer: L.Trainer) -> list[str] | None:
     return None if dataset is None else dataset_pair_ids(dataset)
 
 
-def _evaluates_everything(trainer: L.Trainer) -> bool:
-    """False when ``limit_test_batches`` / ``fast_dev_run`` deliberately evaluate a subset."""
-    return _partial_reason(trainer) is None
-
-
 def _partial_reason(trainer: L.Trainer) -> str | None:
     """Why the run evaluates a subset on purpose (``limit_test_batches``, ``fast_dev_run``), or None."""
     if getattr(trainer, "fast_dev_run", False):
