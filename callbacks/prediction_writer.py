@@ -119,8 +119,8 @@ def check_scored(results: dict[str, Any] | None) -> None:
             if summary.get(count) == 0:
                 where = "" if row is None else f" (ablation row {row!r})"
                 raise IncompleteEvaluationError(
-                    f"no {count[4:-1]} was scored{where}: every keypoint of the {summary.get('num_pairs')} pairs is "
-                    "invalid or invisible, so every PCK would be undefined"
+                    f"no {count[4:-1]} was scored{where}: every {count[4:-1]} of the {summary.get('num_pairs')} pairs "
+                    "is invalid or invisible, so every PCK would be undefined"
                 )
 
 
