@@ -5,7 +5,7 @@
     python train.py fit --config ... --ckpt_path outputs/projection/.../last.ckpt                       # resume
 
 The best checkpoint (by val PCK@0.1) then evaluates through
-``evaluate.py test --config configs/spair.yaml --model.projection_ckpt PATH``.
+``evaluate.py test --config configs/spair.yaml --model.pipeline.projection_ckpt PATH``.
 """
 
 from __future__ import annotations

@@ -85,8 +85,11 @@ class TimedCorrespondence(FusedCorrespondence):
     featurizer passes. ``sync`` waits for the device so the times are real on CUDA.
     """
 
-    def __init__(self, *args: Any, sync: Callable[[], None] = lambda: None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, *args: Any, cache: FeatureCache | None = None, sync: Callable[[], None] = lambda: None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, feature_cache_gb=0, **kwargs)
+        self.cache = cache  # the benchmark's own cache object (None: the baseline extracts every image)
         self.timers = {"extract": 0.0, "extract_cpu": 0.0, "match": 0.0, "match_cpu": 0.0}
         self._sync = sync
 

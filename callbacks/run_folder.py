@@ -48,14 +48,17 @@ OUTPUT_FILES = ("results.json", "predictions.jsonl", "ablation.md", "ablation.cs
 #: Flushed batches of an interrupted run (one file per process).
 PARTIAL_GLOB = "predictions.partial.rank*.jsonl"
 
-#: Dotted config keys (and key prefixes, ending in "." or "_") that cannot change a test run's predictions:
-#: loggers, callbacks and devices (``trainer.``), workers and batch size, the feature cache, the seed (every
-#: random draw of the pipeline has its own generator), the training splits, and where a config came from.
+#: Dotted config keys (as :func:`flatten_config` writes them, and key prefixes ending in "." or "_") that
+#: cannot change a test run's predictions: loggers, callbacks and devices (``trainer.``), workers and batch
+#: size, the seed (every random draw of the pipeline has its own generator), the training splits, and where a
+#: config came from.
 IGNORED_SETTINGS = (
-    "config", "resume", "overwrite", "verbose", "weights_only", "seed_everything", "trainer.", "data.init_args.num_workers",
-    "data.init_args.batch_size", "data.init_args.train_", "data.init_args.val_", "data.init_args.shuffle_seed",
-    "model.init_args.feature_cache_gb", "model.init_args.feature_cache_dir",
+    "config", "resume", "overwrite", "verbose", "weights_only", "seed_everything", "trainer.", "data.num_workers",
+    "data.batch_size", "data.train_", "data.val_", "data.shuffle_seed",
 )  # fmt: skip
+#: Last fields of keys that cannot change predictions wherever they sit: the feature cache (its entries are
+#: exact, keyed by everything the features depend on).
+IGNORED_FIELDS = ("feature_cache_gb", "feature_cache_dir")
 #: Exceptions to ``trainer.``: numeric precision changes the features.
 KEPT_SETTINGS = ("trainer.precision",)
 
@@ -65,11 +68,12 @@ class RunFolderError(RuntimeError):
 
 
 def flatten_config(value: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested config as ``{"dotted.key": value}`` (lists are values)."""
+    """A nested config as ``{"dotted.key": value}`` (lists are values), keyed as the flags are typed: without
+    the ``init_args`` level of class nodes (``model.pipeline.alpha`` for ``model.init_args.pipeline.init_args.alpha``)."""
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for key, item in value.items():
-            out.update(flatten_config(item, f"{prefix}{key}."))
+            out.update(flatten_config(item, prefix if key == "init_args" else f"{prefix}{key}."))
         return out
     return {prefix[:-1]: value}
 
@@ -88,7 +92,7 @@ def prediction_settings(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _ignored(key: str) -> bool:
-    if key.endswith("__path__"):  # the config file a node came from, not a setting
+    if key.endswith("__path__") or key.rsplit(".", 1)[-1] in IGNORED_FIELDS:  # __path__: where a node came from
         return True
     return any(key == i or (i.endswith((".", "_")) and key.startswith(i)) for i in IGNORED_SETTINGS)
 

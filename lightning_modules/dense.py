@@ -1,7 +1,8 @@
 """Dense correspondence as predict-time pictures and test-time label propagation (supplementary B.1).
 
-Thin by design: features, co-PCA and fusion come from :class:`.components.pipeline.FusedCorrespondence` (the
-zero-shot module's pipeline, its feature cache and ``projection_ckpt`` included), the per-pixel matching,
+Thin by design: features, co-PCA, fusion and the per-pixel matching come from the ``pipeline`` it is given
+(:class:`.components.pipeline.FusedCorrespondence`, as in the zero-shot run, its feature cache and
+``projection_ckpt`` included), the pixel matching,
 colour maps and label transfer from :mod:`.components.dense`, the DAVIS scores from
 :mod:`.segmentation_metrics`.
 
@@ -19,36 +20,30 @@ from typing import Any
 
 import torch
 
-from .components.dense import (
-    PixelCorrespondence,
-    dense_picture,
-    pixel_correspondence,
-    propagate_labels,
-    resize_nearest,
-)
-from .components.dino_featurizer import DinoFeaturizer
-from .components.pipeline import EvalSize, ImageFeatures, annotation_geometry
-from .components.sd_featurizer import SDFeaturizer
+import lightning as L
+from jsonargparse.typing import PositiveInt
+
+from .components.dense import PixelCorrespondence, dense_picture, propagate_labels, resize_nearest
+from .components.pipeline import FusedCorrespondence
 from .segmentation_metrics import JAndF
-from .zero_shot import ZeroShotCorrespondence, summed_over_ranks
+from .zero_shot import summed_over_ranks
 
-__all__ = ["DenseCorrespondence"]
+__all__ = ["DenseCorrespondence", "check_resolution"]
 
 
-class DenseCorrespondence(ZeroShotCorrespondence):
+def check_resolution(resolution: int | None) -> int | None:
+    """A working resolution: a positive number of pixels, or None (the original size)."""
+    if resolution is not None and int(resolution) <= 0:
+        raise ValueError(f"resolution must be a positive number of pixels or null, got {resolution}")
+    return None if resolution is None else int(resolution)
+
+
+class DenseCorrespondence(L.LightningModule):
     """Per-pixel correspondence from the fused descriptors: colour-map pictures and label propagation.
 
     Args:
-        sd: SD featurizer (None for DINO alone).
-        dino: DINO featurizer (None for SD alone).
-        alpha: Weight of the SD block (0.5 in the paper).
-        pca_dims: Co-PCA dimension per SD layer.
-        eval_size: Side of the padded square the descriptors are mapped in (default: the DINO input size).
-        fusion: How SD and DINO blocks are combined (``concat_l2`` is the paper's).
-        feature_cache_gb: Memory of the per-image feature cache (DAVIS frames share their sequence's first
-            frame, which is then extracted once).
-        feature_cache_dir: Folder of an on-disk feature cache.
-        projection_ckpt: A trained projection head used instead of co-PCA and the fixed fusion.
+        pipeline: The method (:class:`~.components.pipeline.FusedCorrespondence`), as in the zero-shot run
+            (its feature cache makes DAVIS frames extract their sequence's first frame once).
         resolution: Working resolution of the per-pixel matching (long side in pixels); None matches at the
             original image size. Descriptors are sampled bilinearly at every working pixel.
         chunk: Target pixels matched at a time (bounds the memory to ``chunk x source pixels``).
@@ -57,48 +52,25 @@ class DenseCorrespondence(ZeroShotCorrespondence):
 
     def __init__(
         self,
-        sd: SDFeaturizer | None = None,
-        dino: DinoFeaturizer | None = None,
-        alpha: float = 0.5,
-        pca_dims: Sequence[int] | None = (256, 256, 256),
-        eval_size: EvalSize | None = None,
-        fusion: str = "concat_l2",
-        feature_cache_gb: float = 4.0,
-        feature_cache_dir: str | None = None,
-        projection_ckpt: str | None = None,
-        resolution: int | None = 256,
-        chunk: int = 4096,
+        pipeline: FusedCorrespondence,
+        resolution: PositiveInt | None = 256,
+        chunk: PositiveInt = 4096,
         use_masks: bool = False,
     ) -> None:
-        super().__init__(
-            sd=sd, dino=dino, alpha=alpha, pca_dims=pca_dims, eval_size=eval_size, fusion=fusion,
-            feature_cache_gb=feature_cache_gb, feature_cache_dir=feature_cache_dir, projection_ckpt=projection_ckpt,
-        )
-        if resolution is not None and int(resolution) <= 0:
-            raise ValueError(f"resolution must be a positive number of pixels or null, got {resolution}")
+        super().__init__()
+        self.save_hyperparameters(ignore=["pipeline"])
+        self.pipeline = pipeline
+        self.resolution = check_resolution(resolution)
         if int(chunk) <= 0:
             raise ValueError(f"chunk must be positive, got {chunk}")
-        self.resolution = None if resolution is None else int(resolution)
         self.chunk = int(chunk)
         self.use_masks = bool(use_masks)
-
-    def correspondence(
-        self, sample: dict[str, Any], source: ImageFeatures, target: ImageFeatures
-    ) -> PixelCorrespondence:
-        """The per-pixel correspondence of one pair (every target pixel to its nearest source pixel)."""
-        descriptors = self.pipeline.describe_pair(source, target)
-        masks = {}
-        if self.use_masks:
-            masks = {"source_mask": sample.get("src_mask"), "target_mask": sample.get("trg_mask")}
-        return pixel_correspondence(
-            descriptors[0], descriptors[1],
-            annotation_geometry(source, self.pipeline.eval_size), annotation_geometry(target, self.pipeline.eval_size),
-            resolution=self.resolution, chunk=self.chunk, **{k: v for k, v in masks.items() if v is not None},
-        )
+        self.metric: JAndF | None = None
+        self.protocol: Any = None
+        self.test_results: dict[str, Any] | None = None
 
     def _correspondences(self, batch: Sequence[dict[str, Any]]) -> list[PixelCorrespondence]:
-        features = self.pipeline.features_by_path(batch)
-        return [self.correspondence(s, features[s["src_image_path"]], features[s["trg_image_path"]]) for s in batch]
+        return self.pipeline.predict_pixels(batch, self.resolution, self.chunk, self.use_masks)
 
     # --- predict: pictures --------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ Thin by design: the head and its losses live in :mod:`.components.projection_hea
 matching in :class:`.components.pipeline.FusedCorrespondence` (whose per-image cache makes every image
 extracted once for the whole run, not once per epoch or pair), the metric and the test loop in
 :class:`.zero_shot.ZeroShotCorrespondence`, which this module extends: after ``fit``, ``trainer.test`` scores
-the trained head with the benchmark's protocol, and ``evaluate.py test --model.projection_ckpt`` does the
+the trained head with the benchmark's protocol, and ``evaluate.py test --model.pipeline.projection_ckpt`` does the
 same from a checkpoint.
 """
 
@@ -15,10 +15,15 @@ from typing import Any
 
 import torch
 
-from .components.dino_featurizer import DinoFeaturizer
-from .components.pipeline import EvalSize, ImageFeatures, annotation_geometry, check_sources, source_maps
+from .components.pipeline import (
+    EvalSize,
+    FusedCorrespondence,
+    ImageFeatures,
+    annotation_geometry,
+    check_sources,
+    source_maps,
+)
 from .components.projection_head import TRAINING_CHECKPOINT_KEY, GatedProjectionHead, correspondence_loss
-from .components.sd_featurizer import SDFeaturizer
 from .metrics import PCK
 from .zero_shot import ZeroShotCorrespondence
 
@@ -72,8 +77,11 @@ class ProjectionHeadTraining(ZeroShotCorrespondence):
     time. Checkpoints hold the head and its config only, never the frozen featurizers.
 
     Args:
-        sd: SD featurizer (frozen; None when ``sources`` has no ``"sd"``).
-        dino: DINO featurizer (frozen; None when ``sources`` has no ``"dino"``).
+        pipeline: The method (:class:`~.components.pipeline.FusedCorrespondence`) with frozen featurizers for
+            every source (``sd`` and / or ``dino``) and the feature cache (its ``feature_cache_gb`` memory is
+            shared by all epochs; real-size SD features are about 60 MB an image in fp32: for all of SPair trn
+            use ``feature_cache_dir`` as well). Only the featurizers of ``sources`` run; the trained head takes
+            the place of co-PCA and fusion, so the pipeline's ``alpha``, ``pca_dims`` and ``fusion`` are unused.
         sources: Feature sources of the head, out of ``"sd"`` (all extracted SD layers merged to the DINO
             grid, raw channels) and ``"dino"``.
         out_dim: Channels of each source's projected block.
@@ -87,20 +95,14 @@ class ProjectionHeadTraining(ZeroShotCorrespondence):
         gate_lr: Learning rate of the gate logits (no weight decay, which would pull every gate to 0.5);
             None uses ``lr``. Adam moves a logit by about the learning rate per step, so a short run needs a
             larger one for a gate to travel far.
-        eval_size: Keypoint-to-cell square for the loss and matching (default: the DINO input size).
         alphas: PCK thresholds of validation and test (None: the protocol's).
-        feature_cache_gb: Memory for raw per-image features (on the featurizers' device), shared by all
-            epochs; 0 disables it. Real-size SD features are about 60 MB an image in fp32: for all of SPair
-            trn use ``feature_cache_dir`` as well.
-        feature_cache_dir: Folder of an on-disk feature cache that later epochs and runs reuse.
         init_ckpt: Start from the weights of a head checkpoint (its config must match); None starts from
             a random initialisation. ``--ckpt_path`` resumes a whole training run instead.
     """
 
     def __init__(
         self,
-        sd: SDFeaturizer | None = None,
-        dino: DinoFeaturizer | None = None,
+        pipeline: FusedCorrespondence,
         sources: Sequence[str] = ("sd", "dino"),
         out_dim: int = 256,
         hidden_dim: int | None = None,
@@ -111,21 +113,13 @@ class ProjectionHeadTraining(ZeroShotCorrespondence):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         gate_lr: float | None = None,
-        eval_size: EvalSize | None = None,
         alphas: Sequence[float] | None = None,
-        feature_cache_gb: float = 4.0,
-        feature_cache_dir: str | None = None,
         init_ckpt: str | None = None,
     ) -> None:
         self.sources = check_sources(sources)
-        alpha = {("sd",): 1.0, ("dino",): 0.0}.get(tuple(sorted(self.sources)), 0.5)  # which featurizers run
-        missing = [name for name, model in (("sd", sd), ("dino", dino)) if name in self.sources and model is None]
-        if missing:
-            raise ValueError(f"sources {list(self.sources)} need a {missing[0]} featurizer, but none is configured")
-        super().__init__(
-            sd=sd, dino=dino, alpha=alpha, pca_dims=None, eval_size=eval_size, alphas=alphas,
-            feature_cache_gb=feature_cache_gb, feature_cache_dir=feature_cache_dir,
-        )
+        pipeline.select_sources(self.sources)  # only the head's sources run; a missing featurizer is named
+        super().__init__(pipeline=pipeline, alphas=alphas)
+        self.save_hyperparameters(ignore=["pipeline"])
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.head_kwargs = {
@@ -158,7 +152,7 @@ class ProjectionHeadTraining(ZeroShotCorrespondence):
             if self.pipeline.head is None:
                 raise ValueError(
                     "testing needs a trained head: run fit first, or evaluate a checkpoint with "
-                    "evaluate.py test --model.projection_ckpt PATH"
+                    "evaluate.py test --model.pipeline.projection_ckpt PATH"
                 )
             super().setup(stage)
 
@@ -258,7 +252,7 @@ class ProjectionHeadTraining(ZeroShotCorrespondence):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the head only (the frozen featurizers are rebuilt from the config) and store it with its
-        config under ``projection_head``, the form ``--model.projection_ckpt`` reads."""
+        config under ``projection_head``, the form ``--model.pipeline.projection_ckpt`` reads."""
         prefix = "pipeline.head."
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         checkpoint[TRAINING_CHECKPOINT_KEY] = self.head.checkpoint_dict()

@@ -1,7 +1,8 @@
 """Instance swapping (paper 4.3, supplementary A.8/B.2) as a predict-time output.
 
-Thin by design: the masked per-pixel correspondence is :class:`.dense.DenseCorrespondence`'s (fused, SD-only or
-DINO-only by ``alpha``, as the paper's Fig. 5 compares), the pixel swap is :func:`.components.swap.swap_instance`
+Thin by design: the masked per-pixel correspondence is the ``pipeline``'s
+(:meth:`.components.pipeline.FusedCorrespondence.predict_pixels`; fused, SD-only or DINO-only by its ``alpha``,
+as the paper's Fig. 5 compares), the pixel swap is :func:`.components.swap.swap_instance`
 and the refinement :class:`.components.ddim.DDIMRefiner` (DDIM inversion of the swapped image, then DDIM
 sampling with a prompt naming the category). With ``metrics``, the CLIP score and CLIP-based FID of supplementary
 Table 9 (:class:`.swap_metrics.SwapScores`) are computed for the preliminary and the refined swaps.
@@ -15,20 +16,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
+from jsonargparse.typing import PositiveInt
 from PIL import Image
 from torch import nn
 
 from .components.clip_features import CLIP_B32, CLIPImageEmbedder, region_crop
 from .components.ddim import DDIMRefiner
 from .components.dense import resize_nearest
-from .components.dino_featurizer import DinoFeaturizer
-from .components.pipeline import EvalSize
-from .components.sd_featurizer import SDFeaturizer
+from .components.pipeline import FusedCorrespondence
 from .components.swap import swap_instance
 from .components.visualize import to_pil_image
-from .dense import DenseCorrespondence
+from .dense import check_resolution
 from .swap_metrics import SwapScores
 
 __all__ = ["InstanceSwap", "format_swap_table", "side_by_side"]
@@ -53,7 +54,7 @@ def _resized(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(np.array(picture)).permute(2, 0, 1).contiguous()
 
 
-class InstanceSwap(DenseCorrespondence):
+class InstanceSwap(L.LightningModule):
     """Swap the source instance onto the target instance, then refine with Stable Diffusion.
 
     For every pair (with ``src_mask`` and ``trg_mask``, e.g. from ``datamodules.MaskedPairsDataModule``): each
@@ -64,15 +65,9 @@ class InstanceSwap(DenseCorrespondence):
     two images as uint8 tensors.
 
     Args:
-        sd: SD featurizer: features (unless ``alpha`` is 0) and the refinement's UNet, VAE and text encoder.
-        dino: DINO featurizer (unless ``alpha`` is 1).
-        alpha: Weight of the SD block: 0.5 fused, 1 SD only, 0 DINO only.
-        pca_dims: Co-PCA dimension per SD layer.
-        eval_size: Side of the padded square of the descriptors (default: the DINO input size).
-        fusion: How SD and DINO blocks are combined.
-        feature_cache_gb: Memory of the per-image feature cache.
-        feature_cache_dir: Folder of an on-disk feature cache.
-        projection_ckpt: A trained projection head instead of co-PCA and the fixed fusion.
+        pipeline: The method (:class:`~.components.pipeline.FusedCorrespondence`): fused, SD-only or DINO-only
+            by its ``alpha``, as the paper's Fig. 5 compares. Its SD featurizer (configured even when ``alpha``
+            is 0) lends the refinement its UNet, VAE and text encoder.
         resolution: Working resolution (long side) of the matching and of the preliminary swap.
         chunk: Target pixels matched at a time.
         blend_edges: Feathering of the swapped region's edge in pixels (0: off).
@@ -97,17 +92,9 @@ class InstanceSwap(DenseCorrespondence):
 
     def __init__(
         self,
-        sd: SDFeaturizer | None = None,
-        dino: DinoFeaturizer | None = None,
-        alpha: float = 0.5,
-        pca_dims: Sequence[int] | None = (256, 256, 256),
-        eval_size: EvalSize | None = None,
-        fusion: str = "concat_l2",
-        feature_cache_gb: float = 4.0,
-        feature_cache_dir: str | None = None,
-        projection_ckpt: str | None = None,
-        resolution: int | None = 256,
-        chunk: int = 4096,
+        pipeline: FusedCorrespondence,
+        resolution: PositiveInt | None = 256,
+        chunk: PositiveInt = 4096,
         blend_edges: int = 0,
         refine: bool = True,
         refine_steps: int = 50,
@@ -120,11 +107,11 @@ class InstanceSwap(DenseCorrespondence):
         clip_model: str | None = CLIP_B32,
         clip_random_init: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(
-            sd=sd, dino=dino, alpha=alpha, pca_dims=pca_dims, eval_size=eval_size, fusion=fusion,
-            feature_cache_gb=feature_cache_gb, feature_cache_dir=feature_cache_dir, projection_ckpt=projection_ckpt,
-            resolution=resolution, chunk=chunk, use_masks=True,
-        )
+        super().__init__()
+        self.save_hyperparameters(ignore=["pipeline"])
+        self.pipeline = pipeline
+        self.resolution, self.chunk = check_resolution(resolution), int(chunk)
+        sd = pipeline.configured[0]
         if refine and sd is None:
             raise ValueError("refine=True needs an sd featurizer (its UNet, VAE and text encoder); or set refine false")
         self.blend_edges = int(blend_edges)
@@ -176,7 +163,8 @@ class InstanceSwap(DenseCorrespondence):
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """One record per pair: ``pair_id``, ``category``, ``preliminary``, ``refined`` and ``picture``."""
         outputs = []
-        for sample, match in zip(batch, self._correspondences(batch)):
+        matches = self.pipeline.predict_pixels(batch, self.resolution, self.chunk, use_masks=True)
+        for sample, match in zip(batch, matches):
             inputs = self.working_inputs(sample, match)
             preliminary, refined = self.swap(inputs, match, sample["category"])
             panels = [sample["src_image"], sample["trg_image"], preliminary] + ([refined] if refined is not None else [])

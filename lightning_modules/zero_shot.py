@@ -13,18 +13,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveInt
 
-from .components.dino_featurizer import DinoFeaturizer
-from .components.feature_cache import FeatureCache
-from .components.pipeline import EvalSize, FusedCorrespondence
-from .components.pose_alignment import PoseAlignment
-from .components.projection_head import GatedProjectionHead
-from .components.refinements import MatchRefinement
-from .components.sd_featurizer import SDFeaturizer
+from .components.pipeline import FusedCorrespondence
 from .metrics import PCK, DenseFlowPCK, dense_flow_counts, format_alpha
 
-__all__ = ["ZeroShotCorrespondence", "benchmark_pose_alignment", "feature_cache", "keypoint_record", "restore_keypoint_metric", "summed_over_ranks"]
+__all__ = ["ZeroShotCorrespondence", "keypoint_record", "restore_keypoint_metric", "summed_over_ranks"]
 
 
 #: Per-keypoint extras of the test-time refinements that ``predictions.jsonl`` keeps when they are computed.
@@ -84,33 +77,6 @@ def restore_keypoint_metric(
     )
 
 
-def benchmark_pose_alignment(flip_pairs: Any, protocol: Any) -> PoseAlignment:
-    """The pose alignment of a run: ``flip_pairs`` when given, else the benchmark protocol's table.
-
-    Raises:
-        ValueError: A dense benchmark, or one without a left/right keypoint table and no ``flip_pairs``.
-    """
-    if protocol.dense:
-        raise ValueError(f"pose_alignment applies to keypoint benchmarks; {protocol.name} is scored on dense flow")
-    table = flip_pairs if flip_pairs is not None else protocol.flip_pairs
-    if table is None:
-        raise ValueError(
-            f"pose_alignment needs left/right keypoint pairs, and {protocol.name} has no semantic keypoint ids; "
-            "a dataset whose samples carry keypoint ids ('kps_ids') can give flip_pairs (category -> [[left id, "
-            "right id], ...])"
-        )
-    return PoseAlignment(table)
-
-
-def feature_cache(memory_gb: float, directory: str | None) -> FeatureCache | None:
-    """The per-image feature cache of a run: ``memory_gb`` in memory (0 = none), ``directory`` on disk."""
-    if memory_gb < 0:
-        raise ValueError(f"feature_cache_gb must be >= 0, got {memory_gb}")
-    if memory_gb == 0 and directory is None:
-        return None
-    return FeatureCache(memory_bytes=int(memory_gb * (1 << 30)), directory=directory)
-
-
 def summed_over_ranks(module: L.LightningModule, counts: dict[str, int]) -> dict[str, int]:
     """Counts (extraction passes) summed over all processes: under DDP each rank extracts its own share."""
     if module.trainer.world_size <= 1 or not counts:
@@ -121,66 +87,18 @@ def summed_over_ranks(module: L.LightningModule, counts: dict[str, int]) -> dict
 
 
 class ZeroShotCorrespondence(L.LightningModule):
-    """Zero-shot semantic correspondence with fused SD + DINO features.
+    """Zero-shot semantic correspondence with fused SD + DINO features, scored with the benchmark's protocol.
 
     Args:
-        sd: SD featurizer (None for DINO alone).
-        dino: DINO featurizer (None for SD alone).
-        alpha: Weight of the SD block (0.5 in the paper; 1 = SD only, 0 = DINO only).
-        pca_dims: Co-PCA dimension per SD layer; None keeps raw channels.
-        eval_size: Keypoint-to-cell mapping resolution (default: the DINO input size).
+        pipeline: The method (:class:`~.components.pipeline.FusedCorrespondence`: featurizers, co-PCA, fusion,
+            matching, refinements, feature cache); its knobs are ``--model.pipeline.<name>``.
         alphas: PCK thresholds overriding the datamodule protocol's (None: the protocol's).
-        fusion: How SD and DINO blocks are combined: ``concat_l2`` (the paper's), ``concat``, ``sum_l2``
-            or ``sum`` (supplementary Table 4).
-        feature_cache_gb: Memory for raw per-image features shared by all pairs of the run (on the
-            featurizers' device); each image is then extracted once. 0 disables the in-memory cache.
-        feature_cache_dir: Folder of an on-disk feature cache (safetensors, keyed by image content and
-            feature config) that later runs reuse; None disables it.
-        projection_ckpt: A trained projection head (``train.py``'s ``.ckpt`` or a
-            :meth:`GatedProjectionHead.save_checkpoint` file) used instead of co-PCA and the fixed fusion; its
-            sources decide which featurizers run, and ``alpha``, ``pca_dims`` and ``fusion`` are then unused.
-        soft_argmax_window: Beyond the paper (GeoAware-SC): predict the softmax-weighted mean cell of a
-            ``(2w+1)^2`` window around the best match (sub-cell predictions); None (default) keeps the cell
-            centre of the nearest neighbour, as the paper does.
-        soft_argmax_temperature: Softmax temperature over cosine similarities (window and confidence).
-        mutual_check: Beyond the paper: record per keypoint whether its match is a mutual nearest neighbour.
-            With either knob on, ``predictions.jsonl`` also holds a ``confidence`` per keypoint.
-        pose_alignment: Beyond the paper (GeoAware-SC): also match from each source image's horizontal mirror
-            (one more extraction per source image), with left/right keypoint ids swapped, and keep the
-            orientation whose instance (bounding box) features agree better; ``predictions.jsonl`` then holds
-            ``flipped`` and ``pose_distances`` per pair. Keypoint benchmarks with semantic keypoint ids
-            (SPair-71k, CUB-200).
-        flip_pairs: Category -> left/right keypoint id pairs for pose alignment (``"*"``: any other category),
-            or a table name (``"spair"``, ``"cub"``); None takes the benchmark protocol's table.
     """
 
-    def __init__(
-        self,
-        sd: SDFeaturizer | None = None,
-        dino: DinoFeaturizer | None = None,
-        alpha: ClosedUnitInterval = 0.5,
-        pca_dims: Sequence[PositiveInt] | None = (256, 256, 256),
-        eval_size: EvalSize | None = None,
-        alphas: Sequence[float] | None = None,
-        fusion: str = "concat_l2",
-        feature_cache_gb: NonNegativeFloat = 4.0,
-        feature_cache_dir: str | None = None,
-        projection_ckpt: str | None = None,
-        soft_argmax_window: int | None = None,
-        soft_argmax_temperature: float = 0.04,
-        mutual_check: bool = False,
-        pose_alignment: bool = False,
-        flip_pairs: dict[str, list[list[int]]] | str | None = None,
-    ) -> None:
+    def __init__(self, pipeline: FusedCorrespondence, alphas: Sequence[float] | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["sd", "dino"])
-        head = None if projection_ckpt is None else GatedProjectionHead.from_checkpoint(projection_ckpt)
-        refinement = MatchRefinement(soft_argmax_window, float(soft_argmax_temperature), bool(mutual_check))
-        self.pipeline = FusedCorrespondence(
-            sd, dino, alpha=alpha, pca_dims=pca_dims, eval_size=eval_size, fusion=fusion,
-            cache=feature_cache(feature_cache_gb, feature_cache_dir), head=head, refinement=refinement,
-        )  # pose alignment is set in setup(), once the benchmark (and so its default flip table) is known
-        self.pose_alignment, self.flip_pairs = bool(pose_alignment), flip_pairs
+        self.save_hyperparameters(ignore=["pipeline"])
+        self.pipeline = pipeline
         self.alphas = None if alphas is None else [float(a) for a in alphas]
         self.metric: PCK | None = None
         self.protocol: Any = None
@@ -196,8 +114,7 @@ class ZeroShotCorrespondence(L.LightningModule):
         categories = list(getattr(datamodule, "categories", None) or [])
         if not categories:
             raise ValueError("the datamodule must expose its category names as `categories` after setup()")
-        if self.pose_alignment:
-            self.pipeline.pose_alignment = benchmark_pose_alignment(self.flip_pairs, self.protocol)
+        self.pipeline.use_protocol(self.protocol)
         if self.protocol.dense:
             self.metric = DenseFlowPCK(alphas, categories, inclusive=self.protocol.inclusive)
         else:

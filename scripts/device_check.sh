@@ -97,10 +97,10 @@ for split, pairs in (('trn', 8), ('val', 3), ('test', 3)):
     write_synthetic_spair('$root', pairs_per_category=pairs, split=split)" || return 1
     $PY train.py fit --config configs/projection/sd_dinov2_b.yaml --config configs/overlays/tiny.yaml --data.root $root \
         --data.init_args.num_workers 0 --data.init_args.val_pairs_per_category null --trainer.accelerator gpu \
-        --trainer.max_epochs 2 --trainer.default_root_dir $run --model.init_args.feature_cache_dir null || return 1
+        --trainer.max_epochs 2 --trainer.default_root_dir $run --model.pipeline.feature_cache_dir null || return 1
     $PY evaluate.py test --config configs/spair.yaml --config configs/overlays/tiny.yaml --data.root $root \
         --data.num_workers 0 --trainer.accelerator gpu --trainer.default_root_dir $run/eval \
-        --model.init_args.projection_ckpt $run/checkpoints/last.ckpt || return 1
+        --model.pipeline.projection_ckpt $run/checkpoints/last.ckpt || return 1
     cp $run/eval/results.json "$OUT/projection_eval_results.json"
 }
 run_step projection 120 bash -c "$(declare -f projection_on_gpu); PY=$PY OUT=$OUT projection_on_gpu"

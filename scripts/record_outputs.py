@@ -129,7 +129,7 @@ def _runs(data: dict[str, Path]) -> dict[str, tuple[str, list[str]]]:
             "fit", "--config", str(preset), "--config", TINY, "--data.root", str(data["spair"]), *COMMON,
             "--data.init_args.batch_size", "4", "--data.init_args.val_pairs_per_category", "null",
             "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--model.init_args.out_dim", "16", "--model.init_args.hidden_dim", "16", "--model.init_args.feature_cache_dir", "null",
+            "--model.init_args.out_dim", "16", "--model.init_args.hidden_dim", "16", "--model.pipeline.feature_cache_dir", "null",
         ])  # fmt: skip
     return runs
 

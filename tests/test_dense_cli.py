@@ -26,6 +26,7 @@ from datamodules import (
     write_synthetic_spair,
 )
 from lightning_modules import DenseCorrespondence, InstanceSwap
+from lightning_modules.components import FusedCorrespondence
 from lightning_modules.components.dense import resize_nearest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ def test_swap_config_writes_swapped_and_refined_pictures(tmp_path, monkeypatch) 
 
 def test_swap_changes_only_the_target_instance_before_refinement(tmp_path, tiny_sd, tiny_dino) -> None:
     write_synthetic_masked_pairs(tmp_path / "pairs", num_pairs=2)
-    module = InstanceSwap(tiny_sd, tiny_dino, pca_dims=None, resolution=48, refine=True, refine_steps=4,
+    module = InstanceSwap(FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=None), resolution=48, refine=True, refine_steps=4,
                           refine_size=64)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
                         callbacks=[PictureWriter(subdir="swap")])
@@ -115,7 +116,7 @@ def test_swap_changes_only_the_target_instance_before_refinement(tmp_path, tiny_
 
 def test_swap_needs_masks_and_an_sd_model_for_refinement(tiny_dino) -> None:
     with pytest.raises(ValueError, match="refine=True needs an sd featurizer"):
-        InstanceSwap(None, tiny_dino, alpha=0.0, refine=True)
+        InstanceSwap(FusedCorrespondence(None, tiny_dino, alpha=0.0), refine=True)
     with pytest.raises(FileNotFoundError, match="masked pairs file not found"):
         MaskedPairsDataset("/nonexistent/pairs.json")
 
@@ -124,7 +125,7 @@ def test_dense_test_stage_refuses_a_keypoint_benchmark(tmp_path, tiny_sd, tiny_d
     root = write_synthetic_spair(tmp_path / "spair", categories=("cat",), pairs_per_category=1, image_size=(96, 72))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     with pytest.raises(ValueError, match="needs a DAVIS datamodule .* got SPairDataModule; for pictures"):
-        trainer.test(DenseCorrespondence(tiny_sd, tiny_dino), datamodule=SPairDataModule(root=str(root)))
+        trainer.test(DenseCorrespondence(FusedCorrespondence(tiny_sd, tiny_dino)), datamodule=SPairDataModule(root=str(root)))
 
 
 def test_davis_instance_masks_feed_the_swap(tmp_path, tiny_sd, tiny_dino) -> None:
@@ -137,7 +138,7 @@ def test_davis_instance_masks_feed_the_swap(tmp_path, tiny_sd, tiny_dino) -> Non
     sample = pairs[0]
     annotation = read_davis_annotation(Path(root) / "Annotations" / "480p" / "bars" / "00000.png")
     assert torch.equal(sample["src_mask"], annotation == 1) and sample["category"] == "bars"
-    module = InstanceSwap(tiny_sd, tiny_dino, pca_dims=None, resolution=40, refine=False)
+    module = InstanceSwap(FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=None), resolution=40, refine=False)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     outputs = [r for batch in trainer.predict(module, datamodule=DAVISSwapDataModule(str(root), pairs=[["dots", "bars"]]))
                for r in batch]

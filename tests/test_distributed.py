@@ -245,7 +245,7 @@ def _runs(spair: Path, tss: Path, out: Path) -> dict[str, list[str]]:
                 "--data.init_args.val_pairs_per_category", "null", "--trainer.accelerator", "cpu",
                 "--trainer.max_epochs", "2", "--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false",
                 "--model.init_args.out_dim", "16", "--model.init_args.hidden_dim", "16",
-                "--model.init_args.feature_cache_dir", "null", "--trainer.default_root_dir", str(out / "fit")],
+                "--model.pipeline.feature_cache_dir", "null", "--trainer.default_root_dir", str(out / "fit")],
         # dense flow (DenseFlowPCK, float64 end-point-error state)
         "tss": ["--config", str(CONFIGS / "tss.yaml"), "--config", str(CONFIGS / "overlays" / "tiny.yaml"),
                 "--data.root", str(tss), *common, "--trainer.default_root_dir", str(out / "tss")],
@@ -360,7 +360,7 @@ def _fit_checkpoints(out: Path) -> tuple[dict[str, Any], Path]:
 
 def test_ddp_training_splits_the_steps_and_validates_every_val_pair_once(ddp_and_single, tmp_path) -> None:
     from lightning_modules import ProjectionHeadTraining
-    from lightning_modules.components import DinoFeaturizer, SDFeaturizer
+    from lightning_modules.components import DinoFeaturizer, FusedCorrespondence, SDFeaturizer
 
     single, _ = _fit_checkpoints(ddp_and_single["single"])
     ddp, ddp_best = _fit_checkpoints(ddp_and_single["ddp"])
@@ -375,7 +375,7 @@ def test_ddp_training_splits_the_steps_and_validates_every_val_pair_once(ddp_and
     dino = DinoFeaturizer(model_id=None, random_init={"seed": 0, "num_hidden_layers": 12, "hidden_size": 80},
                           layer=11, image_size=224)
     assert "hidden_size: 80" in (tiny / "tiny_dino.yaml").read_text()  # the same tiny models as the run's
-    module = ProjectionHeadTraining(sd, dino, out_dim=16, hidden_dim=16, init_ckpt=str(ddp_best))
+    module = ProjectionHeadTraining(FusedCorrespondence(sd, dino), out_dim=16, hidden_dim=16, init_ckpt=str(ddp_best))
     datamodule = SPairDataModule(root=str(ddp_and_single["spair_fit"]), batch_size=4)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path)

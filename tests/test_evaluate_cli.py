@@ -133,11 +133,11 @@ def test_local_pretrained_directories_load_through_the_config(tmp_path, monkeypa
     evaluate.main(["test", *common, "--trainer.default_root_dir", str(tmp_path / "random")])
     local = tmp_path / "local_models.yaml"
     local.write_text(
-        "model:\n  class_path: lightning_modules.ZeroShotCorrespondence\n  init_args:\n"
-        "    sd:\n      class_path: lightning_modules.components.SDFeaturizer\n"
-        f"      init_args: {{model_id: {tmp_path / 'sd'}, random_init: null}}\n"
-        "    dino:\n      class_path: lightning_modules.components.DinoFeaturizer\n"
-        f"      init_args: {{model_id: {tmp_path / 'dino'}, random_init: null}}\n"
+        "model:\n  class_path: lightning_modules.ZeroShotCorrespondence\n  init_args:\n    pipeline:\n"
+        "      sd:\n        class_path: lightning_modules.components.SDFeaturizer\n"
+        f"        init_args: {{model_id: {tmp_path / 'sd'}, random_init: null}}\n"
+        "      dino:\n        class_path: lightning_modules.components.DinoFeaturizer\n"
+        f"        init_args: {{model_id: {tmp_path / 'dino'}, random_init: null}}\n"
     )
     cli = evaluate.main(["test", *common, "--config", str(local), "--trainer.default_root_dir", str(tmp_path / "loaded")])
     assert cli.model.pipeline.sd.model_id == str(tmp_path / "sd")
@@ -186,7 +186,7 @@ def test_the_reference_default_is_one_config_away(tmp_path, monkeypatch) -> None
     from omegaconf import OmegaConf
 
     monkeypatch.chdir(tmp_path)
-    overlay = OmegaConf.load(REFERENCE).model.init_args
+    overlay = OmegaConf.load(REFERENCE).model.pipeline
     assert overlay.sd == "../featurizers/sd15_implicit_captioner.yaml" and set(overlay) == {"sd"}
     sd = OmegaConf.load(CONFIGS / "featurizers" / "sd15_implicit_captioner.yaml").init_args
     paper = OmegaConf.load(CONFIGS / "featurizers" / "sd15.yaml").init_args
@@ -196,12 +196,12 @@ def test_the_reference_default_is_one_config_away(tmp_path, monkeypatch) -> None
     assert captioner.clip_model_id == "openai/clip-vit-large-patch14-336"
     assert captioner.weights == "odise_label_coco_50e-b67d2efc.pth" and captioner.time_embed_dim == 1280
     # without the checkpoint: an error naming the file and the field
-    with pytest.raises(ValueError, match=r"model.init_args.sd.init_args.captioner.init_args.weights: file "
+    with pytest.raises(ValueError, match=r"model.pipeline.sd.captioner.weights: file "
                                          r"odise_label_coco_50e-b67d2efc.pth not found"):
         build_cli(["--config", SPAIR, "--config", REFERENCE, "--data.root", str(tmp_path)], run=False)
     stand_in = tmp_path / "tiny_captioner.yaml"
     stand_in.write_text(
-        "model:\n  init_args:\n    sd:\n      init_args:\n        captioner:\n"
+        "model:\n  pipeline:\n    sd:\n      init_args:\n        captioner:\n"
         "          init_args: {clip_model_id: null, weights: null, random_init: {seed: 1}, text_dim: 32, "
         "time_embed_dim: 64}\n"
     )
@@ -218,15 +218,16 @@ def test_the_paper_config_holds_the_reference_defaults(tmp_path) -> None:
 
     assert OmegaConf.load(SPAIR).model == "model/sd_dino.yaml"
     cfg = OmegaConf.create({"model": OmegaConf.load(CONFIGS / "model" / "sd_dino.yaml")})
-    assert cfg.model.init_args.sd == "../featurizers/sd15.yaml"
-    assert cfg.model.init_args.dino == "../featurizers/dinov2_b14.yaml"
+    assert cfg.model.init_args.pipeline.sd == "../featurizers/sd15.yaml"
+    assert cfg.model.init_args.pipeline.dino == "../featurizers/dinov2_b14.yaml"
     sd = OmegaConf.load(CONFIGS / "featurizers" / "sd15.yaml").init_args
     dino = OmegaConf.load(CONFIGS / "featurizers" / "dinov2_b14.yaml").init_args
     assert sd.model_id == "stable-diffusion-v1-5/stable-diffusion-v1-5" and list(sd.layers) == [2, 5, 8]
     assert (sd.timestep, sd.image_size, sd.crop_size, sd.sliding_window, sd.seed) == (100, 960, 512, True, 42)
     assert sd.prompt == "a photo of {category}" and sd.ensemble_size == 1
     assert (dino.model_id, dino.layer, dino.image_size) == ("facebook/dinov2-base", 11, 840)
-    assert cfg.model.init_args.alpha == 0.5 and list(cfg.model.init_args.pca_dims) == [256, 256, 256]
+    pipeline = cfg.model.init_args.pipeline
+    assert pipeline.alpha == 0.5 and list(pipeline.pca_dims) == [256, 256, 256]
 
 
 def test_missing_root_is_a_clear_error(tmp_path, monkeypatch) -> None:

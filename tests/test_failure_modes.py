@@ -58,7 +58,7 @@ def test_sigterm_exits_non_zero_keeps_the_flushed_predictions_and_prints_the_res
                                  pairs_per_category=30)
     out = tmp_path / "run"
     # a slow featurizer keeps the run going long enough to be stopped in the middle
-    slow = ["--model.init_args.sd.init_args.image_size", "512", "--model.init_args.sd.init_args.crop_size", "256"]
+    slow = ["--model.pipeline.sd.image_size", "512", "--model.pipeline.sd.crop_size", "256"]
     argv = [str(REPO / "evaluate.py"), *_args(root, out, *slow)]
     proc = subprocess.Popen([sys.executable, *argv], env=_env(), cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -212,9 +212,9 @@ def no_model_may_load(monkeypatch):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--model.init_args.alpha", "2"], r'"alpha":\s+Not of type ClosedUnitInterval'),
+    (["--model.pipeline.alpha", "2"], r'"alpha":\s+Not of type ClosedUnitInterval'),
     (["--data.init_args.batch_size", "0"], r'"batch_size":\s+Not of type PositiveInt'),
-    (["--model.init_args.pca_dims", "[0, 16, 16]"], r"PositiveInt"),
+    (["--model.pipeline.pca_dims", "[0, 16, 16]"], r"PositiveInt"),
 ], ids=["alpha", "batch_size", "pca_dims"])
 def test_out_of_range_settings_fail_at_parse_time(tmp_path, monkeypatch, no_model_may_load, extra, message):
     monkeypatch.chdir(tmp_path)
@@ -223,7 +223,7 @@ def test_out_of_range_settings_fail_at_parse_time(tmp_path, monkeypatch, no_mode
 
 
 def test_the_script_reports_a_parse_error_in_a_few_lines_naming_the_field(tmp_path) -> None:
-    argv = [sys.executable, str(REPO / "evaluate.py"), *_args(tmp_path, tmp_path / "run"), "--model.init_args.alpha", "2"]
+    argv = [sys.executable, str(REPO / "evaluate.py"), *_args(tmp_path, tmp_path / "run"), "--model.pipeline.alpha", "2"]
     done = subprocess.run(argv, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert 'Parser key "alpha"' in done.stderr and "v>=0 and v<=1" in done.stderr and "usage:" not in done.stderr
@@ -234,20 +234,20 @@ def test_paths_that_cannot_work_fail_before_any_model_loads(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError) as info:
-        evaluate.main(_args(tmp_path, tmp_path / "run", "--model.init_args.feature_cache_dir", "a_file",
-                            "--model.init_args.dino.init_args.model_id", "./no_such_dino",
-                            "--model.init_args.projection_ckpt", "missing.pt"))
+        evaluate.main(_args(tmp_path, tmp_path / "run", "--model.pipeline.feature_cache_dir", "a_file",
+                            "--model.pipeline.dino.model_id", "./no_such_dino",
+                            "--model.pipeline.projection_ckpt", "missing.pt"))
     message = str(info.value)
     assert "before loading any model" in message
-    assert "model.init_args.feature_cache_dir: a_file is a file, not a folder" in message
-    assert "model.init_args.dino.init_args.model_id: model folder ./no_such_dino not found" in message
-    assert "model.init_args.projection_ckpt: file missing.pt not found" in message
+    assert "model.pipeline.feature_cache_dir: a_file is a file, not a folder" in message
+    assert "model.pipeline.dino.model_id: model folder ./no_such_dino not found" in message
+    assert "model.pipeline.projection_ckpt: file missing.pt not found" in message
 
 
 def test_the_script_reports_an_error_in_a_few_lines(tmp_path) -> None:
     (tmp_path / "a_file").write_text("")
     argv = [sys.executable, str(REPO / "evaluate.py"), *_args(tmp_path, tmp_path / "run"),
-            "--model.init_args.feature_cache_dir", "a_file"]
+            "--model.pipeline.feature_cache_dir", "a_file"]
     short = subprocess.run(argv, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert short.returncode == 1
     assert "error: settings that cannot work" in short.stderr and "Traceback" not in short.stderr

@@ -168,13 +168,13 @@ def _samples(n_images: int = 3) -> list[dict]:
 
 def test_cached_pipeline_extracts_each_image_once_and_predicts_the_same(tiny_sd, tiny_dino, tmp_path) -> None:
     samples = _samples()
-    plain = FusedCorrespondence(tiny_sd, tiny_dino)
+    plain = FusedCorrespondence(tiny_sd, tiny_dino, feature_cache_gb=0)
     expected = [o["pred_kps"] for s in samples for o in plain.predict_pairs([s])]  # one pair per batch
     assert plain.extraction_passes == {"sd": 8, "dino": 8}
-    cached = FusedCorrespondence(tiny_sd, tiny_dino, cache=FeatureCache(directory=tmp_path))
+    cached = FusedCorrespondence(tiny_sd, tiny_dino, feature_cache_dir=str(tmp_path))
     got = [o["pred_kps"] for s in samples for o in cached.predict_pairs([s])]
     assert cached.extraction_passes == {"sd": 3, "dino": 3}  # 3 distinct images
-    again = FusedCorrespondence(tiny_sd, tiny_dino, cache=FeatureCache(memory_bytes=0, directory=tmp_path))
+    again = FusedCorrespondence(tiny_sd, tiny_dino, feature_cache_gb=0, feature_cache_dir=str(tmp_path))
     from_disk = [o["pred_kps"] for o in again.predict_pairs(samples)]
     assert again.extraction_passes == {"sd": 0, "dino": 0}
     for a, b, c in zip(expected, got, from_disk):
@@ -190,7 +190,7 @@ def test_a_second_run_with_the_disk_cache_does_no_extraction(tmp_path, monkeypat
     for name, hash_seed in (("first", "1"), ("second", "2")):
         args = ["test", "--config", SPAIR, "--config", TINY, "--data.root", str(root),
                 "--data.num_workers", "0", "--trainer.accelerator", "cpu",
-                "--model.init_args.feature_cache_dir", str(tmp_path / "features"),
+                "--model.pipeline.feature_cache_dir", str(tmp_path / "features"),
                 "--trainer.default_root_dir", str(tmp_path / name)]
         env = {**os.environ, "PYTHONHASHSEED": hash_seed, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *args], env=env, cwd=tmp_path,

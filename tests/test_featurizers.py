@@ -577,7 +577,7 @@ def test_missing_sd_model_raises_model_load_error() -> None:
     with pytest.raises(ModelLoadError) as info:
         SDFeaturizer(model_id="no-such-org/no-such-model")
     _assert_actionable(str(info.value), "no-such-org/no-such-model")
-    assert "model.init_args.sd.init_args.model_id" in str(info.value)
+    assert "model.pipeline.sd.model_id" in str(info.value)
     assert isinstance(info.value, OSError)
 
 
@@ -585,7 +585,7 @@ def test_missing_dino_model_raises_model_load_error() -> None:
     with pytest.raises(ModelLoadError) as info:
         DinoFeaturizer(model_id="no-such-org/no-such-dino")
     _assert_actionable(str(info.value), "no-such-org/no-such-dino")
-    assert "model.init_args.dino.init_args.model_id" in str(info.value)
+    assert "model.pipeline.dino.model_id" in str(info.value)
 
 
 class _FakeComponent:

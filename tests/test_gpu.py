@@ -197,9 +197,10 @@ def test_feature_cache_on_the_device_cuts_the_passes_and_keeps_the_predictions(
     samples = _samples(spair_root)
     unique = _unique_images(samples)
     assert unique <= len(samples)  # images are in 3 pairs on average: a cache must at least halve the passes
-    plain = FusedCorrespondence(device_sd, device_dino, alpha=0.5, pca_dims=PCA_DIMS).to(DEVICE)
+    plain = FusedCorrespondence(device_sd, device_dino, alpha=0.5, pca_dims=PCA_DIMS, feature_cache_gb=0).to(DEVICE)
     cache = FeatureCache()
-    cached = FusedCorrespondence(device_sd, device_dino, alpha=0.5, pca_dims=PCA_DIMS, cache=cache).to(DEVICE)
+    cached = FusedCorrespondence(device_sd, device_dino, alpha=0.5, pca_dims=PCA_DIMS).to(DEVICE)
+    cached.cache = cache
     expected = [plain.predict_pairs([s])[0]["pred_kps"] for s in samples]  # one pair per call, as the reference
     got = [cached.predict_pairs([s])[0]["pred_kps"] for s in samples]
     assert plain.extraction_passes == {"sd": 2 * len(samples), "dino": 2 * len(samples)}
@@ -225,7 +226,8 @@ def test_autocast_predictions_are_finite_fp32_and_cached_apart(
     samples = _samples(spair_root)
     unique = _unique_images(samples)
     cache = RecordingCache()
-    pipeline = FusedCorrespondence(device_sd, device_dino, alpha=0.5, pca_dims=PCA_DIMS, cache=cache).to(DEVICE)
+    pipeline = FusedCorrespondence(device_sd, device_dino, alpha=0.5, pca_dims=PCA_DIMS).to(DEVICE)
+    pipeline.cache = cache
     full = pipeline.predict_pairs(samples)
     exact_keys = set(cache.keys)
     assert len(exact_keys) == 2 * unique and all(k.endswith("|exact") for k in exact_keys)

@@ -75,7 +75,7 @@ def test_partners_that_are_not_valid_are_not_used_and_the_wildcard_covers_other_
 
 def test_the_benchmark_decides_the_table_and_refuses_what_has_none() -> None:
     from datamodules import get_protocol
-    from lightning_modules.zero_shot import benchmark_pose_alignment
+    from lightning_modules.components.pipeline import benchmark_pose_alignment
 
     assert benchmark_pose_alignment(None, get_protocol("spair")).partners("car")[10] == 20
     assert benchmark_pose_alignment(None, get_protocol("cub")).partners("x")[7] == 11
@@ -159,7 +159,9 @@ def _mirrored_pair(category: str = "cat") -> tuple[dict, torch.Tensor]:
 
 def test_pose_alignment_picks_the_mirror_and_maps_the_ids_back(tiny_sd, tiny_dino) -> None:
     sample, trg_kps = _mirrored_pair()
-    aligned = FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(8, 8, 8), pose_alignment=PoseAlignment())
+    # no cache: the mirrored source has the target's pixels here, and a cache would serve it
+    aligned = FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(8, 8, 8), feature_cache_gb=0, pose_alignment=True,
+                                  flip_pairs="spair")
     plain = FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(8, 8, 8))
     out, = aligned.predict_pairs([sample])
     base, = plain.predict_pairs([sample])
@@ -181,7 +183,7 @@ def test_pose_alignment_picks_the_mirror_and_maps_the_ids_back(tiny_sd, tiny_din
 def test_pose_alignment_keeps_the_original_when_it_agrees_better(tiny_sd, tiny_dino) -> None:
     sample, _ = _mirrored_pair()
     same = {**sample, "trg_image": sample["src_image"], "trg_image_path": "copy.png", "trg_bbox": sample["src_bbox"]}
-    out, = FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(8, 8, 8), pose_alignment=PoseAlignment()).predict_pairs(
+    out, = FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(8, 8, 8), pose_alignment=True, flip_pairs="spair").predict_pairs(
         [same]
     )
     base, = FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(8, 8, 8)).predict_pairs([same])
@@ -191,7 +193,7 @@ def test_pose_alignment_keeps_the_original_when_it_agrees_better(tiny_sd, tiny_d
 
 def test_pose_alignment_needs_keypoint_ids_and_a_known_category(tiny_dino) -> None:
     sample, _ = _mirrored_pair()
-    pipeline = FusedCorrespondence(None, tiny_dino, alpha=0.0, pose_alignment=PoseAlignment())
+    pipeline = FusedCorrespondence(None, tiny_dino, alpha=0.0, pose_alignment=True, flip_pairs="spair")
     with pytest.raises(ValueError, match="pose alignment needs keypoint ids"):
         pipeline.predict_pairs([{k: v for k, v in sample.items() if k != "kps_ids"}])
     with pytest.raises(ValueError, match="no flip pairs for category 'zebra'"):
@@ -203,7 +205,7 @@ def test_pose_alignment_runs_through_evaluate_and_records_the_orientation(tmp_pa
     root = write_synthetic_spair(tmp_path / "spair", categories=("cat",), pairs_per_category=3, image_size=(96, 72))
     evaluate.main(["test", "--config", str(CONFIGS / "spair.yaml"), "--config", str(CONFIGS / "overlays" / "tiny.yaml"),
                    "--data.root", str(root), "--data.num_workers", "0", "--trainer.accelerator", "cpu",
-                   "--model.init_args.pose_alignment", "true", "--trainer.default_root_dir", str(tmp_path / "run")])
+                   "--model.pipeline.pose_alignment", "true", "--trainer.default_root_dir", str(tmp_path / "run")])
     records = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     assert len(records) == 3
     for record in records:

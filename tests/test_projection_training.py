@@ -46,7 +46,7 @@ def _fit_args(root: Path, run: Path, *extra: str) -> list[str]:
         "--trainer.accelerator", "cpu", "--trainer.max_epochs", "2", "--trainer.val_check_interval", "1.0",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
         "--trainer.default_root_dir", str(run), "--model.init_args.out_dim", "16", "--model.init_args.hidden_dim", "16",
-        "--model.init_args.lr", "0.01", "--model.init_args.feature_cache_dir", "null", *extra,
+        "--model.init_args.lr", "0.01", "--model.pipeline.feature_cache_dir", "null", *extra,
     ]
 
 
@@ -59,11 +59,11 @@ def _head_state(module: ProjectionHeadTraining) -> dict[str, torch.Tensor]:
 
 def test_unknown_source_and_missing_featurizer_are_clear_errors(tiny_sd, tiny_dino) -> None:
     with pytest.raises(ValueError, match=r"sources must be distinct names out of \['sd', 'dino'\], got \['sd', 'clip'\]"):
-        ProjectionHeadTraining(tiny_sd, tiny_dino, sources=["sd", "clip"])
+        ProjectionHeadTraining(FusedCorrespondence(tiny_sd, tiny_dino), sources=["sd", "clip"])
     with pytest.raises(ValueError, match="need a dino featurizer"):
-        ProjectionHeadTraining(tiny_sd, None, sources=["sd", "dino"])
+        ProjectionHeadTraining(FusedCorrespondence(tiny_sd, None, alpha=1.0), sources=["sd", "dino"])
     with pytest.raises(ValueError, match="temperature must be positive"):
-        ProjectionHeadTraining(tiny_sd, tiny_dino, temperature=0.0)
+        ProjectionHeadTraining(FusedCorrespondence(tiny_sd, tiny_dino), temperature=0.0)
     with pytest.raises(ValueError, match=r"out_dim: stored 16, configured 8"):
         check_head_config({"sources": {"sd": 4}, "out_dim": 16}, {"sources": {"sd": 4}, "out_dim": 8}, "x.ckpt")
 
@@ -87,7 +87,7 @@ def test_presets_name_the_intended_featurizers() -> None:
     from omegaconf import OmegaConf
 
     def dino_of(name: str) -> str:
-        return OmegaConf.load(CONFIGS / "projection" / f"{name}.yaml").model.init_args.dino
+        return OmegaConf.load(CONFIGS / "projection" / f"{name}.yaml").model.init_args.pipeline.dino
 
     assert dino_of("sd_dinov2_b") == dino_of("dino_only") == "../featurizers/dinov2_b14.yaml"
     assert dino_of("sd_dinov1_b16") == "../featurizers/dinov1_b16.yaml"
@@ -104,7 +104,7 @@ def test_presets_name_the_intended_featurizers() -> None:
 def test_training_lowers_the_loss_and_extracts_each_image_once(spair_root, tiny_sd, tiny_dino) -> None:
     torch.manual_seed(0)
     dataset = SPairDataset(spair_root, split="trn")
-    module = ProjectionHeadTraining(tiny_sd, tiny_dino, out_dim=16, lr=0.01)
+    module = ProjectionHeadTraining(FusedCorrespondence(tiny_sd, tiny_dino), out_dim=16, lr=0.01)
     module.pipeline.head = GatedProjectionHead(module.source_channels(dataset[0]), out_dim=16)
     # read from the tiny featurizers' features: SD layers 2/5/8 have 32 + 32 + 16 channels
     assert module.head.sources == {"sd": 80, "dino": tiny_dino.model.config.hidden_size}
@@ -128,7 +128,7 @@ def test_training_lowers_the_loss_and_extracts_each_image_once(spair_root, tiny_
 
 
 def test_gate_learning_rate_is_its_own_parameter_group(tiny_sd, tiny_dino) -> None:
-    module = ProjectionHeadTraining(tiny_sd, tiny_dino, lr=0.001, gate_lr=0.1, weight_decay=0.5)
+    module = ProjectionHeadTraining(FusedCorrespondence(tiny_sd, tiny_dino), lr=0.001, gate_lr=0.1, weight_decay=0.5)
     module.pipeline.head = GatedProjectionHead({"sd": 80, "dino": 32}, out_dim=8)
     projections, gates = module.configure_optimizers().param_groups
     assert (projections["lr"], projections["weight_decay"]) == (0.001, 0.5)
@@ -172,7 +172,7 @@ def test_fit_checkpoints_the_head_only_and_evaluate_uses_it(spair_root, tmp_path
     eval_cli = evaluate.main([
         "test", "--config", SPAIR, "--config", TINY, "--data.root", str(spair_root), "--data.num_workers", "0",
         "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(out),
-        "--model.init_args.projection_ckpt", str(best), "--model.init_args.feature_cache_gb", "0",
+        "--model.pipeline.projection_ckpt", str(best), "--model.pipeline.feature_cache_gb", "0",
     ])
     assert isinstance(eval_cli.model, ZeroShotCorrespondence) and eval_cli.model.pipeline.head is not None
     results = json.loads((out / "results.json").read_text())
@@ -180,7 +180,7 @@ def test_fit_checkpoints_the_head_only_and_evaluate_uses_it(spair_root, tmp_path
     test = SPairDataset(spair_root, split="test")
     assert results["num_pairs"] == len(records) == len(test) == 6
     expected = FusedCorrespondence(
-        eval_cli.model.pipeline.sd, eval_cli.model.pipeline.dino, head=GatedProjectionHead.from_checkpoint(best)
+        eval_cli.model.pipeline.sd, eval_cli.model.pipeline.dino, projection_ckpt=str(best), feature_cache_gb=0
     )
     by_id = {r["pair_id"]: r for r in records}
     for i in range(len(test)):  # one pair per call, as evaluate.py's batch_size 1 without a cache
@@ -197,10 +197,10 @@ def test_projection_ckpt_that_does_not_fit_the_featurizers_is_a_clear_error(spai
         evaluate.main([
             "test", "--config", SPAIR, "--config", TINY, "--data.root", str(spair_root), "--data.num_workers", "0",
             "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "eval"),
-            "--model.init_args.projection_ckpt", str(ckpt),
+            "--model.pipeline.projection_ckpt", str(ckpt),
         ])
     with pytest.raises(ValueError, match="could not read the head checkpoint"):
-        ZeroShotCorrespondence(dino=None, sd=None, projection_ckpt=str(tmp_path / "missing.ckpt"))
+        FusedCorrespondence(dino=None, sd=None, projection_ckpt=str(tmp_path / "missing.ckpt"))
 
 
 def test_resumed_training_ends_where_an_uninterrupted_run_ends(spair_root, tmp_path, monkeypatch) -> None:
@@ -217,7 +217,9 @@ def test_resumed_training_ends_where_an_uninterrupted_run_ends(spair_root, tmp_p
         torch.testing.assert_close(_head_state(resumed.model)[key], value, rtol=1e-5, atol=1e-6)
 
     # (through the CLI, Lightning re-applies the checkpoint's hyperparameters; a Trainer takes the module as built)
-    module = ProjectionHeadTraining(resumed.model.pipeline.sd, resumed.model.pipeline.dino, out_dim=8, hidden_dim=16)
+    module = ProjectionHeadTraining(
+        FusedCorrespondence(resumed.model.pipeline.sd, resumed.model.pipeline.dino), out_dim=8, hidden_dim=16
+    )
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
                         default_root_dir=tmp_path / "bad")
     datamodule = SPairDataModule(root=str(spair_root), batch_size=4)

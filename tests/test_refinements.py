@@ -66,7 +66,7 @@ def test_refined_transfer_without_a_window_is_the_plain_transfer_plus_extras() -
     source, target = source / source.norm(dim=0), target / target.norm(dim=0)  # unit tokens, as concat_l2 gives
     points = torch.rand(10, 2, generator=generator) * 84
     plain, distance = transfer_keypoints(source, target, points, 84, 84)
-    refined, refined_distance, extras = refined_transfer(source, target, points, 84, 84, MatchRefinement(mutual=True))
+    refined, refined_distance, extras = refined_transfer(source, target, points, 84, 84, MatchRefinement(mutual_check=True))
     torch.testing.assert_close(refined, plain)
     torch.testing.assert_close(refined_distance, distance)
     assert extras["mutual"].dtype == torch.bool and extras["mutual"].shape == (10,)
@@ -92,7 +92,7 @@ def test_refinement_knobs_run_through_evaluate_and_keep_their_extras(tmp_path, m
     common = ["--config", str(CONFIGS / "spair.yaml"), "--config", str(CONFIGS / "overlays" / "tiny.yaml"),
               "--data.root", str(root), "--data.num_workers", "0", "--trainer.accelerator", "cpu"]
     evaluate.main(["test", *common, "--trainer.default_root_dir", str(tmp_path / "plain")])
-    evaluate.main(["test", *common, "--model.init_args.soft_argmax_window", "1", "--model.init_args.mutual_check",
+    evaluate.main(["test", *common, "--model.pipeline.soft_argmax_window", "1", "--model.pipeline.mutual_check",
                    "true", "--trainer.default_root_dir", str(tmp_path / "refined")])
     plain = [json.loads(line) for line in (tmp_path / "plain" / "predictions.jsonl").read_text().splitlines()]
     refined = [json.loads(line) for line in (tmp_path / "refined" / "predictions.jsonl").read_text().splitlines()]

@@ -129,17 +129,17 @@ def test_resume_refuses_other_prediction_settings_and_names_them(root, tmp_path,
     out = tmp_path / "run"
     _crash_after([SPAIR, TINY], root, out, batches=3)
     config_before = (out / "config.yaml").read_text()
-    with pytest.raises(RunFolderError, match=r"other settings[\s\S]*model\.init_args\.alpha: 0\.5 -> 0\.0") as info:
-        evaluate.main([*_args([SPAIR, TINY], root, out), "--resume", "true", "--model.init_args.alpha", "0.0"])
-    assert "data.init_args" not in str(info.value)  # only what differs is named
+    with pytest.raises(RunFolderError, match=r"other settings[\s\S]*model\.pipeline\.alpha: 0\.5 -> 0\.0") as info:
+        evaluate.main([*_args([SPAIR, TINY], root, out), "--resume", "true", "--model.pipeline.alpha", "0.0"])
+    assert "data." not in str(info.value)  # only what differs is named
     assert (out / "config.yaml").read_text() == config_before  # the refused run wrote nothing
     assert len(read_partial_records(out)) == 3
     # what cannot change predictions may differ: workers, batch size, the feature cache, the progress bar
     evaluate.main([*_args([SPAIR, TINY], root, out), "--resume", "true", "--data.batch_size", "2",
-                   "--model.init_args.feature_cache_gb", "0"])
+                   "--model.pipeline.feature_cache_gb", "0"])
     results = json.loads((out / "results.json").read_text())
     assert results["num_pairs"] == 9 and results["run"]["complete"] is True
-    assert results["run"]["settings"]["model.init_args.alpha"] == 0.5
+    assert results["run"]["settings"]["model.pipeline.alpha"] == 0.5
 
 
 def test_a_folder_in_use_is_refused_and_left_alone(root, tmp_path, monkeypatch) -> None:
@@ -170,11 +170,11 @@ def test_a_finished_run_is_never_silently_overwritten(root, tmp_path, monkeypatc
     finished = {name: (out / name).read_bytes() for name in ("results.json", "predictions.jsonl", "config.yaml")}
     for extra in ([], ["--resume", "true"]):
         with pytest.raises(RunFolderError, match="holds a finished run|nothing to resume"):
-            evaluate.main([*_args([SPAIR, TINY], root, out), "--model.init_args.alpha", "0.0", *extra])
+            evaluate.main([*_args([SPAIR, TINY], root, out), "--model.pipeline.alpha", "0.0", *extra])
         assert {name: (out / name).read_bytes() for name in finished} == finished  # config.yaml still matches
-    evaluate.main([*_args([SPAIR, TINY], root, out), "--model.init_args.alpha", "0.0", "--overwrite", "true"])
+    evaluate.main([*_args([SPAIR, TINY], root, out), "--model.pipeline.alpha", "0.0", "--overwrite", "true"])
     results = json.loads((out / "results.json").read_text())
-    assert results["run"]["settings"]["model.init_args.alpha"] == 0.0
+    assert results["run"]["settings"]["model.pipeline.alpha"] == 0.0
     assert "alpha: 0.0" in (out / "config.yaml").read_text()
 
 

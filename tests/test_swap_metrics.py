@@ -19,6 +19,7 @@ from scipy import linalg
 from callbacks import PictureWriter
 from datamodules import MaskedPairsDataModule, MaskedPairsDataset, write_synthetic_masked_pairs
 from lightning_modules import InstanceSwap
+from lightning_modules.components import FusedCorrespondence
 from lightning_modules.components.clip_features import CLIPImageEmbedder, region_crop
 from lightning_modules.components.hub import ModelLoadError
 from lightning_modules.swap_metrics import SwapScores, clip_image_score, frechet_distance
@@ -164,7 +165,7 @@ def test_swap_scores_count_a_repeated_pair_once(embedder) -> None:
 
 def test_swap_run_writes_clip_metrics_for_both_stages(tmp_path, tiny_sd, tiny_dino, capsys) -> None:
     write_synthetic_masked_pairs(tmp_path / "pairs", num_pairs=2)
-    module = InstanceSwap(tiny_sd, tiny_dino, pca_dims=None, resolution=48, refine=True, refine_steps=4,
+    module = InstanceSwap(FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=None), resolution=48, refine=True, refine_steps=4,
                           refine_size=64, metrics=True, clip_model=None, clip_random_init=TINY_CLIP)
     out = tmp_path / "run"
     logger = CSVLogger(save_dir=out, name="csv", version=0)
@@ -220,7 +221,8 @@ def _lanczos(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def test_swap_metrics_are_off_by_default_and_need_a_clip(tiny_dino, tmp_path) -> None:
-    module = InstanceSwap(None, tiny_dino, alpha=0.0, pca_dims=None, refine=False)
+    module = InstanceSwap(FusedCorrespondence(None, tiny_dino, alpha=0.0, pca_dims=None), refine=False)
     assert module.swap_metrics is None
     with pytest.raises(ValueError, match="model_id"):
-        InstanceSwap(None, tiny_dino, alpha=0.0, pca_dims=None, refine=False, metrics=True, clip_model=None)
+        InstanceSwap(FusedCorrespondence(None, tiny_dino, alpha=0.0, pca_dims=None), refine=False, metrics=True,
+                     clip_model=None)

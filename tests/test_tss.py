@@ -127,7 +127,7 @@ def test_a_known_translation_is_recovered_exactly_as_dense_flow() -> None:
     torch.manual_seed(0)
     source = (torch.rand(3, 224, 224) * 255).to(torch.uint8)
     target = torch.roll(source, shifts=28, dims=2)  # target(x) = source(x - 28): flow -28 px
-    pipeline = FusedCorrespondence(sd=None, dino=PatchOracle(), alpha=0.0)
+    pipeline = FusedCorrespondence(sd=None, dino=PatchOracle(), alpha=0.0, feature_cache_gb=0)
     sample = {"src_image": source, "trg_image": target, "src_image_path": "s", "trg_image_path": "t", "category": "x"}
     flow = pipeline.predict_flows([sample])[0]
     assert flow.shape == (2, 224, 224)

@@ -190,7 +190,7 @@ def test_offline_run_logs_config_results_tables_and_images(wandb_sandbox, monkey
 
     config = run.config  # the resolved config, as in config.yaml
     assert config["model"]["class_path"] == "lightning_modules.ZeroShotCorrespondence"
-    assert config["model"]["init_args"]["alpha"] == 0.0
+    assert config["model"]["init_args"]["pipeline"]["init_args"]["alpha"] == 0.0
     assert config["data"]["init_args"]["root"] == str(root) and config["seed_everything"] == 42
 
     summary = run.summary

@@ -85,7 +85,7 @@ class AblationRow:
             ``DescriptorSpec.projection``).
         soft_argmax_window: Beyond the paper: window soft-argmax half-width in cells (None: off).
         soft_argmax_temperature: Its softmax temperature (also of the recorded confidence).
-        mutual: Beyond the paper: record whether each match is a mutual nearest neighbour.
+        mutual_check: Beyond the paper: record whether each match is a mutual nearest neighbour.
         pose_alignment: Beyond the paper: also match from the mirrored source and keep the orientation whose
             instance features agree better (:mod:`.pose_alignment`).
     """
@@ -101,12 +101,12 @@ class AblationRow:
     projection: str | None = None
     soft_argmax_window: int | None = None
     soft_argmax_temperature: float = 0.04
-    mutual: bool = False
+    mutual_check: bool = False
     pose_alignment: bool = False
 
     def refinement(self) -> MatchRefinement:
         """The row's test-time refinements of the keypoint transfer (all off by default)."""
-        return MatchRefinement(self.soft_argmax_window, float(self.soft_argmax_temperature), bool(self.mutual))
+        return MatchRefinement(self.soft_argmax_window, float(self.soft_argmax_temperature), bool(self.mutual_check))
 
     def spec(self, layers: Sequence[int]) -> DescriptorSpec:
         """The row's descriptor settings (alpha forced to 1 / 0 for SD-only / DINO-only rows)."""

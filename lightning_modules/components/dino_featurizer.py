@@ -357,7 +357,7 @@ class DinoFeaturizer(nn.Module):
             raise ValueError("DinoFeaturizer needs a model_id (hub id or local directory) or random_init")
         from transformers import AutoModel
 
-        return load_pretrained(AutoModel, model_id, what="model.init_args.dino.init_args.model_id")
+        return load_pretrained(AutoModel, model_id, what="model.pipeline.dino.model_id")
 
     def _load_checkpoint(self, path: str) -> None:
         """Replace the weights with a converted timm-style (iBOT / DINO) checkpoint."""

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 import torch
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveInt
 from torch import nn
 
+from .dense import PixelCorrespondence, pixel_correspondence
 from .dino_featurizer import DinoFeaturizer
 from .feature_cache import FeatureCache, image_digest
 from .fusion import FUSIONS, co_pca, fuse, merge_layers
@@ -389,7 +391,7 @@ def match_keypoints_refined(
 
     Returns:
         ``(predicted [N, 2] original target pixels, distance [N], extras)``; ``extras`` holds ``confidence``
-        and, with ``refinement.mutual``, ``mutual``.
+        and, with ``refinement.mutual_check``, ``mutual``.
     """
     src_geo, trg_geo = annotation_geometry(source, eval_size), annotation_geometry(target, eval_size)
     points = src_geo.forward_points(src_kps.to(descriptors.device).float())
@@ -528,6 +530,9 @@ def flow_from_descriptors(descriptors: torch.Tensor, source: ImageFeatures, targ
 class FusedCorrespondence(nn.Module):
     """SD + DINO fused features and nearest-neighbour keypoint transfer ("A Tale of Two Features").
 
+    The part every LightningModule of the collection receives (``pipeline:`` in the configs): features,
+    co-PCA and fusion, matching and its test-time refinements, with the feature cache. Plain torch.
+
     Args:
         sd: SD featurizer, or None for DINO alone.
         dino: DINO featurizer, or None for SD alone.
@@ -538,17 +543,31 @@ class FusedCorrespondence(nn.Module):
             the DINO input size when a DINO featurizer is configured (840 in the reference, also for its
             SD-only runs), else the SD input size. ``"original"``: each image's own square (Table 8).
         fusion: How the blocks are combined (``fusion.FUSIONS``; ``concat_l2`` is the paper's).
-        cache: Per-image feature cache shared by all pairs (and, on disk, by later runs); None extracts
-            the images of every batch anew.
-        head: A learned, gated projection (supervised setting) that replaces co-PCA and the fixed fusion: its
-            sources (``"sd"``, ``"dino"``) decide which featurizers run, and ``alpha``, ``pca_dims`` and
-            ``fusion`` are then unused.
-        refinement: Test-time refinements of the keypoint transfer (:class:`.refinements.MatchRefinement`:
-            window soft-argmax, mutual-NN check and confidence); None is the paper's plain nearest neighbour.
-        pose_alignment: Test-time pose alignment (:mod:`.pose_alignment`): also match from each source's
-            mirror and keep the orientation whose instance features agree better; None (the paper) does not.
+        feature_cache_gb: Memory for raw per-image features shared by all pairs of the run (on the
+            featurizers' device); each image is then extracted once. 0 disables the in-memory cache.
+        feature_cache_dir: Folder of an on-disk feature cache (safetensors, keyed by image content and
+            feature config) that later runs reuse; None disables it.
+        projection_ckpt: A trained projection head (``train.py``'s ``.ckpt`` or a
+            :meth:`GatedProjectionHead.save_checkpoint` file) used instead of co-PCA and the fixed fusion; its
+            sources decide which featurizers run, and ``alpha``, ``pca_dims`` and ``fusion`` are then unused.
+        soft_argmax_window: Beyond the paper (GeoAware-SC): predict the softmax-weighted mean cell of a
+            ``(2w+1)^2`` window around the best match (sub-cell predictions); None (default) keeps the cell
+            centre of the nearest neighbour, as the paper does.
+        soft_argmax_temperature: Softmax temperature over cosine similarities (window and confidence).
+        mutual_check: Beyond the paper: record per keypoint whether its match is a mutual nearest neighbour.
+            With either refinement on, predictions also hold a ``confidence`` per keypoint.
+        pose_alignment: Beyond the paper (GeoAware-SC): also match from each source image's horizontal mirror
+            (one more extraction per source image), with left/right keypoint ids swapped, and keep the
+            orientation whose instance (bounding box) features agree better; predictions then hold
+            ``flipped`` and ``pose_distances`` per pair. Keypoint benchmarks with semantic keypoint ids
+            (SPair-71k, CUB-200).
+        flip_pairs: Category -> left/right keypoint id pairs for pose alignment (``"*"``: any other category),
+            or a table name (``"spair"``, ``"cub"``); None takes the benchmark protocol's table
+            (:meth:`use_protocol`).
 
     Attributes:
+        cache: The per-image feature cache (None: every batch extracts its images anew).
+        head: The learned projection head, or None (zero-shot co-PCA and fusion).
         extraction_passes: Images run through each featurizer so far (``{"sd": n, "dino": n}``); with a
             cache, only the images that were not found in it.
     """
@@ -557,42 +576,71 @@ class FusedCorrespondence(nn.Module):
         self,
         sd: SDFeaturizer | None = None,
         dino: DinoFeaturizer | None = None,
-        alpha: float = 0.5,
-        pca_dims: Sequence[int] | None = (256, 256, 256),
+        alpha: ClosedUnitInterval = 0.5,
+        pca_dims: Sequence[PositiveInt] | None = (256, 256, 256),
         eval_size: EvalSize | None = None,
         fusion: str = "concat_l2",
-        cache: FeatureCache | None = None,
-        head: GatedProjectionHead | None = None,
-        refinement: MatchRefinement | None = None,
-        pose_alignment: PoseAlignment | None = None,
+        feature_cache_gb: NonNegativeFloat = 4.0,
+        feature_cache_dir: str | None = None,
+        projection_ckpt: str | None = None,
+        soft_argmax_window: int | None = None,
+        soft_argmax_temperature: float = 0.04,
+        mutual_check: bool = False,
+        pose_alignment: bool = False,
+        flip_pairs: dict[str, list[list[int]]] | str | None = None,
     ) -> None:
         super().__init__()
-        self.cache = cache
-        self.refinement = refinement if refinement is not None and refinement.active else None
-        self.pose_alignment = pose_alignment
+        self.cache = feature_cache(feature_cache_gb, feature_cache_dir)
+        refinement = MatchRefinement(soft_argmax_window, float(soft_argmax_temperature), bool(mutual_check))
+        self.refinement = refinement if refinement.active else None
+        self.align_poses, self.flip_pairs = bool(pose_alignment), flip_pairs
+        # the table is known now when given, else from the benchmark (use_protocol)
+        self.pose_alignment = PoseAlignment(flip_pairs) if pose_alignment and flip_pairs is not None else None
         self.spec = DescriptorSpec(
             alpha=float(alpha), pca_dims=None if pca_dims is None else tuple(int(d) for d in pca_dims), fusion=fusion
         )
-        self.head = head
-        if head is None:
-            uses = {"sd": self.spec.uses_sd, "dino": self.spec.uses_dino}
-            why = f"alpha={alpha} gives {{}} features a weight"
-        else:
-            sources = check_sources(list(head.sources), "the projection head's sources")
-            uses = {name: name in sources for name in SOURCES}
-            why = f"the projection head takes the source {{!r}} (sources {list(sources)})"
-        self.sd = sd if uses["sd"] else None
-        self.dino = dino if uses["dino"] else None
-        for name, featurizer in (("sd", self.sd), ("dino", self.dino)):
-            if featurizer is None and uses[name]:
-                raise ValueError(f"{why.format(name)}, but no {name} featurizer is configured")
-        if self.sd is not None and head is None:
-            self.spec.layer_positions(self.sd.layers)  # validates pca_dims against the layers now
+        self.configured = (sd, dino)  # a plain tuple: not registered, so unused featurizers stay where they are
+        self.head = None if projection_ckpt is None else GatedProjectionHead.from_checkpoint(projection_ckpt)
+        self._select_featurizers(None if self.head is None else list(self.head.sources))
         # keypoints map at the DINO input size whenever DINO is configured, even with alpha 1 (the
         # reference maps them at the DINOv2 size in its SD-only runs too)
         self.eval_size = check_eval_size(eval_size) or default_eval_size(self.sd, dino)
         self.extraction_passes = {"sd": 0, "dino": 0}
         self.register_buffer("_device_marker", torch.empty(0), persistent=False)
+
+    def _select_featurizers(self, sources: Sequence[str] | None) -> None:
+        """Keep the featurizers that matter: by ``alpha`` (zero-shot) or by a head's ``sources``."""
+        if sources is None:
+            uses = {"sd": self.spec.uses_sd, "dino": self.spec.uses_dino}
+            why = f"alpha={self.spec.alpha} gives {{0}} features a weight, but no {{0}} featurizer is configured"
+        else:
+            names = check_sources(sources, "the projection head's sources")
+            uses = {name: name in names for name in SOURCES}
+            why = f"the projection head's sources {list(names)} need a {{0}} featurizer, but none is configured"
+        for name, featurizer in zip(SOURCES, self.configured):
+            if featurizer is None and uses[name]:
+                raise ValueError(why.format(name))
+        self.sd = self.configured[0] if uses["sd"] else None
+        self.dino = self.configured[1] if uses["dino"] else None
+        if self.sd is not None and sources is None:
+            self.spec.layer_positions(self.sd.layers)  # validates pca_dims against the layers now
+
+    def select_sources(self, sources: Sequence[str]) -> None:
+        """Run exactly the featurizers a projection head with these ``sources`` needs (before it is built).
+
+        Raises:
+            ValueError: A source whose featurizer is not configured.
+        """
+        self._select_featurizers(sources)
+
+    def use_protocol(self, protocol: Any) -> None:
+        """Take what the benchmark decides: the flip table of pose alignment when ``flip_pairs`` is None.
+
+        Raises:
+            ValueError: Pose alignment on a dense benchmark, or on one without a left/right keypoint table.
+        """
+        if self.align_poses:
+            self.pose_alignment = benchmark_pose_alignment(self.flip_pairs, protocol)
 
     @property
     def alpha(self) -> float:
@@ -663,6 +711,33 @@ class FusedCorrespondence(nn.Module):
         return [self.flow(features[s["src_image_path"]], features[s["trg_image_path"]]) for s in samples]
 
     @torch.no_grad()
+    def predict_pixels(
+        self, samples: Sequence[Mapping[str, Any]], resolution: int | None = 256, chunk: int = 4096,
+        use_masks: bool = False,
+    ) -> list[PixelCorrespondence]:
+        """Per-pixel correspondences (every target pixel to its nearest source pixel) of a batch of pairs.
+
+        Args:
+            samples: Pair dicts (``src_image``, ``trg_image``, their paths, ``category``; with ``use_masks``
+                also ``src_mask`` / ``trg_mask`` where a pair has them).
+            resolution: Working resolution (long side in pixels); None matches at the original image size.
+            chunk: Target pixels matched at a time.
+            use_masks: Restrict matching to the pairs' masks.
+        """
+        features = self.features_by_path(samples)
+        out = []
+        for sample in samples:
+            source, target = features[sample["src_image_path"]], features[sample["trg_image_path"]]
+            descriptors = self.describe_pair(source, target)
+            masks = {"source_mask": sample.get("src_mask"), "target_mask": sample.get("trg_mask")} if use_masks else {}
+            out.append(pixel_correspondence(
+                descriptors[0], descriptors[1],
+                annotation_geometry(source, self.eval_size), annotation_geometry(target, self.eval_size),
+                resolution=resolution, chunk=chunk, **{k: v for k, v in masks.items() if v is not None},
+            ))
+        return out
+
+    @torch.no_grad()
     def predict_pairs(self, samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Predict target keypoints for a batch of pair samples.
 
@@ -694,6 +769,33 @@ class FusedCorrespondence(nn.Module):
             self.describe_pair(source, target), source, target, sample["src_kps"], self.eval_size, self.refinement
         )
         return {"pred_kps": pred, "distance": distance, **extras}
+
+
+def feature_cache(memory_gb: float, directory: str | None) -> FeatureCache | None:
+    """The per-image feature cache of a run: ``memory_gb`` in memory (0 = none), ``directory`` on disk."""
+    if memory_gb < 0:
+        raise ValueError(f"feature_cache_gb must be >= 0, got {memory_gb}")
+    if memory_gb == 0 and directory is None:
+        return None
+    return FeatureCache(memory_bytes=int(memory_gb * (1 << 30)), directory=directory)
+
+
+def benchmark_pose_alignment(flip_pairs: Any, protocol: Any) -> PoseAlignment:
+    """The pose alignment of a run: ``flip_pairs`` when given, else the benchmark protocol's table.
+
+    Raises:
+        ValueError: A dense benchmark, or one without a left/right keypoint table and no ``flip_pairs``.
+    """
+    if protocol.dense:
+        raise ValueError(f"pose_alignment applies to keypoint benchmarks; {protocol.name} is scored on dense flow")
+    table = flip_pairs if flip_pairs is not None else protocol.flip_pairs
+    if table is None:
+        raise ValueError(
+            f"pose_alignment needs left/right keypoint pairs, and {protocol.name} has no semantic keypoint ids; "
+            "a dataset whose samples carry keypoint ids ('kps_ids') can give flip_pairs (category -> [[left id, "
+            "right id], ...])"
+        )
+    return PoseAlignment(table)
 
 
 def default_eval_size(sd: SDFeaturizer | None, dino: DinoFeaturizer | None) -> int:

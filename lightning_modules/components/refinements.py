@@ -30,12 +30,12 @@ class MatchRefinement:
     Attributes:
         soft_argmax_window: Half-width ``w`` of the soft-argmax window in cells; None keeps the arg-max cell.
         soft_argmax_temperature: Softmax temperature over cosine similarities (window and confidence).
-        mutual: Record whether each match is a mutual nearest neighbour.
+        mutual_check: Record whether each match is a mutual nearest neighbour.
     """
 
     soft_argmax_window: int | None = None
     soft_argmax_temperature: float = 0.04
-    mutual: bool = False
+    mutual_check: bool = False
 
     def __post_init__(self) -> None:
         if self.soft_argmax_window is not None and int(self.soft_argmax_window) < 0:
@@ -46,7 +46,7 @@ class MatchRefinement:
     @property
     def active(self) -> bool:
         """Whether anything differs from the paper's plain nearest-neighbour transfer."""
-        return self.soft_argmax_window is not None or self.mutual
+        return self.soft_argmax_window is not None or self.mutual_check
 
 
 def window_soft_argmax(scores: torch.Tensor, grid: int, window: int, temperature: float) -> torch.Tensor:
@@ -110,7 +110,7 @@ def refined_transfer(
 
     Returns:
         ``(predicted points [N, 2] in padded-target pixels, L2 distance of the arg-max match [N], extras)``;
-        ``extras`` holds ``confidence`` ``[N]`` and, with ``mutual``, ``mutual`` ``[N]`` bool.
+        ``extras`` holds ``confidence`` ``[N]`` and, with ``mutual_check``, ``mutual`` ``[N]`` bool.
     """
     grid = source.shape[-1]
     cells = points_to_cells(points, size, grid)
@@ -125,6 +125,6 @@ def refined_transfer(
     step = target_size / grid
     predicted = coords * step + (step / 2 - 0.5)
     extras = {"confidence": match_confidence(scores, refinement.soft_argmax_temperature)}
-    if refinement.mutual:
+    if refinement.mutual_check:
         extras["mutual"] = mutual_matches(source, target, cells)
     return predicted, distance, extras

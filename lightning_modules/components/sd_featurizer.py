@@ -334,7 +334,7 @@ class SDFeaturizer(nn.Module):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        field = "model.init_args.sd.init_args.model_id"
+        field = "model.pipeline.sd.model_id"
         components = {
             "unet": load_pretrained(UNet2DConditionModel, model_id, "unet", field),
             "vae": load_pretrained(AutoencoderKL, model_id, "vae", field),
