@@ -120,15 +120,29 @@ def path_problems(config: dict[str, Any]) -> list[str]:
     return problems
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+#: The defaults of each subcommand (trainer block, callbacks, seed), read before the ``--config`` files: the
+#: trainer block is written once per entry point, and a benchmark config states only what is its own.
+DEFAULT_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "defaults"
+SUBCOMMAND_DEFAULTS = ("fit", "test", "predict")
+
+
+def build_cli(args: list[str] | None = None, run: bool = True, defaults_of: str = "test") -> LightningCLI:
     """Build (and by default run) the CLI.
 
     Model and datamodule are given by ``class_path`` in the configs, so any LightningModule or
-    LightningDataModule of this collection (or a user's) can be selected from YAML. omegaconf mode makes
+    LightningDataModule of this collection (or a user's) can be selected from YAML. Each subcommand first
+    reads its defaults (``configs/defaults/<fit|test|predict>.yaml``: the trainer block and its callbacks);
+    with ``run=False`` (no subcommand) those of ``defaults_of``. omegaconf mode makes
     ``${...}`` interpolation available in configs. ``config.yaml`` is written to the log dir as usual, and
     the resolved config is also sent to every logger (the W&B run config; see
     :class:`callbacks.config_logging.LoggerSaveConfigCallback`).
     """
+    defaults = {name: [str(DEFAULT_CONFIGS / f"{name}.yaml")] for name in SUBCOMMAND_DEFAULTS}
+    parser_kwargs: dict[str, Any] = {"parser_mode": "omegaconf", "exit_on_error": False}
+    if run:
+        parser_kwargs.update({name: {"default_config_files": files} for name, files in defaults.items()})
+    else:  # no subcommand: the objects of a `defaults_of` run
+        parser_kwargs["default_config_files"] = defaults[defaults_of]
     return SDDinoCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -137,7 +151,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         auto_configure_optimizers=False,
         save_config_callback=LoggerSaveConfigCallback,
         # a bad value raises (run_script prints it in a few lines) instead of printing the whole usage and exiting
-        parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
+        parser_kwargs=parser_kwargs,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

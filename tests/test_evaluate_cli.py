@@ -265,3 +265,21 @@ def test_the_progress_bar_flag_overrides_the_configs_progress_bar(tmp_path, monk
     assert cli.trainer.progress_bar_callback is None
     with_bar = build_cli(["--config", SPAIR, "--config", TINY, "--data.root", str(tmp_path)], run=False)
     assert isinstance(with_bar.trainer.progress_bar_callback, PairProgressBar)
+
+
+def test_the_trainer_block_is_written_once_per_subcommand(tmp_path, monkeypatch) -> None:
+    """configs/defaults/<subcommand>.yaml hold the trainer block; the run configs state only their own fields."""
+    from omegaconf import OmegaConf
+
+    own = {"default_root_dir", "callbacks", "accelerator", "enable_model_summary"}  # the demo's cpu and writer
+    runs = [p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("defaults", "overlays", "featurizers", "model")]
+    for path in runs:
+        trainer = OmegaConf.load(path).get("trainer") or {}
+        assert set(trainer) <= own, f"{path}: {sorted(set(trainer) - own)}"
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["--config", SPAIR, "--config", TINY, "--data.root", str(tmp_path)], run=False)
+    kinds = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert "CorrespondenceWriter" in kinds and "PairProgressBar" in kinds
+    assert cli.trainer.logger is None and str(cli.trainer.default_root_dir) == "outputs/spair"
+    fit = OmegaConf.load(CONFIGS / "defaults" / "fit.yaml")
+    assert fit.trainer.callbacks[0].init_args.monitor == "val/pck@0.1" and fit.trainer.max_epochs == 2

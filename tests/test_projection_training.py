@@ -72,7 +72,8 @@ def test_every_projection_preset_composes_with_the_tiny_models(spair_root, tmp_p
     monkeypatch.chdir(tmp_path)
     assert [p.stem for p in PRESETS] == ["dino_only", "sd_dinov1_b16", "sd_dinov2_b", "sd_ibot_b16"]
     for preset in PRESETS:
-        cli = build_cli(["--config", str(preset), "--config", TINY, "--data.root", str(spair_root)], run=False)
+        cli = build_cli(["--config", str(preset), "--config", TINY, "--data.root", str(spair_root)], run=False,
+                        defaults_of="fit")
         model = cli.model
         assert isinstance(model, ProjectionHeadTraining), preset
         expected = ("dino",) if preset.stem == "dino_only" else ("sd", "dino")
