@@ -50,6 +50,7 @@ from datamodules.spair import SPairDataset  # noqa: E402
 from datamodules.synthetic import default_synthetic_categories, write_synthetic_spair  # noqa: E402
 from lightning_modules.components import DinoFeaturizer, FusedCorrespondence, SDFeaturizer  # noqa: E402
 from lightning_modules.components.feature_cache import FeatureCache  # noqa: E402
+from lightning_modules.components.keypoints import transfer  # noqa: E402
 from lightning_modules.components.tiny_models import DINOV2_BASE_SIZED, SD15_SIZED  # noqa: E402
 
 #: Pairs in the SPair-71k test split.
@@ -337,7 +338,7 @@ def benchmark_precision(
     with torch.no_grad(), _autocast(device, precision):
         for category, sample in firsts.items():
             (features,) = warm.extract([sample["src_image"]], [category])
-        warm.match(features, features, sample["src_kps"])
+        transfer(warm.describe_pair(features, features), features, features, sample["src_kps"], warm.eval_size)
     sync()
     shapes = {"sd": [list(t.shape) for t in features.sd], "dino": list(features.dino.shape)}
     del features, warm

@@ -20,7 +20,9 @@ import torch
 from .components.ablation import AblationCorrespondence, AblationRow
 from .components.analysis import relative_distance, summarize_fusion_analysis
 from .components.dino_featurizer import DinoFeaturizer
-from .components.pipeline import EvalSize, benchmark_pose_alignment, feature_cache
+from .components.features import feature_cache
+from .components.keypoints import EvalSize
+from .components.pipeline import benchmark_pose_alignment
 from .components.sd_featurizer import SDFeaturizer
 from .distributed import gather_from_ranks
 from .metrics import PCK, keypoint_correct

@@ -15,14 +15,9 @@ from typing import Any
 
 import torch
 
-from .components.pipeline import (
-    EvalSize,
-    FusedCorrespondence,
-    ImageFeatures,
-    annotation_geometry,
-    check_sources,
-    source_maps,
-)
+from .components.features import ImageFeatures, check_sources, source_maps
+from .components.keypoints import EvalSize, annotation_geometry
+from .components.pipeline import FusedCorrespondence
 from .components.projection_head import TRAINING_CHECKPOINT_KEY, GatedProjectionHead, correspondence_loss
 from .metrics import PCK
 from .zero_shot import ZeroShotCorrespondence

@@ -1,8 +1,9 @@
-"""Shared fixtures: tiny random models built from configs and never a network call."""
+"""Shared constants and fixtures: tiny random models built from configs and never a network call."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before any hub import: tests never reach a model hub
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -13,6 +14,15 @@ import torch  # noqa: E402
 from lightning_modules.components import DinoFeaturizer, SDFeaturizer  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+#: The repository and its configs, as the tests name them.
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+#: The paper's SPair-71k run and the overlay with the tiny random models (README: smoke runs).
+SPAIR_CONFIG = str(CONFIGS / "spair.yaml")
+TINY_OVERLAY = str(CONFIGS / "overlays" / "tiny.yaml")
+#: Command-line arguments every CLI run of the tests adds: no worker processes, the CPU.
+CPU_ARGS = ["--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu"]
 
 
 @pytest.fixture(scope="session")

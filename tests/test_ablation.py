@@ -24,6 +24,7 @@ import evaluate
 from datamodules import SPairDataset, write_synthetic_spair
 from lightning_modules.ablation import ablation_table
 from lightning_modules.components.ablation import AblationCorrespondence, AblationRow
+from lightning_modules.components.keypoints import transfer
 from lightning_modules.components.pipeline import FusedCorrespondence
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,7 +124,9 @@ def _reference(pipeline: FusedCorrespondence, features, samples) -> list[dict]:
     """What ``pipeline.predict_pairs`` gives, on features its featurizers produce (extracted once)."""
     out = []
     for s in samples:
-        pred, distance = pipeline.match(features[s["src_image_path"]], features[s["trg_image_path"]], s["src_kps"])
+        source, target = features[s["src_image_path"]], features[s["trg_image_path"]]
+        pred, distance, _ = transfer(pipeline.describe_pair(source, target), source, target, s["src_kps"],
+                                     pipeline.eval_size)
         out.append({"pred_kps": pred, "distance": distance})
     return out
 
@@ -459,7 +462,8 @@ def test_every_ablation_config_runs_end_to_end(table, spair_root, tmp_path, monk
 
 def test_learned_projection_row_replaces_co_pca(tiny_sd, tiny_dino, samples, tmp_path) -> None:
     """Table 3's projection row: a saved per-layer linear map instead of co-PCA, checked by hand."""
-    from lightning_modules.components.pipeline import DescriptorSpec, describe_pair, extract_features
+    from lightning_modules.components.descriptors import DescriptorSpec, describe_pair
+    from lightning_modules.components.features import extract_features
 
     torch.manual_seed(0)
     weights = {"2.weight": torch.randn(4, 32), "2.bias": torch.randn(4), "5.weight": torch.randn(4, 32),

@@ -15,11 +15,8 @@ from lightning_modules.components.fusion import (
     l2_normalize,
     merge_layers,
 )
-from lightning_modules.components.pipeline import (
-    DescriptorSpec,
-    ImageFeatures,
-    describe_pair,
-)
+from lightning_modules.components.descriptors import DescriptorSpec, describe_pair
+from lightning_modules.components.features import ImageFeatures
 
 
 def _maps(c_sd: int = 6, c_dino: int = 6, size: int = 4, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -137,7 +137,8 @@ def _one_hot_grid(grid: int) -> torch.Tensor:
 
 def test_original_annotation_resolution_maps_each_image_in_its_own_square() -> None:
     """Table 8's 'original': no resize, each image padded to its own long side, then cut into the grid."""
-    from lightning_modules.components.pipeline import ImageFeatures, annotation_geometry, keypoint_cells
+    from lightning_modules.components.features import ImageFeatures
+    from lightning_modules.components.keypoints import annotation_geometry, keypoint_cells
 
     image = ImageFeatures(sd=None, dino=None, width=300, height=200)
     geometry = annotation_geometry(image, "original")
@@ -150,23 +151,24 @@ def test_original_annotation_resolution_maps_each_image_in_its_own_square() -> N
 
 def test_original_annotation_resolution_predicts_cell_centres_in_the_target_square() -> None:
     """Identity descriptors send a source cell to the same target cell, whose centre is in target pixels."""
-    from lightning_modules.components.pipeline import ImageFeatures, match_keypoints
+    from lightning_modules.components.features import ImageFeatures
+    from lightning_modules.components.keypoints import transfer
 
     grid = 10
     descriptors = torch.stack([_one_hot_grid(grid), _one_hot_grid(grid)])
     source = ImageFeatures(sd=None, dino=None, width=300, height=200)  # 30 px cells, offset (0, 50)
     target = ImageFeatures(sd=None, dino=None, width=100, height=200)  # 20 px cells, offset (50, 0)
-    predicted, distance = match_keypoints(descriptors, source, target, torch.tensor([[149.0, 0.0]]), "original")
+    predicted, distance, _ = transfer(descriptors, source, target, torch.tensor([[149.0, 0.0]]), "original")
     # source cell (col 4, row 1) -> target centre 4 * 20 + 9.5 = 89.5, 1 * 20 + 9.5 = 29.5, minus offset (50, 0)
     assert predicted.tolist() == [[39.5, 29.5]]
     assert distance.tolist() == [0.0]
     # at a common 840 px square the same keypoint falls elsewhere: the setting is really used
-    at_840, _ = match_keypoints(descriptors, source, target, torch.tensor([[149.0, 0.0]]), 840)
+    at_840, _, _ = transfer(descriptors, source, target, torch.tensor([[149.0, 0.0]]), 840)
     assert not torch.equal(at_840, predicted)
 
 
 def test_eval_size_rejects_anything_but_pixels_or_original() -> None:
-    from lightning_modules.components.pipeline import check_eval_size
+    from lightning_modules.components.keypoints import check_eval_size
 
     assert check_eval_size("original") == "original" and check_eval_size(512) == 512 and check_eval_size(None) is None
     with pytest.raises(ValueError, match="eval_size must be a positive number of pixels or 'original'"):

@@ -221,7 +221,7 @@ def test_feature_cache_on_the_device_cuts_the_passes_and_keeps_the_predictions(
 def test_autocast_predictions_are_finite_fp32_and_cached_apart(
     device_sd, device_dino, spair_root, dtype
 ) -> None:
-    from lightning_modules.components.pipeline import _precision  # private: imported here, not at collection
+    from lightning_modules.components.features import _precision  # private: imported here, not at collection
 
     samples = _samples(spair_root)
     unique = _unique_images(samples)

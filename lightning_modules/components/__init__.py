@@ -8,7 +8,9 @@ from .dino_featurizer import DinoFeaturizer
 from .fusion import co_pca, fuse, l2_normalize, merge_layers
 from .image_prep import PadResize, pad_resize_image
 from .matching import cells_to_points, nearest_neighbors, points_to_cells, transfer_keypoints
-from .pipeline import FusedCorrespondence, ImageFeatures
+from .features import ImageFeatures
+from .matchers import KeypointMatcher, NearestNeighbours
+from .pipeline import FusedCorrespondence, PairMatch
 from .projection_head import GatedProjectionHead, symmetric_keypoint_loss
 from .sd_featurizer import SDFeaturizer, decoder_layer_source
 from .swap import swap_instance
@@ -22,6 +24,9 @@ __all__ = [
     "GatedProjectionHead",
     "ImageFeatures",
     "ImplicitCaptioner",
+    "KeypointMatcher",
+    "NearestNeighbours",
+    "PairMatch",
     "PadResize",
     "PixelCorrespondence",
     "SDFeaturizer",

@@ -16,22 +16,10 @@ from torch import nn
 
 from .dino_featurizer import DinoFeaturizer
 from .feature_cache import FeatureCache, image_digest
-from .pipeline import (
-    DescriptorSpec,
-    EvalSize,
-    ImageFeatures,
-    cell_distances,
-    check_eval_size,
-    default_eval_size,
-    describe_pair,
-    extract_features,
-    keypoint_cells,
-    mirrored_key,
-    pose_aligned_match,
-    transfer,
-    unique_images,
-)
-from .pose_alignment import PoseAlignment
+from .descriptors import DescriptorSpec, describe_pair
+from .features import ImageFeatures, default_eval_size, extract_features, mirrored_key, unique_images
+from .keypoints import EvalSize, cell_distances, check_eval_size, keypoint_cells, transfer
+from .pose_alignment import PoseAlignment, pose_aligned_match
 from .refinements import MatchRefinement
 from .sd_featurizer import SDFeaturizer
 

@@ -1,530 +1,85 @@
-"""The zero-shot method end to end, in plain torch: extract, co-PCA, fuse, match, map back.
+"""The method end to end, in plain torch: extract, describe (co-PCA and fusion), match, map back.
 
-Usable without Lightning::
+:class:`FusedCorrespondence` is the part every LightningModule of the collection receives; it composes the
+steps that live in their own modules: :mod:`.features` (raw features, the cache), :mod:`.descriptors`
+(co-PCA, fusion), :mod:`.keypoints` and :mod:`.matchers` (the transfer), :mod:`.refinements` and
+:mod:`.pose_alignment` (test-time refinements). Usable without Lightning::
 
     pipeline = FusedCorrespondence(SDFeaturizer(), DinoFeaturizer())
-    predictions = pipeline.predict_pairs(samples)  # samples as returned by datamodules.SPairDataset
+    result = pipeline.match(source_image, target_image, source_points, category="cat")  # a PairMatch
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any
 
+import numpy as np
 import torch
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveInt
+from PIL import Image
 from torch import nn
 
 from .dense import PixelCorrespondence, pixel_correspondence
+from .descriptors import DescriptorSpec, describe_pair
 from .dino_featurizer import DinoFeaturizer
-from .feature_cache import FeatureCache, image_digest
-from .fusion import FUSIONS, co_pca, fuse, merge_layers
-from .image_prep import PadResize, pad_resize_image
-from .matching import dense_flow, points_to_cells, transfer_keypoints
-from .pose_alignment import PoseAlignment, box_cells, instance_nn_distance, mirror_box, mirror_points, partner_positions
+from .features import (
+    SOURCES,
+    ImageFeatures,
+    check_sources,
+    default_eval_size,
+    extract_features,
+    feature_cache,
+    mirrored_key,
+    source_maps,
+    unique_images,
+)
+from .keypoints import EvalSize, annotation_geometry, check_eval_size, flow_from_descriptors, transfer
+from .matchers import KeypointMatcher, NearestNeighbours
+from .pose_alignment import PoseAlignment, pose_aligned_match
 from .projection_head import GatedProjectionHead
-from .refinements import MatchRefinement, refined_transfer
+from .refinements import MatchRefinement
 from .sd_featurizer import SDFeaturizer
 
-__all__ = [
-    "DescriptorSpec",
-    "FusedCorrespondence",
-    "ImageFeatures",
-    "cell_distances",
-    "EvalSize",
-    "annotation_geometry",
-    "check_eval_size",
-    "keypoint_cells",
-    "describe_pair",
-    "extract_features",
-    "flow_from_descriptors",
-    "match_keypoints",
-    "match_keypoints_refined",
-    "mirrored_key",
-    "pose_aligned_match",
-    "project_layer",
-    "run_featurizer",
-    "SOURCES",
-    "source_maps",
-    "transfer",
-    "unique_images",
-]
-
-
-#: The square in which keypoints are mapped to feature cells (the "annotation resolution" of Table 8): a
-#: side in pixels, or ``"original"`` for each image's own padded square (its long side, no resize).
-EvalSize = Union[int, Literal["original"]]
-
-
-@dataclass
-class ImageFeatures:
-    """Raw (pre-PCA) features of one image.
-
-    Attributes:
-        sd: One ``[C_i, h_i, w_i]`` map per SD layer, or None when SD is not used.
-        dino: ``[C, G, G]`` DINO map, or None when DINO is not used.
-        width: Original image width.
-        height: Original image height.
-    """
-
-    sd: list[torch.Tensor] | None
-    dino: torch.Tensor | None
-    width: int
-    height: int
+__all__ = ["FusedCorrespondence", "PairMatch", "benchmark_pose_alignment"]
 
 
 @dataclass(frozen=True)
-class DescriptorSpec:
-    """Everything that turns raw features into descriptors (no extraction involved).
+class PairMatch:
+    """The prediction for one pair of images (:meth:`FusedCorrespondence.match`).
 
     Attributes:
-        alpha: Weight of the SD block (1 = SD only, 0 = DINO only).
-        pca_dims: Co-PCA dimension per used SD layer; None keeps the raw channels.
-        fusion: One of ``fusion.FUSIONS`` (``concat_l2`` is the paper's).
-        sd_layers: The extracted SD layer ids to use (None: all that were extracted).
-        projection: A learned per-layer projection used instead of co-PCA (supplementary Table 3: the
-            ODISE projection layer): a ``torch.save``d dict ``{"<layer>.weight": [d, C], "<layer>.bias": [d]}``
-            applied to every token of that layer (a 1x1 convolution).
+        points: Predicted target points ``[N, 2]`` ``(x, y)`` in original target pixels.
+        distance: Feature distance of each match ``[N]``.
+        confidence: Softmax probability of each matched cell ``[N]`` (with a refinement configured), else None.
+        mutual: Whether each match is a mutual nearest neighbour ``[N]`` (with ``mutual_check``), else None.
+        flipped: Whether the mirrored source won (with ``pose_alignment``), else None.
     """
 
-    alpha: float = 0.5
-    pca_dims: tuple[int, ...] | None = (256, 256, 256)
-    fusion: str = "concat_l2"
-    sd_layers: tuple[int, ...] | None = None
-    projection: str | None = None
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {list(FUSIONS)}")
-
-    @property
-    def uses_sd(self) -> bool:
-        """Whether SD features get a weight."""
-        return self.alpha > 0
-
-    @property
-    def uses_dino(self) -> bool:
-        """Whether DINO features get a weight."""
-        return self.alpha < 1
-
-    def layer_positions(self, extracted: Sequence[int]) -> list[int]:
-        """Positions, in the extracted layer list, of the layers this spec uses."""
-        if self.sd_layers is None:
-            positions = list(range(len(extracted)))
-        else:
-            missing = sorted(set(self.sd_layers) - set(extracted))
-            if missing:
-                raise ValueError(f"SD layers {missing} were not extracted (extracted: {list(extracted)})")
-            positions = [list(extracted).index(layer) for layer in self.sd_layers]
-        if self.projection is None and self.pca_dims is not None and len(self.pca_dims) != len(positions):
-            used = [extracted[i] for i in positions]
-            raise ValueError(f"pca_dims {list(self.pca_dims)} must have one entry per used SD layer {used}")
-        return positions
+    points: torch.Tensor
+    distance: torch.Tensor
+    confidence: torch.Tensor | None = None
+    mutual: torch.Tensor | None = None
+    flipped: bool | None = None
 
 
-@functools.lru_cache(maxsize=8)
-def _projection_weights(path: str) -> dict[str, torch.Tensor]:
-    try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as err:
-        raise ValueError(f"could not read the projection state dict {path}: {err}") from err
-    if not isinstance(weights, dict):
-        raise ValueError(f"projection file {path} must hold a dict of tensors, got {type(weights).__name__}")
-    return weights
-
-
-def project_layer(pair: torch.Tensor, path: str, layer: int) -> torch.Tensor:
-    """Apply the learned projection of ``layer`` from ``path`` to ``[2, C, H, W]`` features."""
-    weights = _projection_weights(path)
-    weight, bias = weights.get(f"{layer}.weight"), weights.get(f"{layer}.bias")
-    if weight is None or weight.ndim != 2 or weight.shape[1] != pair.shape[1]:
-        found = None if weight is None else tuple(weight.shape)
-        raise ValueError(
-            f"projection {path}: '{layer}.weight' must be [d, {pair.shape[1]}] for SD layer {layer}, found {found}"
-        )
-    out = torch.einsum("dc,nchw->ndhw", weight.to(pair), pair)
-    return out if bias is None else out + bias.to(pair).view(1, -1, 1, 1)
-
-
-def mirrored_key(path: str) -> str:
-    """The key of an image's horizontal mirror among a batch's features (:func:`unique_images`)."""
-    return f"{path}#mirrored"
-
-
-def unique_images(
-    samples: Sequence[Mapping[str, Any]], mirrored_sources: bool = False
-) -> dict[str, tuple[torch.Tensor, str]]:
-    """Every distinct image of a batch of pairs, by path: ``{path: (uint8 image, category)}``.
-
-    Args:
-        samples: Pair dicts.
-        mirrored_sources: Also each source image's horizontal mirror, under :func:`mirrored_key` (pose
-            alignment).
-    """
-    unique: dict[str, tuple[torch.Tensor, str]] = {}
-    for s in samples:
-        unique.setdefault(s["src_image_path"], (s["src_image"], s["category"]))
-        unique.setdefault(s["trg_image_path"], (s["trg_image"], s["category"]))
-    if mirrored_sources:
-        for s in samples:
-            unique.setdefault(mirrored_key(s["src_image_path"]), (s["src_image"].flip(-1), s["category"]))
-    return unique
-
-
-def _precision(device: torch.device) -> str:
-    """The autocast state features are computed under (part of a cache key: it changes the numbers)."""
-    if torch.is_autocast_enabled(device.type):
-        return f"autocast-{torch.get_autocast_dtype(device.type)}"
-    return "exact"
-
-
-@torch.no_grad()
-def run_featurizer(
-    featurizer: SDFeaturizer | DinoFeaturizer,
-    images: Sequence[torch.Tensor],
-    categories: Sequence[str],
-    device: torch.device,
-    cache: FeatureCache | None = None,
-    image_keys: Sequence[str] | None = None,
-) -> tuple[list[tuple[torch.Tensor, ...]], int]:
-    """One featurizer's raw features of each image (SD: one map per layer; DINO: one map), via ``cache``.
-
-    Args:
-        featurizer: The SD or DINO featurizer.
-        images: uint8 ``[3, H, W]`` tensors of any sizes.
-        categories: Category of each image (the SD prompt).
-        device: Where the featurizer lives.
-        cache: Reuse features computed before (in memory or on disk); None computes every image.
-        image_keys: Content hashes of the images (:func:`.feature_cache.image_digest`), if known.
-
-    Returns:
-        ``(features per image, number of images actually run through the featurizer)``.
-    """
-
-    def compute(indices: list[int]) -> list[tuple[torch.Tensor, ...]]:
-        batch = torch.stack([pad_resize_image(images[i], featurizer.image_size)[0] for i in indices]).to(device)
-        if isinstance(featurizer, SDFeaturizer):
-            layers = featurizer(batch, [categories[i] for i in indices])
-            return [tuple(layer[j] for layer in layers) for j in range(len(indices))]
-        maps = featurizer(batch)
-        return [(maps[j],) for j in range(len(indices))]
-
-    if not images:
-        return [], 0
-    if cache is None:
-        return compute(list(range(len(images)))), len(images)
-    image_keys = image_keys or [image_digest(img) for img in images]
-    precision = _precision(device)
-    per_category = {cat: featurizer.cache_key(cat) for cat in set(categories)}
-    keys = [f"{key}|{per_category[cat]}|{precision}" for key, cat in zip(image_keys, categories)]
-    return cache.fetch(keys, compute, device)
-
-
-def extract_features(
-    sd: SDFeaturizer | None,
-    dino: DinoFeaturizer | None,
-    images: Sequence[torch.Tensor],
-    categories: Sequence[str],
-    device: torch.device,
-    cache: FeatureCache | None = None,
-    image_keys: Sequence[str] | None = None,
-) -> tuple[list[ImageFeatures], dict[str, int]]:
-    """Run the given featurizers on a batch of images (at most one pass per image per featurizer).
-
-    Args:
-        sd: SD featurizer or None.
-        dino: DINO featurizer or None.
-        images: uint8 ``[3, H, W]`` tensors of any sizes.
-        categories: Category of each image (for the SD prompt).
-        device: Where the featurizers live.
-        cache: Per-image feature cache; None extracts every image.
-        image_keys: Content hashes of the images, if already known.
-
-    Returns:
-        ``(features per image, {"sd": passes, "dino": passes})`` where passes count the images that
-        were really run (cache misses).
-    """
-    if cache is not None and image_keys is None:
-        image_keys = [image_digest(img) for img in images]
-    sd_maps, sd_passes = run_featurizer(sd, images, categories, device, cache, image_keys) if sd else (None, 0)
-    dino_maps, dino_passes = (
-        run_featurizer(dino, images, categories, device, cache, image_keys) if dino else (None, 0)
-    )
-    features = [
-        ImageFeatures(
-            sd=None if sd_maps is None else list(sd_maps[i]),
-            dino=None if dino_maps is None else dino_maps[i][0],
-            width=int(img.shape[-1]),
-            height=int(img.shape[-2]),
-        )
-        for i, img in enumerate(images)
-    ]
-    return features, {"sd": sd_passes, "dino": dino_passes}
-
-
-def describe_pair(
-    source: ImageFeatures,
-    target: ImageFeatures,
-    spec: DescriptorSpec,
-    sd_layer_ids: Sequence[int] = (),
-    grid: int | None = None,
-) -> torch.Tensor:
-    """Fused descriptors of a pair, ``[2, D, G, G]`` (source first), in fp32 even under autocast.
-
-    Args:
-        source: Raw features of the source image.
-        target: Raw features of the target image.
-        spec: Layers, co-PCA, fusion and alpha.
-        sd_layer_ids: The layer ids of ``source.sd`` (the SD featurizer's ``layers``).
-        grid: Output grid side (the DINO grid); None keeps the finest SD resolution.
-    """
-    device_type = (source.dino if source.dino is not None else source.sd[0]).device.type  # type: ignore[index]
-    with torch.autocast(device_type=device_type, enabled=False):
-        sd_block = None
-        if spec.uses_sd:
-            if source.sd is None or target.sd is None:
-                raise ValueError(f"alpha={spec.alpha} needs SD features, but none were extracted")
-            positions = spec.layer_positions(sd_layer_ids or range(len(source.sd)))
-            pairs = [torch.stack([source.sd[i], target.sd[i]]).float() for i in positions]
-            if spec.projection is not None:
-                ids = [list(sd_layer_ids or range(len(source.sd)))[i] for i in positions]
-                pairs = [project_layer(pair, spec.projection, layer) for pair, layer in zip(pairs, ids)]
-            elif spec.pca_dims is not None:
-                pairs = [co_pca(pair, dim) for pair, dim in zip(pairs, spec.pca_dims)]
-            sd_block = merge_layers(pairs, grid)
-        dino_block = None
-        if spec.uses_dino:
-            if source.dino is None or target.dino is None:
-                raise ValueError(f"alpha={spec.alpha} needs DINO features, but none were extracted")
-            dino_block = torch.stack([source.dino, target.dino]).float()
-        return fuse(sd_block, dino_block, spec.alpha, spec.fusion)
-
-
-#: Feature sources a learned head (:class:`.projection_head.GatedProjectionHead`) can take, by name.
-SOURCES = ("sd", "dino")
-
-
-def check_sources(sources: Sequence[str], field: str = "sources") -> tuple[str, ...]:
-    """Validate source names: a non-empty subset of :data:`SOURCES`, without repeats."""
-    names = tuple(str(name) for name in sources)
-    unknown = [name for name in names if name not in SOURCES]
-    if not names or unknown or len(set(names)) != len(names):
-        raise ValueError(f"{field} must be distinct names out of {list(SOURCES)}, got {list(names)}")
-    return names
-
-
-def source_maps(
-    images: Sequence[ImageFeatures], sources: Sequence[str], grid: int | None = None
-) -> dict[str, torch.Tensor]:
-    """The raw inputs of a learned head for a batch of images: ``{source: [B, C, G, G]}`` in fp32.
-
-    ``"sd"`` is every extracted SD layer, merged coarse to fine and resized to ``grid`` as the zero-shot
-    method does (:func:`.fusion.merge_layers`) but without co-PCA (the head learns the projection);
-    ``"dino"`` is the DINO map.
-
-    Args:
-        images: Raw features of each image.
-        sources: Names out of :data:`SOURCES`.
-        grid: Output grid side (the DINO grid); None keeps the finest SD resolution.
-    """
-    maps = {}
-    for name in check_sources(sources):
-        missing = [i for i, image in enumerate(images) if getattr(image, name) is None]
-        if missing:
-            raise ValueError(f"source {name!r} was not extracted (no {name} featurizer configured)")
-        if name == "sd":
-            layers = [torch.stack([image.sd[i] for image in images]).float() for i in range(len(images[0].sd))]
-            maps[name] = merge_layers(layers, grid)
-        else:
-            maps[name] = torch.stack([image.dino for image in images]).float()
-    return maps
-
-
-def check_eval_size(eval_size: EvalSize | None, field: str = "eval_size") -> EvalSize | None:
-    """Validate an ``eval_size`` setting: a positive int, ``"original"`` or None (the default)."""
-    if eval_size is None or eval_size == "original":
-        return eval_size
-    if isinstance(eval_size, str) or int(eval_size) <= 0:
-        raise ValueError(f"{field} must be a positive number of pixels or 'original', got {eval_size!r}")
-    return int(eval_size)
-
-
-def annotation_geometry(features: ImageFeatures, eval_size: EvalSize) -> PadResize:
-    """The map from an image's original pixels to the square where its keypoints meet the feature grid.
-
-    An int is the padded model-input convention of the reference (resize the long side to ``eval_size``,
-    pad to a centred square). ``"original"`` keeps the annotation in original pixels: the image's own
-    long side is the square, only the centring offset is applied.
-    """
-    size = max(features.width, features.height) if eval_size == "original" else int(eval_size)
-    return PadResize(features.width, features.height, size)
-
-
-def match_keypoints(
-    descriptors: torch.Tensor, source: ImageFeatures, target: ImageFeatures, src_kps: torch.Tensor, eval_size: EvalSize
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Transfer source keypoints (original pixels) with a pair's descriptors.
-
-    Returns:
-        ``(predicted [N, 2] in original target pixels, feature distance of each match [N])``.
-    """
-    src_geo, trg_geo = annotation_geometry(source, eval_size), annotation_geometry(target, eval_size)
-    points = src_geo.forward_points(src_kps.to(descriptors.device).float())
-    with torch.autocast(device_type=descriptors.device.type, enabled=False):
-        predicted, distance = transfer_keypoints(descriptors[0], descriptors[1], points, src_geo.size, trg_geo.size)
-    return trg_geo.inverse_points(predicted), distance
-
-
-def match_keypoints_refined(
-    descriptors: torch.Tensor,
-    source: ImageFeatures,
-    target: ImageFeatures,
-    src_kps: torch.Tensor,
-    eval_size: EvalSize,
-    refinement: MatchRefinement,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """:func:`match_keypoints` with test-time refinements (:mod:`.refinements`).
-
-    Returns:
-        ``(predicted [N, 2] original target pixels, distance [N], extras)``; ``extras`` holds ``confidence``
-        and, with ``refinement.mutual_check``, ``mutual``.
-    """
-    src_geo, trg_geo = annotation_geometry(source, eval_size), annotation_geometry(target, eval_size)
-    points = src_geo.forward_points(src_kps.to(descriptors.device).float())
-    with torch.autocast(device_type=descriptors.device.type, enabled=False):
-        predicted, distance, extras = refined_transfer(
-            descriptors[0], descriptors[1], points, src_geo.size, trg_geo.size, refinement
-        )
-    return trg_geo.inverse_points(predicted), distance, extras
-
-
-def transfer(
-    descriptors: torch.Tensor,
-    source: ImageFeatures,
-    target: ImageFeatures,
-    src_kps: torch.Tensor,
-    eval_size: EvalSize,
-    refinement: MatchRefinement | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """:func:`match_keypoints`, or :func:`match_keypoints_refined` when ``refinement`` is active.
-
-    Returns:
-        ``(predicted [N, 2] original target pixels, distance [N], extras)``; ``extras`` is empty without a
-        refinement.
-    """
-    if refinement is None or not refinement.active:
-        pred, distance = match_keypoints(descriptors, source, target, src_kps, eval_size)
-        return pred, distance, {}
-    return match_keypoints_refined(descriptors, source, target, src_kps, eval_size, refinement)
-
-
-def _instance_distance(
-    descriptors: torch.Tensor,
-    source: ImageFeatures,
-    target: ImageFeatures,
-    src_box: torch.Tensor | None,
-    trg_box: torch.Tensor | None,
-    eval_size: EvalSize,
-) -> torch.Tensor:
-    """:func:`.pose_alignment.instance_nn_distance` over the cells of the two boxes (None: whole image)."""
-    grid = descriptors.shape[-1]
-    src_cells = box_cells(annotation_geometry(source, eval_size), src_box, grid)
-    trg_cells = box_cells(annotation_geometry(target, eval_size), trg_box, grid)
-    return instance_nn_distance(descriptors, src_cells, trg_cells)
-
-
-def pose_aligned_match(
-    describe: Callable[[ImageFeatures, ImageFeatures], torch.Tensor],
-    source: ImageFeatures,
-    mirrored_source: ImageFeatures,
-    target: ImageFeatures,
-    sample: Mapping[str, Any],
-    eval_size: EvalSize,
-    alignment: PoseAlignment,
-    refinement: MatchRefinement | None = None,
-) -> dict[str, torch.Tensor]:
-    """Match a pair from the source and from its mirror; keep the orientation whose instances agree better.
-
-    See :mod:`.pose_alignment`. The instances are the pair's boxes in its images' pixels when the sample has
-    them (``src_instance_box`` / ``trg_instance_box``, else ``src_bbox`` / ``trg_bbox``), else the whole
-    images. A keypoint whose partner is not in ``kps_ids`` or not in ``kps_valid`` keeps the original
-    orientation's prediction.
-
-    Args:
-        describe: Pair descriptors ``[2, D, G, G]`` of (source features, target features).
-        source: Features of the source image.
-        mirrored_source: Features of its horizontal mirror.
-        target: Features of the target image.
-        sample: The pair: ``src_kps``, ``kps_ids`` and ``category`` (the flip pairs), ``kps_valid`` and boxes
-            if any.
-        eval_size: Keypoint-to-cell square.
-        alignment: The flip pairs per category.
-        refinement: Refinements of both transfers.
-
-    Returns:
-        ``pred_kps`` ``[N, 2]``, ``distance`` ``[N]``, the refinement's extras, ``flipped`` (scalar bool: the
-        mirror won) and ``pose_distances`` ``[2]`` (instance distance of the original and the mirror).
+def as_image_tensor(image: torch.Tensor | Image.Image | np.ndarray) -> torch.Tensor:
+    """An RGB image as the uint8 ``[3, H, W]`` tensor the featurizers take (PIL images and ``[H, W, 3]``
+    arrays are converted; a uint8 tensor is returned as is).
 
     Raises:
-        ValueError: The sample has no ``kps_ids`` (SPair-71k and CUB-200 name their keypoints) or its category
-            no flip pairs.
+        ValueError: Not a 3-channel uint8 image.
     """
-    if sample.get("kps_ids") is None:
-        raise ValueError(
-            f"pose alignment needs keypoint ids ('kps_ids') to swap left and right; pair {sample.get('pair_id')!r} "
-            "has none (the SPair-71k and CUB-200 readers provide them)"
-        )
-    partner = partner_positions(sample["kps_ids"], alignment.partners(sample["category"]), sample.get("kps_valid"))
-    src_kps = sample["src_kps"].float()
-    src_box, trg_box = (sample.get(f"{side}_instance_box", sample.get(f"{side}_bbox")) for side in ("src", "trg"))
-    descriptors = describe(source, target)
-    pred, distance, extras = transfer(descriptors, source, target, src_kps, eval_size, refinement)
-    mirrored = describe(mirrored_source, target)
-    # mirrored keypoint k sits where the original's partner of k is, mirrored
-    mirrored_kps = mirror_points(src_kps[partner.clamp(min=0)], source.width)
-    m_pred, m_distance, m_extras = transfer(mirrored, mirrored_source, target, mirrored_kps, eval_size, refinement)
-    mirrored_box = None if src_box is None else mirror_box(src_box, source.width)
-    distances = torch.stack([
-        _instance_distance(descriptors, source, target, src_box, trg_box, eval_size),
-        _instance_distance(mirrored, mirrored_source, target, mirrored_box, trg_box, eval_size),
-    ])
-    flipped = bool(distances[1] < distances[0])
-    if flipped:
-        use = (partner >= 0).to(pred.device)
-        pred = torch.where(use[:, None], m_pred, pred)
-        distance = torch.where(use, m_distance, distance)
-        extras = {key: torch.where(use, m_extras[key], value) for key, value in extras.items()}
-    return {
-        "pred_kps": pred, "distance": distance, **extras,
-        "flipped": torch.tensor(flipped), "pose_distances": distances.cpu(),
-    }
-
-
-def keypoint_cells(features: ImageFeatures, kps: torch.Tensor, eval_size: EvalSize, grid: int) -> torch.Tensor:
-    """Flat feature-grid cell of each keypoint (original pixels) of an image."""
-    geometry = annotation_geometry(features, eval_size)
-    return points_to_cells(geometry.forward_points(kps.float()), geometry.size, grid)
-
-
-def cell_distances(descriptors: torch.Tensor, src_cells: torch.Tensor) -> torch.Tensor:
-    """L2 feature distance ``[N, G*G]`` from each source cell's descriptor to every target cell."""
-    source, target = descriptors[0].flatten(1).T, descriptors[1].flatten(1).T
-    return torch.cdist(source[src_cells].float(), target.float())
-
-
-def flow_from_descriptors(descriptors: torch.Tensor, source: ImageFeatures, target: ImageFeatures) -> torch.Tensor:
-    """Dense flow ``[2, H, W]`` from every target pixel to the source (both images share ``H x W``)."""
-    if (source.width, source.height) != (target.width, target.height):
-        raise ValueError(
-            f"dense flow needs images of one size (pad them first): source {source.width}x{source.height}, "
-            f"target {target.width}x{target.height}"
-        )
-    with torch.autocast(device_type=descriptors.device.type, enabled=False):
-        return dense_flow(descriptors[0], descriptors[1], target.height, target.width)
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an [H, W, 3] uint8 array, got {image.dtype} {image.shape}")
+        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a uint8 [3, H, W] image tensor, got {image.dtype} {tuple(image.shape)}")
+    return image
 
 
 class FusedCorrespondence(nn.Module):
@@ -564,6 +119,8 @@ class FusedCorrespondence(nn.Module):
         flip_pairs: Category -> left/right keypoint id pairs for pose alignment (``"*"``: any other category),
             or a table name (``"spair"``, ``"cub"``); None takes the benchmark protocol's table
             (:meth:`use_protocol`).
+        matcher: How source keypoints find their target points on the descriptors
+            (:class:`.matchers.KeypointMatcher`); None is the paper's :class:`.matchers.NearestNeighbours`.
 
     Attributes:
         cache: The per-image feature cache (None: every batch extracts its images anew).
@@ -588,8 +145,10 @@ class FusedCorrespondence(nn.Module):
         mutual_check: bool = False,
         pose_alignment: bool = False,
         flip_pairs: dict[str, list[list[int]]] | str | None = None,
+        matcher: KeypointMatcher | None = None,
     ) -> None:
         super().__init__()
+        self.matcher = matcher if matcher is not None else NearestNeighbours()
         self.cache = feature_cache(feature_cache_gb, feature_cache_dir)
         refinement = MatchRefinement(soft_argmax_window, float(soft_argmax_temperature), bool(mutual_check))
         self.refinement = refinement if refinement.active else None
@@ -682,15 +241,42 @@ class FusedCorrespondence(nn.Module):
         with torch.autocast(device_type=device_type, enabled=False):
             return self.head(source_maps(images, list(self.head.sources), self.grid))
 
+    @torch.no_grad()
     def match(
-        self, source: ImageFeatures, target: ImageFeatures, src_kps: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Transfer source keypoints (original pixels) to the target image.
+        self,
+        source: torch.Tensor | Image.Image | np.ndarray,
+        target: torch.Tensor | Image.Image | np.ndarray,
+        points: torch.Tensor | Sequence[Sequence[float]],
+        category: str = "object",
+        keypoint_ids: Sequence[int] | None = None,
+    ) -> PairMatch:
+        """Carry ``points`` from the ``source`` image to the ``target`` image: the whole method (features,
+        descriptors, the matcher, and the refinements and pose alignment configured), on the pipeline's device.
+
+        Args:
+            source: The source image (uint8 ``[3, H, W]`` tensor, PIL image or ``[H, W, 3]`` uint8 array).
+            target: The target image.
+            points: Source points ``[N, 2]`` ``(x, y)`` in original source pixels.
+            category: What the images show (the SD prompt's ``{category}``).
+            keypoint_ids: The points' semantic ids (pose alignment swaps left and right by them).
 
         Returns:
-            ``(predicted [N, 2] in original target pixels, feature distance of each match [N])``.
+            The typed :class:`PairMatch` (original target pixels).
         """
-        return match_keypoints(self.describe_pair(source, target), source, target, src_kps, self.eval_size)
+        sample = {
+            "pair_id": "match", "category": str(category),
+            "src_image": as_image_tensor(source), "trg_image": as_image_tensor(target),
+            # the batch's keys of the two images (not files): features are looked up by them
+            "src_image_path": "<source>", "trg_image_path": "<target>",
+            "src_kps": torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2),
+        }
+        if keypoint_ids is not None:
+            sample["kps_ids"] = [int(i) for i in keypoint_ids]
+        out = self.predict_pairs([sample])[0]
+        return PairMatch(
+            points=out["pred_kps"], distance=out["distance"], confidence=out.get("confidence"),
+            mutual=out.get("mutual"), flipped=bool(out["flipped"]) if "flipped" in out else None,
+        )
 
     def flow(self, source: ImageFeatures, target: ImageFeatures) -> torch.Tensor:
         """Dense flow ``[2, H, W]`` from every target pixel to the source (both images share ``H x W``)."""
@@ -763,21 +349,13 @@ class FusedCorrespondence(nn.Module):
             mirrored = features[mirrored_key(sample["src_image_path"])]
             return pose_aligned_match(
                 self.describe_pair, source, mirrored, target, sample, self.eval_size, self.pose_alignment,
-                self.refinement,
+                self.refinement, self.matcher,
             )
         pred, distance, extras = transfer(
-            self.describe_pair(source, target), source, target, sample["src_kps"], self.eval_size, self.refinement
+            self.describe_pair(source, target), source, target, sample["src_kps"], self.eval_size, self.refinement,
+            self.matcher,
         )
         return {"pred_kps": pred, "distance": distance, **extras}
-
-
-def feature_cache(memory_gb: float, directory: str | None) -> FeatureCache | None:
-    """The per-image feature cache of a run: ``memory_gb`` in memory (0 = none), ``directory`` on disk."""
-    if memory_gb < 0:
-        raise ValueError(f"feature_cache_gb must be >= 0, got {memory_gb}")
-    if memory_gb == 0 and directory is None:
-        return None
-    return FeatureCache(memory_bytes=int(memory_gb * (1 << 30)), directory=directory)
 
 
 def benchmark_pose_alignment(flip_pairs: Any, protocol: Any) -> PoseAlignment:
@@ -797,11 +375,3 @@ def benchmark_pose_alignment(flip_pairs: Any, protocol: Any) -> PoseAlignment:
         )
     return PoseAlignment(table)
 
-
-def default_eval_size(sd: SDFeaturizer | None, dino: DinoFeaturizer | None) -> int:
-    """The keypoint-mapping square: the DINO input size when DINO is used (the reference), else SD's."""
-    if dino is not None:
-        return int(dino.image_size)
-    if sd is not None:
-        return int(sd.image_size)
-    raise ValueError("no featurizer configured")

@@ -20,12 +20,17 @@ upsamples to 64 x 64 first), and mirrored x is ``W - 1 - x`` in pixel-centre coo
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from .features import ImageFeatures
 from .image_prep import PadResize
+from .keypoints import EvalSize, annotation_geometry, transfer
+from .matchers import KeypointMatcher
+from .refinements import MatchRefinement
 
 __all__ = [
     "CUB_FLIP_PAIRS",
@@ -37,6 +42,7 @@ __all__ = [
     "mirror_box",
     "mirror_points",
     "partner_positions",
+    "pose_aligned_match",
 ]
 
 #: SPair-71k's left/right keypoint pairs per category, in the dataset's own keypoint ids (those of its
@@ -199,3 +205,88 @@ def instance_nn_distance(descriptors: torch.Tensor, src_cells: torch.Tensor, trg
     source = descriptors[0].flatten(1).T[src_cells.to(descriptors.device)].float()
     target = descriptors[1].flatten(1).T[trg_cells.to(descriptors.device)].float()
     return torch.cdist(source, target).amin(dim=1).mean()
+
+
+
+def _instance_distance(
+    descriptors: torch.Tensor,
+    source: ImageFeatures,
+    target: ImageFeatures,
+    src_box: torch.Tensor | None,
+    trg_box: torch.Tensor | None,
+    eval_size: EvalSize,
+) -> torch.Tensor:
+    """:func:`.pose_alignment.instance_nn_distance` over the cells of the two boxes (None: whole image)."""
+    grid = descriptors.shape[-1]
+    src_cells = box_cells(annotation_geometry(source, eval_size), src_box, grid)
+    trg_cells = box_cells(annotation_geometry(target, eval_size), trg_box, grid)
+    return instance_nn_distance(descriptors, src_cells, trg_cells)
+
+
+def pose_aligned_match(
+    describe: Callable[[ImageFeatures, ImageFeatures], torch.Tensor],
+    source: ImageFeatures,
+    mirrored_source: ImageFeatures,
+    target: ImageFeatures,
+    sample: Mapping[str, Any],
+    eval_size: EvalSize,
+    alignment: PoseAlignment,
+    refinement: MatchRefinement | None = None,
+    matcher: KeypointMatcher | None = None,
+) -> dict[str, torch.Tensor]:
+    """Match a pair from the source and from its mirror; keep the orientation whose instances agree better.
+
+    See :mod:`.pose_alignment`. The instances are the pair's boxes in its images' pixels when the sample has
+    them (``src_instance_box`` / ``trg_instance_box``, else ``src_bbox`` / ``trg_bbox``), else the whole
+    images. A keypoint whose partner is not in ``kps_ids`` or not in ``kps_valid`` keeps the original
+    orientation's prediction.
+
+    Args:
+        describe: Pair descriptors ``[2, D, G, G]`` of (source features, target features).
+        source: Features of the source image.
+        mirrored_source: Features of its horizontal mirror.
+        target: Features of the target image.
+        sample: The pair: ``src_kps``, ``kps_ids`` and ``category`` (the flip pairs), ``kps_valid`` and boxes
+            if any.
+        eval_size: Keypoint-to-cell square.
+        alignment: The flip pairs per category.
+        refinement: Refinements of both transfers.
+        matcher: The matcher of both transfers (default: nearest neighbours).
+
+    Returns:
+        ``pred_kps`` ``[N, 2]``, ``distance`` ``[N]``, the refinement's extras, ``flipped`` (scalar bool: the
+        mirror won) and ``pose_distances`` ``[2]`` (instance distance of the original and the mirror).
+
+    Raises:
+        ValueError: The sample has no ``kps_ids`` (SPair-71k and CUB-200 name their keypoints) or its category
+            no flip pairs.
+    """
+    if sample.get("kps_ids") is None:
+        raise ValueError(
+            f"pose alignment needs keypoint ids ('kps_ids') to swap left and right; pair {sample.get('pair_id')!r} "
+            "has none (the SPair-71k and CUB-200 readers provide them)"
+        )
+    partner = partner_positions(sample["kps_ids"], alignment.partners(sample["category"]), sample.get("kps_valid"))
+    src_kps = sample["src_kps"].float()
+    src_box, trg_box = (sample.get(f"{side}_instance_box", sample.get(f"{side}_bbox")) for side in ("src", "trg"))
+    descriptors = describe(source, target)
+    pred, distance, extras = transfer(descriptors, source, target, src_kps, eval_size, refinement, matcher)
+    mirrored = describe(mirrored_source, target)
+    # mirrored keypoint k sits where the original's partner of k is, mirrored
+    mirrored_kps = mirror_points(src_kps[partner.clamp(min=0)], source.width)
+    m_pred, m_distance, m_extras = transfer(mirrored, mirrored_source, target, mirrored_kps, eval_size, refinement, matcher)
+    mirrored_box = None if src_box is None else mirror_box(src_box, source.width)
+    distances = torch.stack([
+        _instance_distance(descriptors, source, target, src_box, trg_box, eval_size),
+        _instance_distance(mirrored, mirrored_source, target, mirrored_box, trg_box, eval_size),
+    ])
+    flipped = bool(distances[1] < distances[0])
+    if flipped:
+        use = (partner >= 0).to(pred.device)
+        pred = torch.where(use[:, None], m_pred, pred)
+        distance = torch.where(use, m_distance, distance)
+        extras = {key: torch.where(use, m_extras[key], value) for key, value in extras.items()}
+    return {
+        "pred_kps": pred, "distance": distance, **extras,
+        "flipped": torch.tensor(flipped), "pose_distances": distances.cpu(),
+    }

@@ -1,0 +1,129 @@
+"""A pair's descriptors from its raw features: layer choice, co-PCA (or a learned per-layer projection),
+merging the SD layers, and the fusion with DINO. Plain torch; fp32 even under autocast.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .features import ImageFeatures
+from .fusion import FUSIONS, co_pca, fuse, merge_layers
+
+__all__ = ["DescriptorSpec", "describe_pair", "project_layer"]
+
+
+@dataclass(frozen=True)
+class DescriptorSpec:
+    """Everything that turns raw features into descriptors (no extraction involved).
+
+    Attributes:
+        alpha: Weight of the SD block (1 = SD only, 0 = DINO only).
+        pca_dims: Co-PCA dimension per used SD layer; None keeps the raw channels.
+        fusion: One of ``fusion.FUSIONS`` (``concat_l2`` is the paper's).
+        sd_layers: The extracted SD layer ids to use (None: all that were extracted).
+        projection: A learned per-layer projection used instead of co-PCA (supplementary Table 3: the
+            ODISE projection layer): a ``torch.save``d dict ``{"<layer>.weight": [d, C], "<layer>.bias": [d]}``
+            applied to every token of that layer (a 1x1 convolution).
+    """
+
+    alpha: float = 0.5
+    pca_dims: tuple[int, ...] | None = (256, 256, 256)
+    fusion: str = "concat_l2"
+    sd_layers: tuple[int, ...] | None = None
+    projection: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {list(FUSIONS)}")
+
+    @property
+    def uses_sd(self) -> bool:
+        """Whether SD features get a weight."""
+        return self.alpha > 0
+
+    @property
+    def uses_dino(self) -> bool:
+        """Whether DINO features get a weight."""
+        return self.alpha < 1
+
+    def layer_positions(self, extracted: Sequence[int]) -> list[int]:
+        """Positions, in the extracted layer list, of the layers this spec uses."""
+        if self.sd_layers is None:
+            positions = list(range(len(extracted)))
+        else:
+            missing = sorted(set(self.sd_layers) - set(extracted))
+            if missing:
+                raise ValueError(f"SD layers {missing} were not extracted (extracted: {list(extracted)})")
+            positions = [list(extracted).index(layer) for layer in self.sd_layers]
+        if self.projection is None and self.pca_dims is not None and len(self.pca_dims) != len(positions):
+            used = [extracted[i] for i in positions]
+            raise ValueError(f"pca_dims {list(self.pca_dims)} must have one entry per used SD layer {used}")
+        return positions
+
+
+@functools.lru_cache(maxsize=8)
+def _projection_weights(path: str) -> dict[str, torch.Tensor]:
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as err:
+        raise ValueError(f"could not read the projection state dict {path}: {err}") from err
+    if not isinstance(weights, dict):
+        raise ValueError(f"projection file {path} must hold a dict of tensors, got {type(weights).__name__}")
+    return weights
+
+
+def project_layer(pair: torch.Tensor, path: str, layer: int) -> torch.Tensor:
+    """Apply the learned projection of ``layer`` from ``path`` to ``[2, C, H, W]`` features."""
+    weights = _projection_weights(path)
+    weight, bias = weights.get(f"{layer}.weight"), weights.get(f"{layer}.bias")
+    if weight is None or weight.ndim != 2 or weight.shape[1] != pair.shape[1]:
+        found = None if weight is None else tuple(weight.shape)
+        raise ValueError(
+            f"projection {path}: '{layer}.weight' must be [d, {pair.shape[1]}] for SD layer {layer}, found {found}"
+        )
+    out = torch.einsum("dc,nchw->ndhw", weight.to(pair), pair)
+    return out if bias is None else out + bias.to(pair).view(1, -1, 1, 1)
+
+
+def describe_pair(
+    source: ImageFeatures,
+    target: ImageFeatures,
+    spec: DescriptorSpec,
+    sd_layer_ids: Sequence[int] = (),
+    grid: int | None = None,
+) -> torch.Tensor:
+    """Fused descriptors of a pair, ``[2, D, G, G]`` (source first), in fp32 even under autocast.
+
+    Args:
+        source: Raw features of the source image.
+        target: Raw features of the target image.
+        spec: Layers, co-PCA, fusion and alpha.
+        sd_layer_ids: The layer ids of ``source.sd`` (the SD featurizer's ``layers``).
+        grid: Output grid side (the DINO grid); None keeps the finest SD resolution.
+    """
+    device_type = (source.dino if source.dino is not None else source.sd[0]).device.type  # type: ignore[index]
+    with torch.autocast(device_type=device_type, enabled=False):
+        sd_block = None
+        if spec.uses_sd:
+            if source.sd is None or target.sd is None:
+                raise ValueError(f"alpha={spec.alpha} needs SD features, but none were extracted")
+            positions = spec.layer_positions(sd_layer_ids or range(len(source.sd)))
+            pairs = [torch.stack([source.sd[i], target.sd[i]]).float() for i in positions]
+            if spec.projection is not None:
+                ids = [list(sd_layer_ids or range(len(source.sd)))[i] for i in positions]
+                pairs = [project_layer(pair, spec.projection, layer) for pair, layer in zip(pairs, ids)]
+            elif spec.pca_dims is not None:
+                pairs = [co_pca(pair, dim) for pair, dim in zip(pairs, spec.pca_dims)]
+            sd_block = merge_layers(pairs, grid)
+        dino_block = None
+        if spec.uses_dino:
+            if source.dino is None or target.dino is None:
+                raise ValueError(f"alpha={spec.alpha} needs DINO features, but none were extracted")
+            dino_block = torch.stack([source.dino, target.dino]).float()
+        return fuse(sd_block, dino_block, spec.alpha, spec.fusion)

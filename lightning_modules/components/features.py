@@ -1,0 +1,223 @@
+"""Raw per-image features: which images a batch needs, one featurizer pass per image (via the cache).
+
+Plain torch. The descriptors of a pair are made from these in :mod:`.descriptors` (or by a learned head from
+:func:`source_maps`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .dino_featurizer import DinoFeaturizer
+from .feature_cache import FeatureCache, image_digest
+from .image_prep import pad_resize_image
+from .fusion import merge_layers
+from .sd_featurizer import SDFeaturizer
+
+__all__ = [
+    "SOURCES",
+    "ImageFeatures",
+    "check_sources",
+    "default_eval_size",
+    "extract_features",
+    "feature_cache",
+    "mirrored_key",
+    "run_featurizer",
+    "source_maps",
+    "unique_images",
+]
+
+
+@dataclass
+class ImageFeatures:
+    """Raw (pre-PCA) features of one image.
+
+    Attributes:
+        sd: One ``[C_i, h_i, w_i]`` map per SD layer, or None when SD is not used.
+        dino: ``[C, G, G]`` DINO map, or None when DINO is not used.
+        width: Original image width.
+        height: Original image height.
+    """
+
+    sd: list[torch.Tensor] | None
+    dino: torch.Tensor | None
+    width: int
+    height: int
+
+
+def mirrored_key(path: str) -> str:
+    """The key of an image's horizontal mirror among a batch's features (:func:`unique_images`)."""
+    return f"{path}#mirrored"
+
+
+def unique_images(
+    samples: Sequence[Mapping[str, Any]], mirrored_sources: bool = False
+) -> dict[str, tuple[torch.Tensor, str]]:
+    """Every distinct image of a batch of pairs, by path: ``{path: (uint8 image, category)}``.
+
+    Args:
+        samples: Pair dicts.
+        mirrored_sources: Also each source image's horizontal mirror, under :func:`mirrored_key` (pose
+            alignment).
+    """
+    unique: dict[str, tuple[torch.Tensor, str]] = {}
+    for s in samples:
+        unique.setdefault(s["src_image_path"], (s["src_image"], s["category"]))
+        unique.setdefault(s["trg_image_path"], (s["trg_image"], s["category"]))
+    if mirrored_sources:
+        for s in samples:
+            unique.setdefault(mirrored_key(s["src_image_path"]), (s["src_image"].flip(-1), s["category"]))
+    return unique
+
+
+def _precision(device: torch.device) -> str:
+    """The autocast state features are computed under (part of a cache key: it changes the numbers)."""
+    if torch.is_autocast_enabled(device.type):
+        return f"autocast-{torch.get_autocast_dtype(device.type)}"
+    return "exact"
+
+
+@torch.no_grad()
+def run_featurizer(
+    featurizer: SDFeaturizer | DinoFeaturizer,
+    images: Sequence[torch.Tensor],
+    categories: Sequence[str],
+    device: torch.device,
+    cache: FeatureCache | None = None,
+    image_keys: Sequence[str] | None = None,
+) -> tuple[list[tuple[torch.Tensor, ...]], int]:
+    """One featurizer's raw features of each image (SD: one map per layer; DINO: one map), via ``cache``.
+
+    Args:
+        featurizer: The SD or DINO featurizer.
+        images: uint8 ``[3, H, W]`` tensors of any sizes.
+        categories: Category of each image (the SD prompt).
+        device: Where the featurizer lives.
+        cache: Reuse features computed before (in memory or on disk); None computes every image.
+        image_keys: Content hashes of the images (:func:`.feature_cache.image_digest`), if known.
+
+    Returns:
+        ``(features per image, number of images actually run through the featurizer)``.
+    """
+
+    def compute(indices: list[int]) -> list[tuple[torch.Tensor, ...]]:
+        batch = torch.stack([pad_resize_image(images[i], featurizer.image_size)[0] for i in indices]).to(device)
+        if isinstance(featurizer, SDFeaturizer):
+            layers = featurizer(batch, [categories[i] for i in indices])
+            return [tuple(layer[j] for layer in layers) for j in range(len(indices))]
+        maps = featurizer(batch)
+        return [(maps[j],) for j in range(len(indices))]
+
+    if not images:
+        return [], 0
+    if cache is None:
+        return compute(list(range(len(images)))), len(images)
+    image_keys = image_keys or [image_digest(img) for img in images]
+    precision = _precision(device)
+    per_category = {cat: featurizer.cache_key(cat) for cat in set(categories)}
+    keys = [f"{key}|{per_category[cat]}|{precision}" for key, cat in zip(image_keys, categories)]
+    return cache.fetch(keys, compute, device)
+
+
+def extract_features(
+    sd: SDFeaturizer | None,
+    dino: DinoFeaturizer | None,
+    images: Sequence[torch.Tensor],
+    categories: Sequence[str],
+    device: torch.device,
+    cache: FeatureCache | None = None,
+    image_keys: Sequence[str] | None = None,
+) -> tuple[list[ImageFeatures], dict[str, int]]:
+    """Run the given featurizers on a batch of images (at most one pass per image per featurizer).
+
+    Args:
+        sd: SD featurizer or None.
+        dino: DINO featurizer or None.
+        images: uint8 ``[3, H, W]`` tensors of any sizes.
+        categories: Category of each image (for the SD prompt).
+        device: Where the featurizers live.
+        cache: Per-image feature cache; None extracts every image.
+        image_keys: Content hashes of the images, if already known.
+
+    Returns:
+        ``(features per image, {"sd": passes, "dino": passes})`` where passes count the images that
+        were really run (cache misses).
+    """
+    if cache is not None and image_keys is None:
+        image_keys = [image_digest(img) for img in images]
+    sd_maps, sd_passes = run_featurizer(sd, images, categories, device, cache, image_keys) if sd else (None, 0)
+    dino_maps, dino_passes = (
+        run_featurizer(dino, images, categories, device, cache, image_keys) if dino else (None, 0)
+    )
+    features = [
+        ImageFeatures(
+            sd=None if sd_maps is None else list(sd_maps[i]),
+            dino=None if dino_maps is None else dino_maps[i][0],
+            width=int(img.shape[-1]),
+            height=int(img.shape[-2]),
+        )
+        for i, img in enumerate(images)
+    ]
+    return features, {"sd": sd_passes, "dino": dino_passes}
+
+
+def feature_cache(memory_gb: float, directory: str | None) -> FeatureCache | None:
+    """The per-image feature cache of a run: ``memory_gb`` in memory (0 = none), ``directory`` on disk."""
+    if memory_gb < 0:
+        raise ValueError(f"feature_cache_gb must be >= 0, got {memory_gb}")
+    if memory_gb == 0 and directory is None:
+        return None
+    return FeatureCache(memory_bytes=int(memory_gb * (1 << 30)), directory=directory)
+
+
+def default_eval_size(sd: SDFeaturizer | None, dino: DinoFeaturizer | None) -> int:
+    """The keypoint-mapping square: the DINO input size when DINO is used (the reference), else SD's."""
+    if dino is not None:
+        return int(dino.image_size)
+    if sd is not None:
+        return int(sd.image_size)
+    raise ValueError("no featurizer configured")
+
+
+#: Feature sources a learned head (:class:`.projection_head.GatedProjectionHead`) can take, by name.
+SOURCES = ("sd", "dino")
+
+
+def check_sources(sources: Sequence[str], field: str = "sources") -> tuple[str, ...]:
+    """Validate source names: a non-empty subset of :data:`SOURCES`, without repeats."""
+    names = tuple(str(name) for name in sources)
+    unknown = [name for name in names if name not in SOURCES]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(f"{field} must be distinct names out of {list(SOURCES)}, got {list(names)}")
+    return names
+
+
+def source_maps(
+    images: Sequence[ImageFeatures], sources: Sequence[str], grid: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The raw inputs of a learned head for a batch of images: ``{source: [B, C, G, G]}`` in fp32.
+
+    ``"sd"`` is every extracted SD layer, merged coarse to fine and resized to ``grid`` as the zero-shot
+    method does (:func:`.fusion.merge_layers`) but without co-PCA (the head learns the projection);
+    ``"dino"`` is the DINO map.
+
+    Args:
+        images: Raw features of each image.
+        sources: Names out of :data:`SOURCES`.
+        grid: Output grid side (the DINO grid); None keeps the finest SD resolution.
+    """
+    maps = {}
+    for name in check_sources(sources):
+        missing = [i for i, image in enumerate(images) if getattr(image, name) is None]
+        if missing:
+            raise ValueError(f"source {name!r} was not extracted (no {name} featurizer configured)")
+        if name == "sd":
+            layers = [torch.stack([image.sd[i] for image in images]).float() for i in range(len(images[0].sd))]
+            maps[name] = merge_layers(layers, grid)
+        else:
+            maps[name] = torch.stack([image.dino for image in images]).float()
+    return maps

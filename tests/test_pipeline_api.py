@@ -1,0 +1,65 @@
+"""The pipeline from plain Python (typed single-pair call) and a matcher swapped in by one class / one config key."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules import SPairDataset, write_synthetic_spair
+from lightning_modules.cli import build_cli
+from lightning_modules.components import FusedCorrespondence, KeypointMatcher, NearestNeighbours, PairMatch
+
+from conftest import CONFIGS, SPAIR_CONFIG, TINY_OVERLAY
+
+
+class ShiftedNeighbours(KeypointMatcher):
+    """A stand-in for a user's matcher: the paper's matches, moved by a fixed offset in the padded square."""
+
+    def __init__(self, dx: float = 7.0) -> None:
+        self.dx = dx
+
+    def __call__(self, source, target, points, source_size, target_size, refinement=None):  # noqa: ANN001, ANN204
+        predicted, distance, extras = NearestNeighbours()(source, target, points, source_size, target_size, refinement)
+        return predicted + torch.tensor([self.dx, 0.0]), distance, extras
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> dict:
+    root = write_synthetic_spair(tmp_path_factory.mktemp("spair"), categories=("cat",), pairs_per_category=1,
+                                 image_size=(96, 72))
+    return SPairDataset(root, split="test")[0]
+
+
+def test_match_on_two_pil_images_is_the_pipelines_prediction(tiny_sd, tiny_dino, pair) -> None:
+    pipeline = FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(8, 8, 8), mutual_check=True)
+    source = Image.fromarray(pair["src_image"].permute(1, 2, 0).numpy())
+    target = np.ascontiguousarray(pair["trg_image"].permute(1, 2, 0).numpy())  # an [H, W, 3] array works too
+    result = pipeline.match(source, target, pair["src_kps"].tolist(), category=pair["category"])
+    assert isinstance(result, PairMatch)
+    expected = pipeline.predict_pairs([pair])[0]
+    assert torch.equal(result.points, expected["pred_kps"]) and result.points.shape == pair["src_kps"].shape
+    assert torch.equal(result.distance, expected["distance"])
+    assert torch.equal(result.mutual, expected["mutual"]) and result.confidence is not None
+    assert result.flipped is None  # no pose alignment configured
+    with pytest.raises(ValueError, match=r"uint8 \[3, H, W\]"):
+        pipeline.match(pair["src_image"].float(), target, pair["src_kps"])
+
+
+def test_a_matcher_is_one_class_and_one_config_key(tiny_sd, tiny_dino, pair, tmp_path, monkeypatch) -> None:
+    plain = FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(8, 8, 8)).predict_pairs([pair])[0]
+    shifted = FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(8, 8, 8), matcher=ShiftedNeighbours())
+    out = shifted.predict_pairs([pair])[0]
+    # the same 7 padded pixels to the right for every point, back in original target pixels
+    shift = out["pred_kps"] - plain["pred_kps"]
+    assert torch.allclose(shift[:, 1], torch.zeros(len(shift))) and torch.allclose(shift[:, 0], shift[0, 0])
+    assert 0 < float(shift[0, 0]) < 7.0  # the target is smaller than the padded square it is matched in
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["--config", SPAIR_CONFIG, "--config", TINY_OVERLAY, "--data.root", str(tmp_path),
+                     "--model.pipeline.matcher", f"{__name__}.ShiftedNeighbours", "--model.pipeline.matcher.dx", "3"],
+                    run=False)
+    assert isinstance(cli.model.pipeline.matcher, ShiftedNeighbours) and cli.model.pipeline.matcher.dx == 3.0
+    default = build_cli(["--config", SPAIR_CONFIG, "--config", TINY_OVERLAY, "--data.root", str(tmp_path)], run=False)
+    assert isinstance(default.model.pipeline.matcher, NearestNeighbours)
+    assert (CONFIGS / "model" / "sd_dino.yaml").is_file()
