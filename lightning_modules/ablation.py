@@ -121,8 +121,10 @@ class ZeroShotAblation(L.LightningModule):
         records = []
         for row, metric in zip(self.ablation.rows, self.metrics):
             preds = [o["pred_kps"] for o in outputs[row.name]]
-            metric.update(preds, gts, thresholds, [s["category"] for s in batch], [s["pair_id"] for s in batch],
-                          valids, groups)
+            metric.update(
+                preds=preds, gts=gts, thresholds=thresholds, categories=[s["category"] for s in batch],
+                pair_ids=[s["pair_id"] for s in batch], valids=valids, groups=groups,
+            )
             records += [
                 {"row": row.name, **keypoint_record(s, o["pred_kps"], v, o)}
                 for s, o, v in zip(batch, outputs[row.name], valids)

@@ -110,8 +110,10 @@ class DenseCorrespondence(L.LightningModule):
             height, width = sample["trg_labels"].shape[-2:]
             predictions.append(resize_nearest(labels, (height, width)).cpu())
         truths = [s["trg_labels"] for s in batch]
-        self.metric.update(predictions, truths, [s["category"] for s in batch], [s["pair_id"] for s in batch],
-                           [int(s["num_objects"]) for s in batch])
+        self.metric.update(
+            pred_labels=predictions, gt_labels=truths, sequences=[s["category"] for s in batch],
+            pair_ids=[s["pair_id"] for s in batch], num_objects=[int(s["num_objects"]) for s in batch],
+        )
         return [self._record(s, p) for s, p in zip(batch, predictions)]
 
     @staticmethod

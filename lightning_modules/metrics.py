@@ -401,32 +401,19 @@ class TypedListStates(Metric):
         return dim_zero_cat(value).to(dtype).reshape(-1)
 
 
-class PCK(TypedListStates):
-    """Percentage of Correct Keypoints with per-point, per-image and category-mean averages.
+class PairCounts(TypedListStates):
+    """Per-pair counts scored at each alpha, the state :class:`PCK` and :class:`DenseFlowPCK` share.
 
-    States (all ``dist_reduce_fx="cat"`` lists of long tensors, created on the metric's device):
-    ``correct`` (per pair ``[A]`` counts, stored flattened), ``num_points``, ``category_index`` and
-    ``pair_key`` (:func:`stable_pair_key` of the pair id). ``compute()`` de-duplicates pairs by key,
-    keeping the first occurrence, so that a pair scored twice counts once (our evaluation sampler does not
-    pad, see ``datamodules.samplers``; a padded ``DistributedSampler`` or a user's own loop might repeat pairs).
-
-    ``compute()`` returns ``{"pck": {format_alpha(a): {"per_point", "per_image", "category_mean",
-    "per_category": {...}}}, "num_pairs": int, "num_points": int}``, values in percent. With no
-    update (or no valid point) the averages are NaN and ``per_category`` is empty.
+    States (``dist_reduce_fx="cat"`` lists of long tensors on the metric's device): ``correct`` (per pair
+    ``[A]`` counts, stored flattened), ``num_points``, ``category_index``, ``pair_key`` (:func:`stable_pair_key`
+    of the pair id) and one per group. :meth:`_deduplicated` keeps each pair key's first occurrence.
 
     Args:
-        alphas: The alpha values, e.g. ``(0.01, 0.05, 0.1)`` for SPair-71k.
-        categories: The known category names; ``update`` rejects any other name.
-        groups: Names of per-pair integer attributes to break the PCK down by (SPair-71k:
-            ``viewpoint_variation``, ``scale_variation``, ``truncation``, ``occlusion``).
+        alphas: The alpha values.
+        categories: The known category (or dataset) names; updates reject any other name.
+        groups: Names of per-pair integer attributes to break the results down by.
         inclusive: ``<=`` instead of the keypoint convention's strict ``<``.
         **kwargs: Forwarded to :class:`torchmetrics.Metric`.
-
-    Example:
-        >>> metric = PCK(alphas=[0.1], categories=["cat", "dog"])
-        >>> metric.update([torch.tensor([[0.0, 0.0]])], [torch.tensor([[3.0, 4.0]])], [100.0], ["cat"], ["p0"])
-        >>> metric.compute()["pck"]["0.1"]["per_point"]
-        100.0
     """
 
     full_state_update: bool = False
@@ -459,8 +446,94 @@ class PCK(TypedListStates):
         for i in range(len(self.groups)):
             self.add_state(f"group_{i}", default=[], dist_reduce_fx="cat")
 
+    def _check_categories(self, categories: Sequence[str]) -> None:
+        unknown = sorted({str(c) for c in categories} - self._category_lookup.keys())
+        if unknown:
+            raise ValueError(f"Unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown}; known: {list(self.categories)}.")
+
+    def _append_pairs(
+        self,
+        correct: Tensor,
+        num_points: Tensor,
+        categories: Sequence[str],
+        pair_ids: Sequence[str],
+        groups: Mapping[str, Sequence[int]] | None = None,
+    ) -> None:
+        """Store per-pair counts: ``correct [B, A]``, ``num_points [B]`` and the pairs' labels."""
+        batch = len(pair_ids)
+        self.correct.append(correct.reshape(-1).to(device=self.device, dtype=torch.long))
+        self.num_points.append(num_points.to(device=self.device, dtype=torch.long))
+        self.category_index.append(
+            torch.tensor([self._category_lookup[str(c)] for c in categories], dtype=torch.long, device=self.device)
+        )
+        self.pair_key.append(
+            torch.tensor([stable_pair_key(p) for p in pair_ids], dtype=torch.long, device=self.device)
+        )
+        for i, name in enumerate(self.groups):
+            levels = (groups or {}).get(name, [-1] * batch)
+            getattr(self, f"group_{i}").append(torch.tensor(list(levels), dtype=torch.long, device=self.device))
+
+
+    @property
+    def _group_states(self) -> list[str]:
+        return [f"group_{i}" for i in range(len(self.groups))]
+
+    @property
+    def _state_dtypes(self) -> dict[str, torch.dtype]:
+        names = ("correct", "num_points", "category_index", "pair_key", *self._group_states)
+        return {name: torch.long for name in names}
+
+
+    def _deduplicated(self) -> dict[str, Tensor]:
+        """Every per-pair state, concatenated, each pair key's first occurrence only, sorted by pair key.
+
+        The canonical order (by key, not by arrival) makes the float sums of :meth:`compute` independent of
+        how the pairs were split over processes and batches, so N processes give bit-identical numbers.
+        """
+        states = self._cat_states()
+        states["correct"] = states["correct"].reshape(-1, len(self.alphas))
+        pair_key = states["pair_key"]
+        if pair_key.numel():
+            unique_keys, inverse = torch.unique(pair_key, return_inverse=True)  # sorted keys
+            positions = torch.arange(pair_key.numel(), device=pair_key.device)
+            first = torch.full((unique_keys.numel(),), pair_key.numel(), dtype=torch.long, device=pair_key.device)
+            keep = first.scatter_reduce(0, inverse, positions, reduce="amin")  # first occurrence of each sorted key
+            states = {attr: value[keep] for attr, value in states.items()}
+        return states
+
+
+class PCK(PairCounts):
+    """Percentage of Correct Keypoints with per-point, per-image and category-mean averages.
+
+    States (all ``dist_reduce_fx="cat"`` lists of long tensors, created on the metric's device):
+    ``correct`` (per pair ``[A]`` counts, stored flattened), ``num_points``, ``category_index`` and
+    ``pair_key`` (:func:`stable_pair_key` of the pair id). ``compute()`` de-duplicates pairs by key,
+    keeping the first occurrence, so that a pair scored twice counts once (our evaluation sampler does not
+    pad, see ``datamodules.samplers``; a padded ``DistributedSampler`` or a user's own loop might repeat pairs).
+
+    ``compute()`` returns ``{"pck": {format_alpha(a): {"per_point", "per_image", "category_mean",
+    "per_category": {...}}}, "num_pairs": int, "num_points": int}``, values in percent. With no
+    update (or no valid point) the averages are NaN and ``per_category`` is empty.
+
+    Args:
+        alphas: The alpha values, e.g. ``(0.01, 0.05, 0.1)`` for SPair-71k.
+        categories: The known category names; ``update`` rejects any other name.
+        groups: Names of per-pair integer attributes to break the PCK down by (SPair-71k:
+            ``viewpoint_variation``, ``scale_variation``, ``truncation``, ``occlusion``).
+        inclusive: ``<=`` instead of the keypoint convention's strict ``<``.
+        **kwargs: Forwarded to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> metric = PCK(alphas=[0.1], categories=["cat", "dog"])
+        >>> metric.update(preds=[torch.tensor([[0.0, 0.0]])], gts=[torch.tensor([[3.0, 4.0]])], thresholds=[100.0],
+        ...               categories=["cat"], pair_ids=["p0"])
+        >>> metric.compute()["pck"]["0.1"]["per_point"]
+        100.0
+    """
+
     def update(
         self,
+        *,
         preds: list[Tensor],
         gts: list[Tensor],
         thresholds: Tensor | Sequence[float],
@@ -530,61 +603,6 @@ class PCK(TypedListStates):
         num_points.index_add_(0, pair_of_point, valid.long())
 
         self._append_pairs(correct, num_points, categories, pair_ids, groups)
-
-    def _check_categories(self, categories: Sequence[str]) -> None:
-        unknown = sorted({str(c) for c in categories} - self._category_lookup.keys())
-        if unknown:
-            raise ValueError(f"Unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown}; known: {list(self.categories)}.")
-
-    def _append_pairs(
-        self,
-        correct: Tensor,
-        num_points: Tensor,
-        categories: Sequence[str],
-        pair_ids: Sequence[str],
-        groups: Mapping[str, Sequence[int]] | None = None,
-    ) -> None:
-        """Store per-pair counts: ``correct [B, A]``, ``num_points [B]`` and the pairs' labels."""
-        batch = len(pair_ids)
-        self.correct.append(correct.reshape(-1).to(device=self.device, dtype=torch.long))
-        self.num_points.append(num_points.to(device=self.device, dtype=torch.long))
-        self.category_index.append(
-            torch.tensor([self._category_lookup[str(c)] for c in categories], dtype=torch.long, device=self.device)
-        )
-        self.pair_key.append(
-            torch.tensor([stable_pair_key(p) for p in pair_ids], dtype=torch.long, device=self.device)
-        )
-        for i, name in enumerate(self.groups):
-            levels = (groups or {}).get(name, [-1] * batch)
-            getattr(self, f"group_{i}").append(torch.tensor(list(levels), dtype=torch.long, device=self.device))
-
-
-    @property
-    def _group_states(self) -> list[str]:
-        return [f"group_{i}" for i in range(len(self.groups))]
-
-    @property
-    def _state_dtypes(self) -> dict[str, torch.dtype]:
-        names = ("correct", "num_points", "category_index", "pair_key", *self._group_states)
-        return {name: torch.long for name in names}
-
-
-    def _deduplicated(self) -> dict[str, Tensor]:
-        """Every per-pair state, concatenated, each pair key's first occurrence only, sorted by pair key.
-
-        The canonical order (by key, not by arrival) makes the float sums of :meth:`compute` independent of
-        how the pairs were split over processes and batches, so N processes give bit-identical numbers.
-        """
-        states = self._cat_states()
-        states["correct"] = states["correct"].reshape(-1, len(self.alphas))
-        pair_key = states["pair_key"]
-        if pair_key.numel():
-            unique_keys, inverse = torch.unique(pair_key, return_inverse=True)  # sorted keys
-            positions = torch.arange(pair_key.numel(), device=pair_key.device)
-            first = torch.full((unique_keys.numel(),), pair_key.numel(), dtype=torch.long, device=pair_key.device)
-            keep = first.scatter_reduce(0, inverse, positions, reduce="amin")  # first occurrence of each sorted key
-            states = {attr: value[keep] for attr, value in states.items()}
-        return states
 
     def compute(self) -> dict[str, Any]:
         """Compute the PCK averages over all de-duplicated pairs.
@@ -672,7 +690,7 @@ def summarize_dense(
     }
 
 
-class DenseFlowPCK(PCK):
+class DenseFlowPCK(PairCounts):
     """PCK and end-point error of dense flow over valid pixels, per image, grouped by dataset (TSS).
 
     Same de-duplication by pair key as :class:`PCK`. ``compute()`` returns :func:`summarize_dense`'s
@@ -692,8 +710,9 @@ class DenseFlowPCK(PCK):
     def _state_dtypes(self) -> dict[str, torch.dtype]:
         return {**super()._state_dtypes, "epe_sum": torch.float64}
 
-    def update(  # type: ignore[override]
+    def update(
         self,
+        *,
         flows: list[Tensor],
         flows_gt: list[Tensor],
         masks: list[Tensor],
@@ -706,10 +725,10 @@ class DenseFlowPCK(PCK):
             dense_flow_counts(f, g, m, float(t), self.alphas, self.inclusive)
             for f, g, m, t in zip(flows, flows_gt, masks, thresholds)
         ]
-        self.update_counts(counts, datasets, pair_ids)
+        self.update_counts(counts=counts, datasets=datasets, pair_ids=pair_ids)
 
     def update_counts(
-        self, counts: Sequence[tuple[Tensor, int, float]], datasets: Sequence[str], pair_ids: Sequence[str]
+        self, *, counts: Sequence[tuple[Tensor, int, float]], datasets: Sequence[str], pair_ids: Sequence[str]
     ) -> None:
         """Add images already scored by :func:`dense_flow_counts` (with this metric's alphas)."""
         self._check_categories(datasets)

@@ -440,6 +440,7 @@ class JAndF(TypedListStates):
 
     def update(
         self,
+        *,
         pred_labels: Sequence[Tensor],
         gt_labels: Sequence[Tensor],
         sequences: Sequence[str],

@@ -192,7 +192,10 @@ class InstanceSwap(L.LightningModule):
         reference = region_crop(inputs["source"], source_mask)
         for stage, image in (("preliminary", preliminary), ("refined", refined)):
             if image is not None and stage in self.swap_metrics:
-                self.swap_metrics[stage].update([region_crop(image, target_mask)], [reference], [pair_id])
+                self.swap_metrics[stage].update(
+                    edited_regions=[region_crop(image, target_mask)], reference_regions=[reference],
+                    pair_ids=[pair_id],
+                )
 
     def on_predict_epoch_end(self) -> None:
         """Compute the swap metrics (synchronised across processes); rank zero writes, prints and logs them."""

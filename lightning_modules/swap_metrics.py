@@ -129,6 +129,7 @@ class SwapScores(TypedListStates):
 
     def update(
         self,
+        *,
         edited_regions: Sequence[Tensor],
         reference_regions: Sequence[Tensor],
         pair_ids: Sequence[str],

@@ -67,13 +67,13 @@ def restore_keypoint_metric(
         return [torch.tensor(r[key], dtype=torch.float32, device=device).reshape(-1, 2) for r in records]
 
     metric.update(
-        points("pred_kps"),
-        points("trg_kps"),
-        torch.tensor([float(r["threshold"]) for r in records], device=device),
-        [r["category"] for r in records],
-        [r["pair_id"] for r in records],
-        None,
-        {g: [r.get("variations", {}).get(g, -1) for r in records] for g in groups},
+        preds=points("pred_kps"),
+        gts=points("trg_kps"),
+        thresholds=torch.tensor([float(r["threshold"]) for r in records], device=device),
+        categories=[r["category"] for r in records],
+        pair_ids=[r["pair_id"] for r in records],
+        valids=None,
+        groups={g: [r.get("variations", {}).get(g, -1) for r in records] for g in groups},
     )
 
 
@@ -132,13 +132,13 @@ class ZeroShotCorrespondence(L.LightningModule):
         gts = [s["trg_kps"].to(self.device).float() for s in batch]
         groups = {g: [s.get("variations", {}).get(g, -1) for s in batch] for g in self.protocol.groups}
         self.metric.update(
-            preds,
-            gts,
-            torch.tensor([float(s["threshold"]) for s in batch], device=self.device),
-            [s["category"] for s in batch],
-            [s["pair_id"] for s in batch],
-            valids,
-            groups,
+            preds=preds,
+            gts=gts,
+            thresholds=torch.tensor([float(s["threshold"]) for s in batch], device=self.device),
+            categories=[s["category"] for s in batch],
+            pair_ids=[s["pair_id"] for s in batch],
+            valids=valids,
+            groups=groups,
         )
         return [keypoint_record(s, o["pred_kps"], v, o) for s, o, v in zip(batch, outputs, valids)]
 
@@ -152,7 +152,9 @@ class ZeroShotCorrespondence(L.LightningModule):
             )
             for s, flow in zip(batch, flows)
         ]
-        self.metric.update_counts(counts, [s["dataset"] for s in batch], [s["pair_id"] for s in batch])
+        self.metric.update_counts(
+            counts=counts, datasets=[s["dataset"] for s in batch], pair_ids=[s["pair_id"] for s in batch],
+        )
         records = []
         for s, (correct, valid, epe_sum) in zip(batch, counts):
             records.append(
@@ -178,7 +180,9 @@ class ZeroShotCorrespondence(L.LightningModule):
             return
         if isinstance(self.metric, DenseFlowPCK):
             counts = [(torch.tensor(r["correct"]), int(r["num_valid"]), float(r["epe_sum"])) for r in records]
-            self.metric.update_counts(counts, [r["dataset"] for r in records], [r["pair_id"] for r in records])
+            self.metric.update_counts(
+                counts=counts, datasets=[r["dataset"] for r in records], pair_ids=[r["pair_id"] for r in records],
+            )
         else:
             restore_keypoint_metric(self.metric, records, self.protocol.groups, self.device)
 

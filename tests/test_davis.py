@@ -322,7 +322,8 @@ def _tiny_frames():
 
 
 def _update(metric: JAndF, frames) -> None:
-    metric.update(*[list(column) for column in zip(*frames)])
+    names = ("pred_labels", "gt_labels", "sequences", "pair_ids", "num_objects")
+    metric.update(**{name: list(column) for name, column in zip(names, zip(*frames))})
 
 
 def test_j_and_f_compute_keys_and_means_by_hand() -> None:
@@ -399,11 +400,13 @@ def test_j_and_f_validation_and_reset() -> None:
     metric = JAndF(sequences=["a", "b"])
     pred, gt, _, _, _ = _tiny_frames()[0]
     with pytest.raises(ValueError, match=r"Unknown sequence \['z'\]"):
-        metric.update([pred], [gt], ["z"], ["z/00001"], [1])
+        metric.update(pred_labels=[pred], gt_labels=[gt], sequences=["z"], pair_ids=["z/00001"], num_objects=[1])
     with pytest.raises(ValueError, match="same length"):
-        metric.update([pred], [gt], ["a"], ["a/00001", "a/00002"], [1])
+        metric.update(
+            pred_labels=[pred], gt_labels=[gt], sequences=["a"], pair_ids=["a/00001", "a/00002"], num_objects=[1],
+        )
     with pytest.raises(ValueError, match="same shape"):
-        metric.update([pred], [gt[:3]], ["a"], ["a/00001"], [1])
+        metric.update(pred_labels=[pred], gt_labels=[gt[:3]], sequences=["a"], pair_ids=["a/00001"], num_objects=[1])
     with pytest.raises(ValueError, match="duplicates"):
         JAndF(sequences=["a", "a"])
     _update(metric, _tiny_frames())

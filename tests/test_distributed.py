@@ -346,8 +346,10 @@ def test_a_metric_sorted_by_pair_key_ignores_the_arrival_order() -> None:
     results = []
     for order in ([0, 1, 2, 3, 4, 5, 6], [6, 4, 2, 0, 5, 3, 1, 0]):
         metric = PCK([0.1, 0.3, 0.7], ["a"])
-        metric.update([preds[i] for i in order], [gts[i] for i in order], [100.0] * len(order), ["a"] * len(order),
-                      [ids[i] for i in order])
+        metric.update(
+            preds=[preds[i] for i in order], gts=[gts[i] for i in order], thresholds=[100.0] * len(order),
+            categories=["a"] * len(order), pair_ids=[ids[i] for i in order],
+        )
         results.append(json.dumps(metric.compute(), sort_keys=True))
     assert results[0] == results[1]
 

@@ -117,8 +117,14 @@ def test_crafted_example_summarize_from_counts():
 def test_crafted_example_metric():
     preds, gts = _crafted_pairs()
     metric = PCK(alphas=ALPHAS, categories=["aero", "bike", "cow"])
-    metric.update(preds[:2], gts[:2], torch.tensor(CRAFTED_THRESHOLDS[:2]), CRAFTED_CATEGORIES[:2], CRAFTED_IDS[:2])
-    metric.update(preds[2:], gts[2:], CRAFTED_THRESHOLDS[2:], CRAFTED_CATEGORIES[2:], CRAFTED_IDS[2:])
+    metric.update(
+        preds=preds[:2], gts=gts[:2], thresholds=torch.tensor(CRAFTED_THRESHOLDS[:2]),
+        categories=CRAFTED_CATEGORIES[:2], pair_ids=CRAFTED_IDS[:2],
+    )
+    metric.update(
+        preds=preds[2:], gts=gts[2:], thresholds=CRAFTED_THRESHOLDS[2:], categories=CRAFTED_CATEGORIES[2:],
+        pair_ids=CRAFTED_IDS[2:],
+    )
     out = metric.compute()
     assert out["num_pairs"] == 3
     assert out["num_points"] == 11
@@ -153,7 +159,7 @@ def test_boundary_in_metric():
     metric = PCK(alphas=[0.1], categories=["a"])
     pred = torch.tensor([[10.0, 0.0], [9.5, 0.0]])
     gt = torch.zeros(2, 2)
-    metric.update([pred], [gt], [100.0], ["a"], ["p"])
+    metric.update(preds=[pred], gts=[gt], thresholds=[100.0], categories=["a"], pair_ids=["p"])
     out = metric.compute()
     assert out["pck"]["0.1"]["per_point"] == 50.0
 
@@ -181,7 +187,10 @@ def test_invalid_points_ignored():
     assert result["category_mean"] == pytest.approx(50.0)
 
     metric = PCK(alphas=[0.1], categories=["a", "b"])
-    metric.update(preds, gts, torch.tensor([100.0, 100.0, 100.0]), ["a", "a", "b"], ["1", "2", "3"], valids)
+    metric.update(
+        preds=preds, gts=gts, thresholds=torch.tensor([100.0, 100.0, 100.0]), categories=["a", "a", "b"],
+        pair_ids=["1", "2", "3"], valids=valids,
+    )
     out = metric.compute()
     assert out["num_pairs"] == 3
     assert out["num_points"] == 3
@@ -213,8 +222,10 @@ def test_metric_matches_functional_on_random_data():
     alphas = [0.01, 0.05, 0.1, 0.15]
     metric = PCK(alphas=alphas, categories=categories)
     for start, stop in [(0, 5), (5, 6), (6, 20), (20, 37)]:
-        metric.update(preds[start:stop], gts[start:stop], torch.tensor(thr[start:stop]), cats[start:stop],
-                      ids[start:stop], valids[start:stop])
+        metric.update(
+            preds=preds[start:stop], gts=gts[start:stop], thresholds=torch.tensor(thr[start:stop]),
+            categories=cats[start:stop], pair_ids=ids[start:stop], valids=valids[start:stop],
+        )
     out = metric.compute()
     expected = pck(preds, gts, thr, cats, alphas, valids)
     _assert_result_close(out["pck"], expected)
@@ -223,8 +234,8 @@ def test_metric_matches_functional_on_random_data():
     # forward (batch value + accumulation) keeps the same global result
     metric2 = PCK(alphas=alphas, categories=categories)
     for start, stop in [(0, 20), (20, 37)]:
-        metric2(preds[start:stop], gts[start:stop], thr[start:stop], cats[start:stop], ids[start:stop],
-                valids[start:stop])
+        metric2(preds=preds[start:stop], gts=gts[start:stop], thresholds=thr[start:stop], categories=cats[start:stop],
+                pair_ids=ids[start:stop], valids=valids[start:stop])
     _assert_result_close(metric2.compute()["pck"], expected)
 
 
@@ -232,15 +243,19 @@ def test_duplicate_pair_ids_do_not_change_result():
     categories = ["cat", "dog"]
     preds, gts, thr, cats, valids, ids = _random_pairs(1, 10, categories)
     ref = PCK(alphas=[0.1], categories=categories)
-    ref.update(preds, gts, thr, cats, ids, valids)
+    ref.update(preds=preds, gts=gts, thresholds=thr, categories=cats, pair_ids=ids, valids=valids)
     expected = ref.compute()
 
     # as a padded DistributedSampler would produce: the last batch repeats the first samples
     padded = PCK(alphas=[0.1], categories=categories)
-    padded.update(preds[:6], gts[:6], thr[:6], cats[:6], ids[:6], valids[:6])
+    padded.update(
+        preds=preds[:6], gts=gts[:6], thresholds=thr[:6], categories=cats[:6], pair_ids=ids[:6], valids=valids[:6],
+    )
     order = [6, 7, 8, 9, 0, 1]
-    padded.update([preds[i] for i in order], [gts[i] for i in order], [thr[i] for i in order],
-                  [cats[i] for i in order], [ids[i] for i in order], [valids[i] for i in order])
+    padded.update(
+        preds=[preds[i] for i in order], gts=[gts[i] for i in order], thresholds=[thr[i] for i in order],
+        categories=[cats[i] for i in order], pair_ids=[ids[i] for i in order], valids=[valids[i] for i in order],
+    )
     got = padded.compute()
     assert got["num_pairs"] == 10
     assert got["num_points"] == expected["num_points"]
@@ -253,8 +268,13 @@ def test_duplicates_hand_computed():
     metric = PCK(alphas=[0.1], categories=["a"])
     good = (torch.zeros(1, 2), torch.zeros(1, 2))
     bad = (torch.tensor([[50.0, 0.0]]), torch.zeros(1, 2))
-    metric.update([good[0], bad[0]], [good[1], bad[1]], [100.0, 100.0], ["a", "a"], ["x", "y"])
-    metric.update([good[0]] * 3, [good[1]] * 3, [100.0] * 3, ["a"] * 3, ["x"] * 3)
+    metric.update(
+        preds=[good[0], bad[0]], gts=[good[1], bad[1]], thresholds=[100.0, 100.0], categories=["a", "a"],
+        pair_ids=["x", "y"],
+    )
+    metric.update(
+        preds=[good[0]] * 3, gts=[good[1]] * 3, thresholds=[100.0] * 3, categories=["a"] * 3, pair_ids=["x"] * 3,
+    )
     out = metric.compute()
     assert out["num_pairs"] == 2
     assert out["num_points"] == 2
@@ -266,7 +286,10 @@ def test_duplicates_hand_computed():
 def test_unknown_category_raises():
     metric = PCK(alphas=[0.1], categories=["cat", "dog"])
     with pytest.raises(ValueError) as excinfo:
-        metric.update([torch.zeros(1, 2)], [torch.zeros(1, 2)], [10.0], ["horse"], ["p"])
+        metric.update(
+            preds=[torch.zeros(1, 2)], gts=[torch.zeros(1, 2)], thresholds=[10.0], categories=["horse"],
+            pair_ids=["p"],
+        )
     msg = str(excinfo.value)
     assert "horse" in msg and "cat" in msg and "dog" in msg
 
@@ -274,7 +297,10 @@ def test_unknown_category_raises():
 def test_length_mismatch_raises():
     metric = PCK(alphas=[0.1], categories=["cat"])
     with pytest.raises(ValueError):
-        metric.update([torch.zeros(1, 2)], [torch.zeros(1, 2)], [10.0, 20.0], ["cat"], ["p"])
+        metric.update(
+            preds=[torch.zeros(1, 2)], gts=[torch.zeros(1, 2)], thresholds=[10.0, 20.0], categories=["cat"],
+            pair_ids=["p"],
+        )
 
 
 def test_format_alpha():
@@ -286,7 +312,9 @@ def test_format_alpha():
     assert format_alpha(torch.tensor(0.1)) == "0.1"  # float32 0.10000000149...
     assert format_alpha(torch.tensor(0.15, dtype=torch.float64)) == "0.15"
     metric = PCK(alphas=[0.01, 0.05, 0.1, 0.15], categories=["a"])
-    metric.update([torch.zeros(1, 2)], [torch.zeros(1, 2)], [10.0], ["a"], ["p"])
+    metric.update(
+        preds=[torch.zeros(1, 2)], gts=[torch.zeros(1, 2)], thresholds=[10.0], categories=["a"], pair_ids=["p"],
+    )
     assert list(metric.compute()["pck"].keys()) == ["0.01", "0.05", "0.1", "0.15"]
 
 
@@ -305,7 +333,9 @@ def test_stable_pair_key():
 
 def test_reset_clears_state():
     metric = PCK(alphas=[0.1], categories=["a"])
-    metric.update([torch.zeros(2, 2)], [torch.zeros(2, 2)], [10.0], ["a"], ["p"])
+    metric.update(
+        preds=[torch.zeros(2, 2)], gts=[torch.zeros(2, 2)], thresholds=[10.0], categories=["a"], pair_ids=["p"],
+    )
     assert metric.compute()["num_pairs"] == 1
     metric.reset()
     assert metric.correct == [] and metric.num_points == [] and metric.pair_key == [] and metric.category_index == []
@@ -314,7 +344,10 @@ def test_reset_clears_state():
         out = metric.compute()
     assert out["num_pairs"] == 0 and out["num_points"] == 0
     # after reset a new, different pair is counted alone: error 50 >= 0.1 * 10 -> 0 %
-    metric.update([torch.tensor([[50.0, 0.0]])], [torch.zeros(1, 2)], [10.0], ["a"], ["q"])
+    metric.update(
+        preds=[torch.tensor([[50.0, 0.0]])], gts=[torch.zeros(1, 2)], thresholds=[10.0], categories=["a"],
+        pair_ids=["q"],
+    )
     out = metric.compute()
     assert out["num_pairs"] == 1
     assert out["pck"]["0.1"]["per_point"] == 0.0
@@ -337,7 +370,9 @@ def test_state_attributes_and_flags():
     metric = PCK(alphas=[0.1], categories=["a"])
     assert PCK.full_state_update is False
     assert PCK.higher_is_better is True
-    metric.update([torch.zeros(3, 2)], [torch.zeros(3, 2)], [10.0], ["a"], ["p"])
+    metric.update(
+        preds=[torch.zeros(3, 2)], gts=[torch.zeros(3, 2)], thresholds=[10.0], categories=["a"], pair_ids=["p"],
+    )
     for name in ("correct", "num_points", "category_index", "pair_key"):
         state = getattr(metric, name)
         assert isinstance(state, list) and len(state) == 1
@@ -373,8 +408,8 @@ _DDP_SCRIPT = textwrap.dedent(
         metric = PCK(alphas=[0.1], categories=["a"])
         if idx:
             ps = [pair(k) for k in idx]
-            metric.update([p for p, _ in ps], [g for _, g in ps], [100.0] * len(idx), ["a"] * len(idx),
-                          [f"pair{k}" for k in idx])
+            metric.update(preds=[p for p, _ in ps], gts=[g for _, g in ps], thresholds=[100.0] * len(idx),
+                          categories=["a"] * len(idx), pair_ids=[f"pair{k}" for k in idx])
         results[mode] = metric.compute()
     dist.destroy_process_group()
     print("RESULT " + json.dumps(results))
@@ -439,7 +474,7 @@ def test_inclusive_bound_counts_the_boundary() -> None:
     assert not keypoint_correct(pred, gt, 50.0, [0.1])[0, 0]
     assert keypoint_correct(pred, gt, 50.0, [0.1], inclusive=True)[0, 0]
     metric = PCK([0.1], ["cat"], inclusive=True)
-    metric.update([pred], [gt], [50.0], ["cat"], ["p"])
+    metric.update(preds=[pred], gts=[gt], thresholds=[50.0], categories=["cat"], pair_ids=["p"])
     assert metric.compute()["pck"]["0.1"]["per_point"] == 100.0
 
 
@@ -450,8 +485,10 @@ def test_weighted_average_and_variation_breakdown_by_hand() -> None:
     preds = [torch.cat([ok, far]), torch.cat([ok, ok]), torch.cat([far] * 4)]
     gts = [torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(4, 2)]
     metric = PCK([0.1], ["cat", "dog"], groups=("viewpoint_variation", "occlusion"))
-    metric.update(preds, gts, [10.0] * 3, ["cat", "cat", "dog"], ["a", "b", "c"],
-                  groups={"viewpoint_variation": [0, 2, 0]})  # occlusion not given: unknown (-1)
+    metric.update(
+        preds=preds, gts=gts, thresholds=[10.0] * 3, categories=["cat", "cat", "dog"], pair_ids=["a", "b", "c"],
+        groups={"viewpoint_variation": [0, 2, 0]},
+    )  # occlusion not given: unknown (-1)
     out = metric.compute()["pck"]["0.1"]
     assert out["category_mean"] == pytest.approx(37.5)
     assert out["weighted"] == pytest.approx((2 * 75 + 1 * 0) / 3)  # by pair counts: 50
@@ -460,3 +497,22 @@ def test_weighted_average_and_variation_breakdown_by_hand() -> None:
     assert vp["0"] == {"per_point": pytest.approx(100 / 6), "per_image": pytest.approx(25.0), "num_pairs": 2}
     assert vp["2"] == {"per_point": 100.0, "per_image": 100.0, "num_pairs": 1}
     assert out["per_variation"]["occlusion"] == {}
+
+
+def test_metric_updates_take_keywords_only() -> None:
+    """Every metric's update names its arguments (no positional None): a positional call is refused."""
+    from lightning_modules.metrics import DenseFlowPCK
+    from lightning_modules.segmentation_metrics import JAndF
+
+    point = [torch.zeros(1, 2)]
+    with pytest.raises(TypeError, match="positional"):
+        PCK(alphas=[0.1], categories=["a"]).update(point, point, [10.0], ["a"], ["p"])
+    flow = DenseFlowPCK(alphas=[0.05], datasets=["d"])
+    with pytest.raises(TypeError, match="positional"):
+        flow.update([torch.zeros(2, 2, 2)], [torch.zeros(2, 2, 2)], [torch.ones(2, 2, dtype=torch.bool)], [4.0], ["d"],
+                    ["p"])
+    flow.update(flows=[torch.zeros(2, 2, 2)], flows_gt=[torch.zeros(2, 2, 2)], masks=[torch.ones(2, 2, dtype=torch.bool)],
+                thresholds=[4.0], datasets=["d"], pair_ids=["p"])
+    assert flow.compute()["num_pixels"] == 4 and not isinstance(flow, PCK)
+    with pytest.raises(TypeError, match="positional"):
+        JAndF(sequences=["s"]).update([torch.ones(2, 2)], [torch.ones(2, 2)], ["s"], ["s/1"], [1])

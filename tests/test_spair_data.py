@@ -170,8 +170,10 @@ def test_a_repeated_draw_is_scored_once_per_draw(tmp_path: Path) -> None:
     for index, correct in ((first, True), (repeat, True), (first, False), (other, False)):
         sample = ds[index]
         pred = sample["trg_kps"] if correct else sample["trg_kps"] + 1e4
-        metric.update([pred], [sample["trg_kps"]], [sample["threshold"]], [sample["category"]], [sample["pair_id"]],
-                      valids=[sample["kps_valid"]])
+        metric.update(
+            preds=[pred], gts=[sample["trg_kps"]], thresholds=[sample["threshold"]], categories=[sample["category"]],
+            pair_ids=[sample["pair_id"]], valids=[sample["kps_valid"]],
+        )
     result = metric.compute()
     assert result["num_pairs"] == 3
     assert result["pck"]["0.1"]["per_image"] == pytest.approx(200 / 3)

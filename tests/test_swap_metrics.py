@@ -126,8 +126,8 @@ def test_clip_embedder_errors_name_the_model(tmp_path) -> None:
 def test_swap_scores_identical_regions_score_100_and_fid_zero(embedder) -> None:
     regions = [_image(20 + i, 30 - i, 10 + i) for i in range(6)]
     metric = SwapScores(embedder)
-    metric.update(regions[:4], regions[:4], [f"p{i}" for i in range(4)])
-    metric.update(regions[4:], [r.clone() for r in regions[4:]], ["p4", "p5"])
+    metric.update(edited_regions=regions[:4], reference_regions=regions[:4], pair_ids=[f"p{i}" for i in range(4)])
+    metric.update(edited_regions=regions[4:], reference_regions=[r.clone() for r in regions[4:]], pair_ids=["p4", "p5"])
     results = metric.compute()
     assert results["num_pairs"] == 6
     assert results["clip_score"] == pytest.approx(100.0, abs=1e-3)
@@ -135,7 +135,7 @@ def test_swap_scores_identical_regions_score_100_and_fid_zero(embedder) -> None:
 
     others = [_image(25, 25, 30 + i) // 2 for i in range(6)]  # other (darker) regions: lower score, positive FID
     other = SwapScores(embedder)
-    other.update(regions, others, [f"p{i}" for i in range(6)])
+    other.update(edited_regions=regions, reference_regions=others, pair_ids=[f"p{i}" for i in range(6)])
     results = other.compute()
     edited, reference = embedder(regions, normalize=False), embedder(others, normalize=False)
     assert results["clip_score"] == pytest.approx(float(clip_image_score(edited, reference).mean()), rel=1e-5)
@@ -147,8 +147,10 @@ def test_swap_scores_identical_regions_score_100_and_fid_zero(embedder) -> None:
 def test_swap_scores_count_a_repeated_pair_once(embedder) -> None:
     a, b, c = _image(24, 24, 20), _image(24, 24, 21), _image(24, 24, 22)
     metric = SwapScores(embedder)
-    metric.update([a, a], [b, c], ["p0", "p1"])
-    metric.update([a], [a], ["p0"])  # a padded DistributedSampler's duplicate of p0: ignored
+    metric.update(edited_regions=[a, a], reference_regions=[b, c], pair_ids=["p0", "p1"])
+    metric.update(
+        edited_regions=[a], reference_regions=[a], pair_ids=["p0"],
+    )  # a padded DistributedSampler's duplicate of p0: ignored
     results = metric.compute()
     expected = clip_image_score(embedder([a, a]), embedder([b, c])).double().mean().item()
     assert results["num_pairs"] == 2
