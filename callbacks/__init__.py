@@ -2,7 +2,7 @@
 
 from .config_logging import LoggerSaveConfigCallback
 from .picture_writer import PictureWriter
-from .prediction_writer import CorrespondenceWriter, format_pck_table
+from .prediction_writer import CorrespondenceWriter
 from .progress import PairProgressBar
 from .visualization import CorrespondenceVisualizer
 from .wandb_logging import AutoWandbLogger, WandbResults
@@ -15,5 +15,4 @@ __all__ = [
     "PairProgressBar",
     "PictureWriter",
     "WandbResults",
-    "format_pck_table",
 ]

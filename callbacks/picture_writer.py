@@ -24,7 +24,9 @@ class PictureWriter(L.Callback):
     written for each (the id made file-safe by :func:`callbacks.visualization.safe_filename`). With several
     processes each rank writes its own pairs. When a trainer logger is a ``WandbLogger``, the first
     ``num_logged`` pictures (about ``num_logged / world_size`` per rank, gathered) are logged under ``key`` at the
-    end of the run, captioned with the pair id (and the record's ``caption`` when it has one).
+    end of the run, captioned with the pair id (and the record's ``caption`` when it has one). A module's
+    ``predict_results`` (a :class:`lightning_modules.results.RunResults`, e.g. the swap metrics) is written to
+    the run folder and printed at the end of the run (rank zero).
 
     Args:
         subdir: Folder under ``<trainer.log_dir or default_root_dir>`` when ``output_dir`` is None.
@@ -42,6 +44,7 @@ class PictureWriter(L.Callback):
         self._logged: list[tuple[str, Image.Image, str]] = []
         self._limit = self.num_logged
         self._dir = Path(output_dir or ".")
+        self._root = Path(".")
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.saved, self._logged = [], []
@@ -49,6 +52,7 @@ class PictureWriter(L.Callback):
         # resolved once on every rank: trainer.log_dir is a collective under DDP
         root = Path(trainer.log_dir or trainer.default_root_dir)
         self._dir = Path(self.output_dir) if self.output_dir is not None else root / self.subdir
+        self._root = root
 
     def on_predict_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
@@ -66,6 +70,11 @@ class PictureWriter(L.Callback):
                 self._logged.append((str(record["pair_id"]), record["picture"], caption))
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        results = getattr(pl_module, "predict_results", None)  # a lightning_modules.results.RunResults, if any
+        if results is not None and trainer.is_global_zero:
+            self._root.mkdir(parents=True, exist_ok=True)
+            text = results.write(self._root)
+            print("\n" + text + f"written to {self._root / results.filename}", flush=True)
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if not loggers or not self.num_logged:
             return

@@ -13,14 +13,14 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from datamodules.samplers import dataset_pair_ids
-from lightning_modules.ablation import ablation_table, analysis_markdown
 from lightning_modules.components.feature_cache import config_digest
 from lightning_modules.components.strict_json import dumps
 from lightning_modules.distributed import gather_from_ranks
+from lightning_modules.results import RunResults
 
 from .run_folder import PARTIAL_GLOB, RunFolderError, claim_run_folder, release_run_folder
 
-__all__ = ["CorrespondenceWriter", "IncompleteEvaluationError", "check_complete", "format_pck_table", "sort_records"]
+__all__ = ["CorrespondenceWriter", "IncompleteEvaluationError", "check_complete", "sort_records"]
 
 
 class IncompleteEvaluationError(RuntimeError):
@@ -31,13 +31,13 @@ def _preview(ids: list[str], limit: int = 5) -> str:
     return ", ".join(ids[:limit]) + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
 
 
-def check_complete(records: list[dict[str, Any]], pair_ids: list[str], results: dict[str, Any] | None) -> None:
+def check_complete(records: list[dict[str, Any]], pair_ids: list[str], results: RunResults | None) -> None:
     """Check that the run scored each pair of the dataset once: per ablation row, and in the metric's counts.
 
     Args:
         records: The de-duplicated prediction records of all processes (``pair_id``, optional ``row``).
         pair_ids: The evaluated dataset's pair ids.
-        results: The LightningModule's ``test_results`` (``num_pairs``, or per ablation row in ``rows``).
+        results: The LightningModule's ``test_results`` (``num_pairs`` of each of its :meth:`~RunResults.per_row`).
 
     Raises:
         IncompleteEvaluationError: If the dataset's pair ids are not unique (de-duplication by pair id would
@@ -61,9 +61,7 @@ def check_complete(records: list[dict[str, Any]], pair_ids: list[str], results: 
                 f"the predictions{where} hold {len(got)} unique pairs but the dataset has {len(expected)}; "
                 f"missing: [{_preview(sorted(expected - got))}], not in the dataset: [{_preview(sorted(got - expected))}]"
             )
-    counts = {None: results.get("num_pairs")} if results is not None and "rows" not in results else {}
-    if results is not None and "rows" in results:
-        counts = {name: row.get("num_pairs") for name, row in results["rows"].items()}
+    counts = {} if results is None else {name: row.get("num_pairs") for name, row in results.per_row().items()}
     for row, count in counts.items():
         if count is not None and count != len(expected):
             where = "" if row is None else f" of ablation row {row!r}"
@@ -105,7 +103,7 @@ def _partial_reason(trainer: L.Trainer) -> str | None:
     return None
 
 
-def check_scored(results: dict[str, Any] | None) -> None:
+def check_scored(results: RunResults | None) -> None:
     """Refuse a summary in which nothing was scored (its averages would all be undefined).
 
     Raises:
@@ -113,8 +111,7 @@ def check_scored(results: dict[str, Any] | None) -> None:
     """
     if results is None:
         return
-    summaries = results["rows"] if "rows" in results else {None: results}
-    for row, summary in summaries.items():
+    for row, summary in results.per_row().items():
         for count in ("num_points", "num_pixels"):
             if summary.get(count) == 0:
                 where = "" if row is None else f" (ablation row {row!r})"
@@ -122,67 +119,6 @@ def check_scored(results: dict[str, Any] | None) -> None:
                     f"no {count[4:-1]} was scored{where}: every {count[4:-1]} of the {summary.get('num_pairs')} pairs "
                     "is invalid or invisible, so every PCK would be undefined"
                 )
-
-
-def format_pck_table(results: dict[str, Any], per_group: bool = True) -> str:
-    """Render ``results.json`` content as a plain-text table (values in percent).
-
-    Rows are the protocol's averages (``results["protocol"]["averages"]``, the paper's headline first),
-    then, with ``per_group``, one row per category (or per dataset for dense benchmarks).
-
-    Args:
-        results: The summary written to ``results.json``.
-        per_group: Also list every category's / dataset's value.
-    """
-    protocol = results.get("protocol") or {}
-    alphas = list(results["pck"])
-    first = results["pck"][alphas[0]]
-    averages = protocol.get("averages") or [k for k, v in first.items() if not isinstance(v, dict)]
-    group_label = protocol.get("group_label", "per_category")
-    head = f"{protocol.get('name', 'PCK'):<22}" + "".join(f"{'@' + a:>10}" for a in alphas)
-    lines = [head, "-" * len(head)]
-    for average in averages:
-        lines.append(f"{average:<22}" + "".join(_cell(results["pck"][a][average]) for a in alphas))
-    if "aepe" in results:  # dense benchmarks: average end-point error in pixels, per image
-        lines.append(f"{'aepe (px)':<22}" + f"{results['aepe']['per_image']:>10.2f}")
-    groups = sorted({g for a in alphas for g in results["pck"][a].get(group_label, {})})
-    if per_group and groups:
-        lines.append("-" * len(head))
-        for group in groups:
-            values = [results["pck"][a][group_label].get(group) for a in alphas]
-            lines.append(f"{group:<22}" + "".join(_cell(v) for v in values))
-    counts = "  ".join(f"{k}: {v}" for k, v in results.items() if k.startswith("num_"))
-    lines.append(counts)
-    return "\n".join(lines)
-
-
-def _cell(value: float | None) -> str:
-    """A table cell: the value in percent, or ``n/a`` where it is undefined (no point to score)."""
-    return f"{'n/a':>10}" if value is None or value != value else f"{value:>10.2f}"
-
-
-def format_scores_table(results: dict[str, Any], per_group: bool = True) -> str:
-    """Render a run scored without PCK (DAVIS J&F: fractions in ``results.json``) as a table in percent.
-
-    Rows are the protocol's averages, then, with ``per_group``, one row per group (sequence) with the same
-    columns.
-    """
-    protocol = results.get("protocol") or {}
-    averages = list(protocol.get("averages") or [k for k, v in results.items() if k.endswith("_mean")])
-    head = f"{protocol.get('name', 'scores'):<30}" + "".join(f"{a:>10}" for a in averages)
-    lines = [head, "-" * len(head), f"{'all':<30}" + "".join(f"{100 * results[a]:>10.2f}" for a in averages)]
-    groups = results.get(protocol.get("group_label", "per_sequence")) or {}
-    if per_group and groups:
-        lines.append("-" * len(head))
-        for name, values in sorted(groups.items()):
-            lines.append(f"{name:<30}" + "".join(f"{100 * values.get(a, float('nan')):>10.2f}" for a in averages))
-    lines.append("  ".join(f"{k}: {v}" for k, v in results.items() if k.startswith("num_")))
-    return "\n".join(lines)
-
-
-def format_results_table(results: dict[str, Any]) -> str:
-    """The printed summary of a run: the PCK table, or the scores table of a benchmark without PCK."""
-    return format_pck_table(results) if "pck" in results else format_scores_table(results)
 
 
 log = logging.getLogger(__name__)
@@ -346,7 +282,7 @@ class CorrespondenceWriter(L.Callback):
             self._release()
 
     def _write(
-        self, out: Path, records: list[dict[str, Any]], results: dict[str, Any] | None, partial_reason: str | None
+        self, out: Path, records: list[dict[str, Any]], results: RunResults | None, partial_reason: str | None
     ) -> None:
         out.mkdir(parents=True, exist_ok=True)
         partial = out / "predictions.jsonl.partial"
@@ -356,26 +292,13 @@ class CorrespondenceWriter(L.Callback):
         os.replace(partial, out / "predictions.jsonl")
         if results is not None:
             settings = self._run.get("settings")
-            results = {**results, "run": {
+            text = results.write(out, run={
                 "complete": partial_reason is None, "partial_reason": partial_reason, "config": "config.yaml",
                 "settings_digest": None if settings is None else config_digest(settings), "settings": settings,
-            }}  # fmt: skip
-        warning = "" if partial_reason is None else f"\nPARTIAL RUN ({partial_reason}): not every pair was evaluated"
-        if results is not None and "table" in results:  # an ablation: one row per setting
-            markdown, csv = ablation_table(results)
-            (out / "results.json").write_text(dumps(results, indent=2))
-            (out / "ablation.md").write_text(markdown)
-            (out / "ablation.csv").write_text(csv)
-            if "analysis" in results:
-                analysis = analysis_markdown(results["analysis"])
-                (out / "analysis.md").write_text(analysis)
-                markdown += "\n" + analysis
+            })  # fmt: skip
+            warning = "" if partial_reason is None else f"\nPARTIAL RUN ({partial_reason}): not every pair was evaluated"
             if self.print_table:
-                print("\n" + markdown + f"written to {out}" + warning, flush=True)
-        elif results is not None:
-            (out / "results.json").write_text(dumps(results, indent=2))
-            if self.print_table:
-                print("\n" + format_results_table(results) + f"\nwritten to {out}" + warning, flush=True)
+                print("\n" + text + ("" if text.endswith("\n") else "\n") + f"written to {out}" + warning, flush=True)
         if partial_reason is None:  # the run is complete and written: the flushed batches are done with
             for done in out.glob(PARTIAL_GLOB):
                 done.unlink()

@@ -173,7 +173,7 @@ def _scalars(values: Mapping[str, Any]) -> dict[str, float]:
 
 
 def results_to_wandb(results: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, tuple[list[str], list[list[Any]]]]]:
-    """Turn a ``test_results`` dictionary (the content of ``results.json``) into W&B metrics and tables.
+    """Turn a run's summary (the content of ``results.json``) into W&B metrics and tables.
 
     Plain Python (no wandb objects), so it is easy to test.
 
@@ -186,7 +186,7 @@ def results_to_wandb(results: Mapping[str, Any]) -> tuple[dict[str, float], dict
     one column per alpha (ablations: one row per setting and category); ``ablation`` (settings x alphas).
 
     Args:
-        results: The module's ``test_results``.
+        results: The ``summary`` of the module's ``test_results``.
 
     Returns:
         ``(metrics, tables)``.
@@ -291,11 +291,12 @@ class WandbResults(L.Callback):
         pair_ids, images = self._gathered()
         if not trainer.is_global_zero:
             return
-        results = getattr(pl_module, "test_results", None) or {}
+        run_results = getattr(pl_module, "test_results", None)  # a lightning_modules.results.RunResults
+        results = run_results.summary if run_results is not None else {}
         metrics, tables = results_to_wandb(results) if results else ({}, {})
-        num_pairs = int(results.get("num_pairs", len(pair_ids)))
-        if "rows" in results and results["rows"]:  # ablation: every row scores the same pairs
-            num_pairs = int(next(iter(results["rows"].values())).get("num_pairs", num_pairs))
+        num_pairs = len(pair_ids)
+        if run_results is not None:  # every ablation row scores the same pairs: the first row's count
+            num_pairs = int(next(iter(run_results.per_row().values())).get("num_pairs", num_pairs))
         summary: dict[str, Any] = {"num_pairs": num_pairs, "test_time_s": elapsed}
         summary.update({k: v for k, v in results.items() if k.startswith("num_") and isinstance(v, int)})
         if images:

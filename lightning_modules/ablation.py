@@ -26,13 +26,14 @@ from .components.pipeline import benchmark_pose_alignment
 from .components.sd_featurizer import SDFeaturizer
 from .distributed import gather_from_ranks
 from .metrics import PCK, keypoint_correct
+from .results import RunResults
 from .zero_shot import (
     keypoint_record,
     restore_keypoint_metric,
     summed_over_ranks,
 )
 
-__all__ = ["ZeroShotAblation"]
+__all__ = ["AblationResults", "ZeroShotAblation"]
 
 
 class ZeroShotAblation(L.LightningModule):
@@ -92,7 +93,7 @@ class ZeroShotAblation(L.LightningModule):
         self._analysis_records: dict[str, dict[str, torch.Tensor]] = {}
         self.metrics = torch.nn.ModuleList()
         self.protocol: Any = None
-        self.test_results: dict[str, Any] | None = None
+        self.test_results: AblationResults | None = None
 
     def setup(self, stage: str) -> None:
         """One PCK metric per row, from the datamodule's protocol and categories."""
@@ -182,7 +183,7 @@ class ZeroShotAblation(L.LightningModule):
         """Per-row summaries, the table in the paper's shape, and the extraction pass counts."""
         rows = {row.name: metric.compute() for row, metric in zip(self.ablation.rows, self.metrics)}
         average = self.protocol.averages[0]
-        self.test_results = {
+        summary = {
             "title": self.title,
             "average": average,
             "table": {name: {a: r["pck"][a][average] for a in r["pck"]} for name, r in rows.items()},
@@ -191,10 +192,30 @@ class ZeroShotAblation(L.LightningModule):
             "extraction_passes": summed_over_ranks(self, self.ablation.extraction_passes),
         }
         if self.analysis:
-            self.test_results["analysis"] = self._analysis_summary()
+            summary["analysis"] = self._analysis_summary()
             self._analysis_records = {}
+        self.test_results = AblationResults(summary)
         for metric in self.metrics:
             metric.reset()
+
+
+class AblationResults(RunResults):
+    """An ablation's summary: every row's PCK (``rows``), the table in the paper's shape (``table``) and, with
+    the A.10 analysis, ``analysis``; written with ``ablation.md``, ``ablation.csv`` (and ``analysis.md``)."""
+
+    def per_row(self) -> dict[str | None, dict[str, Any]]:
+        return dict(self.summary["rows"])
+
+    def files(self) -> dict[str, str]:
+        markdown, csv_text = ablation_table(self.summary)
+        files = {"ablation.md": markdown, "ablation.csv": csv_text}
+        if "analysis" in self.summary:
+            files["analysis.md"] = analysis_markdown(self.summary["analysis"])
+        return files
+
+    def table(self) -> str:
+        files = self.files()
+        return files["ablation.md"] + ("\n" + files["analysis.md"] if "analysis.md" in files else "")
 
 
 def ablation_table(results: Mapping[str, Any]) -> tuple[str, str]:

@@ -25,6 +25,7 @@ from jsonargparse.typing import PositiveInt
 
 from .components.dense import PixelCorrespondence, dense_picture, propagate_labels, resize_nearest
 from .components.pipeline import FusedCorrespondence
+from .results import ScoreResults
 from .segmentation_metrics import JAndF
 from .zero_shot import summed_over_ranks
 
@@ -67,7 +68,7 @@ class DenseCorrespondence(L.LightningModule):
         self.use_masks = bool(use_masks)
         self.metric: JAndF | None = None
         self.protocol: Any = None
-        self.test_results: dict[str, Any] | None = None
+        self.test_results: ScoreResults | None = None
 
     def _correspondences(self, batch: Sequence[dict[str, Any]]) -> list[PixelCorrespondence]:
         return self.pipeline.predict_pixels(batch, self.resolution, self.chunk, self.use_masks)
@@ -141,7 +142,7 @@ class DenseCorrespondence(L.LightningModule):
         if self.protocol is not None:
             results["protocol"] = asdict(self.protocol)
         results["extraction_passes"] = summed_over_ranks(self, self.pipeline.extraction_passes)
-        self.test_results = results
+        self.test_results = ScoreResults(results)
         for key in ("J_mean", "F_mean", "JF_mean"):
             self.log(key, float(results[key]), rank_zero_only=True)
         self.metric.reset()

@@ -10,10 +10,8 @@ Table 9 (:class:`.swap_metrics.SwapScores`) are computed for the preliminary and
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -30,9 +28,10 @@ from .components.pipeline import FusedCorrespondence
 from .components.swap import swap_instance
 from .components.visualize import to_pil_image
 from .dense import check_resolution
+from .results import RunResults
 from .swap_metrics import SwapScores
 
-__all__ = ["InstanceSwap", "format_swap_table", "side_by_side"]
+__all__ = ["InstanceSwap", "SwapResults", "format_swap_table", "side_by_side"]
 
 
 def side_by_side(images: Sequence[Any], height: int) -> Image.Image:
@@ -121,7 +120,7 @@ class InstanceSwap(L.LightningModule):
             prompt=refine_prompt, image_size=refine_size,
         )
         self.swap_metrics: nn.ModuleDict | None = None
-        self.swap_results: dict[str, Any] | None = None
+        self.predict_results: SwapResults | None = None
         if metrics:
             embedder = CLIPImageEmbedder(clip_model, random_init=clip_random_init)  # one tower, shared
             self.clip_source = embedder.model_id or "random_init"
@@ -198,26 +197,31 @@ class InstanceSwap(L.LightningModule):
                 )
 
     def on_predict_epoch_end(self) -> None:
-        """Compute the swap metrics (synchronised across processes); rank zero writes, prints and logs them."""
+        """Compute the swap metrics (synchronised across processes) and log them; the run's
+        :class:`callbacks.PictureWriter` writes and prints them (:attr:`predict_results`)."""
         if self.swap_metrics is None:
             return
         results = {stage: metric.compute() for stage, metric in self.swap_metrics.items()}
         for metric in self.swap_metrics.values():
             metric.reset()
-        self.swap_results = results
-        trainer = self.trainer
-        out = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank
-        if not trainer.is_global_zero:
+        self.predict_results = SwapResults({**results, "clip_model": self.clip_source})
+        if not self.trainer.is_global_zero:
             return
-        out.mkdir(parents=True, exist_ok=True)
-        payload = {**results, "clip_model": self.clip_source}
-        (out / "swap_metrics.json").write_text(json.dumps(payload, indent=2))
-        print("\n" + format_swap_table(results) + f"written to {out / 'swap_metrics.json'}", flush=True)
         flat = {f"swap/{stage}/{key}": float(value) for stage, values in results.items()
                 for key, value in values.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(flat, step=trainer.global_step)
+        for logger in self.trainer.loggers:
+            logger.log_metrics(flat, step=self.trainer.global_step)
             logger.save()
+
+
+class SwapResults(RunResults):
+    """The swap metrics per stage (``preliminary``, ``refined``: ``clip_score``, ``fid_clip``, ``num_pairs``) and
+    ``clip_model``, written to ``swap_metrics.json``."""
+
+    filename = "swap_metrics.json"
+
+    def table(self) -> str:
+        return format_swap_table({k: v for k, v in self.summary.items() if isinstance(v, dict)})
 
 
 def format_swap_table(results: dict[str, dict[str, Any]]) -> str:

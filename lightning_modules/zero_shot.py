@@ -16,6 +16,7 @@ import torch
 
 from .components.pipeline import FusedCorrespondence
 from .metrics import PCK, DenseFlowPCK, dense_flow_counts, format_alpha
+from .results import PCKResults
 
 __all__ = ["ZeroShotCorrespondence", "keypoint_record", "restore_keypoint_metric", "summed_over_ranks"]
 
@@ -102,7 +103,7 @@ class ZeroShotCorrespondence(L.LightningModule):
         self.alphas = None if alphas is None else [float(a) for a in alphas]
         self.metric: PCK | None = None
         self.protocol: Any = None
-        self.test_results: dict[str, Any] | None = None
+        self.test_results: PCKResults | None = None
 
     def setup(self, stage: str) -> None:
         """Create the metric from the datamodule's protocol and categories."""
@@ -192,7 +193,7 @@ class ZeroShotCorrespondence(L.LightningModule):
         results = self.metric.compute()
         results["protocol"] = asdict(self.protocol)
         results["extraction_passes"] = summed_over_ranks(self, self.pipeline.extraction_passes)
-        self.test_results = results
+        self.test_results = PCKResults(results)
         for alpha, values in results["pck"].items():
             for average in self.protocol.averages:
                 self.log(f"pck@{alpha}/{average}", float(values[average]), rank_zero_only=True)

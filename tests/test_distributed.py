@@ -29,6 +29,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from callbacks.prediction_writer import IncompleteEvaluationError, check_complete, sort_records
+from lightning_modules.ablation import AblationResults
+from lightning_modules.results import PCKResults
 from datamodules import SPairDataModule, SPairDataset, write_synthetic_spair
 from datamodules.samplers import (
     ContiguousDistributedSampler,
@@ -176,24 +178,24 @@ def test_datamodule_serves_the_grouped_order_and_splits_it_under_ddp(tmp_path) -
 def test_writer_checks_every_pair_is_scored_once_and_orders_by_dataset() -> None:
     ids = ["p0", "p1", "p2"]
     records = [{"pair_id": "p2"}, {"pair_id": "p0"}, {"pair_id": "p1"}]
-    check_complete(records, ids, {"num_pairs": 3})
+    check_complete(records, ids, PCKResults({"num_pairs": 3}))
     assert [r["pair_id"] for r in sort_records(records, ids)] == ids
     assert [r["pair_id"] for r in sort_records(records, None)] == ids
     with pytest.raises(IncompleteEvaluationError, match=r"2 unique pairs but the dataset has 3; missing: \[p1\]"):
         check_complete(records[:2], ids, None)
     with pytest.raises(IncompleteEvaluationError, match="counted 4 pairs"):
-        check_complete(records, ids, {"num_pairs": 4})
+        check_complete(records, ids, PCKResults({"num_pairs": 4}))
     with pytest.raises(IncompleteEvaluationError, match="not unique"):
         check_complete(records, ["p0", "p1", "p1", "p2"], None)
     rows = [{"row": row, "pair_id": p} for p in ("p1", "p0", "p2") for row in ("A", "B")]
     assert [(r["pair_id"], r["row"]) for r in sort_records(rows, ids)] == [
         (p, row) for p in ids for row in ("A", "B")  # pair-major, rows in test_step's order
     ]
-    check_complete(rows, ids, {"table": {}, "rows": {"A": {"num_pairs": 3}, "B": {"num_pairs": 3}}})
+    check_complete(rows, ids, AblationResults({"table": {}, "rows": {"A": {"num_pairs": 3}, "B": {"num_pairs": 3}}}))
     with pytest.raises(IncompleteEvaluationError, match="ablation row 'B'"):
         check_complete(rows[:-1], ids, None)
     with pytest.raises(IncompleteEvaluationError, match="metric of ablation row 'A' counted 2"):
-        check_complete(rows, ids, {"rows": {"A": {"num_pairs": 2}, "B": {"num_pairs": 3}}})
+        check_complete(rows, ids, AblationResults({"rows": {"A": {"num_pairs": 2}, "B": {"num_pairs": 3}}}))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def test_swap_run_writes_clip_metrics_for_both_stages(tmp_path, tiny_sd, tiny_di
     assert float(row[header.index("swap/refined/clip_score")]) == pytest.approx(results["refined"]["clip_score"])
     assert "swap/preliminary/fid_clip" in header
     assert set(results) >= {"preliminary", "refined"} and results["clip_model"] == "random_init"
-    assert results["preliminary"] == module.swap_results["preliminary"]
+    assert results["preliminary"] == module.predict_results.summary["preliminary"]
     for stage in ("preliminary", "refined"):
         values = results[stage]
         assert values["num_pairs"] == 2
