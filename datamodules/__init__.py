@@ -1,27 +1,23 @@
-"""Benchmark readers (plain torch Datasets), their protocols, and the thin LightningDataModules."""
+"""Benchmarks: per file a reader (a plain torch Dataset) and its thin LightningDataModule; their protocols."""
 
-from .cub import CUBASICDataset
-from .datamodules import (
-    CUBDataModule,
+from .base import PairDataModule
+from .cub import CUBASICDataset, CUBDataModule
+from .davis import (
     DAVISDataModule,
+    DAVISDataset,
+    DAVISInstancePairs,
     DAVISSwapDataModule,
-    MaskedPairsDataModule,
-    PairDataModule,
-    PFPascalDataModule,
-    PFWillowDataModule,
-    SPairDataModule,
     SyntheticDAVISDataModule,
-    SyntheticSPairDataModule,
-    TSSDataModule,
+    write_synthetic_davis,
 )
-from .davis import DAVISDataset, DAVISInstancePairs, write_synthetic_davis
-from .masked_pairs import MaskedPairsDataset, write_synthetic_masked_pairs
-from .pfpascal import PFPascalDataset
-from .pfwillow import PFWillowDataset
+from .masked_pairs import MaskedPairsDataModule, MaskedPairsDataset, write_synthetic_masked_pairs
+from .pfpascal import PFPascalDataModule, PFPascalDataset
+from .pfwillow import PFWillowDataModule, PFWillowDataset
 from .protocols import PROTOCOLS, Protocol, get_protocol
-from .spair import SPairDataset, collate_pairs
-from .synthetic import write_synthetic_spair
-from .tss import TSSDataset
+from .samplers import collate_pairs
+from .spair import SPairDataModule, SPairDataset
+from .synthetic import SyntheticSPairDataModule, write_synthetic_spair
+from .tss import TSSDataModule, TSSDataset
 
 __all__ = [
     "CUBASICDataset",

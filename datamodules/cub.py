@@ -45,12 +45,15 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
+from .base import PairDataModule
 from .records import load_rgb_image
 
 __all__ = [
     "ACSM_CACHEDIR_HINT",
     "CUBASICDataset",
+    "CUBDataModule",
     "CUBImageRecord",
     "CUB_NUM_PARTS",
     "DEFAULT_TEST_LIST",
@@ -582,3 +585,44 @@ class CUBASICDataset(Dataset):
             f"{type(self).__name__}(root={str(self.root)!r}, classes={self.class_indices}, "
             f"images={len(self.images)}, pairs={len(self)}, crop_size={self.crop_size})"
         )
+
+
+class CUBDataModule(PairDataModule):
+    """CUB-200-2011 with the ASIC protocol (``datamodules.cub.CUBASICDataset``).
+
+    All ordered pairs of each class's test images (ACSM's ``test_cub_cleaned.mat``), on the protocol's
+    square crops: samples' images are the ``crop_size`` px crops, keypoints are crop pixels and the PCK
+    threshold is ``crop_size``. Results are reported per class (``per_category``) and as their mean.
+
+    Args:
+        root: The ``CUB_200_2011`` folder.
+        categories: CUB class indices evaluated, each separately (ASIC and the paper: 1, 2, 3).
+        crop_size: Side of the square crop (ASIC: 256).
+        test_list: ACSM's test list (default ``<root>/cachedir/cub/data/test_cub_cleaned.mat``).
+        batch_size: Pairs per batch.
+        num_workers: DataLoader workers.
+    """
+
+    protocol_name = "cub"
+    layout_hint = LAYOUT_HINT
+
+    def __init__(
+        self,
+        root: str | None = None,
+        categories: list[int] | None = None,
+        crop_size: int = 256,
+        test_list: str | None = None,
+        batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 0,
+    ) -> None:
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        self.class_indices = [int(c) for c in categories] if categories is not None else [1, 2, 3]
+        self.crop_size = crop_size
+        self.test_list = test_list
+
+    def build_dataset(self, root: str) -> CUBASICDataset:
+        """All ordered test pairs of the selected classes."""
+        return CUBASICDataset(root, categories=self.class_indices, crop_size=self.crop_size, test_list=self.test_list)
+
+
+# ------------------------------------------------------------------------------ PF-PASCAL / PF-WILLOW

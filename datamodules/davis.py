@@ -31,17 +31,23 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
+from .base import PairDataModule
 from .records import PairRecordsDataset, category_filter, load_rgb_image
-from .spair import collate_pairs
+from .masked_pairs import MaskedPairsDataModule
+from .samplers import collate_pairs
 
 __all__ = [
-    "DAVIS_LAYOUT_HINT",
+    "DAVISDataModule",
     "DAVISDataset",
     "DAVISFrame",
-    "LAYOUT_HINT",
-    "VOID_LABEL",
     "DAVISInstancePairs",
+    "DAVISSwapDataModule",
+    "DAVIS_LAYOUT_HINT",
+    "LAYOUT_HINT",
+    "SyntheticDAVISDataModule",
+    "VOID_LABEL",
     "collate_davis",
     "davis_palette",
     "read_davis_annotation",
@@ -528,3 +534,128 @@ class DAVISInstancePairs(torch.utils.data.Dataset):
             "src_image_path": src_image,
             "trg_image_path": trg_image,
         }
+
+
+class DAVISDataModule(PairDataModule):
+    """DAVIS-2017 label propagation (``datamodules.davis.DAVISDataset``): the first frame's annotation carried to
+    every later frame of its sequence, scored with J and F (``lightning_modules.segmentation_metrics``).
+
+    Args:
+        root: The DAVIS root holding ``JPEGImages/`` and ``Annotations/``.
+        sequences: Sequences to evaluate (None: all of ``split``, or all folders without a split).
+        resolution: ``480p`` or ``Full-Resolution``.
+        split: Sequence list ``ImageSets/2017/<split>.txt`` (e.g. ``val``); None lists the folders.
+        frame_stride: Evaluate every ``frame_stride``-th frame.
+        max_frames: At most this many target frames per sequence (None: all).
+        skip_last_frame: Leave each sequence's last frame out, as the DAVIS toolkit does.
+        batch_size: Pairs (frames) per batch.
+        num_workers: DataLoader workers.
+    """
+
+    protocol_name = "davis"
+    layout_hint = DAVIS_LAYOUT_HINT
+
+    def __init__(
+        self,
+        root: str | None = None,
+        sequences: list[str] | None = None,
+        resolution: str = "480p",
+        split: str | None = None,
+        frame_stride: int = 1,
+        max_frames: int | None = None,
+        skip_last_frame: bool = False,
+        batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 0,
+    ) -> None:
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        self.dataset_kwargs: dict[str, Any] = {
+            "sequences": sequences, "resolution": resolution, "split": split, "frame_stride": frame_stride,
+            "max_frames": max_frames, "skip_last_frame": skip_last_frame,
+        }
+
+    def build_dataset(self, root: str) -> DAVISDataset:
+        """The selected sequences' (first frame, frame t) items."""
+        return DAVISDataset(root, **self.dataset_kwargs)
+
+
+class SyntheticDAVISDataModule(DAVISDataModule):
+    """:class:`DAVISDataModule` over a generated DAVIS-format root (``datamodules.davis.write_synthetic_davis``).
+
+    The root is written unless one generated before is there (its marker file); with ``root`` None it lives in
+    ``<trainer.default_root_dir>/synthetic_davis``.
+
+    Args:
+        root: Where the generated root goes.
+        num_sequences: Generated sequences (named ``seq0``, ``seq1``, ...).
+        num_frames: Frames per sequence.
+        image_width: Frame width.
+        image_height: Frame height.
+        num_objects: Objects per sequence.
+        generator_seed: Seed of the generator.
+        batch_size: Pairs (frames) per batch.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        num_sequences: int = 2,
+        num_frames: int = 4,
+        image_width: int = 96,
+        image_height: int = 64,
+        num_objects: int = 2,
+        generator_seed: int = 0,
+        batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 0,
+    ) -> None:
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        self.generator_kwargs: dict[str, Any] = {
+            "sequences": tuple(f"seq{i}" for i in range(num_sequences)), "num_frames": num_frames,
+            "size": (image_width, image_height), "num_objects": num_objects, "seed": generator_seed,
+        }
+
+    def prepare_data(self) -> None:
+        """Write the generated root (skipped when one is there)."""
+        self._ensure_generated()
+
+    def _ensure_generated(self) -> None:
+        if self.root is None:
+            if self.trainer is None:
+                raise ValueError(f"{type(self).__name__} needs `root` when used without a Trainer")
+            self.root = str(Path(self.trainer.default_root_dir) / "synthetic_davis")
+        if not (Path(self.root) / SYNTHETIC_MARKER).is_file():
+            write_synthetic_davis(self.root, **self.generator_kwargs)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Generate the root if needed, then build the dataset."""
+        if stage in (None, "test", "predict"):
+            self._ensure_generated()
+        super().setup(stage)
+
+
+class DAVISSwapDataModule(MaskedPairsDataModule):
+    """Instance-swap inputs with the dataset's own instance masks: DAVIS frame-0 pairs of two sequences
+    (``datamodules.davis.DAVISInstancePairs``), served to ``trainer.predict``.
+
+    Args:
+        root: DAVIS root holding ``JPEGImages/`` and ``Annotations/``.
+        pairs: ``[[source sequence, target sequence], ...]``; None pairs each sequence with the next.
+        object_id: The annotated object swapped (its mask in both frames).
+        resolution: ``480p`` or ``Full-Resolution``.
+        split: Restrict the sequences to ``ImageSets/2017/<split>.txt``.
+        batch_size: Pairs per batch.
+        num_workers: DataLoader workers.
+    """
+
+    layout_hint = DAVIS_LAYOUT_HINT
+
+    def __init__(self, root: str | None = None, pairs: list[list[str]] | None = None, object_id: int = 1,
+                 resolution: str = "480p", split: str | None = None, batch_size: PositiveInt = 1,
+                 num_workers: NonNegativeInt = 0) -> None:
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        self.pair_kwargs: dict[str, Any] = {"pairs": pairs, "object_id": object_id, "resolution": resolution,
+                                            "split": split}
+
+    def build_dataset(self, root: str) -> DAVISInstancePairs:
+        """The configured sequence pairs with their object masks."""
+        return DAVISInstancePairs(root, **self.pair_kwargs)

@@ -19,10 +19,17 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
+from .base import PairDataModule
 from .records import load_rgb_image
 
-__all__ = ["MASKED_PAIRS_HINT", "MaskedPairsDataset", "write_synthetic_masked_pairs"]
+__all__ = [
+    "MASKED_PAIRS_HINT",
+    "MaskedPairsDataModule",
+    "MaskedPairsDataset",
+    "write_synthetic_masked_pairs",
+]
 
 MASKED_PAIRS_HINT = (
     "expected a JSON list of {source, source_mask, target, target_mask, category} (paths relative to the file), "
@@ -156,3 +163,36 @@ def write_synthetic_masked_pairs(root: str | Path, num_pairs: int = 2, size: tup
     path = root / "pairs.json"
     path.write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
     return path
+
+
+class MaskedPairsDataModule(PairDataModule):
+    """Image pairs with instance masks from a JSON list (``datamodules.masked_pairs``): the inputs of instance
+    swapping, served to ``trainer.predict``. There is no benchmark protocol.
+
+    Args:
+        root: The JSON file, or a folder holding it as ``pairs.json``.
+        generate: When ``root`` holds no ``pairs.json``, write ``num_generated`` generated pairs (textured
+            ellipses and their masks) into it: a smoke run without data.
+        num_generated: Pairs generated.
+        batch_size: Pairs per batch.
+        num_workers: DataLoader workers.
+    """
+
+    layout_hint = MASKED_PAIRS_HINT
+
+    def __init__(self, root: str | None = None, generate: bool = False, num_generated: int = 2,
+                 batch_size: PositiveInt = 1, num_workers: NonNegativeInt = 0) -> None:
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        self.generate, self.num_generated = bool(generate), int(num_generated)
+
+    @property
+    def protocol(self) -> None:  # type: ignore[override]
+        """None: swapped images are not scored against a benchmark protocol."""
+        return None
+
+    def build_dataset(self, root: str) -> MaskedPairsDataset:
+        """The listed pairs (generated first when ``generate`` is set and none are there)."""
+        path = Path(root)
+        if self.generate and not (path.is_file() or (path / "pairs.json").is_file()):
+            write_synthetic_masked_pairs(path, num_pairs=self.num_generated)
+        return MaskedPairsDataset(path)

@@ -27,7 +27,7 @@ PCK threshold (``threshold=``):
   an error naming the file).
 
 Keypoints stay in ORIGINAL image pixels ``(x, y)``. :class:`PFPascalDataset` uses plain torch/PIL/scipy
-only; the thin LightningDataModule is :class:`datamodules.datamodules.PFPascalDataModule`.
+only; the thin LightningDataModule is :class:`PFPascalDataModule` (below).
 """
 
 from __future__ import annotations
@@ -42,15 +42,18 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
+from .base import PairDataModule
 from .records import PairRecordsDataset, category_filter, points_outside, warn_points_outside
 
 __all__ = [
-    "PF_PASCAL_CATEGORIES",
-    "PF_PASCAL_SPLITS",
+    "LAYOUT_HINT",
+    "PFPascalDataModule",
     "PFPascalDataset",
     "PFPascalRecord",
-    "LAYOUT_HINT",
+    "PF_PASCAL_CATEGORIES",
+    "PF_PASCAL_SPLITS",
     "read_image_size",
     "resolve_pair_path",
 ]
@@ -470,3 +473,38 @@ class PFPascalDataset(PairRecordsDataset):
             f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, threshold={self.threshold_mode!r}, "
             f"pairs={len(self)}, categories={len(self.categories)})"
         )
+
+
+class PFPascalDataModule(PairDataModule):
+    """PF-PASCAL (``datamodules.pfpascal.PFPascalDataset``), scored with the ``pfpascal`` protocol.
+
+    Args:
+        root: The ``PF-dataset-PASCAL`` folder (``*_pairs_pf_pascal.csv``, ``JPEGImages/``, ``Annotations/``).
+        test_split: Split evaluated (``test``, ``val`` or ``trn``).
+        categories: PASCAL classes to keep (``None``: all).
+        threshold: ``"image"`` (max side of the target image: the reference protocol) or ``"bbox"``
+            (max side of the target object box from ``Annotations/<cat>/<name>.mat``).
+        batch_size: Pairs per batch.
+        num_workers: DataLoader workers.
+    """
+
+    protocol_name = "pfpascal"
+    layout_hint = LAYOUT_HINT
+
+    def __init__(
+        self,
+        root: str | None = None,
+        test_split: str = "test",
+        categories: list[str] | None = None,
+        threshold: str = "image",
+        batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 0,
+    ) -> None:
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        self.test_split = test_split
+        self.category_filter = list(categories) if categories is not None else None
+        self.threshold = threshold
+
+    def build_dataset(self, root: str) -> PFPascalDataset:
+        """The PF-PASCAL split with the configured filter and threshold rule."""
+        return PFPascalDataset(root, split=self.test_split, categories=self.category_filter, threshold=self.threshold)

@@ -26,7 +26,7 @@ scale with the source keypoints or the image size); this reader follows HPF. A p
 ``error <= alpha * threshold`` (HPF ``torch.le``), see ``datamodules.protocols``.
 
 Keypoints stay in ORIGINAL image pixels ``(x, y)``. The thin LightningDataModule is
-:class:`datamodules.datamodules.PFWillowDataModule`.
+:class:`PFWillowDataModule` (below).
 """
 
 from __future__ import annotations
@@ -39,11 +39,20 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
+from .base import PairDataModule
 from .pfpascal import read_image_size, resolve_pair_path
 from .records import PairRecordsDataset, category_filter, points_outside, warn_points_outside
 
-__all__ = ["LAYOUT_HINT", "PF_WILLOW_CSV_NAMES", "PFWillowDataset", "PFWillowRecord", "NUM_KEYPOINTS"]
+__all__ = [
+    "LAYOUT_HINT",
+    "NUM_KEYPOINTS",
+    "PFWillowDataModule",
+    "PFWillowDataset",
+    "PFWillowRecord",
+    "PF_WILLOW_CSV_NAMES",
+]
 
 #: Pairs file names looked for in ``root``, in order.
 PF_WILLOW_CSV_NAMES: tuple[str, ...] = ("test_pairs_pf_willow.csv", "test_pairs_pf.csv", "test_pairs.csv")
@@ -262,3 +271,32 @@ class PFWillowDataset(PairRecordsDataset):
             f"{type(self).__name__}(root={str(self.root)!r}, csv={self.csv_path.name!r}, pairs={len(self)}, "
             f"categories={len(self.categories)})"
         )
+
+
+class PFWillowDataModule(PairDataModule):
+    """PF-WILLOW (``datamodules.pfwillow.PFWillowDataset``), scored with the ``pfwillow`` protocol.
+
+    Args:
+        root: The ``PF-dataset`` (or HPF's ``PF-WILLOW``) folder holding the test pairs csv.
+        categories: Categories (``car``, ``duck``, ``motorbike``, ``winebottle``) or subclasses
+            (``car(G)``...) to keep (``None``: all).
+        batch_size: Pairs per batch.
+        num_workers: DataLoader workers.
+    """
+
+    protocol_name = "pfwillow"
+    layout_hint = LAYOUT_HINT
+
+    def __init__(
+        self,
+        root: str | None = None,
+        categories: list[str] | None = None,
+        batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 0,
+    ) -> None:
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        self.category_filter = list(categories) if categories is not None else None
+
+    def build_dataset(self, root: str) -> PFWillowDataset:
+        """The PF-WILLOW test pairs with the configured filter."""
+        return PFWillowDataset(root, categories=self.category_filter)

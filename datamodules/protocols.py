@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Protocol", "PROTOCOLS", "SPAIR_VARIATIONS", "get_protocol"]
+__all__ = ["METRICS", "Protocol", "PROTOCOLS", "SPAIR_VARIATIONS", "get_protocol"]
+
+#: What a benchmark is scored with: PCK of keypoints (``lightning_modules.metrics.PCK``), PCK and end-point
+#: error of dense flow over valid pixels (``DenseFlowPCK``), or J&F of propagated labels
+#: (``lightning_modules.segmentation_metrics.JAndF``).
+METRICS = ("keypoint_pck", "flow_pck", "label_jf")
 
 #: Per-pair difficulty annotations of SPair-71k pair files, reported level by level.
 SPAIR_VARIATIONS = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
@@ -25,7 +30,7 @@ class Protocol:
         averages: The scalar averages reported, in table order; the first is the paper's headline.
         inclusive: ``error <= alpha * threshold`` counts as correct (dense flow benchmarks); otherwise
             the keypoint convention ``error < alpha * threshold``.
-        dense: Scored on dense flow over valid pixels instead of keypoints.
+        metric: What the benchmark is scored with, one of :data:`METRICS`.
         groups: Per-pair attributes that ``results.json`` breaks the PCK down by.
         group_label: What the per-group dictionary of the results is called.
         flip_pairs: The name of the benchmark's left/right keypoint table for test-time pose alignment
@@ -37,11 +42,15 @@ class Protocol:
     alphas: tuple[float, ...]
     threshold: str
     averages: tuple[str, ...]
+    metric: str = "keypoint_pck"
     inclusive: bool = False
-    dense: bool = False
     groups: tuple[str, ...] = ()
     group_label: str = "per_category"
     flip_pairs: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"protocol {self.name!r}: unknown metric {self.metric!r}; choose one of {list(METRICS)}")
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -86,8 +95,8 @@ PROTOCOLS: dict[str, Protocol] = {
         alphas=(0.05,),
         threshold="max(H, W) of the source image",
         averages=("per_image", "per_pixel", "dataset_mean"),
+        metric="flow_pck",
         inclusive=True,
-        dense=True,
         group_label="per_dataset",
     ),
     "davis": Protocol(
@@ -97,7 +106,7 @@ PROTOCOLS: dict[str, Protocol] = {
         alphas=(),
         threshold="none: J is IoU, F matches boundaries within 0.008 x the image diagonal",
         averages=("JF_mean", "J_mean", "F_mean"),
-        dense=True,
+        metric="label_jf",
         group_label="per_sequence",
     ),
 }

@@ -33,6 +33,7 @@ __all__ = [
     "EpochShuffleSampler",
     "OrderedSampler",
     "PairDataLoader",
+    "collate_pairs",
     "contiguous_bounds",
     "dataset_pair_ids",
     "dataset_pair_images",
@@ -283,3 +284,15 @@ class PairDataLoader(DataLoader):
         if self._empty():
             return iter([self.collate_fn([])])
         return super().__iter__()
+
+
+def collate_pairs(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Identity collate: pairs keep their own image sizes (the model resizes).
+
+    Args:
+        samples: Pair samples of any reader.
+
+    Returns:
+        The same list of sample dicts.
+    """
+    return list(samples)

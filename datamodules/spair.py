@@ -10,8 +10,8 @@ On-disk layout of SPair-71k (only ``PairAnnotation`` and ``JPEGImages`` are read
 A sample keeps keypoints in ORIGINAL image pixels ``(x, y)``; resizing to the model resolution is
 the model's job. The per-pair PCK threshold is ``max(x2 - x1, y2 - y1)`` of the TARGET bounding box.
 
-:class:`SPairDataset` and :func:`collate_pairs` use plain torch/PIL only; the thin LightningDataModule
-is :class:`datamodules.datamodules.SPairDataModule`.
+:class:`SPairDataset` uses plain torch/PIL only; the thin LightningDataModule
+is :class:`SPairDataModule` (below).
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
+from .base import PairDataModule
 from .protocols import SPAIR_VARIATIONS
 from .records import PairRecordsDataset, category_filter, load_rgb_image, points_outside, warn_points_outside
 
@@ -35,7 +37,7 @@ __all__ = [
     "SUBSET_DRAWS",
     "SPairDataset",
     "SPairRecord",
-    "collate_pairs",
+    "SPairDataModule",
     "load_rgb_image",
     "normalize_split",
 ]
@@ -455,13 +457,83 @@ class SPairDataset(PairRecordsDataset):
         )
 
 
-def collate_pairs(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Identity collate: pairs keep their own image sizes (the model resizes).
+class SPairDataModule(PairDataModule):
+    """SPair-71k (``datamodules.spair.SPairDataset``), scored with the SPair protocol.
+
+    Serves ``trainer.test`` / ``trainer.predict`` on ``test_split`` and ``trainer.fit`` /
+    ``trainer.validate`` on ``train_split`` / ``val_split`` (all with the ``categories`` filter).
 
     Args:
-        samples: Samples from :class:`SPairDataset`.
-
-    Returns:
-        The same list of sample dicts.
+        root: SPair-71k root (``PairAnnotation/``, ``JPEGImages/``).
+        test_split: Split evaluated (``test``, ``val`` or ``trn``).
+        categories: Categories to keep (``None``: all).
+        pairs_per_category: Per-category subset size of the evaluated split (``None``: all; the paper's
+            ablations use 20).
+        seed: Seed of the per-category subsets (of every split).
+        subset_draw: How the subsets are drawn: ``uniform`` (distinct pairs, the default) or ``reference``
+            (the reference's ``--SAMPLE`` draw with replacement; with ``seed: 42`` the paper's ablation pairs,
+            see ``configs/overlays/spair_subset20.yaml``).
+        batch_size: Pairs per batch.
+        num_workers: DataLoader workers.
+        train_split: Split trained on (``trn`` alias ``train``, ``val`` or ``test``).
+        val_split: Split validated on (model selection).
+        train_pairs_per_category: Per-category subset size of the training split (``None``: all).
+        val_pairs_per_category: Per-category subset size of the validation split (``None``: all).
+        shuffle_seed: Base seed of the training shuffle (epoch ``e`` uses ``shuffle_seed + e``).
     """
-    return list(samples)
+
+    protocol_name = "spair"
+    layout_hint = LAYOUT_HINT
+    supports_fit = True
+
+    def __init__(
+        self,
+        root: str | None = None,
+        test_split: str = "test",
+        categories: list[str] | None = None,
+        pairs_per_category: int | None = None,
+        seed: int = 0,
+        subset_draw: Literal["uniform", "reference"] = "uniform",
+        batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 0,
+        train_split: str = "trn",
+        val_split: str = "val",
+        train_pairs_per_category: int | None = None,
+        val_pairs_per_category: int | None = None,
+        shuffle_seed: int = 0,
+    ) -> None:
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        self.test_split = normalize_split(test_split)
+        self.category_filter = list(categories) if categories is not None else None
+        self.pairs_per_category = pairs_per_category
+        self.seed = seed
+        if subset_draw not in SUBSET_DRAWS:  # the CLI checks the Literal; this is for Python callers
+            raise ValueError(f"unknown subset_draw {subset_draw!r}; choose one of {list(SUBSET_DRAWS)}")
+        self.subset_draw = subset_draw
+        self.train_split = normalize_split(train_split)
+        self.val_split = normalize_split(val_split)
+        self.train_pairs_per_category = train_pairs_per_category
+        self.val_pairs_per_category = val_pairs_per_category
+        self.shuffle_seed = int(shuffle_seed)
+
+    def _split_dataset(self, root: str, split: str, pairs_per_category: int | None) -> SPairDataset:
+        return SPairDataset(
+            root,
+            split=split,
+            categories=self.category_filter,
+            pairs_per_category=pairs_per_category,
+            seed=self.seed,
+            subset_draw=self.subset_draw,
+        )
+
+    def build_dataset(self, root: str) -> SPairDataset:
+        """The SPair split with the configured filter and subset."""
+        return self._split_dataset(root, self.test_split, self.pairs_per_category)
+
+    def build_train_dataset(self, root: str) -> SPairDataset:
+        """The training split with the configured filter and subset."""
+        return self._split_dataset(root, self.train_split, self.train_pairs_per_category)
+
+    def build_val_dataset(self, root: str) -> SPairDataset:
+        """The validation split with the configured filter and subset."""
+        return self._split_dataset(root, self.val_split, self.val_pairs_per_category)

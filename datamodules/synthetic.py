@@ -20,16 +20,18 @@ import shutil
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from PIL import Image
 
-from datamodules.spair import SPLIT_ALIASES, normalize_split
+from .spair import SPLIT_ALIASES, SPairDataModule, normalize_split
 
 __all__ = [
     "MARKER_NAME",
     "SPAIR_CATEGORIES",
+    "SyntheticSPairDataModule",
     "default_synthetic_categories",
     "read_synthetic_marker",
     "split_marker_path",
@@ -526,3 +528,154 @@ def synthetic_root_matches(root: str | Path, **generator_kwargs: Any) -> bool:
         and split.get("complete") is True
         and split.get("args") == args
     )
+
+
+class SyntheticSPairDataModule(SPairDataModule):
+    """:class:`SPairDataModule` over a generated synthetic benchmark.
+
+    See :func:`write_synthetic_spair` for what is generated.
+
+    ``prepare_data`` (and ``setup``, for runs without a Trainer) write the splits a stage needs into
+    ``root`` unless complete ones generated with identical arguments are already there: ``test_split``
+    for test / predict, ``train_split`` and ``val_split`` for fit, ``val_split`` for validate (all
+    three for ``prepare_data`` without a Trainer). The splits share the images and coexist in ``root``;
+    the data is then read by the real SPair reader.
+
+    Args:
+        root: Directory of the synthetic benchmark; None puts it in ``<trainer.default_root_dir>/synthetic_spair``.
+        test_split: Split written and evaluated.
+        categories: Categories to keep when reading (``None``: all).
+        pairs_per_category: Per-category subset size when reading the evaluated split (``None``: all).
+        seed: Seed of the per-category subsets.
+        subset_draw: How the subsets are drawn (``uniform`` or ``reference``, see :class:`SPairDataModule`).
+        batch_size: Pairs per batch.
+        num_workers: DataLoader workers.
+        synthetic_categories: Generated category names; ``None`` uses
+            :func:`default_synthetic_categories` with ``num_categories``.
+        num_categories: Number of generated categories when ``synthetic_categories`` is ``None``.
+        images_per_category: Generated images per category.
+        synthetic_pairs_per_category: Generated pairs per category of ``test_split``.
+        image_width: Base image width.
+        image_height: Base image height.
+        num_keypoints: Keypoints per object.
+        generator_seed: Seed of the generator.
+        train_split: Split written and trained on.
+        val_split: Split written and validated on.
+        train_pairs_per_category: Per-category subset size when reading the training split (``None``: all).
+        val_pairs_per_category: Per-category subset size when reading the validation split (``None``: all).
+        shuffle_seed: Base seed of the training shuffle.
+        synthetic_train_pairs_per_category: Generated pairs per category of ``train_split`` (capped at
+            ``images_per_category * (images_per_category - 1)``).
+        synthetic_val_pairs_per_category: Generated pairs per category of ``val_split`` (capped likewise).
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        test_split: str = "test",
+        categories: list[str] | None = None,
+        pairs_per_category: int | None = None,
+        seed: int = 0,
+        subset_draw: Literal["uniform", "reference"] = "uniform",
+        batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 0,
+        synthetic_categories: list[str] | None = None,
+        num_categories: int = 2,
+        images_per_category: int = 4,
+        synthetic_pairs_per_category: int = 6,
+        image_width: int = 160,
+        image_height: int = 120,
+        num_keypoints: int = 8,
+        generator_seed: int = 0,
+        train_split: str = "trn",
+        val_split: str = "val",
+        train_pairs_per_category: int | None = None,
+        val_pairs_per_category: int | None = None,
+        shuffle_seed: int = 0,
+        synthetic_train_pairs_per_category: int = 12,
+        synthetic_val_pairs_per_category: int = 6,
+    ) -> None:
+        super().__init__(
+            root=root,
+            test_split=test_split,
+            categories=categories,
+            pairs_per_category=pairs_per_category,
+            seed=seed,
+            subset_draw=subset_draw,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            train_split=train_split,
+            val_split=val_split,
+            train_pairs_per_category=train_pairs_per_category,
+            val_pairs_per_category=val_pairs_per_category,
+            shuffle_seed=shuffle_seed,
+        )
+        names = (
+            list(synthetic_categories)
+            if synthetic_categories is not None
+            else default_synthetic_categories(num_categories)
+        )
+        self.image_kwargs: dict[str, Any] = {
+            "categories": names,
+            "images_per_category": images_per_category,
+            "num_keypoints": num_keypoints,
+            "image_size": (image_width, image_height),
+            "seed": generator_seed,
+        }
+        # Generated pairs per split; a split named twice keeps its first role's count (test, then train).
+        cap = max(1, images_per_category * (images_per_category - 1))
+        self.synthetic_pairs: dict[str, int] = {self.test_split: synthetic_pairs_per_category}
+        self.synthetic_pairs.setdefault(self.train_split, min(synthetic_train_pairs_per_category, cap))
+        self.synthetic_pairs.setdefault(self.val_split, min(synthetic_val_pairs_per_category, cap))
+        #: Generator arguments of the evaluated split.
+        self.generator_kwargs: dict[str, Any] = self.split_generator_kwargs(self.test_split)
+
+    def split_generator_kwargs(self, split: str) -> dict[str, Any]:
+        """The :func:`write_synthetic_spair` arguments (``root`` aside) of one of the configured splits."""
+        split = normalize_split(split)
+        return {**self.image_kwargs, "pairs_per_category": self.synthetic_pairs[split], "split": split}
+
+    def stage_splits(self, stage: str | None) -> list[str]:
+        """The splits ``stage`` reads: fit: train and val; validate: val; test / predict: test; None: all."""
+        if stage == "fit":
+            splits = [self.train_split, self.val_split]
+        elif stage == "validate":
+            splits = [self.val_split]
+        elif stage in ("test", "predict"):
+            splits = [self.test_split]
+        else:
+            splits = [self.test_split, self.train_split, self.val_split]
+        return list(dict.fromkeys(splits))
+
+    def is_generated(self, split: str | None = None) -> bool:
+        """Whether ``root`` holds a complete ``split`` (default: the evaluated one) generated with these arguments."""
+        kwargs = self.split_generator_kwargs(self.test_split if split is None else split)
+        return self.root is not None and synthetic_root_matches(self.root, **kwargs)
+
+    def _ensure_generated(self, splits: list[str]) -> None:
+        if self.root is None:
+            # Without an explicit root the benchmark lives with the run: <default_root_dir>/synthetic_spair.
+            if self.trainer is None:
+                raise ValueError(f"{type(self).__name__} needs `root` when used without a Trainer")
+            self.root = str(Path(self.trainer.default_root_dir) / "synthetic_spair")
+        for split in splits:
+            if not self.is_generated(split):
+                write_synthetic_spair(self.root, **self.split_generator_kwargs(split))
+
+    def _trainer_stage(self) -> str | None:
+        """The running trainer function (``fit``, ``validate``, ``test``, ``predict``), None without one."""
+        fn = getattr(getattr(self.trainer, "state", None), "fn", None)
+        return None if fn is None else str(getattr(fn, "value", fn))
+
+    def prepare_data(self) -> None:
+        """Write the splits of the trainer's stage (all without a Trainer); those already generated are skipped."""
+        self._ensure_generated(self.stage_splits(self._trainer_stage()))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Generate the splits of ``stage`` if needed, then build its datasets.
+
+        Args:
+            stage: Lightning stage (None: the evaluated split, as :meth:`PairDataModule.setup`).
+        """
+        self._ensure_generated(self.stage_splits(stage or "test"))
+        super().setup(stage)

@@ -26,10 +26,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
+from .base import PairDataModule
 from .records import load_rgb_image
 
-__all__ = ["TSS_DATASETS", "TSS_LAYOUT_HINT", "TSSDataset", "read_flo", "tss_category", "write_flo"]
+__all__ = [
+    "TSSDataModule",
+    "TSSDataset",
+    "TSS_DATASETS",
+    "TSS_LAYOUT_HINT",
+    "read_flo",
+    "tss_category",
+    "write_flo",
+]
 
 TSS_DATASETS = ("FG3DCar", "JODS", "PASCAL")
 TSS_LAYOUT_HINT = (
@@ -226,3 +236,31 @@ class TSSDataset(Dataset):
                 f"mask {path} is {array.shape[1]}x{array.shape[0]} but its target image is {size[1]}x{size[0]}"
             )
         return torch.from_numpy(array == 255)
+
+
+class TSSDataModule(PairDataModule):
+    """TSS dense flow (``datamodules.tss.TSSDataset``): FG3DCar, JODS and PASCAL, both directions.
+
+    Args:
+        root: The ``TSS_CVPR2016`` folder.
+        datasets: Sub-datasets to evaluate (default all three; results are reported per dataset).
+        batch_size: Pairs per batch.
+        num_workers: DataLoader workers.
+    """
+
+    protocol_name = "tss"
+    layout_hint = TSS_LAYOUT_HINT
+
+    def __init__(
+        self,
+        root: str | None = None,
+        datasets: list[str] | None = None,
+        batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 0,
+    ) -> None:
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        self.datasets = list(datasets) if datasets is not None else list(TSS_DATASETS)
+
+    def build_dataset(self, root: str) -> TSSDataset:
+        """All directed pairs of the selected sub-datasets."""
+        return TSSDataset(root, self.datasets)

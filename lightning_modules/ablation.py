@@ -99,7 +99,7 @@ class ZeroShotAblation(L.LightningModule):
         """One PCK metric per row, from the datamodule's protocol and categories."""
         datamodule = getattr(self.trainer, "datamodule", None)
         self.protocol = getattr(datamodule, "protocol", None)
-        if self.protocol is None or self.protocol.dense:
+        if self.protocol is None or self.protocol.metric != "keypoint_pck":
             raise ValueError("ablations run on keypoint benchmarks: the datamodule needs a sparse `protocol`")
         if any(row.pose_alignment for row in self.ablation.rows):
             self.ablation.pose_alignment = benchmark_pose_alignment(self.flip_pairs, self.protocol)

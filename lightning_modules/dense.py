@@ -93,9 +93,9 @@ class DenseCorrespondence(L.LightningModule):
         if stage == "test":
             datamodule = getattr(self.trainer, "datamodule", None)
             self.protocol = getattr(datamodule, "protocol", None)
-            if getattr(datamodule, "protocol_name", None) != "davis":
+            if self.protocol is None or self.protocol.metric != "label_jf":
                 raise ValueError(
-                    f"DenseCorrespondence tests label propagation: it needs a DAVIS datamodule (protocol 'davis'), "
+                    f"DenseCorrespondence tests label propagation: it needs a DAVIS datamodule (metric 'label_jf'), "
                     f"got {type(datamodule).__name__}; for pictures of other pairs use `predict`"
                 )
             self.metric = JAndF(sequences=list(datamodule.categories))

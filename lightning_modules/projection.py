@@ -153,7 +153,7 @@ class ProjectionHeadTraining(ZeroShotCorrespondence):
 
     def _setup_val_metric(self, datamodule: Any) -> None:
         self.protocol = getattr(datamodule, "protocol", None)
-        if self.protocol is None or self.protocol.dense:
+        if self.protocol is None or self.protocol.metric != "keypoint_pck":
             raise ValueError("training the projection head needs a keypoint datamodule with a `protocol` (SPair)")
         categories = list(getattr(datamodule, "val_categories", None) or [])
         if not categories:

@@ -116,14 +116,19 @@ class ZeroShotCorrespondence(L.LightningModule):
         if not categories:
             raise ValueError("the datamodule must expose its category names as `categories` after setup()")
         self.pipeline.use_protocol(self.protocol)
-        if self.protocol.dense:
+        if self.protocol.metric == "flow_pck":
             self.metric = DenseFlowPCK(alphas, categories, inclusive=self.protocol.inclusive)
-        else:
+        elif self.protocol.metric == "keypoint_pck":
             self.metric = PCK(alphas, categories, groups=self.protocol.groups, inclusive=self.protocol.inclusive)
+        else:
+            raise ValueError(
+                f"{type(self).__name__} scores keypoint or flow PCK; {self.protocol.name} is scored with "
+                f"{self.protocol.metric} (lightning_modules.DenseCorrespondence tests label propagation)"
+            )
 
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
         """Score a batch of pairs and return one prediction record per pair (original pixels)."""
-        return self._dense_step(batch) if self.protocol.dense else self._sparse_step(batch)
+        return self._dense_step(batch) if self.protocol.metric == "flow_pck" else self._sparse_step(batch)
 
     def _sparse_step(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         assert self.metric is not None

@@ -425,7 +425,7 @@ def test_inconsistent_images_txt_and_unknown_class(fresh_root: Path) -> None:
 def test_protocol_entry() -> None:
     protocol = get_protocol("cub")
     assert protocol.alphas == (0.1, 0.05, 0.01)
-    assert not protocol.inclusive and not protocol.dense
+    assert not protocol.inclusive and protocol.metric == "keypoint_pck"
     assert protocol.averages[:2] == ("category_mean", "per_point") and "per_image" in protocol.averages
     assert "256" in protocol.threshold
 

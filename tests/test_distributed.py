@@ -40,7 +40,7 @@ from datamodules.samplers import (
     dataset_pair_images,
     image_grouped_order,
 )
-from datamodules.spair import collate_pairs
+from datamodules.samplers import collate_pairs
 from datamodules.tss import TSSDataset, write_flo
 
 REPO = Path(__file__).resolve().parents[1]

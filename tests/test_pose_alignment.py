@@ -82,7 +82,7 @@ def test_the_benchmark_decides_the_table_and_refuses_what_has_none() -> None:
     assert benchmark_pose_alignment({"*": [[0, 1]]}, get_protocol("pfpascal")).partners("car") == {0: 1, 1: 0}
     with pytest.raises(ValueError, match="PF-Pascal has no semantic keypoint ids; a dataset whose samples carry"):
         benchmark_pose_alignment(None, get_protocol("pfpascal"))
-    with pytest.raises(ValueError, match="TSS is scored on dense flow"):
+    with pytest.raises(ValueError, match="TSS is scored on flow_pck"):
         benchmark_pose_alignment(None, get_protocol("tss"))
 
 

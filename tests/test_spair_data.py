@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.datamodules import SPairDataModule, SyntheticSPairDataModule
-from datamodules.spair import SPairDataset, collate_pairs
+from datamodules import SPairDataModule, SyntheticSPairDataModule
+from datamodules.samplers import collate_pairs
+from datamodules.spair import SPairDataset
 from lightning_modules.metrics import PCK
 from datamodules.synthetic import (
     MARKER_NAME,

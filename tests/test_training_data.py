@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.trainer.states import RunningStage
 from torch.utils.data.distributed import DistributedSampler
 
-from datamodules.datamodules import PairDataModule, PFPascalDataModule, SPairDataModule, SyntheticSPairDataModule
+from datamodules import PairDataModule, PFPascalDataModule, SPairDataModule, SyntheticSPairDataModule
 from datamodules.samplers import (
     ContiguousDistributedSampler,
     EpochShuffleSampler,

@@ -364,8 +364,8 @@ def benchmark_pose_alignment(flip_pairs: Any, protocol: Any) -> PoseAlignment:
     Raises:
         ValueError: A dense benchmark, or one without a left/right keypoint table and no ``flip_pairs``.
     """
-    if protocol.dense:
-        raise ValueError(f"pose_alignment applies to keypoint benchmarks; {protocol.name} is scored on dense flow")
+    if protocol.metric != "keypoint_pck":
+        raise ValueError(f"pose_alignment applies to keypoint benchmarks; {protocol.name} is scored on {protocol.metric}")
     table = flip_pairs if flip_pairs is not None else protocol.flip_pairs
     if table is None:
         raise ValueError(
