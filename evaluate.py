@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_modules.cli import build_cli, run_script
+from cli import build_cli, run_script
 
 
 def main(args: list[str] | None = None) -> LightningCLI:

@@ -8,7 +8,7 @@
   ``WandbLogger``.
 
 The resolved config reaches W&B through :class:`callbacks.config_logging.LoggerSaveConfigCallback` (wired in
-``lightning_modules/cli.py``); the correspondence images through :class:`callbacks.CorrespondenceVisualizer`.
+``cli.py``); the correspondence images through :class:`callbacks.CorrespondenceVisualizer`.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class AutoWandbLogger(WandbLogger):
     being written into ``os.environ``, so it does not leak into later runs of the same process.
 
     ``save_dir`` None means the trainer's ``default_root_dir``, filled in by the CLI
-    (``lightning_modules/cli.py``) through :meth:`use_default_save_dir`, so that ``results.json``,
+    (``cli.py``) through :meth:`use_default_save_dir`, so that ``results.json``,
     ``config.yaml`` and the W&B files all land in the run directory. Outside the CLI, pass ``save_dir``.
 
     Args:

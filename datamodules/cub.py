@@ -538,7 +538,7 @@ class CUBASICDataset(Dataset):
             ``src_image_path`` / ``trg_image_path`` (file path + ``"#asic-crop<S>"``, the feature-cache
             key), ``src_file`` / ``trg_file`` (the image files), ``src_kps`` / ``trg_kps`` (float32
             ``[15, 2]`` crop pixels ``(x, y)``, all 15 parts), ``kps_valid`` (bool ``[15]``: visible in
-            both), ``kps_ids`` (1..15), ``threshold`` (``S``), ``src_bbox`` / ``trg_bbox`` (float32
+            both), ``kps_ids`` (1..15), ``threshold`` (``S``), ``src_file_bbox`` / ``trg_file_bbox`` (float32
             ``[4]`` zero-based tight bbox, original pixels), ``src_crop_box`` / ``trg_crop_box``
             (float32 ``[4]`` square crop, original pixels, inclusive corners) and ``src_instance_box`` /
             ``trg_instance_box`` (the tight bbox in crop pixels).
@@ -565,8 +565,8 @@ class CUBASICDataset(Dataset):
             "kps_valid": torch.from_numpy(src.visible & trg.visible),
             "kps_ids": list(range(1, CUB_NUM_PARTS + 1)),
             "threshold": float(self.crop_size),
-            "src_bbox": torch.tensor(src.bbox, dtype=torch.float32),
-            "trg_bbox": torch.tensor(trg.bbox, dtype=torch.float32),
+            "src_file_bbox": torch.tensor(src.bbox, dtype=torch.float32),
+            "trg_file_bbox": torch.tensor(trg.bbox, dtype=torch.float32),
             "src_crop_box": torch.tensor(src.crop_box, dtype=torch.float32),
             "trg_crop_box": torch.tensor(trg.crop_box, dtype=torch.float32),
             "src_instance_box": self.instance_box(src),

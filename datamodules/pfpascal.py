@@ -454,7 +454,8 @@ class PFPascalDataset(PairRecordsDataset):
             A dict with ``pair_id``, ``category``, ``src_image`` / ``trg_image`` (uint8 ``[3, H, W]``
             RGB), ``src_image_path`` / ``trg_image_path`` (str), ``src_kps`` / ``trg_kps`` (float32
             ``[N, 2]`` original pixels ``(x, y)``), ``kps_valid`` (bool ``[N]``), ``threshold`` (float,
-            pixels) and, when the .mat annotations exist, ``src_bbox`` / ``trg_bbox`` (float32 ``[4]``).
+            pixels) and, when the .mat annotations exist, ``src_instance_box`` / ``trg_instance_box`` (the object's box,
+            float32 ``[4]``).
 
         Raises:
             FileNotFoundError: If an image file is missing.
@@ -463,9 +464,9 @@ class PFPascalDataset(PairRecordsDataset):
         record = self.records[index]
         sample: dict[str, Any] = self.load_pair(record)
         if record.src_bbox is not None:
-            sample["src_bbox"] = record.src_bbox.clone()
+            sample["src_instance_box"] = record.src_bbox.clone()
         if record.trg_bbox is not None:
-            sample["trg_bbox"] = record.trg_bbox.clone()
+            sample["trg_instance_box"] = record.trg_bbox.clone()
         return sample
 
     def __repr__(self) -> str:

@@ -434,8 +434,8 @@ class SPairDataset(PairRecordsDataset):
             A dict with ``pair_id``, ``category``, ``src_image`` / ``trg_image`` (uint8
             ``[3, H, W]`` RGB), ``src_image_path`` / ``trg_image_path`` (str), ``src_kps`` /
             ``trg_kps`` (float32 ``[N, 2]`` original pixels ``(x, y)``), ``kps_valid`` (bool
-            ``[N]``), ``kps_ids`` (list of int), ``threshold`` (float) and ``src_bbox`` /
-            ``trg_bbox`` (float32 ``[4]``), ``variations`` (difficulty levels, -1 = not annotated).
+            ``[N]``), ``kps_ids`` (list of int), ``threshold`` (float) and ``src_instance_box`` /
+            ``trg_instance_box`` (the bbox, float32 ``[4]``), ``variations`` (difficulty levels, -1 = not annotated).
 
         Raises:
             FileNotFoundError: If an image file is missing.
@@ -445,8 +445,8 @@ class SPairDataset(PairRecordsDataset):
         return {
             **self.load_pair(record),
             "kps_ids": list(record.kps_ids),
-            "src_bbox": record.src_bbox.clone(),
-            "trg_bbox": record.trg_bbox.clone(),
+            "src_instance_box": record.src_bbox.clone(),
+            "trg_instance_box": record.trg_bbox.clone(),
             "variations": dict(record.variations),
         }
 

@@ -330,7 +330,7 @@ def test_samples_are_the_asic_crops(cub_root: Path) -> None:
             assert torch.equal(s[f"{side}_kps"], kps)
             assert s[f"{side}_kps"].dtype == torch.float32
             assert s[f"{side}_crop_box"].tolist() == [float(c) for c in theirs]
-            assert s[f"{side}_bbox"].tolist() == [float(c - 1) for c in bbox]
+            assert s[f"{side}_file_bbox"].tolist() == [float(c - 1) for c in bbox]
             # the tight box in crop pixels (pose alignment's instance): its corners mapped like keypoints
             corners = torch.tensor([[bbox[0], bbox[1], 1.0], [bbox[2], bbox[3], 1.0]])
             expected_box = _asic_preprocess_kps_box_crop(corners, theirs, 256)[:, :2].flatten()

@@ -12,7 +12,7 @@ import torch
 
 import evaluate
 from datamodules import SPairDataset, write_synthetic_spair
-from lightning_modules.cli import build_cli
+from cli import build_cli
 from lightning_modules.components import DinoFeaturizer, SDFeaturizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from callbacks.prediction_writer import PARTIAL_GLOB, IncompleteEvaluationError
 from datamodules import SPairDataset, write_synthetic_spair
 from datamodules.cub import read_part_locs
 from datamodules.records import load_rgb_image
-from lightning_modules.cli import SIGTERM_EXIT, resume_command
+from cli import SIGTERM_EXIT, resume_command
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -178,7 +178,7 @@ def test_pascal_samples_equal_the_csv(pascal) -> None:
     assert len(ds) == len(PASCAL_PAIRS) and ds.split == "test"
     assert ds.categories == ["aeroplane", "cat", "dog"]
     for i, (sample, row) in enumerate(zip(ds, info["rows"])):
-        assert set(sample) == SAMPLE_KEYS | {"src_bbox", "trg_bbox"}
+        assert set(sample) == SAMPLE_KEYS | {"src_instance_box", "trg_instance_box"}
         assert sample["pair_id"] == f"{i:04d}-{row['src']}-{row['trg']}:{row['category']}"
         assert sample["category"] == row["category"]
         assert sample["src_image_path"] == str(root / "JPEGImages" / f"{row['src']}.jpg")
@@ -226,8 +226,8 @@ def test_pascal_bbox_from_the_mat_and_the_bbox_threshold(pascal) -> None:
     for a, b, row in zip(image_thr, bbox_thr, info["rows"]):
         for side in ("src", "trg"):
             expected = info["mat"][row[side]][1]
-            assert a[f"{side}_bbox"].dtype == torch.float32
-            assert a[f"{side}_bbox"].tolist() == expected.tolist()
+            assert a[f"{side}_instance_box"].dtype == torch.float32
+            assert a[f"{side}_instance_box"].tolist() == expected.tolist()
         x1, y1, x2, y2 = info["mat"][row["trg"]][1].tolist()
         assert b["threshold"] == max(x2 - x1, y2 - y1)
         assert torch.equal(a["trg_kps"], b["trg_kps"])  # keypoints still come from the csv
@@ -236,7 +236,7 @@ def test_pascal_bbox_from_the_mat_and_the_bbox_threshold(pascal) -> None:
 def test_pascal_without_annotations(tmp_path) -> None:
     root, _ = write_pfpascal(tmp_path, with_mat=False)
     sample = PFPascalDataset(root)[0]
-    assert "src_bbox" not in sample and "trg_bbox" not in sample
+    assert "src_instance_box" not in sample and "trg_instance_box" not in sample
     with pytest.raises(FileNotFoundError) as err:
         PFPascalDataset(root, threshold="bbox")
     msg = str(err.value)

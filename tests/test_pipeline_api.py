@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from datamodules import SPairDataset, write_synthetic_spair
-from lightning_modules.cli import build_cli
+from cli import build_cli
 from lightning_modules.components import FusedCorrespondence, KeypointMatcher, NearestNeighbours, PairMatch
 
 from conftest import CONFIGS, SPAIR_CONFIG, TINY_OVERLAY

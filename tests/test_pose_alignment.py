@@ -151,8 +151,8 @@ def _mirrored_pair(category: str = "cat") -> tuple[dict, torch.Tensor]:
     sample = {
         "pair_id": "mirrored", "category": category, "kps_ids": kps_ids,
         "src_image": source, "trg_image": source.flip(-1), "src_image_path": "src.png", "trg_image_path": "trg.png",
-        "src_kps": src_kps, "trg_kps": trg_kps, "src_bbox": torch.tensor([4.0, 2.0, 60.0, 45.0]),
-        "trg_bbox": torch.tensor([3.0, 2.0, 59.0, 45.0]),
+        "src_kps": src_kps, "trg_kps": trg_kps, "src_instance_box": torch.tensor([4.0, 2.0, 60.0, 45.0]),
+        "trg_instance_box": torch.tensor([3.0, 2.0, 59.0, 45.0]),
     }
     return sample, trg_kps
 
@@ -182,7 +182,7 @@ def test_pose_alignment_picks_the_mirror_and_maps_the_ids_back(tiny_sd, tiny_din
 
 def test_pose_alignment_keeps_the_original_when_it_agrees_better(tiny_sd, tiny_dino) -> None:
     sample, _ = _mirrored_pair()
-    same = {**sample, "trg_image": sample["src_image"], "trg_image_path": "copy.png", "trg_bbox": sample["src_bbox"]}
+    same = {**sample, "trg_image": sample["src_image"], "trg_image_path": "copy.png", "trg_instance_box": sample["src_instance_box"]}
     out, = FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(8, 8, 8), pose_alignment=True, flip_pairs="spair").predict_pairs(
         [same]
     )

@@ -17,7 +17,7 @@ import evaluate
 import train
 from datamodules import SPairDataModule, SPairDataset, write_synthetic_spair
 from lightning_modules import ProjectionHeadTraining, ZeroShotCorrespondence
-from lightning_modules.cli import build_cli
+from cli import build_cli
 from lightning_modules.components import FusedCorrespondence, GatedProjectionHead
 from lightning_modules.projection import check_head_config
 

@@ -16,7 +16,7 @@ import evaluate
 from callbacks.prediction_writer import PARTIAL_GLOB, read_partial_records
 from callbacks.run_folder import LOCK_FILE, RunFolderError
 from datamodules import write_synthetic_spair
-from lightning_modules.cli import build_cli
+from cli import build_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

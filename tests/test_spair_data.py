@@ -23,7 +23,7 @@ from datamodules.synthetic import (
 
 PAIR_KEYS = {
     "pair_id", "category", "src_image", "trg_image", "src_image_path", "trg_image_path",
-    "src_kps", "trg_kps", "kps_valid", "kps_ids", "threshold", "src_bbox", "trg_bbox", "variations",
+    "src_kps", "trg_kps", "kps_valid", "kps_ids", "threshold", "src_instance_box", "trg_instance_box", "variations",
 }  # fmt: skip
 
 
@@ -74,7 +74,7 @@ def test_samples_match_annotation_json(spair_root: Path) -> None:
             kps = sample[f"{side}_kps"]
             assert kps.dtype == torch.float32 and kps.shape == (len(ann["kps_ids"]), 2)
             assert torch.equal(kps, torch.tensor(ann[f"{side}_kps"], dtype=torch.float32))
-            bbox = sample[f"{side}_bbox"]
+            bbox = sample[f"{side}_instance_box"]
             assert bbox.dtype == torch.float32
             assert torch.equal(bbox, torch.tensor(ann[f"{side}_bndbox"], dtype=torch.float32))
             image = sample[f"{side}_image"]

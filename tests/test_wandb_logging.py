@@ -23,7 +23,7 @@ from callbacks import (
 )
 from callbacks.wandb_logging import resolve_wandb_mode, results_to_wandb, wandb_api_key_available
 from datamodules import write_synthetic_spair
-from lightning_modules.cli import build_cli
+from cli import build_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

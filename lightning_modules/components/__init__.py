@@ -5,13 +5,14 @@ from .clip_features import CLIPImageEmbedder
 from .ddim import DDIMRefiner
 from .dense import PixelCorrespondence, dense_picture, pixel_correspondence, propagate_labels
 from .dino_featurizer import DinoFeaturizer
+from .features import ImageFeatures
 from .fusion import co_pca, fuse, l2_normalize, merge_layers
 from .image_prep import PadResize, pad_resize_image
-from .matching import cells_to_points, nearest_neighbors, points_to_cells, transfer_keypoints
-from .features import ImageFeatures
 from .matchers import KeypointMatcher, NearestNeighbours
+from .matching import cells_to_points, nearest_neighbors, points_to_cells, transfer_keypoints
 from .pipeline import FusedCorrespondence, PairMatch
 from .projection_head import GatedProjectionHead, symmetric_keypoint_loss
+from .samples import PairSample
 from .sd_featurizer import SDFeaturizer, decoder_layer_source
 from .swap import swap_instance
 from .visualize import draw_correspondences, keypoints_correct
@@ -27,6 +28,7 @@ __all__ = [
     "KeypointMatcher",
     "NearestNeighbours",
     "PairMatch",
+    "PairSample",
     "PadResize",
     "PixelCorrespondence",
     "SDFeaturizer",

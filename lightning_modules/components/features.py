@@ -6,9 +6,8 @@ Plain torch. The descriptors of a pair are made from these in :mod:`.descriptors
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -16,6 +15,7 @@ from .dino_featurizer import DinoFeaturizer
 from .feature_cache import FeatureCache, image_digest
 from .image_prep import pad_resize_image
 from .fusion import merge_layers
+from .samples import PairSample
 from .sd_featurizer import SDFeaturizer
 
 __all__ = [
@@ -55,7 +55,7 @@ def mirrored_key(path: str) -> str:
 
 
 def unique_images(
-    samples: Sequence[Mapping[str, Any]], mirrored_sources: bool = False
+    samples: Sequence[PairSample], mirrored_sources: bool = False
 ) -> dict[str, tuple[torch.Tensor, str]]:
     """Every distinct image of a batch of pairs, by path: ``{path: (uint8 image, category)}``.
 

@@ -40,6 +40,7 @@ from .matchers import KeypointMatcher, NearestNeighbours
 from .pose_alignment import PoseAlignment, pose_aligned_match
 from .projection_head import GatedProjectionHead
 from .refinements import MatchRefinement
+from .samples import PairSample
 from .sd_featurizer import SDFeaturizer
 
 __all__ = ["FusedCorrespondence", "PairMatch", "benchmark_pose_alignment"]
@@ -263,7 +264,7 @@ class FusedCorrespondence(nn.Module):
         Returns:
             The typed :class:`PairMatch` (original target pixels).
         """
-        sample = {
+        sample: PairSample = {
             "pair_id": "match", "category": str(category),
             "src_image": as_image_tensor(source), "trg_image": as_image_tensor(target),
             # the batch's keys of the two images (not files): features are looked up by them
@@ -283,7 +284,7 @@ class FusedCorrespondence(nn.Module):
         return flow_from_descriptors(self.describe_pair(source, target), source, target)
 
     def features_by_path(
-        self, samples: Sequence[Mapping[str, Any]], mirrored_sources: bool = False
+        self, samples: Sequence[PairSample], mirrored_sources: bool = False
     ) -> dict[str, ImageFeatures]:
         """Raw features of every distinct image of a batch of pairs, by path (each extracted once, via the cache);
         with ``mirrored_sources`` also the sources' mirrors, under :func:`mirrored_key`."""
@@ -291,14 +292,14 @@ class FusedCorrespondence(nn.Module):
         return dict(zip(unique, self.extract([v[0] for v in unique.values()], [v[1] for v in unique.values()])))
 
     @torch.no_grad()
-    def predict_flows(self, samples: Sequence[Mapping[str, Any]]) -> list[torch.Tensor]:
+    def predict_flows(self, samples: Sequence[PairSample]) -> list[torch.Tensor]:
         """Dense flows ``[2, H, W]`` (target pixel -> source pixel) for a batch of same-size image pairs."""
         features = self.features_by_path(samples)
         return [self.flow(features[s["src_image_path"]], features[s["trg_image_path"]]) for s in samples]
 
     @torch.no_grad()
     def predict_pixels(
-        self, samples: Sequence[Mapping[str, Any]], resolution: int | None = 256, chunk: int = 4096,
+        self, samples: Sequence[PairSample], resolution: int | None = 256, chunk: int = 4096,
         use_masks: bool = False,
     ) -> list[PixelCorrespondence]:
         """Per-pixel correspondences (every target pixel to its nearest source pixel) of a batch of pairs.
@@ -324,7 +325,7 @@ class FusedCorrespondence(nn.Module):
         return out
 
     @torch.no_grad()
-    def predict_pairs(self, samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    def predict_pairs(self, samples: Sequence[PairSample]) -> list[dict[str, Any]]:
         """Predict target keypoints for a batch of pair samples.
 
         Each image is extracted once per batch even when several pairs share it.
@@ -341,7 +342,7 @@ class FusedCorrespondence(nn.Module):
         features = self.features_by_path(samples, mirrored_sources=self.pose_alignment is not None)
         return [self.predict_pair(features, s) for s in samples]
 
-    def predict_pair(self, features: Mapping[str, ImageFeatures], sample: Mapping[str, Any]) -> dict[str, Any]:
+    def predict_pair(self, features: Mapping[str, ImageFeatures], sample: PairSample) -> dict[str, Any]:
         """One pair's prediction (:meth:`predict_pairs`) from the batch's features by path: descriptors, the
         transfer and, when configured, the refinements and the pose alignment; no extraction."""
         source, target = features[sample["src_image_path"]], features[sample["trg_image_path"]]

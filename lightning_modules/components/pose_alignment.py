@@ -237,7 +237,7 @@ def pose_aligned_match(
     """Match a pair from the source and from its mirror; keep the orientation whose instances agree better.
 
     See :mod:`.pose_alignment`. The instances are the pair's boxes in its images' pixels when the sample has
-    them (``src_instance_box`` / ``trg_instance_box``, else ``src_bbox`` / ``trg_bbox``), else the whole
+    them (``src_instance_box`` / ``trg_instance_box`` of :class:`.samples.PairSample`), else the whole
     images. A keypoint whose partner is not in ``kps_ids`` or not in ``kps_valid`` keeps the original
     orientation's prediction.
 
@@ -268,7 +268,7 @@ def pose_aligned_match(
         )
     partner = partner_positions(sample["kps_ids"], alignment.partners(sample["category"]), sample.get("kps_valid"))
     src_kps = sample["src_kps"].float()
-    src_box, trg_box = (sample.get(f"{side}_instance_box", sample.get(f"{side}_bbox")) for side in ("src", "trg"))
+    src_box, trg_box = sample.get("src_instance_box"), sample.get("trg_instance_box")
     descriptors = describe(source, target)
     pred, distance, extras = transfer(descriptors, source, target, src_kps, eval_size, refinement, matcher)
     mirrored = describe(mirrored_source, target)

@@ -1,4 +1,5 @@
-"""The LightningCLI shared by ``evaluate.py`` and ``train.py``: configs drive every object."""
+"""The LightningCLI shared by ``evaluate.py`` and ``train.py``: configs drive every object (the top of the import
+structure: it wires the modules, datamodules and callbacks together)."""
 
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ def path_problems(config: dict[str, Any]) -> list[str]:
 
 #: The defaults of each subcommand (trainer block, callbacks, seed), read before the ``--config`` files: the
 #: trainer block is written once per entry point, and a benchmark config states only what is its own.
-DEFAULT_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "defaults"
+DEFAULT_CONFIGS = Path(__file__).resolve().parent / "configs" / "defaults"
 SUBCOMMAND_DEFAULTS = ("fit", "test", "predict")
 
 

@@ -1,0 +1,132 @@
+"""The typed pair sample every reader returns and the pipeline takes (a ``TypedDict``: plain dicts at run time).
+
+Every sample holds the :data:`COMMON_KEYS`; then the keys of its kind (:data:`KIND_KEYS`): keypoints (SPair-71k,
+PF-Pascal, PF-Willow, CUB-200), dense flow (TSS), propagated labels (DAVIS) or instance masks (instance
+swapping). Coordinates are ``(x, y)`` in the pixels of the sample's own images. ``tests/test_sample_contract.py``
+checks every reader against this declaration. Plain torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypedDict
+
+import torch
+
+__all__ = ["COMMON_KEYS", "KIND_KEYS", "PairSample", "sample_kind"]
+
+
+class PairSample(TypedDict, total=False):
+    """One pair of images and what a benchmark knows about it.
+
+    Every sample:
+        pair_id: Stable id of the pair (the prediction line's key; repeats of a draw get ``#2``, ...).
+        category: What the images show (the SD prompt's ``{category}``, the metric's group).
+        src_image: Source image, uint8 ``[3, H, W]``.
+        trg_image: Target image, uint8 ``[3, H', W']``.
+        src_image_path: Identity of the source image (the file, or the file plus a suffix for a derived image,
+            e.g. CUB's crop): images with one path share their features within a batch.
+        trg_image_path: Identity of the target image.
+
+    Keypoint benchmarks:
+        src_kps: Source keypoints ``[N, 2]`` float32.
+        trg_kps: Target keypoints ``[N, 2]`` float32.
+        kps_valid: Which keypoints are scored ``[N]`` bool.
+        threshold: The PCK normaliser of the pair in pixels (the protocol's rule).
+        kps_ids: Semantic id of each keypoint (SPair-71k, CUB-200: what pose alignment swaps left and right by).
+        src_instance_box: The source object's box ``[4]`` ``(x0, y0, x1, y1)`` float32, in the sample image's
+            pixels (pose alignment compares the instances' features inside them; none: the whole image).
+        trg_instance_box: The target object's box.
+        variations: SPair-71k's difficulty levels (``viewpoint_variation``, ...; -1 = not annotated).
+        subclass: PF-Willow's image folder (``car(G)``, ...).
+        class_index: CUB-200's class number.
+        class_folder: CUB-200's class folder.
+        src_file: CUB-200's source image file (the sample image is its crop).
+        trg_file: CUB-200's target image file.
+        src_file_bbox: CUB-200's source object box in the file's pixels.
+        trg_file_bbox: CUB-200's target object box in the file's pixels.
+        src_crop_box: CUB-200's square crop of the source file (inclusive corners).
+        trg_crop_box: CUB-200's square crop of the target file.
+
+    Dense flow (TSS):
+        dataset: Sub-dataset (``FG3DCar``, ``JODS``, ``PASCAL``; DAVIS: ``davis``).
+        flow: Ground-truth flow ``[2, H, W]`` float32 (target pixel -> source pixel).
+        mask: Valid pixels of the flow ``[H, W]`` bool.
+        src_size: Source size ``(width, height)`` before padding to a common size.
+        trg_size: Target size ``(width, height)`` before padding.
+
+    Label propagation (DAVIS):
+        frame_index: Index of the target frame in its sequence.
+        src_labels: Object ids of the source frame ``[H, W]`` (0 = background).
+        trg_labels: Object ids of the target frame ``[H, W]``.
+        src_annotation_path: The source frame's annotation file.
+        trg_annotation_path: The target frame's annotation file.
+        num_objects: Objects annotated in the sequence.
+
+    Instance masks (instance swapping):
+        src_mask: The source instance ``[H, W]`` bool.
+        trg_mask: The target instance ``[H', W']`` bool.
+    """
+
+    pair_id: str
+    category: str
+    src_image: torch.Tensor
+    trg_image: torch.Tensor
+    src_image_path: str
+    trg_image_path: str
+    src_kps: torch.Tensor
+    trg_kps: torch.Tensor
+    kps_valid: torch.Tensor
+    threshold: float
+    kps_ids: list[int]
+    src_instance_box: torch.Tensor
+    trg_instance_box: torch.Tensor
+    variations: dict[str, int]
+    subclass: str
+    class_index: int
+    class_folder: str
+    src_file: str
+    trg_file: str
+    src_file_bbox: torch.Tensor
+    trg_file_bbox: torch.Tensor
+    src_crop_box: torch.Tensor
+    trg_crop_box: torch.Tensor
+    dataset: str
+    flow: torch.Tensor
+    mask: torch.Tensor
+    src_size: tuple[int, int]
+    trg_size: tuple[int, int]
+    frame_index: int
+    src_labels: torch.Tensor
+    trg_labels: torch.Tensor
+    src_annotation_path: str
+    trg_annotation_path: str
+    num_objects: int
+    src_mask: torch.Tensor
+    trg_mask: torch.Tensor
+
+
+#: The keys every sample holds.
+COMMON_KEYS = ("pair_id", "category", "src_image", "trg_image", "src_image_path", "trg_image_path")
+#: The keys a sample of each kind holds besides :data:`COMMON_KEYS` (others of :class:`PairSample` are optional).
+KIND_KEYS: dict[str, tuple[str, ...]] = {
+    "keypoints": ("src_kps", "trg_kps", "kps_valid", "threshold"),
+    "flow": ("dataset", "flow", "mask", "threshold", "src_size", "trg_size"),
+    "labels": ("dataset", "src_labels", "trg_labels", "num_objects"),
+    "masks": ("src_mask", "trg_mask"),
+}
+
+
+def sample_kind(sample: Mapping[str, Any]) -> str:
+    """The kind of a sample (a key of :data:`KIND_KEYS`), by the keys it holds.
+
+    Raises:
+        ValueError: It holds the keys of no kind, or lacks one of :data:`COMMON_KEYS`.
+    """
+    missing = [key for key in COMMON_KEYS if key not in sample]
+    if missing:
+        raise ValueError(f"sample {sample.get('pair_id')!r} lacks {missing}")
+    for kind, keys in KIND_KEYS.items():
+        if all(key in sample for key in keys):
+            return kind
+    raise ValueError(f"sample {sample.get('pair_id')!r} holds the keys of no kind {list(KIND_KEYS)}: {sorted(sample)}")
