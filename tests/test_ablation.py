@@ -27,7 +27,7 @@ from lightning_modules.components.ablation import AblationCorrespondence, Ablati
 from lightning_modules.components.keypoints import transfer
 from lightning_modules.components.pipeline import FusedCorrespondence
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 ABLATIONS = REPO / "configs" / "ablations"
 TINY = ABLATIONS / "tiny.yaml"
 #: Table configs. ``tiny.yaml`` swaps in tiny random SD / DINO; a table with extra models (``sd_models`` /

@@ -37,9 +37,8 @@ from datamodules.cub import (
     square_bbox,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, TINY_OVERLAY as TINY
 CUB_CONFIG = str(REPO / "configs" / "cub.yaml")
-TINY = str(REPO / "configs" / "overlays" / "tiny.yaml")
 
 # --------------------------------------------------------------------------- ASIC, transcribed
 # kampta/asic @ 7124b93, datasets/cub.py (python2_round, perturb_bbox with jf=0, square_bbox, acsm_crop

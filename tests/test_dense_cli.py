@@ -29,10 +29,7 @@ from lightning_modules import DenseCorrespondence, InstanceSwap
 from lightning_modules.components import FusedCorrespondence
 from lightning_modules.components.dense import resize_nearest
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-TINY = str(CONFIGS / "overlays" / "tiny.yaml")
-COMMON = ["--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu"]
+from conftest import CONFIGS, CPU_ARGS as COMMON, TINY_OVERLAY as TINY
 
 
 def test_dense_config_writes_one_colour_map_picture_per_pair(tmp_path, monkeypatch) -> None:

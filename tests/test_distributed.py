@@ -43,8 +43,7 @@ from datamodules.samplers import (
 from datamodules.samplers import collate_pairs
 from datamodules.tss import TSSDataset, write_flo
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+from conftest import CONFIGS, REPO
 SCRIPT = REPO / "tests" / "scripts" / "run_eval.py"
 
 

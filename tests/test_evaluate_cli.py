@@ -15,9 +15,7 @@ from datamodules import SPairDataset, write_synthetic_spair
 from cli import build_cli
 from lightning_modules.components import DinoFeaturizer, SDFeaturizer
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-SPAIR, TINY = str(CONFIGS / "spair.yaml"), str(CONFIGS / "overlays" / "tiny.yaml")
+from conftest import CONFIGS, SPAIR_CONFIG as SPAIR, TINY_OVERLAY as TINY
 
 
 def recompute_official_pck(predictions: list[dict], alphas: list[float]) -> dict[str, dict[str, float]]:

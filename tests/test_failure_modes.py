@@ -28,9 +28,7 @@ from datamodules.cub import read_part_locs
 from datamodules.records import load_rgb_image
 from cli import SIGTERM_EXIT, resume_command
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-SPAIR, TINY = str(CONFIGS / "spair.yaml"), str(CONFIGS / "overlays" / "tiny.yaml")
+from conftest import REPO, SPAIR_CONFIG as SPAIR, TINY_OVERLAY as TINY
 
 
 def _env() -> dict[str, str]:

@@ -11,13 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import evaluate
 from datamodules import SPairDataset, write_synthetic_spair
 from lightning_modules.components import FusedCorrespondence
 from lightning_modules.components.feature_cache import FORMAT_VERSION, FeatureCache, image_digest
 
-REPO = Path(__file__).resolve().parents[1]
-SPAIR, TINY = str(REPO / "configs" / "spair.yaml"), str(REPO / "configs" / "overlays" / "tiny.yaml")
+from conftest import REPO, SPAIR_CONFIG as SPAIR, TINY_OVERLAY as TINY
 
 
 def _counting(values: dict[str, torch.Tensor], keys: list[str], calls: list[list[int]]):

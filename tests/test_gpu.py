@@ -32,7 +32,7 @@ from datamodules import SPairDataset, write_synthetic_spair
 from lightning_modules.components import DinoFeaturizer, FusedCorrespondence, SDFeaturizer
 from lightning_modules.components.feature_cache import FeatureCache
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 DEMO = str(REPO / "configs" / "demo.yaml")
 
 #: The device under test and its Lightning accelerator name.

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +27,7 @@ from lightning_modules.metrics import (
     summarize_pck,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO as REPO_ROOT
 
 
 def _offset_points(gt: list[list[float]], errors: list[float]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,10 +24,8 @@ from datamodules import PFPascalDataModule, PFPascalDataset, PFWillowDataModule,
 from datamodules.pfpascal import PF_PASCAL_CATEGORIES
 from datamodules.protocols import get_protocol
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+from conftest import CONFIGS, TINY_OVERLAY as TINY
 PFPASCAL_CFG, PFWILLOW_CFG = str(CONFIGS / "pfpascal.yaml"), str(CONFIGS / "pfwillow.yaml")
-TINY = str(CONFIGS / "overlays" / "tiny.yaml")
 
 PASCAL_CSV = "test_pairs_pf_pascal.csv"
 PASCAL_HEADER = ["source_image", "target_image", "class", "XA", "YA", "XB", "YB"]

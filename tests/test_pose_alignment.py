@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from lightning_modules.components.pose_alignment import (
     partner_positions,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from conftest import CONFIGS
 
 #: the 18 SPair-71k categories
 SPAIR_CATEGORIES = (

@@ -21,10 +21,7 @@ from cli import build_cli
 from lightning_modules.components import FusedCorrespondence, GatedProjectionHead
 from lightning_modules.projection import check_head_config
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-TINY = str(CONFIGS / "overlays" / "tiny.yaml")
-SPAIR = str(CONFIGS / "spair.yaml")
+from conftest import CONFIGS, SPAIR_CONFIG as SPAIR, TINY_OVERLAY as TINY
 PRESETS = sorted((CONFIGS / "projection").glob("*.yaml"))
 PRESET = str(CONFIGS / "projection" / "sd_dinov2_b.yaml")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from lightning_modules.components.refinements import (
     window_soft_argmax,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from conftest import CONFIGS
 
 
 def _scores(grid: int, cells: dict[tuple[int, int], float], floor: float = -10.0) -> torch.Tensor:

@@ -18,9 +18,7 @@ from callbacks.run_folder import LOCK_FILE, RunFolderError
 from datamodules import write_synthetic_spair
 from cli import build_cli
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-SPAIR, TINY = str(CONFIGS / "spair.yaml"), str(CONFIGS / "overlays" / "tiny.yaml")
+from conftest import CONFIGS, SPAIR_CONFIG as SPAIR, TINY_OVERLAY as TINY
 TABLE4 = str(CONFIGS / "ablations" / "table4_fusion.yaml")
 TINY_ABLATION = str(CONFIGS / "ablations" / "tiny.yaml")
 

@@ -17,7 +17,7 @@ from lightning_modules.components import FusedCorrespondence
 from lightning_modules.components.matching import dense_flow
 from lightning_modules.metrics import dense_flow_counts
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from conftest import CONFIGS
 
 
 def _png(path: Path, array: np.ndarray) -> None:

@@ -26,8 +26,7 @@ from lightning_modules.components.visualize import (
     scale_keypoints,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+from conftest import CONFIGS
 
 # A DINO-only model small enough that a whole evaluate.py run takes seconds (numbers are meaningless).
 FAST_MODEL = CONFIGS / "overlays" / "smoke_dino.yaml"  # one random DINO block: runs in seconds

@@ -25,9 +25,7 @@ from callbacks.wandb_logging import resolve_wandb_mode, results_to_wandb, wandb_
 from datamodules import write_synthetic_spair
 from cli import build_cli
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-SPAIR, TINY = str(CONFIGS / "spair.yaml"), str(CONFIGS / "overlays" / "tiny.yaml")
+from conftest import CONFIGS, SPAIR_CONFIG as SPAIR, TINY_OVERLAY as TINY
 TRAINER_CONFIGS = [CONFIGS / "overlays" / "visualize.yaml", CONFIGS / "overlays" / "wandb.yaml"]
 
 FAST_MODEL = CONFIGS / "overlays" / "smoke_dino.yaml"  # one random DINO block: runs in seconds
