@@ -16,6 +16,7 @@ The written root is read by the real reader, :class:`datamodules.spair.SPairData
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import zlib
 from collections.abc import Sequence
@@ -50,7 +51,12 @@ SPAIR_CATEGORIES: tuple[str, ...] = (
 MARKER_NAME = ".synthetic_spair.json"
 _MARKER_FORMAT = "sd-dino-lightning/synthetic-spair/v2"
 _LEGACY_MARKER_FORMAT = "sd-dino-lightning/synthetic-spair/v1"  # one split per root
-_IMAGE_ARG_KEYS = ("categories", "images_per_category", "num_keypoints", "image_size", "seed")
+_IMAGE_ARG_KEYS = ("categories", "images_per_category", "num_keypoints", "image_size", "seed", "scene")
+#: What the images of a category show: ``objects``, one textured object pasted at another place, scale and
+#: stretch on another background in every image; ``warps``, image 0 of the category and known geometric warps
+#: of it (rotation, scale, translation, mild perspective) with photometric changes, so that even random
+#: networks find the correspondences (the demo).
+SCENES = ("objects", "warps")
 _SPLIT_SEED_OFFSETS = {"trn": 1, "val": 2}  # test keeps the original pair seed
 _OWNED_DIRS = ("PairAnnotation", "JPEGImages", "ImageAnnotation", "Layout")
 _FORBIDDEN_NAME_CHARS = set("-:/\\ ")
@@ -149,6 +155,7 @@ def _validate_args(
     pairs_per_category: int,
     num_keypoints: int,
     image_size: tuple[int, int],
+    scene: str = "objects",
 ) -> None:
     if isinstance(categories, str) or len(categories) == 0:
         raise ValueError(f"categories must be a non-empty sequence of names, got {categories!r}")
@@ -177,6 +184,8 @@ def _validate_args(
         raise ValueError(f"num_keypoints must be >= 1, got {num_keypoints}")
     if len(image_size) != 2 or min(image_size) < 32:
         raise ValueError(f"image_size must be (width, height) with sides >= 32, got {image_size}")
+    if scene not in SCENES:
+        raise ValueError(f"scene must be one of {list(SCENES)}, got {scene!r}")
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -191,6 +200,7 @@ def _marker_args(
     image_size: tuple[int, int] = (160, 120),
     seed: int = 0,
     split: str = "test",
+    scene: str = "objects",
 ) -> dict[str, Any]:
     """The arguments a split marker records (defaults as in :func:`write_synthetic_spair`)."""
     return {
@@ -201,6 +211,7 @@ def _marker_args(
         "image_size": [int(image_size[0]), int(image_size[1])],
         "seed": int(seed),
         "split": normalize_split(split),
+        "scene": str(scene),
     }
 
 
@@ -243,6 +254,7 @@ def _write_images(
     num_keypoints: int,
     image_size: tuple[int, int],
     seed: int,
+    scene: str = "objects",
 ) -> dict[str, list[dict[str, Any]]]:
     """Write every category's images and image annotations; returns the annotations (plus ``name``)."""
     base_w, base_h = image_size
@@ -260,9 +272,14 @@ def _write_images(
         img_dir.mkdir(parents=True)
         ann_dir.mkdir(parents=True)
         images[category] = []
+        source, source_annotation = np.zeros((1, 1, 3), np.uint8), {}  # image 0, which the warps transform
         for k in range(images_per_category):
             name = f"{category}_{k:04d}"
-            canvas, annotation = _render_image(cat_seed, k, category, template, rel_kps, image_size, name)
+            if scene == "warps" and k > 0:
+                canvas, annotation = _warp_image(cat_seed, k, source, source_annotation, name)
+            else:
+                canvas, annotation = _render_image(cat_seed, k, category, template, rel_kps, image_size, name)
+                source, source_annotation = canvas, annotation
             Image.fromarray(canvas).save(img_dir / f"{name}.jpg", format="JPEG", quality=95)
             _write_json(ann_dir / f"{name}.json", annotation)
             images[category].append(annotation | {"name": name})
@@ -332,6 +349,67 @@ def _render_image(
     return canvas, annotation
 
 
+#: The warps of the ``warps`` scene: rotation (degrees), scale factor range, translation (fraction of the side),
+#: perspective (fraction of the side), brightness and contrast factor ranges, pixel noise (std, 0..255).
+WARP_RANGES = {"rotation": 10.0, "scale": 1.1, "shift": 0.05, "perspective": 0.05, "photometric": 0.15, "noise": 4.0}
+
+
+def _homography(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A random homography (``3 x 3``, source pixels -> target pixels) within :data:`WARP_RANGES`."""
+    r = WARP_RANGES
+    angle, scale = math.radians(rng.uniform(-r["rotation"], r["rotation"])), rng.uniform(1 / r["scale"], r["scale"])
+    cos, sin = scale * math.cos(angle), scale * math.sin(angle)
+    centre = np.array([[1, 0, -width / 2], [0, 1, -height / 2], [0, 0, 1]])
+    similarity = np.array([[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]])
+    tilt = np.array([[1, 0, 0], [0, 1, 0], [rng.uniform(-1, 1) * r["perspective"] / width,
+                                            rng.uniform(-1, 1) * r["perspective"] / height, 1]])
+    shift = rng.uniform(-r["shift"], r["shift"], size=2) * (width, height)
+    back = np.array([[1, 0, width / 2 + shift[0]], [0, 1, height / 2 + shift[1]], [0, 0, 1]])
+    return back @ tilt @ similarity @ centre
+
+
+def _apply_homography(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``[N, 2]`` points mapped by a homography."""
+    mapped = np.c_[points, np.ones(len(points))] @ matrix.T
+    return mapped[:, :2] / mapped[:, 2:]
+
+
+def _warp_image(
+    cat_seed: list[int], k: int, source: np.ndarray, source_annotation: dict[str, Any], name: str
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Image ``k`` of a ``warps`` category: image 0 under a random homography over a new background, with
+    brightness, contrast and noise changes; keypoints and the object box carried by the homography."""
+    rng = np.random.default_rng([*cat_seed, 3, k])
+    height, width = source.shape[:2]
+    matrix = _homography(rng, width, height)
+    inverse = np.linalg.inv(matrix)
+    inverse = inverse / inverse[2, 2]  # PIL samples the source at inverse(target pixel)
+    warped = Image.fromarray(source).convert("RGBA").transform(
+        (width, height), Image.Transform.PERSPECTIVE, tuple(inverse.flatten()[:8]), resample=Image.BILINEAR
+    )
+    canvas = Image.fromarray(_background(rng, width, height)).convert("RGBA")
+    canvas.alpha_composite(warped)
+    pixels = np.asarray(canvas.convert("RGB")).astype(np.float32)
+    jitter = WARP_RANGES["photometric"]
+    mean = pixels.mean()
+    pixels = (pixels - mean) * rng.uniform(1 - jitter, 1 + jitter) + mean * rng.uniform(1 - jitter, 1 + jitter)
+    pixels = np.clip(pixels + rng.normal(0.0, WARP_RANGES["noise"], pixels.shape), 0, 255).astype(np.uint8)
+    kps: dict[str, list[float] | None] = {}
+    for kp_id, point in source_annotation["kps"].items():
+        if point is None:
+            kps[kp_id] = None
+            continue
+        x, y = (round(float(v), 2) for v in _apply_homography(matrix, np.array([point]))[0])
+        kps[kp_id] = [x, y] if 0.0 <= x <= width - 1 and 0.0 <= y <= height - 1 else None
+    x1, y1, x2, y2 = source_annotation["bndbox"]
+    corners = _apply_homography(matrix, np.array([[x1, y1], [x2, y1], [x1, y2], [x2, y2]], dtype=float))
+    low = np.clip(corners.min(0), 0, [width - 1, height - 1]).round().astype(int)
+    high = np.clip(corners.max(0), 0, [width - 1, height - 1]).round().astype(int)
+    annotation = {**source_annotation, "filename": f"{name}.jpg", "kps": kps, "truncated": 0,
+                  "bndbox": [int(low[0]), int(low[1]), int(high[0]), int(high[1])]}
+    return pixels, annotation
+
+
 def _load_images(root: Path, categories: Sequence[str], images_per_category: int) -> dict[str, list[dict[str, Any]]]:
     """Read back the image annotations :func:`_write_images` wrote (plus ``name``)."""
     images: dict[str, list[dict[str, Any]]] = {}
@@ -364,6 +442,7 @@ def _ensure_images(root: Path, args: dict[str, Any]) -> dict[str, list[dict[str,
         args["num_keypoints"],
         (args["image_size"][0], args["image_size"][1]),
         args["seed"],
+        args["scene"],
     )
     _write_json(marker_path, {"format": _MARKER_FORMAT, "complete": True, "args": image_args})
     return images
@@ -461,6 +540,7 @@ def write_synthetic_spair(
     image_size: tuple[int, int] = (160, 120),
     seed: int = 0,
     split: str = "test",
+    scene: str = "objects",
 ) -> Path:
     """Write a small synthetic benchmark (or one more split of it) in the SPair-71k layout.
 
@@ -490,6 +570,8 @@ def write_synthetic_spair(
         image_size: Base ``(width, height)``; each image jitters by up to 1/8 per side.
         seed: Generator seed.
         split: Split folder to write (``"trn"``/``"train"``, ``"val"`` or ``"test"``).
+        scene: What the images show (:data:`SCENES`): ``objects`` (the default) or ``warps`` (known warps of
+            image 0 with photometric changes: correspondences random networks can find).
 
     Returns:
         The root path.
@@ -498,8 +580,9 @@ def write_synthetic_spair(
         ValueError: On invalid arguments or when ``root`` is a non-empty non-synthetic directory.
     """
     image_size = (int(image_size[0]), int(image_size[1]))
-    args = _marker_args(categories, images_per_category, pairs_per_category, num_keypoints, image_size, seed, split)
-    _validate_args(categories, images_per_category, pairs_per_category, num_keypoints, image_size)
+    args = _marker_args(categories, images_per_category, pairs_per_category, num_keypoints, image_size, seed, split,
+                        scene)
+    _validate_args(categories, images_per_category, pairs_per_category, num_keypoints, image_size, scene)
     root = Path(root).expanduser()
     _check_root(root)
     images = _ensure_images(root, args)
@@ -567,6 +650,7 @@ class SyntheticSPairDataModule(SPairDataModule):
         synthetic_train_pairs_per_category: Generated pairs per category of ``train_split`` (capped at
             ``images_per_category * (images_per_category - 1)``).
         synthetic_val_pairs_per_category: Generated pairs per category of ``val_split`` (capped likewise).
+        scene: What the generated images show (:data:`SCENES`; ``warps`` for the demo).
     """
 
     def __init__(
@@ -594,6 +678,7 @@ class SyntheticSPairDataModule(SPairDataModule):
         shuffle_seed: int = 0,
         synthetic_train_pairs_per_category: int = 12,
         synthetic_val_pairs_per_category: int = 6,
+        scene: Literal["objects", "warps"] = "objects",
     ) -> None:
         super().__init__(
             root=root,
@@ -621,6 +706,7 @@ class SyntheticSPairDataModule(SPairDataModule):
             "num_keypoints": num_keypoints,
             "image_size": (image_width, image_height),
             "seed": generator_seed,
+            "scene": scene,
         }
         # Generated pairs per split; a split named twice keeps its first role's count (test, then train).
         cap = max(1, images_per_category * (images_per_category - 1))

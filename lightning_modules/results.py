@@ -85,6 +85,9 @@ def format_pck_table(results: dict[str, Any], per_group: bool = True) -> str:
     lines = [head, "-" * len(head)]
     for average in averages:
         lines.append(f"{average:<22}" + "".join(_cell(results["pck"][a][average]) for a in alphas))
+    if "chance" in results:  # the same protocol on uniformly random predictions (ZeroShotCorrespondence)
+        headline = averages[0]
+        lines.append(f"{'chance: ' + headline:<22}" + "".join(_cell(results["chance"][a][headline]) for a in alphas))
     if "aepe" in results:  # dense benchmarks: average end-point error in pixels, per image
         lines.append(f"{'aepe (px)':<22}" + f"{results['aepe']['per_image']:>10.2f}")
     groups = sorted({g for a in alphas for g in results["pck"][a].get(group_label, {})})

@@ -15,10 +15,10 @@ import lightning as L
 import torch
 
 from .components.pipeline import FusedCorrespondence
-from .metrics import PCK, DenseFlowPCK, dense_flow_counts, format_alpha
+from .metrics import PCK, DenseFlowPCK, dense_flow_counts, format_alpha, stable_pair_key
 from .results import PCKResults
 
-__all__ = ["ZeroShotCorrespondence", "keypoint_record", "restore_keypoint_metric", "summed_over_ranks"]
+__all__ = ["ZeroShotCorrespondence", "chance_predictions", "keypoint_record", "restore_keypoint_metric", "summed_over_ranks"]
 
 
 #: Per-keypoint extras of the test-time refinements that ``predictions.jsonl`` keeps when they are computed.
@@ -78,6 +78,15 @@ def restore_keypoint_metric(
     )
 
 
+def chance_predictions(sample: dict[str, Any]) -> torch.Tensor:
+    """The chance baseline's predictions for a pair: one uniformly random point ``[N, 2]`` in the target image
+    per source keypoint, drawn from a generator seeded by the pair id (the same on every run and process)."""
+    generator = torch.Generator().manual_seed(stable_pair_key(str(sample["pair_id"])) % (1 << 63))
+    height, width = sample["trg_image"].shape[-2:]
+    points = torch.rand(int(sample["src_kps"].shape[0]), 2, generator=generator)
+    return points * torch.tensor([float(width), float(height)])
+
+
 def summed_over_ranks(module: L.LightningModule, counts: dict[str, int]) -> dict[str, int]:
     """Counts (extraction passes) summed over all processes: under DDP each rank extracts its own share."""
     if module.trainer.world_size <= 1 or not counts:
@@ -94,13 +103,20 @@ class ZeroShotCorrespondence(L.LightningModule):
         pipeline: The method (:class:`~.components.pipeline.FusedCorrespondence`: featurizers, co-PCA, fusion,
             matching, refinements, feature cache); its knobs are ``--model.pipeline.<name>``.
         alphas: PCK thresholds overriding the datamodule protocol's (None: the protocol's).
+        chance_baseline: Also score uniformly random predictions in each target image (seeded by the pair id)
+            with the same protocol, and print and write them beside the results (``results.json["chance"]``):
+            what the numbers mean against chance. Keypoint benchmarks; such a run cannot be resumed.
     """
 
-    def __init__(self, pipeline: FusedCorrespondence, alphas: Sequence[float] | None = None) -> None:
+    def __init__(
+        self, pipeline: FusedCorrespondence, alphas: Sequence[float] | None = None, chance_baseline: bool = False
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["pipeline"])
         self.pipeline = pipeline
         self.alphas = None if alphas is None else [float(a) for a in alphas]
+        self.chance_baseline = bool(chance_baseline)
+        self.chance: PCK | None = None
         self.metric: PCK | None = None
         self.protocol: Any = None
         self.test_results: PCKResults | None = None
@@ -120,6 +136,8 @@ class ZeroShotCorrespondence(L.LightningModule):
             self.metric = DenseFlowPCK(alphas, categories, inclusive=self.protocol.inclusive)
         elif self.protocol.metric == "keypoint_pck":
             self.metric = PCK(alphas, categories, groups=self.protocol.groups, inclusive=self.protocol.inclusive)
+            if self.chance_baseline:
+                self.chance = PCK(alphas, categories, groups=self.protocol.groups, inclusive=self.protocol.inclusive)
         else:
             raise ValueError(
                 f"{type(self).__name__} scores keypoint or flow PCK; {self.protocol.name} is scored with "
@@ -137,15 +155,17 @@ class ZeroShotCorrespondence(L.LightningModule):
         preds = [o["pred_kps"] for o in outputs]
         gts = [s["trg_kps"].to(self.device).float() for s in batch]
         groups = {g: [s.get("variations", {}).get(g, -1) for s in batch] for g in self.protocol.groups}
-        self.metric.update(
-            preds=preds,
-            gts=gts,
-            thresholds=torch.tensor([float(s["threshold"]) for s in batch], device=self.device),
-            categories=[s["category"] for s in batch],
-            pair_ids=[s["pair_id"] for s in batch],
-            valids=valids,
-            groups=groups,
-        )
+        scored = {
+            "gts": gts,
+            "thresholds": torch.tensor([float(s["threshold"]) for s in batch], device=self.device),
+            "categories": [s["category"] for s in batch],
+            "pair_ids": [s["pair_id"] for s in batch],
+            "valids": valids,
+            "groups": groups,
+        }
+        self.metric.update(preds=preds, **scored)
+        if self.chance is not None:
+            self.chance.update(preds=[chance_predictions(s).to(self.device) for s in batch], **scored)
         return [keypoint_record(s, o["pred_kps"], v, o) for s, o, v in zip(batch, outputs, valids)]
 
     def _dense_step(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -189,6 +209,9 @@ class ZeroShotCorrespondence(L.LightningModule):
             self.metric.update_counts(
                 counts=counts, datasets=[r["dataset"] for r in records], pair_ids=[r["pair_id"] for r in records],
             )
+        elif self.chance is not None:
+            raise ValueError("a run with chance_baseline cannot be resumed (its random predictions are not kept): "
+                             "run it again from the start")
         else:
             restore_keypoint_metric(self.metric, records, self.protocol.groups, self.device)
 
@@ -198,6 +221,9 @@ class ZeroShotCorrespondence(L.LightningModule):
         results = self.metric.compute()
         results["protocol"] = asdict(self.protocol)
         results["extraction_passes"] = summed_over_ranks(self, self.pipeline.extraction_passes)
+        if self.chance is not None:
+            results["chance"] = self.chance.compute()["pck"]
+            self.chance.reset()
         self.test_results = PCKResults(results)
         for alpha, values in results["pck"].items():
             for average in self.protocol.averages:

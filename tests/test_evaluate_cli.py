@@ -83,6 +83,10 @@ def test_demo_writes_the_contracted_files_and_its_numbers_match_the_protocol(tmp
     _assert_matches_recomputation(predictions, results)
     printed = capsys.readouterr().out
     assert "category_mean" in printed and "per_point" in printed
+    # the demo shows matching: its warped pairs are found by the random networks, far above chance
+    assert "chance: category_mean" in printed
+    headline, chance = results["pck"]["0.1"]["category_mean"], results["chance"]["0.1"]["category_mean"]
+    assert headline >= 30.0 and headline >= 5 * chance + 20.0, (headline, chance)
 
 
 def test_spair_config_with_tiny_models_on_a_real_format_root(tmp_path, monkeypatch) -> None:

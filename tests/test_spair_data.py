@@ -458,3 +458,32 @@ def test_synthetic_datamodule_generates_once_and_regenerates_on_new_args(tmp_pat
     dm2.setup("test")  # setup alone (no prepare_data) regenerates with the new args
     assert dm2.categories == ["cow"] and len(dm2.test_dataset) == 3
     assert not (root / "JPEGImages" / "cat").exists()
+
+
+def test_warps_carry_the_keypoints_with_the_image() -> None:
+    """The demo's scene: a bright dot at a source keypoint lands where the warped keypoint says (within a pixel)."""
+    from datamodules.synthetic import _warp_image
+
+    source = np.zeros((96, 128, 3), np.uint8)
+    source[38:41, 69:72] = 255  # a 3 x 3 dot centred on (70, 39)
+    annotation = {"kps": {"0": [70.0, 39.0], "1": None}, "bndbox": [20, 10, 100, 80], "filename": "x.jpg"}
+    for k in range(1, 6):
+        warped, target = _warp_image([0, 1], k, source, annotation, f"w{k}")
+        assert warped.shape == source.shape and target["kps"]["1"] is None
+        x, y = target["kps"]["0"]
+        brightest = np.unravel_index(np.argmax(warped.astype(int).sum(-1)), warped.shape[:2])
+        assert abs(brightest[1] - x) <= 1.5 and abs(brightest[0] - y) <= 1.5, (k, (x, y), brightest)
+        assert (x, y) != (70.0, 39.0)  # it really moved
+        x1, y1, x2, y2 = target["bndbox"]
+        assert x1 <= x <= x2 and y1 <= y <= y2
+
+
+def test_chance_predictions_are_random_points_in_the_target_fixed_by_the_pair_id() -> None:
+    from lightning_modules.zero_shot import chance_predictions
+
+    sample = {"pair_id": "p1", "trg_image": torch.zeros(3, 50, 80, dtype=torch.uint8), "src_kps": torch.zeros(200, 2)}
+    points = chance_predictions(sample)
+    assert points.shape == (200, 2) and torch.equal(points, chance_predictions(sample))
+    assert 0 <= float(points[:, 0].min()) and float(points[:, 0].max()) <= 80 and float(points[:, 1].max()) <= 50
+    assert float(points[:, 0].std()) > 15  # spread over the image, not a constant
+    assert not torch.equal(points, chance_predictions({**sample, "pair_id": "p2"}))
