@@ -37,18 +37,19 @@ import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from decimal import ROUND_HALF_UP, Decimal
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from PIL import Image
 from torch.utils.data import Dataset
-from jsonargparse.typing import NonNegativeInt, PositiveInt
+
+from lightning_modules.components.image_prep import load_rgb_image
 
 from .base import PairDataModule
-from .records import load_rgb_image
 
 __all__ = [
     "ACSM_CACHEDIR_HINT",

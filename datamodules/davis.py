@@ -30,12 +30,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from jsonargparse.typing import NonNegativeInt, PositiveInt
+from PIL import Image, UnidentifiedImageError
+
+from lightning_modules.components.image_prep import load_rgb_image
 
 from .base import PairDataModule
-from .records import PairRecordsDataset, category_filter, load_rgb_image
 from .masked_pairs import MaskedPairsDataModule
+from .records import PairRecordsDataset, category_filter
 from .samplers import collate_pairs
 
 __all__ = [

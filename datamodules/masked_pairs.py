@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from PIL import Image
 from torch.utils.data import Dataset
-from jsonargparse.typing import NonNegativeInt, PositiveInt
+
+from lightning_modules.components.image_prep import load_rgb_image
 
 from .base import PairDataModule
-from .records import load_rgb_image
 
 __all__ = [
     "MASKED_PAIRS_HINT",

@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from jsonargparse.typing import NonNegativeInt, PositiveInt
+from PIL import Image, UnidentifiedImageError
 
 from .base import PairDataModule
 from .records import PairRecordsDataset, category_filter, points_outside, warn_points_outside

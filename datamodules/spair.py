@@ -28,9 +28,11 @@ import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
+from lightning_modules.components.image_prep import load_rgb_image
+
 from .base import PairDataModule
 from .protocols import SPAIR_VARIATIONS
-from .records import PairRecordsDataset, category_filter, load_rgb_image, points_outside, warn_points_outside
+from .records import PairRecordsDataset, category_filter, points_outside, warn_points_outside
 
 __all__ = [
     "SPLIT_ALIASES",

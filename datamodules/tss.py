@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from PIL import Image
 from torch.utils.data import Dataset
-from jsonargparse.typing import NonNegativeInt, PositiveInt
+
+from lightning_modules.components.image_prep import load_rgb_image
 
 from .base import PairDataModule
-from .records import load_rgb_image
 
 __all__ = [
     "TSSDataModule",

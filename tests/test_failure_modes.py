@@ -25,7 +25,7 @@ import evaluate
 from callbacks.prediction_writer import PARTIAL_GLOB, IncompleteEvaluationError
 from datamodules import SPairDataset, write_synthetic_spair
 from datamodules.cub import read_part_locs
-from datamodules.records import load_rgb_image
+from lightning_modules.components.image_prep import load_rgb_image
 from cli import SIGTERM_EXIT, resume_command
 
 from conftest import REPO, SPAIR_CONFIG as SPAIR, TINY_OVERLAY as TINY

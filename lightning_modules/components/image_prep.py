@@ -1,4 +1,5 @@
-"""Image preparation shared by all featurizers: aspect-preserving resize and centred zero padding.
+"""Image preparation shared by all featurizers: reading image files as RGB, aspect-preserving resize and
+centred zero padding.
 
 The reference implementation resizes the long side to the model resolution (LANCZOS), keeps the aspect
 ratio (rounding the short side), and pastes the result in the centre of a black square. Keypoints follow
@@ -9,12 +10,13 @@ back to original pixels exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-__all__ = ["PadResize", "pad_resize_image", "to_pil"]
+__all__ = ["PadResize", "load_rgb_image", "pad_resize_image", "to_pil"]
 
 
 @dataclass(frozen=True)
@@ -88,3 +90,56 @@ def pad_resize_image(image: torch.Tensor | Image.Image, size: int) -> tuple[torc
     canvas.paste(resized, geometry.offset)
     array = torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)
     return array.float().div_(255.0), geometry
+
+
+#: 16-bit (and 32-bit integer) grey modes: scaled to 8 bits as an image viewer shows them.
+_WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def load_rgb_image(path: str | Path) -> torch.Tensor:
+    """Load an image file as the RGB ``uint8`` pixels a viewer shows.
+
+    - 8-bit grey, bilevel, palette, CMYK and YCbCr images convert to RGB;
+    - 16-bit grey (PNG, TIFF) is scaled to 8 bits, ``round(v * 255 / 65535)`` (a plain conversion would
+      clip every value above 255 to white);
+    - transparency (RGBA, grey + alpha, a palette or colour key with a transparent entry) is composited over
+      white, as on a page.
+
+    Args:
+        path: Image file path.
+
+    Returns:
+        A ``torch.uint8`` tensor of shape ``[3, H, W]``.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If the file cannot be decoded as an image (corrupt, truncated, not an image), or holds
+            pixels with no 8-bit RGB meaning (32-bit float, integers outside 0..65535, unsupported modes).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            array = _rgb_pixels(img, path)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"Could not read image {path}: {err}") from err
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _rgb_pixels(img: Image.Image, path: Path) -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB of a loaded PIL image (see :func:`load_rgb_image`)."""
+    if img.mode in _WIDE_GREY_MODES:
+        grey = np.asarray(img).astype(np.int64)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise ValueError(f"{img.mode} pixels outside 0..65535 have no 8-bit meaning")
+        scaled = np.floor(grey * 255 / 65535 + 0.5).astype(np.uint8)
+        return np.repeat(scaled[..., None], 3, axis=2)
+    if img.mode == "F":
+        raise ValueError("32-bit float pixels have no fixed 8-bit meaning; save the image with 8 or 16 bits")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.array(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
+    return np.array(img.convert("RGB"), dtype=np.uint8)

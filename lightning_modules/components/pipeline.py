@@ -11,9 +11,10 @@ steps that live in their own modules: :mod:`.features` (raw features, the cache)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from .features import (
     source_maps,
     unique_images,
 )
+from .image_prep import load_rgb_image
 from .keypoints import EvalSize, annotation_geometry, check_eval_size, flow_from_descriptors, transfer
 from .matchers import KeypointMatcher, NearestNeighbours
 from .pose_alignment import PoseAlignment, pose_aligned_match
@@ -65,13 +67,21 @@ class PairMatch:
     flipped: bool | None = None
 
 
-def as_image_tensor(image: torch.Tensor | Image.Image | np.ndarray) -> torch.Tensor:
-    """An RGB image as the uint8 ``[3, H, W]`` tensor the featurizers take (PIL images and ``[H, W, 3]``
-    arrays are converted; a uint8 tensor is returned as is).
+#: What :meth:`FusedCorrespondence.match` takes as an image.
+ImageLike = Union[str, os.PathLike, torch.Tensor, Image.Image, np.ndarray]
+
+
+def as_image_tensor(image: ImageLike) -> torch.Tensor:
+    """An RGB image as the uint8 ``[3, H, W]`` tensor the featurizers take: a file path is read with
+    :func:`.image_prep.load_rgb_image` (as the benchmark readers read theirs), PIL images and ``[H, W, 3]``
+    arrays are converted, a uint8 tensor is returned as is.
 
     Raises:
-        ValueError: Not a 3-channel uint8 image.
+        FileNotFoundError: A path that names no file.
+        ValueError: A file that is not an image, or not a 3-channel uint8 image.
     """
+    if isinstance(image, (str, os.PathLike)):
+        return load_rgb_image(image)
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
@@ -245,8 +255,8 @@ class FusedCorrespondence(nn.Module):
     @torch.no_grad()
     def match(
         self,
-        source: torch.Tensor | Image.Image | np.ndarray,
-        target: torch.Tensor | Image.Image | np.ndarray,
+        source: ImageLike,
+        target: ImageLike,
         points: torch.Tensor | Sequence[Sequence[float]],
         category: str = "object",
         keypoint_ids: Sequence[int] | None = None,
@@ -255,7 +265,8 @@ class FusedCorrespondence(nn.Module):
         descriptors, the matcher, and the refinements and pose alignment configured), on the pipeline's device.
 
         Args:
-            source: The source image (uint8 ``[3, H, W]`` tensor, PIL image or ``[H, W, 3]`` uint8 array).
+            source: The source image: a file path, a PIL image, an ``[H, W, 3]`` uint8 array or a uint8
+                ``[3, H, W]`` tensor.
             target: The target image.
             points: Source points ``[N, 2]`` ``(x, y)`` in original source pixels.
             category: What the images show (the SD prompt's ``{category}``).
