@@ -132,6 +132,10 @@ class ZeroShotCorrespondence(L.LightningModule):
         if not categories:
             raise ValueError("the datamodule must expose its category names as `categories` after setup()")
         self.pipeline.use_protocol(self.protocol)
+        if self.chance_baseline and self.protocol.metric != "keypoint_pck":
+            raise ValueError(
+                f"chance_baseline scores keypoints; {self.protocol.name} is scored with {self.protocol.metric}"
+            )
         if self.protocol.metric == "flow_pck":
             self.metric = DenseFlowPCK(alphas, categories, inclusive=self.protocol.inclusive)
         elif self.protocol.metric == "keypoint_pck":

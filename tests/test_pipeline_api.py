@@ -63,3 +63,26 @@ def test_a_matcher_is_one_class_and_one_config_key(tiny_sd, tiny_dino, pair, tmp
     default = build_cli(["--config", SPAIR_CONFIG, "--config", TINY_OVERLAY, "--data.root", str(tmp_path)], run=False)
     assert isinstance(default.model.pipeline.matcher, NearestNeighbours)
     assert (CONFIGS / "model" / "sd_dino.yaml").is_file()
+
+
+def test_pose_alignment_without_a_table_is_refused_not_skipped(tiny_sd, tiny_dino, pair) -> None:
+    """Outside a benchmark (no protocol) pose alignment needs flip_pairs: a plain run instead would be silent."""
+    pipeline = FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(8, 8, 8), pose_alignment=True)
+    with pytest.raises(ValueError, match="pose_alignment needs its left/right table"):
+        pipeline.predict_pairs([pair])
+    from datamodules import get_protocol
+
+    pipeline.use_protocol(get_protocol("spair"))
+    assert "flipped" in pipeline.predict_pairs([pair])[0]
+
+
+def test_the_chance_baseline_refuses_a_benchmark_without_keypoints(tmp_path, monkeypatch) -> None:
+    import evaluate
+    from test_tss import write_tss_fixture
+
+    root = write_tss_fixture(tmp_path / "tss", {"FG3DCar": [("001", (48, 32), (48, 36))]})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="chance_baseline scores keypoints; TSS is scored with flow_pck"):
+        evaluate.main(["test", "--config", str(CONFIGS / "tss.yaml"), "--config", TINY_OVERLAY, "--data.root", str(root),
+                       "--data.datasets", "[FG3DCar]", "--model.chance_baseline", "true", "--data.num_workers", "0",
+                       "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "run")])

@@ -350,6 +350,11 @@ class FusedCorrespondence(nn.Module):
             refinement also ``confidence`` ``[N]`` (and ``mutual`` ``[N]`` bool when it checks them); with pose
             alignment also ``flipped`` and ``pose_distances`` (:func:`pose_aligned_match`).
         """
+        if self.align_poses and self.pose_alignment is None:  # never a silent plain run
+            raise ValueError(
+                "pose_alignment needs its left/right table: give flip_pairs (a table name such as 'spair', or "
+                "category -> [[left id, right id], ...]) or call use_protocol(protocol) with the benchmark's"
+            )
         features = self.features_by_path(samples, mirrored_sources=self.pose_alignment is not None)
         return [self.predict_pair(features, s) for s in samples]
 
