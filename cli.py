@@ -3,6 +3,7 @@ structure: it wires the modules, datamodules and callbacks together)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shlex
 import sys
@@ -18,7 +19,7 @@ from callbacks.config_logging import LoggerSaveConfigCallback
 from callbacks.prediction_writer import CorrespondenceWriter
 from callbacks.run_folder import flatten_config, prediction_settings
 
-__all__ = ["SDDinoCLI", "build_cli", "resume_command", "run_script"]
+__all__ = ["SDDinoCLI", "build_cli", "check_data_inputs", "resume_command", "run_script"]
 
 
 class SDDinoCLI(LightningCLI):
@@ -69,6 +70,7 @@ class SDDinoCLI(LightningCLI):
         problems = path_problems(config.clone().as_dict())
         if problems:
             raise ValueError("settings that cannot work (found before loading any model):\n  " + "\n  ".join(problems))
+        check_data_inputs(config.clone().as_dict())
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -119,6 +121,22 @@ def path_problems(config: dict[str, Any]) -> list[str]:
             if not os.access(existing, os.W_OK | os.X_OK):
                 problems.append(f"{key}: {value} cannot be written ({existing} is not writable)")
     return problems
+
+
+def check_data_inputs(config: dict[str, Any]) -> None:
+    """Let the datamodule check its inputs before any model is loaded: a ``data`` class with a static
+    ``check_inputs(**init_args)`` (:class:`datamodules.ImagePairsDataModule`) raises naming the file and field."""
+    data = config.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("class_path"), str):
+        return
+    module_name, _, class_name = data["class_path"].rpartition(".")
+    try:
+        data_class = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        return  # jsonargparse names a class it cannot import
+    check = getattr(data_class, "check_inputs", None)
+    if callable(check):
+        check(**(data.get("init_args") or {}))
 
 
 #: The defaults of each subcommand (trainer block, callbacks, seed), read before the ``--config`` files: the

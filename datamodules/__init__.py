@@ -11,6 +11,7 @@ from .davis import (
     write_synthetic_davis,
 )
 from .masked_pairs import MaskedPairsDataModule, MaskedPairsDataset, write_synthetic_masked_pairs
+from .own_images import ImagePairsDataModule, ImagePairsDataset, read_image_pairs
 from .pfpascal import PFPascalDataModule, PFPascalDataset
 from .pfwillow import PFWillowDataModule, PFWillowDataset
 from .protocols import PROTOCOLS, Protocol, get_protocol
@@ -26,6 +27,8 @@ __all__ = [
     "DAVISDataset",
     "DAVISInstancePairs",
     "DAVISSwapDataModule",
+    "ImagePairsDataModule",
+    "ImagePairsDataset",
     "MaskedPairsDataModule",
     "MaskedPairsDataset",
     "PROTOCOLS",
@@ -43,6 +46,7 @@ __all__ = [
     "TSSDataset",
     "collate_pairs",
     "get_protocol",
+    "read_image_pairs",
     "write_synthetic_davis",
     "write_synthetic_masked_pairs",
     "write_synthetic_spair",

@@ -3,6 +3,7 @@
 from .ablation import ZeroShotAblation
 from .components.ablation import AblationRow
 from .dense import DenseCorrespondence
+from .point_transfer import PointTransfer
 from .projection import ProjectionHeadTraining
 from .swap import InstanceSwap
 from .zero_shot import ZeroShotCorrespondence
@@ -11,6 +12,7 @@ __all__ = [
     "AblationRow",
     "DenseCorrespondence",
     "InstanceSwap",
+    "PointTransfer",
     "ProjectionHeadTraining",
     "ZeroShotAblation",
     "ZeroShotCorrespondence",

@@ -35,3 +35,12 @@ def tiny_sd() -> SDFeaturizer:
 def tiny_dino() -> DinoFeaturizer:
     """Tiny random DINOv2 featurizer (224 px, 16 x 16 patches, last of 4 blocks)."""
     return DinoFeaturizer(model_id=None, random_init={"seed": 0, "num_hidden_layers": 4}, layer=3, image_size=224)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001 - pytest's hook
+    """Say plainly when the browser tests did not run (no Chromium), so that a local run is not mistaken for CI's."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "browser" in getattr(r, "keywords", {})]
+    if skipped:
+        terminalreporter.write_line(
+            f"NOTE: {len(skipped)} browser test(s) SKIPPED: no Chromium found (apt-get install chromium, or set "
+            "CHROMIUM=/path/to/chrome); .ci/run installs it, so CI runs them.", yellow=True, bold=True)

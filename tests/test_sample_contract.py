@@ -24,6 +24,7 @@ from datamodules import (
     write_synthetic_masked_pairs,
     write_synthetic_spair,
 )
+from datamodules.own_images import ImagePairsDataset, read_image_pairs, write_example_photos
 from lightning_modules.components.samples import COMMON_KEYS, KIND_KEYS, PairSample, sample_kind
 
 DECLARED = typing.get_type_hints(PairSample)
@@ -51,6 +52,7 @@ READERS = {
     "davis_instances": ("masks", lambda tmp: DAVISInstancePairs(write_synthetic_davis(tmp, sequences=("a", "b"),
                                                                                           num_frames=2))),
     "masked_pairs": ("masks", lambda tmp: MaskedPairsDataset(write_synthetic_masked_pairs(tmp, num_pairs=2))),
+    "own_images": ("points", lambda tmp: ImagePairsDataset(read_image_pairs(pairs=str(write_example_photos(tmp))))),
 }
 
 
@@ -96,7 +98,16 @@ def _check_masks(sample: PairSample) -> None:
         assert mask.dtype == torch.bool and tuple(mask.shape) == _image(sample[f"{side}_image"], side)
 
 
-CHECKS = {"keypoints": _check_keypoints, "flow": _check_flow, "labels": _check_labels, "masks": _check_masks}
+def _check_points(sample: PairSample) -> None:
+    points = sample["src_kps"]
+    height, width = _image(sample["src_image"], "src_image")
+    assert points.dtype == torch.float32 and points.ndim == 2 and points.shape[1] == 2 and len(points) > 0
+    assert (points >= 0).all() and (points[:, 0] < width).all() and (points[:, 1] < height).all()
+    assert "trg_kps" not in sample  # no ground truth: nothing may score it as a benchmark
+
+
+CHECKS = {"keypoints": _check_keypoints, "flow": _check_flow, "labels": _check_labels, "masks": _check_masks,
+          "points": _check_points}
 
 
 @pytest.mark.parametrize("name", sorted(READERS))

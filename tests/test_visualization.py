@@ -224,3 +224,26 @@ def test_pngs_of_the_first_pairs_of_a_real_run(tmp_path, monkeypatch) -> None:
     assert checked > 0
     bar = next(c for c in cli.trainer.callbacks if isinstance(c, PairProgressBar))
     assert cli.trainer.progress_bar_metrics["pairs/s"] > 0 and bar.pairs_per_second > 0
+
+
+def test_draw_matches_colours_each_point_and_its_match_alike_and_rings_non_mutual_ones() -> None:
+    from lightning_modules.components.visualize import draw_matches, point_colors
+
+    src = np.zeros((50, 100, 3), dtype=np.uint8)
+    trg = np.zeros((100, 100, 3), dtype=np.uint8)
+    picture = draw_matches(src, trg, [[20.0, 10.0], [80.0, 40.0]], [[30.0, 60.0], [70.0, 20.0]], [True, False],
+                           height=100)
+    assert picture.size == (200 + 100, 100)  # the source panel is 200 px wide at 100 px high
+    colors = point_colors(2)
+    assert colors[0] != colors[1]
+    pixels = np.asarray(picture)
+
+    def at(x: float, y: float) -> tuple:
+        return tuple(int(v) for v in pixels[int(round(y)), int(round(x))])
+
+    assert at(2 * 20 + 0.5, 2 * 10 + 0.5) == colors[0] and at(2 * 80 + 0.5, 2 * 40 + 0.5) == colors[1]  # sources
+    # one pixel above each match (off the line that ends at it): inside a mutual match's dot, inside the open ring
+    assert at(200 + 30, 59) == colors[0]  # a mutual match: a dot of its point's colour
+    assert at(200 + 70, 19) != colors[1]  # not mutual: a ring, its inside left open
+    with pytest.raises(ValueError, match="same number of points"):
+        draw_matches(src, trg, [[1.0, 1.0]], [[1.0, 1.0], [2.0, 2.0]])

@@ -118,8 +118,9 @@ def run_featurizer(
         return compute(list(range(len(images)))), len(images)
     image_keys = image_keys or [image_digest(img) for img in images]
     precision = _precision(device)
-    per_category = {cat: featurizer.cache_key(cat) for cat in set(categories)}
-    keys = [f"{key}|{per_category[cat]}|{precision}" for key, cat in zip(image_keys, categories)]
+    # keyed by type too: a WholePrompt equals the plain category of the same text but is another prompt
+    per_category = {(type(cat), cat): featurizer.cache_key(cat) for cat in set(categories)}
+    keys = [f"{key}|{per_category[type(cat), cat]}|{precision}" for key, cat in zip(image_keys, categories)]
     return cache.fetch(keys, compute, device)
 
 

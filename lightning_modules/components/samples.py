@@ -63,6 +63,8 @@ class PairSample(TypedDict, total=False):
         trg_annotation_path: The target frame's annotation file.
         num_objects: Objects annotated in the sequence.
 
+    Points to carry (own images, ``datamodules.own_images``): ``src_kps`` alone, no ground truth.
+
     Instance masks (instance swapping):
         src_mask: The source instance ``[H, W]`` bool.
         trg_mask: The target instance ``[H', W']`` bool.
@@ -114,6 +116,7 @@ KIND_KEYS: dict[str, tuple[str, ...]] = {
     "flow": ("dataset", "flow", "mask", "threshold", "src_size", "trg_size"),
     "labels": ("dataset", "src_labels", "trg_labels", "num_objects"),
     "masks": ("src_mask", "trg_mask"),
+    "points": ("src_kps",),  # own images: points to carry, no ground truth (checked last: keypoints hold it too)
 }
 
 

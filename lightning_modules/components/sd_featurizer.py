@@ -38,6 +38,7 @@ __all__ = [
     "CONDITIONINGS",
     "LOCATIONS",
     "SDFeaturizer",
+    "WholePrompt",
     "capture_points",
     "decoder_layer_position",
     "decoder_layer_source",
@@ -56,6 +57,11 @@ LOCATIONS = ("decoder", "encoder", "encoder_decoder", "conv", "attn")
 #: "explicit captioner"), ``implicit`` ODISE's implicit captioner (a CLIP image embedding, see
 #: :class:`.captioner.ImplicitCaptioner`).
 CONDITIONINGS = ("prompt", "implicit")
+
+
+class WholePrompt(str):
+    """A category that is already the whole SD prompt: :meth:`SDFeaturizer.prompt_for` uses it as is instead
+    of filling the ``prompt`` template (a pair of one's own images may give its own prompt)."""
 
 
 def decoder_layer_position(unet: nn.Module, index: int) -> tuple[int, int]:
@@ -362,7 +368,9 @@ class SDFeaturizer(nn.Module):
                 getattr(self, name).save_pretrained(directory / name)
 
     def prompt_for(self, category: str) -> str:
-        """The prompt of an image of ``category``."""
+        """The prompt of an image of ``category`` (a :class:`WholePrompt` is returned as it is)."""
+        if isinstance(category, WholePrompt):
+            return str(category)
         return self.prompt.replace("{category}", category)
 
     @torch.no_grad()

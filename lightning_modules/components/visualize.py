@@ -14,6 +14,7 @@ Conventions of the drawing (see :func:`draw_correspondences`):
 
 from __future__ import annotations
 
+import colorsys
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +28,9 @@ __all__ = [
     "UNKNOWN_COLOR",
     "WRONG_COLOR",
     "draw_correspondences",
+    "draw_matches",
     "keypoints_correct",
+    "point_colors",
     "scale_keypoints",
     "to_pil_image",
 ]
@@ -136,6 +139,70 @@ def _valid_point(point: np.ndarray) -> bool:
     return bool(np.isfinite(point).all() and (point >= 0).all())
 
 
+def _side_by_side(src: Image.Image, trg: Image.Image, height: int) -> tuple[Image.Image, list[tuple[int, int]]]:
+    """Source and target resized to ``height`` (aspect kept) side by side: ``(canvas, panel sizes)``."""
+    sizes = [(max(1, round(im.width * height / im.height)), height) for im in (src, trg)]
+    canvas = Image.new("RGB", (sizes[0][0] + sizes[1][0], height))
+    canvas.paste(src.resize(sizes[0], Image.BILINEAR), (0, 0))
+    canvas.paste(trg.resize(sizes[1], Image.BILINEAR), (sizes[0][0], 0))
+    return canvas, sizes
+
+
+def _target_panel_points(points: np.ndarray, size: tuple[int, int], sizes: list[tuple[int, int]]) -> np.ndarray:
+    """Predicted target points on the canvas of :func:`_side_by_side`: a prediction in the padding stays visible,
+    clamped to the target panel."""
+    scaled = scale_keypoints(points, size, sizes[1])
+    return np.clip(scaled, 0, np.array([sizes[1][0] - 1, sizes[1][1] - 1])) + np.array([sizes[0][0], 0.0])
+
+
+def point_colors(count: int) -> list[tuple[int, int, int]]:
+    """``count`` distinct, saturated colours (hues evenly spaced), one per point of :func:`draw_matches`."""
+    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / max(count, 1), 0.85, 1.0)) for i in range(count)]
+
+
+def draw_matches(
+    src_image: Any, trg_image: Any, src_kps: Any, pred_kps: Any, mutual: Sequence[bool] | None = None,
+    height: int = 256,
+) -> Image.Image:
+    """Draw where each source point went, without a ground truth (own images).
+
+    Source left, target right, both ``height`` pixels high; point ``i`` has the same colour
+    (:func:`point_colors`) on both panels and a thin line joins the two. A match that is not a mutual nearest
+    neighbour (``mutual[i]`` False) is drawn as a ring instead of a dot.
+
+    Args:
+        src_image: Source image (uint8 ``[3, H, W]`` tensor, uint8 array or PIL image).
+        trg_image: Target image, same types.
+        src_kps: ``[N, 2]`` source points ``(x, y)``, original source pixels.
+        pred_kps: ``[N, 2]`` their matches, original target pixels.
+        mutual: ``[N]`` mutual-nearest-neighbour flags, or None (all drawn as dots).
+        height: Height of the output image in pixels.
+
+    Returns:
+        An RGB image of size ``(src_panel_width + trg_panel_width, height)``.
+    """
+    src, trg = to_pil_image(src_image), to_pil_image(trg_image)
+    src_pts, pred_pts = _as_points("src_kps", src_kps), _as_points("pred_kps", pred_kps)
+    if src_pts.shape != pred_pts.shape:
+        raise ValueError(f"src_kps and pred_kps must hold the same number of points, got {len(src_pts)} and {len(pred_pts)}")
+    canvas, sizes = _side_by_side(src, trg, int(height))
+    src_xy = scale_keypoints(src_pts, src.size, sizes[0])
+    pred_xy = _target_panel_points(pred_pts, trg.size, sizes)
+    radius = max(2, round(height / 64))
+    draw = ImageDraw.Draw(canvas)
+    colors = point_colors(len(src_pts))
+    for i, color in enumerate(colors):
+        draw.line([tuple(src_xy[i]), tuple(pred_xy[i])], fill=color, width=1)
+    for i, color in enumerate(colors):
+        _dot(draw, src_xy[i], radius, color)
+        if mutual is None or bool(mutual[i]):
+            _dot(draw, pred_xy[i], radius, color)
+        else:
+            x, y = pred_xy[i]
+            draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=color, width=max(1, radius // 2))
+    return canvas
+
+
 def _dot(draw: ImageDraw.ImageDraw, xy: np.ndarray, radius: int, fill: tuple[int, int, int]) -> None:
     x, y = float(xy[0]), float(xy[1])
     draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=fill, outline=_OUTLINE, width=1)
@@ -202,16 +269,11 @@ def draw_correspondences(
         if correct.shape[0] != n:
             raise ValueError(f"correct must hold one flag per keypoint ({n}), got {correct.shape[0]}")
 
-    sizes = [(max(1, round(im.width * height / im.height)), height) for im in (src, trg)]
-    canvas = Image.new("RGB", (sizes[0][0] + sizes[1][0], height))
-    canvas.paste(src.resize(sizes[0], Image.BILINEAR), (0, 0))
-    canvas.paste(trg.resize(sizes[1], Image.BILINEAR), (sizes[0][0], 0))
+    canvas, sizes = _side_by_side(src, trg, height)
     offset = np.array([sizes[0][0], 0.0])
     src_xy = scale_keypoints(src_pts, src.size, sizes[0])
     trg_xy = scale_keypoints(trg_pts, trg.size, sizes[1]) + offset
-    pred_xy = scale_keypoints(pred_pts, trg.size, sizes[1])
-    # Keep a prediction in the padding visible: clamp it to the target panel, then shift it there.
-    pred_xy = np.clip(pred_xy, 0, np.array([sizes[1][0] - 1, height - 1])) + offset
+    pred_xy = _target_panel_points(pred_pts, trg.size, sizes)
 
     keep = [i for i in range(n) if _valid_point(src_pts[i]) and _valid_point(trg_pts[i])]
     has_pred = {i for i in keep if np.isfinite(pred_pts[i]).all()}

@@ -1,0 +1,98 @@
+"""The interactive viewer page of a run (``viewer.html``): the first pairs, their descriptors and matches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from lightning_modules.components.viewer import render_viewer, viewer_pair
+from lightning_modules.distributed import gather_from_ranks
+
+__all__ = ["ViewerWriter"]
+
+
+def _run_points(record: Any) -> dict[str, Any] | None:
+    """The run's matches of a pair from its record: a match ``line`` (own images) or a keypoint prediction
+    record (benchmarks); None for records without points (dense flow, ablation rows)."""
+    if not isinstance(record, dict):
+        return None
+    source = record.get("line", record)
+    if "src_kps" not in source or "pred_kps" not in source:
+        return None
+    return {"src": source["src_kps"], "pred": source["pred_kps"], "mutual": source.get("mutual")}
+
+
+class ViewerWriter(L.Callback):
+    """Writes ``<trainer.log_dir or default_root_dir>/<filename>``: one self-contained page in which one picks a
+    pair, clicks a source point and sees its match and the similarity heatmap on the target
+    (:mod:`lightning_modules.components.viewer`). Works in ``test`` and ``predict`` runs of any module that
+    holds a ``pipeline`` (:class:`~lightning_modules.components.FusedCorrespondence`).
+
+    The first ``num_pairs`` pairs are kept (under DDP about ``num_pairs / world_size`` of each rank's, gathered);
+    their features come from the pipeline's cache, so the page costs one co-PCA per kept pair.
+
+    Args:
+        num_pairs: Pairs in the page (each adds about ``2 x cells x dims`` bytes plus two small JPEGs).
+        dims: Dimensions kept per descriptor cell.
+        filename: The page's name in the run folder.
+        image_side: Long side of the embedded images in pixels.
+        display_height: Height of the images on the page in CSS pixels.
+    """
+
+    def __init__(self, num_pairs: int = 16, dims: int = 32, filename: str = "viewer.html", image_side: int = 512,
+                 display_height: int = 360) -> None:
+        for name, value in (("num_pairs", num_pairs), ("dims", dims), ("image_side", image_side),
+                            ("display_height", display_height)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        self.num_pairs, self.dims, self.filename = int(num_pairs), int(dims), filename
+        self.image_side, self.display_height = int(image_side), int(display_height)
+        self.pairs: list[dict[str, Any]] = []
+        self.path: Path | None = None
+        self._limit = self.num_pairs
+
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(pl_module, "pipeline", None) is None:
+            raise ValueError(f"ViewerWriter needs a module with a `pipeline` (FusedCorrespondence); "
+                             f"{type(pl_module).__name__} has none")
+        self.pairs = []
+        self._limit = -(-self.num_pairs // max(1, trainer.world_size))
+        self.path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+
+    def _keep(self, pl_module: L.LightningModule, outputs: Any, batch: Any) -> None:
+        records = outputs if isinstance(outputs, list) and len(outputs) == len(batch) else [None] * len(batch)
+        for sample, record in zip(batch, records):
+            if len(self.pairs) >= self._limit:
+                return
+            self.pairs.append(viewer_pair(pl_module.pipeline, sample, _run_points(record), dims=self.dims,
+                                          image_side=self.image_side))
+
+    def _write(self, trainer: L.Trainer) -> None:
+        pairs = [pair for part in gather_from_ranks(self.pairs) for pair in part]
+        if not trainer.is_global_zero or self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(render_viewer(pairs, display_height=self.display_height), encoding="utf-8")
+        print(f"viewer ({len(pairs)} pairs, {self.path.stat().st_size / 1024:.0f} KiB): {self.path}", flush=True)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, pl_module)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, pl_module)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._keep(pl_module, outputs, batch)
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._keep(pl_module, outputs, batch)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer)

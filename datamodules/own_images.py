@@ -1,0 +1,378 @@
+"""Your own images: pairs listed in a JSON file, or one source image against every image of a folder.
+
+A pairs file is a JSON list; paths are relative to the file's folder (or absolute)::
+
+    [
+      {"source": "cat.jpg", "target": "cat2.jpg", "source_keypoints": [[120, 80], [200, 95]], "category": "cat"},
+      {"source": "dog.jpg", "target": "dog2.jpg", "source_box": [10, 20, 300, 240]},
+      {"source": "a.jpg", "target": "b.jpg", "source_mask": "a_mask.png", "prompt": "a photo of a tabby cat"}
+    ]
+
+Required: ``source`` and ``target``. Optional: ``source_keypoints`` (``[[x, y], ...]`` in source pixels),
+``category`` (fills the SD prompt template's ``{category}``; default the DataModule's ``category``), ``prompt``
+(the whole SD prompt, used as is), ``source_mask`` (an image whose nonzero pixels mark the object, at the
+source's size), ``source_box`` (``[x0, y0, x1, y1]``), ``pair_id``. A pair without keypoints gets a
+``grid x grid`` lattice of points inside its mask, its box, or the whole image.
+
+A collection is one ``source`` image (with ``source_keypoints``: a list, or a JSON file holding one) and a
+``targets`` folder: the source is matched to every image of the folder (landmark transfer).
+
+Everything is checked when the inputs are read (:func:`read_image_pairs`), which the CLI does before any model
+is loaded: an unreadable image, a point outside its image, an empty folder or a missing field is an error
+naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from lightning_modules.components.image_prep import load_rgb_image
+from lightning_modules.components.sd_featurizer import WholePrompt
+
+from .base import PairDataModule
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImagePair",
+    "ImagePairsDataModule",
+    "ImagePairsDataset",
+    "grid_points",
+    "read_image_pairs",
+    "write_example_photos",
+]
+
+#: The files of a ``targets`` folder that are read as images.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+_FIELDS = ("source", "target", "source_keypoints", "category", "prompt", "source_mask", "source_box", "pair_id")
+PAIRS_HINT = (
+    "a pairs file is a JSON list of {source, target, optional source_keypoints [[x, y], ...], category, prompt, "
+    "source_mask, source_box [x0, y0, x1, y1], pair_id} with paths relative to the file (see docs/own-images.md)"
+)
+
+#: One checked pair: ``source`` / ``target`` (resolved paths), ``points`` ``[[x, y], ...]``, ``category`` (a str,
+#: or a :class:`WholePrompt`), ``pair_id``.
+ImagePair = dict[str, Any]
+
+
+def _image_size(path: Path, where: str) -> tuple[int, int]:
+    """``(width, height)`` of an image file, read from its header.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: The file is not an image PIL can read.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no such image file {path}")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+            return image.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{where}: {path} is not a readable image ({err})") from err
+
+
+def _points(value: Any, size: tuple[int, int], where: str) -> list[list[float]]:
+    """Keypoints ``[[x, y], ...]`` checked to lie inside an image of ``size`` (``0 <= x < width``)."""
+    try:
+        points = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: expected [[x, y], ...] numbers, got {value!r}") from err
+    if points.ndim != 2 or points.shape[1] != 2 or points.shape[0] == 0:
+        raise ValueError(f"{where}: expected a non-empty list of [x, y] points, got shape {list(points.shape)}")
+    width, height = size
+    outside = [i for i, (x, y) in enumerate(points) if not (0 <= x < width and 0 <= y < height)]
+    if outside:
+        first = points[outside[0]].tolist()
+        raise ValueError(f"{where}: point {outside[0]} {first} lies outside the {width}x{height} image "
+                         f"({len(outside)} of {len(points)} points do)")
+    return points.tolist()
+
+
+def _box(value: Any, size: tuple[int, int], where: str) -> tuple[float, float, float, float]:
+    """A box ``[x0, y0, x1, y1]`` inside an image of ``size``, with ``x0 < x1`` and ``y0 < y1``."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: expected [x0, y0, x1, y1], got {value!r}") from err
+    width, height = size
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"{where}: box {[x0, y0, x1, y1]} is empty or not inside the {width}x{height} image")
+    return x0, y0, x1, y1
+
+
+def _mask(path: Path, size: tuple[int, int], where: str) -> np.ndarray:
+    """A bool ``[H, W]`` mask file (nonzero pixels) at its image's ``size``, with at least one pixel set."""
+    _image_size(path, where)
+    with Image.open(path) as image:
+        mask = np.asarray(image.convert("L")) > 0
+    if (mask.shape[1], mask.shape[0]) != size:
+        raise ValueError(f"{where}: mask {path} is {mask.shape[1]}x{mask.shape[0]}, its image is {size[0]}x{size[1]}")
+    if not mask.any():
+        raise ValueError(f"{where}: mask {path} marks no pixel")
+    return mask
+
+
+def grid_points(size: tuple[int, int], grid: int, box: tuple[float, ...] | None = None,
+                mask: np.ndarray | None = None) -> list[list[float]]:
+    """A ``grid x grid`` lattice of points (cell centres) over ``box`` (default the whole image), keeping those
+    on the ``mask`` when one is given (the lattice then spans the mask's bounding box)."""
+    if mask is not None:
+        rows, cols = np.nonzero(mask)
+        box = (float(cols.min()), float(rows.min()), float(cols.max()) + 1, float(rows.max()) + 1)
+    x0, y0, x1, y1 = box if box is not None else (0.0, 0.0, float(size[0]), float(size[1]))
+    steps = (np.arange(grid) + 0.5) / grid
+    points = [[x0 + sx * (x1 - x0), y0 + sy * (y1 - y0)] for sy in steps for sx in steps]
+    if mask is not None:
+        points = [p for p in points if mask[int(p[1]), int(p[0])]] or [[float(cols.mean()), float(rows.mean())]]
+    return points
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def _pair(entry: dict[str, Any], folder: Path, where: str, default_category: str, grid: int) -> ImagePair:
+    """One checked pair of a pairs file (``where`` names the file and the entry in errors)."""
+    for field in ("source", "target"):
+        if not isinstance(entry.get(field), str) or not entry[field]:
+            raise ValueError(f"{where}: missing field {field!r} (an image path); {PAIRS_HINT}")
+    unknown = sorted(set(entry) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; {PAIRS_HINT}")
+    source, target = (folder / entry["source"]).resolve(), (folder / entry["target"]).resolve()
+    size = _image_size(source, f"{where} 'source'")
+    _image_size(target, f"{where} 'target'")
+    box = _box(entry["source_box"], size, f"{where} 'source_box'") if "source_box" in entry else None
+    mask = (_mask((folder / entry["source_mask"]).resolve(), size, f"{where} 'source_mask'")
+            if "source_mask" in entry else None)
+    if "source_keypoints" in entry:
+        points = _points(entry["source_keypoints"], size, f"{where} 'source_keypoints'")
+    else:
+        points = grid_points(size, grid, box, mask)
+    if "prompt" in entry and not isinstance(entry["prompt"], str):
+        raise ValueError(f"{where} 'prompt': expected a string, got {entry['prompt']!r}")
+    category = WholePrompt(entry["prompt"]) if "prompt" in entry else str(entry.get("category", default_category))
+    pair_id = str(entry.get("pair_id") or f"{source.stem}->{target.stem}")
+    return {"source": str(source), "target": str(target), "points": points, "category": category, "pair_id": pair_id}
+
+
+def _pairs_from_file(path: Path, category: str, grid: int) -> list[ImagePair]:
+    entries = _read_json(path, "pairs file")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected a non-empty JSON list; {PAIRS_HINT}")
+    pairs = []
+    for index, entry in enumerate(entries):
+        where = f"{path} entry {index}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected an object with 'source' and 'target', got {entry!r}")
+        pairs.append(_pair(entry, path.parent, where, category, grid))
+    return pairs
+
+
+def _collection(source: Path, targets: Path, keypoints: Any, category: str, grid: int) -> list[ImagePair]:
+    """The source matched to every image of the ``targets`` folder (sorted by name, the source itself left out)."""
+    size = _image_size(source, "data.source")
+    if not targets.is_dir():
+        raise FileNotFoundError(f"data.targets: no such folder {targets}")
+    files = sorted(p.resolve() for p in targets.iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.resolve() != source)
+    if not files:
+        raise ValueError(f"data.targets: folder {targets} holds no image ({', '.join(IMAGE_SUFFIXES)}) besides the source")
+    for file in files:
+        _image_size(file, "data.targets")
+    if isinstance(keypoints, str):
+        file = Path(keypoints).expanduser()
+        keypoints = _read_json(file, "data.source_keypoints file")
+        points = _points(keypoints, size, f"data.source_keypoints ({file})")
+    elif keypoints is not None:
+        points = _points(keypoints, size, "data.source_keypoints")
+    else:
+        points = grid_points(size, grid)
+    return [{"source": str(source), "target": str(f), "points": points, "category": category,
+             "pair_id": f"{source.stem}->{f.stem}"} for f in files]
+
+
+def read_image_pairs(
+    pairs: str | None = None,
+    source: str | None = None,
+    targets: str | None = None,
+    source_keypoints: list[list[float]] | str | None = None,
+    category: str = "object",
+    grid: int = 6,
+) -> list[ImagePair]:
+    """Read and check the inputs of :class:`ImagePairsDataModule` (its arguments): every image header, point,
+    box and mask; no pixels are decoded besides the masks'.
+
+    Returns:
+        The checked pairs, pair ids made unique (``#2``, ``#3``, ... on repeats).
+
+    Raises:
+        FileNotFoundError: A file or folder that does not exist (named).
+        ValueError: Anything else that cannot work, naming the file and the field.
+    """
+    if int(grid) < 1:
+        raise ValueError(f"data.grid must be a positive number of points per side, got {grid}")
+    if (pairs is None) == (source is None):
+        raise ValueError("give either data.pairs (a pairs file) or data.source with data.targets (a folder)")
+    if pairs is not None:
+        if targets is not None or source_keypoints is not None:
+            raise ValueError("data.targets and data.source_keypoints go with data.source; a pairs file holds its own")
+        checked = _pairs_from_file(Path(pairs).expanduser(), category, int(grid))
+    else:
+        if targets is None:
+            raise ValueError("data.source needs data.targets: the folder whose images it is matched to")
+        checked = _collection(Path(source).expanduser().resolve(), Path(targets).expanduser(), source_keypoints,
+                              category, int(grid))
+    seen: Counter[str] = Counter()
+    for pair in checked:
+        seen[pair["pair_id"]] += 1
+        if seen[pair["pair_id"]] > 1:
+            pair["pair_id"] = f"{pair['pair_id']}#{seen[pair['pair_id']]}"
+    return checked
+
+
+class ImagePairsDataset(Dataset):
+    """The checked pairs of :func:`read_image_pairs` as pair samples (images read lazily).
+
+    Items: ``pair_id``, ``category``, ``src_image`` / ``trg_image`` (uint8 ``[3, H, W]``), their paths, and
+    ``src_kps`` ``[N, 2]`` float32 (the points to carry; there is no ground truth).
+    """
+
+    def __init__(self, pairs: list[ImagePair]) -> None:
+        self.pairs = pairs
+        self.categories = sorted({str(p["category"]) for p in pairs})
+
+    @property
+    def pair_ids(self) -> list[str]:
+        """The pair ids, in input order."""
+        return [p["pair_id"] for p in self.pairs]
+
+    def pair_images(self) -> list[tuple[str, str, str]]:
+        """``(category, source, target)`` of every pair (the evaluation order groups pairs by image)."""
+        return [(str(p["category"]), p["source"], p["target"]) for p in self.pairs]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        pair = self.pairs[index]
+        return {
+            "pair_id": pair["pair_id"],
+            "category": pair["category"],
+            "src_image": load_rgb_image(pair["source"]),
+            "trg_image": load_rgb_image(pair["target"]),
+            "src_image_path": pair["source"],
+            "trg_image_path": pair["target"],
+            "src_kps": torch.tensor(pair["points"], dtype=torch.float32).reshape(-1, 2),
+        }
+
+
+class ImagePairsDataModule(PairDataModule):
+    """Your own images for ``trainer.predict`` (``configs/match.yaml``): a pairs file, or one source image
+    against a folder (see :mod:`datamodules.own_images` for the formats). There is no benchmark protocol.
+
+    The inputs are checked by :meth:`check_inputs` (the CLI calls it before loading any model) and again when
+    the dataset is built.
+
+    Args:
+        pairs: A pairs file (JSON list).
+        source: One source image, matched to every image of ``targets``.
+        targets: The folder of target images (with ``source``).
+        source_keypoints: The source's points ``[[x, y], ...]`` or a JSON file holding them (with ``source``).
+        category: The category of pairs that name none (the SD prompt's ``{category}``).
+        grid: Points per side of the lattice laid over pairs without keypoints.
+        batch_size: Pairs per batch.
+        num_workers: DataLoader workers.
+    """
+
+    layout_hint = PAIRS_HINT
+
+    def __init__(
+        self,
+        pairs: str | None = None,
+        source: str | None = None,
+        targets: str | None = None,
+        source_keypoints: list[list[float]] | str | None = None,
+        category: str = "object",
+        grid: PositiveInt = 6,
+        batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 0,
+    ) -> None:
+        super().__init__(root=None, batch_size=batch_size, num_workers=num_workers)
+        self.inputs = {"pairs": pairs, "source": source, "targets": targets, "source_keypoints": source_keypoints,
+                       "category": category, "grid": int(grid)}
+
+    @staticmethod
+    def check_inputs(**init_args: Any) -> None:
+        """Check a config's ``data.init_args`` before any model is loaded (:func:`read_image_pairs`)."""
+        names = ("pairs", "source", "targets", "source_keypoints", "category", "grid")
+        read_image_pairs(**{k: v for k, v in init_args.items() if k in names})
+
+    @property
+    def protocol(self) -> None:  # type: ignore[override]
+        """None: own images have no ground truth to score against."""
+        return None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and check the pairs (``predict``)."""
+        if stage in (None, "predict", "test") and self.test_dataset is None:
+            self.test_dataset = ImagePairsDataset(read_image_pairs(**self.inputs))
+        elif stage in ("fit", "validate"):
+            raise NotImplementedError("ImagePairsDataModule serves trainer.predict (configs/match.yaml)")
+
+
+def write_example_photos(root: str | Path, num_targets: int = 3, size: tuple[int, int] = (160, 120),
+                         seed: int = 0) -> Path:
+    """Write generated "own photos" into ``root`` (tests and docs; no data set needed).
+
+    ``source.png`` (a textured object on a smooth background), ``targets/target_<k>.png`` (known homographies of
+    it over new backgrounds, with photometric changes: the ``warps`` scene of :mod:`.synthetic`),
+    ``source_mask.png``, ``pairs.json`` (one pair with keypoints and a category, one with a box, one with a mask
+    and a prompt) and ``truth.json`` (each target's homography, source pixels -> target pixels).
+
+    Returns:
+        The path of ``pairs.json``.
+    """
+    from .synthetic import _background, _homography, _object_template, _warp_image  # the warps scene's parts
+
+    root = Path(root)
+    (root / "targets").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    width, height = size
+    source = _background(rng, width, height)
+    box = [width // 4, height // 4, 3 * width // 4, 3 * height // 4]
+    source[box[1]:box[3], box[0]:box[2]] = _object_template(rng, box[2] - box[0], box[3] - box[1])
+    Image.fromarray(source).save(root / "source.png")
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[box[1]:box[3], box[0]:box[2]] = 255
+    Image.fromarray(mask).save(root / "source_mask.png")
+    truth = {}
+    for k in range(num_targets):
+        warped, annotation = _warp_image([seed, 7], k, source, {"kps": {}, "bndbox": box}, f"target_{k}")
+        Image.fromarray(warped).save(root / "targets" / f"target_{k}.png")
+        truth[f"target_{k}.png"] = _homography(np.random.default_rng([seed, 7, 3, k]), width, height).tolist()
+    (root / "truth.json").write_text(json.dumps(truth, indent=1) + "\n", encoding="utf-8")
+    points = [[box[0] + 8.0, box[1] + 8.0], [width / 2, height / 2], [box[2] - 9.0, box[3] - 9.0]]
+    pairs = [
+        {"source": "source.png", "target": "targets/target_0.png", "source_keypoints": points, "category": "toy"},
+        {"source": "source.png", "target": f"targets/target_{min(1, num_targets - 1)}.png", "source_box": box},
+        {"source": "source.png", "target": f"targets/target_{num_targets - 1}.png", "source_mask": "source_mask.png",
+         "prompt": "a photo of a toy", "pair_id": "masked"},
+    ]
+    path = root / "pairs.json"
+    path.write_text(json.dumps(pairs, indent=1) + "\n", encoding="utf-8")
+    return path

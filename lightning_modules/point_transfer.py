@@ -1,0 +1,80 @@
+"""Carry points from source to target images: the method on your own pictures (``configs/match.yaml``).
+
+Thin by design: the ``pipeline`` it is given (:class:`.components.pipeline.FusedCorrespondence`, with any
+backbone, refinement or trained head of the zero-shot run) predicts; this module turns each pair's prediction
+into its output line and picture. The inputs come from :class:`datamodules.ImagePairsDataModule` (a pairs file,
+or one source against a folder); the lines go to ``matches.jsonl`` (:class:`callbacks.MatchWriter`), the
+pictures to ``pictures/`` (:class:`callbacks.PictureWriter`), the page to ``viewer.html``
+(:class:`callbacks.ViewerWriter`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from jsonargparse.typing import PositiveInt
+
+from .components.pipeline import FusedCorrespondence
+from .components.visualize import draw_matches
+
+__all__ = ["PointTransfer", "match_line"]
+
+
+def _rounded(points: torch.Tensor) -> list[list[float]]:
+    """``[N, 2]`` points as lists, to a thousandth of a pixel (float32 noise such as 26.666666030 dropped)."""
+    return [[round(float(v), 3) for v in point] for point in points.cpu().tolist()]
+
+
+def match_line(sample: dict[str, Any], output: dict[str, Any]) -> dict[str, Any]:
+    """The ``matches.jsonl`` line of a pair: its files, the source points and their matches (original pixels),
+    the feature distance, the confidence and the mutual-nearest-neighbour flag of each point."""
+    line = {
+        "pair_id": sample["pair_id"],
+        "category": str(sample["category"]),
+        "source": sample["src_image_path"],
+        "target": sample["trg_image_path"],
+        "source_size": [int(sample["src_image"].shape[-1]), int(sample["src_image"].shape[-2])],
+        "target_size": [int(sample["trg_image"].shape[-1]), int(sample["trg_image"].shape[-2])],
+        "src_kps": _rounded(sample["src_kps"]),
+        "pred_kps": _rounded(output["pred_kps"]),
+    }
+    for key in ("distance", "confidence", "mutual"):
+        line[key] = output[key].cpu().tolist()
+    if "flipped" in output:
+        line["flipped"] = bool(output["flipped"])
+    return line
+
+
+class PointTransfer(L.LightningModule):
+    """Where do these points of the source image go in the target image? ``trainer.predict`` on own images.
+
+    Args:
+        pipeline: The method (:class:`~.components.pipeline.FusedCorrespondence`); its knobs are
+            ``--model.pipeline.<name>``. It must check mutual nearest neighbours (``mutual_check: true``, as
+            ``configs/match.yaml`` sets): every output line holds a confidence and a mutual flag per point.
+        picture_height: Height of each pair's picture in pixels.
+    """
+
+    def __init__(self, pipeline: FusedCorrespondence, picture_height: PositiveInt = 256) -> None:
+        super().__init__()
+        if pipeline.refinement is None or not pipeline.refinement.mutual_check:
+            raise ValueError("PointTransfer writes a mutual flag and a confidence per point: set "
+                             "model.pipeline.mutual_check true (configs/match.yaml does)")
+        self.save_hyperparameters(ignore=["pipeline"])
+        self.pipeline = pipeline
+        self.picture_height = int(picture_height)
+
+    @torch.no_grad()
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Per pair: ``pair_id``, ``line`` (the :func:`match_line`) and ``picture`` (:func:`draw_matches`)."""
+        records = []
+        for sample, output in zip(batch, self.pipeline.predict_pairs(batch)):
+            line = match_line(sample, output)
+            picture = draw_matches(sample["src_image"], sample["trg_image"], line["src_kps"], line["pred_kps"],
+                                   line["mutual"], height=self.picture_height)
+            mutual = sum(line["mutual"])
+            records.append({"pair_id": sample["pair_id"], "line": line, "picture": picture,
+                            "caption": f"{sample['pair_id']}: {mutual}/{len(line['mutual'])} mutual matches"})
+        return records
