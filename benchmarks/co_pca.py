@@ -3,6 +3,12 @@ seeds it) against ``fusion.pca_lowrank_components`` (the same algorithm, test ma
 
     python benchmarks/co_pca.py --device cuda
     python benchmarks/co_pca.py --device cpu --repeats 5 --threads 1
+    python benchmarks/co_pca.py --device cpu --batch 8 --repeats 3 --threads 1   # batched vs per pair
+
+With ``--batch N``: ``N`` pairs per layer reduced one pair at a time (``co_pca``, today's per-pair path) and as one
+batch (``co_pca_batch``: batched range finder, orthonormalisation and small SVD); prints both times per pair,
+their ratio, whether the two give the same descriptors (bit for bit, and the largest difference) and the same
+nearest neighbours (every source token's nearest target token, on the three layers' reductions).
 
 SD 1.5 at 960 px gives layers 2/5/8 of 1280 x 15 x 15, 1280 x 30 x 30 and 640 x 60 x 60; each is reduced to
 256 components per pair (both images' tokens together), on feature-like data (a decaying spectrum). Prints
@@ -22,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_modules.components.fusion import co_pca  # noqa: E402
+from lightning_modules.components.fusion import co_pca, co_pca_batch  # noqa: E402
 
 SHAPES = ((1280, 15), (1280, 30), (640, 60))
 
@@ -84,15 +90,71 @@ def _time(fn, pairs, device: torch.device, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def _nearest(pair: torch.Tensor) -> torch.Tensor:
+    """Every source token's nearest target token (L2) on a reduced pair ``[2, q, H, W]``."""
+    tokens = pair.flatten(2).transpose(1, 2)
+    return torch.cdist(tokens[0], tokens[1]).argmin(dim=1)
+
+
+def batched_vs_per_pair(device: torch.device, batch: int, repeats: int) -> dict[str, float]:
+    """Time co-PCA of ``batch`` pairs per layer, per pair and batched, and compare their outputs."""
+    generator = torch.Generator().manual_seed(0)
+    layers = [torch.stack([feature_like_pair(c, side, generator) for _ in range(batch)]).to(device) for c, side in SHAPES]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def per_pair() -> list[torch.Tensor]:
+        return [torch.stack([co_pca(pair, 256) for pair in layer]) for layer in layers]
+
+    def batched() -> list[torch.Tensor]:
+        return [co_pca_batch(layer, 256) for layer in layers]
+
+    timings = {}
+    for name, fn in (("per_pair", per_pair), ("batched", batched)):
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        timings[name] = 1000 * statistics.median(times) / batch
+    one, many = per_pair(), batched()
+    same_nn = sum(int(torch.equal(_nearest(a[i]), _nearest(b[i]))) for a, b in zip(one, many) for i in range(batch))
+    return {
+        "per_pair_ms": timings["per_pair"],
+        "batched_ms": timings["batched"],
+        "ratio": timings["per_pair"] / timings["batched"],
+        "identical": float(all(torch.equal(a, b) for a, b in zip(one, many))),
+        "max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(one, many)),
+        "same_nearest": same_nn,
+        "compared": len(SHAPES) * batch,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=0, help="compare per-pair and batched co-PCA of this many pairs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.batch:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        r = batched_vs_per_pair(device, args.batch, args.repeats)
+        print(f"device {name}, {torch.get_num_threads()} threads; co-PCA of {args.batch} pairs, layers {SHAPES} to 256, "
+              f"median of {args.repeats}")
+        print(f"  per pair (co_pca)      : {r['per_pair_ms']:8.2f} ms/pair")
+        print(f"  batched (co_pca_batch) : {r['batched_ms']:8.2f} ms/pair  ({r['ratio']:.2f}x)")
+        print(f"  same descriptors bit for bit: {bool(r['identical'])} (largest difference {r['max_abs_diff']:.2e}); "
+              f"same nearest neighbours on {r['same_nearest']} of {r['compared']} layer-pairs")
+        return
     generator = torch.Generator().manual_seed(0)
     pairs = [feature_like_pair(c, side, generator).to(device) for c, side in SHAPES]
     old = _time(reference_co_pca, pairs, device, args.repeats)

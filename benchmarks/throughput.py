@@ -107,9 +107,13 @@ class TimedCorrespondence(FusedCorrespondence):
         with self._timed("extract"):
             return super().extract(images, categories)
 
-    def predict_pair(self, features, sample):  # noqa: ANN001, ANN201
+    def describe_pairs(self, pairs):  # noqa: ANN001, ANN201 - co-PCA and fusion of a batch of pairs
         with self._timed("match"):
-            return super().predict_pair(features, sample)
+            return super().describe_pairs(pairs)
+
+    def predict_pair(self, features, sample, descriptors=None):  # noqa: ANN001, ANN201
+        with self._timed("match"):
+            return super().predict_pair(features, sample, descriptors)
 
 
 def _reset_peak_rss() -> bool:

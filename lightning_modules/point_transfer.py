@@ -33,8 +33,8 @@ def match_line(sample: dict[str, Any], output: dict[str, Any]) -> dict[str, Any]
     line = {
         "pair_id": sample["pair_id"],
         "category": str(sample["category"]),
-        "source": sample["src_image_path"],
-        "target": sample["trg_image_path"],
+        "source": sample.get("src_file", sample["src_image_path"]),
+        "target": sample.get("trg_file", sample["trg_image_path"]),
         "source_size": [int(sample["src_image"].shape[-1]), int(sample["src_image"].shape[-2])],
         "target_size": [int(sample["trg_image"].shape[-1]), int(sample["trg_image"].shape[-2])],
         "src_kps": _rounded(sample["src_kps"]),

@@ -70,8 +70,8 @@ def record_run(run_dir: Path) -> dict[str, Any]:
     return record
 
 
-def _data(base: Path) -> dict[str, Path]:
-    """Generate every benchmark root once."""
+def generate_roots(base: Path) -> dict[str, Path]:
+    """Generate every benchmark root once, in its real on-disk layout (also scripts/reproduce.py --synthetic)."""
     from test_cub_data import write_tiny_cub
     from test_pf_data import write_pfpascal, write_pfwillow
     from test_tss import write_tss_fixture
@@ -141,7 +141,7 @@ def record(out: Path, only: list[str] | None = None) -> dict[str, str]:
 
     entry: dict[str, Callable[[list[str]], Any]] = {"evaluate": evaluate.main, "train": train.main}
     out = out.resolve()
-    data = _data(out / "data")
+    data = generate_roots(out / "data")
     import torch
 
     # records compare bit for bit: one thread always (the tests' conftest, imported with their generators, sets

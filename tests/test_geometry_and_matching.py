@@ -194,13 +194,15 @@ def test_cholesky_qr2_spans_the_qr_space_and_refuses_a_rank_deficient_input() ->
     from lightning_modules.components.fusion import _cholesky_qr2, right_singular_vectors
 
     x = torch.randn(300, 24, generator=torch.Generator().manual_seed(3)) @ torch.diag(torch.logspace(0, 3, 24))
-    basis = _cholesky_qr2(x)  # the CUDA route, run here on the CPU
+    basis, ok = _cholesky_qr2(x)  # the CUDA route, run here on the CPU
     householder = torch.linalg.qr(x).Q
-    assert basis is not None and basis.dtype == x.dtype
+    assert bool(ok) and basis.dtype == x.dtype
     torch.testing.assert_close(basis.mT @ basis, torch.eye(24), atol=1e-5, rtol=0)
     # the same column space: projecting one basis onto the other loses nothing
     torch.testing.assert_close(householder @ (householder.mT @ basis), basis, atol=1e-4, rtol=0)
     deficient = torch.cat([x[:, :12], x[:, :12]], dim=1)  # rank 12 of 24 columns
-    assert _cholesky_qr2(deficient) is None  # orthonormal_basis then falls back to Householder QR
+    assert not bool(_cholesky_qr2(deficient)[1])  # orthonormal_basis then falls back to Householder QR
+    # in a batch, only the matrix it fails on is refused (that one alone gets Householder QR)
+    assert _cholesky_qr2(torch.stack([x, deficient]))[1].tolist() == [True, False]
     wide = torch.randn(8, 40, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(right_singular_vectors(wide), torch.linalg.svd(wide, full_matrices=False)[2].mT)

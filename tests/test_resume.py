@@ -44,7 +44,9 @@ def _args(configs: list[str], root: Path, out: Path) -> list[str]:
     """``configs``: config files, then (from the first ``--`` option on) extra command-line arguments."""
     first_option = next((i for i, c in enumerate(configs) if c.startswith("--")), len(configs))
     files, extra = configs[:first_option], configs[first_option:]
-    return ["test", *[a for c in files for a in ("--config", c)], "--data.root", str(root), *extra,
+    # one pair per batch (the benchmark configs take 4): the interruptions and counts below go batch by batch
+    return ["test", *[a for c in files for a in ("--config", c)], "--data.root", str(root), "--data.batch_size", "1",
+            *extra,
             "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(out)]
 
 

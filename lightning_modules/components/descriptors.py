@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from .features import ImageFeatures
-from .fusion import FUSIONS, co_pca, fuse, merge_layers
+from .fusion import FUSIONS, co_pca_batch, fuse, merge_layers
 
-__all__ = ["DescriptorSpec", "describe_pair", "project_layer"]
+__all__ = ["DescriptorSpec", "describe_pair", "describe_pairs", "project_layer"]
 
 
 @dataclass(frozen=True)
@@ -107,23 +107,66 @@ def describe_pair(
         sd_layer_ids: The layer ids of ``source.sd`` (the SD featurizer's ``layers``).
         grid: Output grid side (the DINO grid); None keeps the finest SD resolution.
     """
-    device_type = (source.dino if source.dino is not None else source.sd[0]).device.type  # type: ignore[index]
+    return describe_pairs([(source, target)], spec, sd_layer_ids, grid)[0]
+
+
+def _shapes(pair: tuple[ImageFeatures, ImageFeatures]) -> tuple:
+    """What must agree for pairs to be stacked: every map's shape, on both sides."""
+    return tuple(
+        (tuple(t.shape for t in f.sd) if f.sd is not None else None, tuple(f.dino.shape) if f.dino is not None else None)
+        for f in pair
+    )
+
+
+def describe_pairs(
+    pairs: Sequence[tuple[ImageFeatures, ImageFeatures]],
+    spec: DescriptorSpec,
+    sd_layer_ids: Sequence[int] = (),
+    grid: int | None = None,
+) -> list[torch.Tensor]:
+    """:func:`describe_pair` of many pairs at once: pairs whose maps share their shapes (after the resize and
+    padding, all pairs of a benchmark do) are stacked, and co-PCA runs once per layer for the whole stack
+    (:func:`.fusion.co_pca_batch`, each pair still reduced on its own) instead of once per layer and pair.
+
+    Returns:
+        ``[2, D, G, G]`` per pair, in the order given.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for index, pair in enumerate(pairs):
+        groups.setdefault(_shapes(pair), []).append(index)
+    out: list[torch.Tensor | None] = [None] * len(pairs)
+    for members in groups.values():
+        stacked = _describe_stack([pairs[i] for i in members], spec, sd_layer_ids, grid)
+        for i, descriptors in zip(members, stacked):
+            out[i] = descriptors
+    return out  # type: ignore[return-value]
+
+
+def _describe_stack(
+    pairs: Sequence[tuple[ImageFeatures, ImageFeatures]], spec: DescriptorSpec, sd_layer_ids: Sequence[int],
+    grid: int | None,
+) -> torch.Tensor:
+    """Descriptors ``[B, 2, D, G, G]`` of pairs whose maps share their shapes."""
+    first = pairs[0][0]
+    device_type = (first.dino if first.dino is not None else first.sd[0]).device.type  # type: ignore[index]
+    batch = len(pairs)
     with torch.autocast(device_type=device_type, enabled=False):
         sd_block = None
         if spec.uses_sd:
-            if source.sd is None or target.sd is None:
+            if any(f.sd is None for pair in pairs for f in pair):
                 raise ValueError(f"alpha={spec.alpha} needs SD features, but none were extracted")
-            positions = spec.layer_positions(sd_layer_ids or range(len(source.sd)))
-            pairs = [torch.stack([source.sd[i], target.sd[i]]).float() for i in positions]
+            positions = spec.layer_positions(sd_layer_ids or range(len(first.sd)))
+            layers = [torch.stack([torch.stack([s.sd[i], t.sd[i]]) for s, t in pairs]).float() for i in positions]
             if spec.projection is not None:
-                ids = [list(sd_layer_ids or range(len(source.sd)))[i] for i in positions]
-                pairs = [project_layer(pair, spec.projection, layer) for pair, layer in zip(pairs, ids)]
+                ids = [list(sd_layer_ids or range(len(first.sd)))[i] for i in positions]
+                layers = [project_layer(layer.flatten(0, 1), spec.projection, layer_id).unflatten(0, (batch, 2))
+                          for layer, layer_id in zip(layers, ids)]
             elif spec.pca_dims is not None:
-                pairs = [co_pca(pair, dim) for pair, dim in zip(pairs, spec.pca_dims)]
-            sd_block = merge_layers(pairs, grid)
+                layers = [co_pca_batch(layer, dim) for layer, dim in zip(layers, spec.pca_dims)]
+            sd_block = merge_layers([layer.flatten(0, 1) for layer in layers], grid)
         dino_block = None
         if spec.uses_dino:
-            if source.dino is None or target.dino is None:
+            if any(f.dino is None for pair in pairs for f in pair):
                 raise ValueError(f"alpha={spec.alpha} needs DINO features, but none were extracted")
-            dino_block = torch.stack([source.dino, target.dino]).float()
-        return fuse(sd_block, dino_block, spec.alpha, spec.fusion)
+            dino_block = torch.stack([torch.stack([s.dino, t.dino]) for s, t in pairs]).float().flatten(0, 1)
+        return fuse(sd_block, dino_block, spec.alpha, spec.fusion).unflatten(0, (batch, 2))

@@ -66,8 +66,12 @@ def unique_images(
     """
     unique: dict[str, tuple[torch.Tensor, str]] = {}
     for s in samples:
-        unique.setdefault(s["src_image_path"], (s["src_image"], s["category"]))
-        unique.setdefault(s["trg_image_path"], (s["trg_image"], s["category"]))
+        for side in ("src", "trg"):
+            path = s[f"{side}_image_path"]
+            kept = unique.setdefault(path, (s[f"{side}_image"], s["category"]))[1]
+            if (type(kept), kept) != (type(s["category"]), s["category"]):  # its features depend on the prompt
+                raise ValueError(f"image {path} appears under two categories in one batch ({kept!r} and "
+                                 f"{s['category']!r}): give each its own image path (identity)")
     if mirrored_sources:
         for s in samples:
             unique.setdefault(mirrored_key(s["src_image_path"]), (s["src_image"].flip(-1), s["category"]))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FUSIONS", "co_pca", "fuse", "l2_normalize", "merge_layers"]
+__all__ = ["FUSIONS", "co_pca", "co_pca_batch", "fuse", "l2_normalize", "merge_layers"]
 
 
 def co_pca(pair: torch.Tensor, dim: int, niter: int = 2, seed: int = 0) -> torch.Tensor:
@@ -18,7 +18,8 @@ def co_pca(pair: torch.Tensor, dim: int, niter: int = 2, seed: int = 0) -> torch
     between the two images stay comparable. :func:`pca_lowrank_components` computes the same thing with its
     random test matrix drawn from a private CPU generator seeded with ``seed``, so a pair gets the same
     projection across runs, batches, processes AND devices (``pca_lowrank`` draws it on the features' device,
-    whose generator differs between CPU and CUDA), and the global random state is left alone.
+    whose generator differs between CPU and CUDA), and the global random state is left alone. One pair is a
+    batch of one of :func:`co_pca_batch`.
 
     Args:
         pair: ``[2, C, H, W]`` features of the source and the target image.
@@ -29,12 +30,29 @@ def co_pca(pair: torch.Tensor, dim: int, niter: int = 2, seed: int = 0) -> torch
     Returns:
         ``[2, min(dim, C, 2HW), H, W]``.
     """
-    n, channels, height, width = pair.shape
-    tokens = pair.float().permute(0, 2, 3, 1).reshape(n * height * width, channels)
-    centred = tokens - tokens.mean(dim=0, keepdim=True)
-    q = min(dim, channels, centred.shape[0])
+    return co_pca_batch(pair.unsqueeze(0), dim, niter, seed)[0]
+
+
+def co_pca_batch(pairs: torch.Tensor, dim: int, niter: int = 2, seed: int = 0) -> torch.Tensor:
+    """:func:`co_pca` of a batch of pairs whose maps share one shape, each pair reduced on its own (its own
+    mean and principal directions) with one set of batched calls: the range finder as batched matmuls, batched
+    orthonormalisation and a batched small SVD, the same test matrix for every pair.
+
+    Args:
+        pairs: ``[B, 2, C, H, W]``.
+        dim: Number of components (clamped to ``min(C, 2*H*W)``).
+        niter: Subspace iterations.
+        seed: Seed of the randomised range finder.
+
+    Returns:
+        ``[B, 2, min(dim, C, 2HW), H, W]``.
+    """
+    batch, n, channels, height, width = pairs.shape
+    tokens = pairs.float().permute(0, 1, 3, 4, 2).reshape(batch, n * height * width, channels)
+    centred = tokens - tokens.mean(dim=1, keepdim=True)
+    q = min(dim, channels, centred.shape[1])
     reduced = centred @ pca_lowrank_components(centred, q, niter, seed)
-    return reduced.reshape(n, height, width, q).permute(0, 3, 1, 2)
+    return reduced.reshape(batch, n, height, width, q).permute(0, 1, 4, 2, 3)
 
 
 def pca_lowrank_components(data: torch.Tensor, q: int, niter: int = 2, seed: int = 0) -> torch.Tensor:
@@ -77,41 +95,52 @@ def orthonormal_basis(x: torch.Tensor) -> torch.Tensor:
 
     On the CPU: LAPACK's Householder QR (``torch.linalg.qr``, as ``pca_lowrank``). On CUDA: CholeskyQR2 in
     float64 (two rounds of ``Q = X R^-1`` with ``R`` the Cholesky factor of ``X^H X``), about 0.5 ms where
-    cuSOLVER's QR takes 1.3-2.3 ms; it spans the same space, its columns may differ in sign. When ``x`` is too
-    ill-conditioned for it (Cholesky fails, or the result is not orthonormal to 1e-6), Householder QR is used.
+    cuSOLVER's QR takes 1.3-2.3 ms; it spans the same space, its columns may differ in sign. Each matrix of a
+    batch that is too ill-conditioned for it (its Cholesky fails, or its result is not orthonormal to 1e-6)
+    gets Householder QR instead.
     """
-    if x.device.type == "cuda":
-        basis = _cholesky_qr2(x)
-        if basis is not None:
-            return basis
-    return torch.linalg.qr(x).Q
+    if x.device.type != "cuda":
+        return torch.linalg.qr(x).Q
+    basis, ok = _cholesky_qr2(x)
+    if bool(ok.all()):
+        return basis
+    if x.ndim == 2:
+        return torch.linalg.qr(x).Q
+    basis[~ok] = torch.linalg.qr(x[~ok]).Q
+    return basis
 
 
-def _cholesky_qr2(x: torch.Tensor) -> torch.Tensor | None:
+def _cholesky_qr2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CholeskyQR2 of ``x`` ``[..., N, k]``: ``(Q, ok)``, ``ok`` ``[...]`` False where it did not work."""
     y = x.double()
+    ok = torch.ones(x.shape[:-2], dtype=torch.bool, device=x.device)
     for _ in range(2):
         factor, info = torch.linalg.cholesky_ex(y.mH @ y)
-        if bool((info != 0).any()):
-            return None
+        ok &= info == 0
         y = torch.linalg.solve_triangular(factor.mH, y, upper=True, left=False)
     eye = torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)
-    if not bool(((y.mH @ y) - eye).abs().amax() < 1e-6):
-        return None
-    return y.to(x.dtype)
+    ok &= ((y.mH @ y) - eye).abs().amax(dim=(-2, -1)) < 1e-6  # False for NaN too
+    return y.to(x.dtype), ok
 
 
 def right_singular_vectors(small: torch.Tensor) -> torch.Tensor:
     """``V`` ``[..., C, q]`` of the SVD of a wide ``[..., q, C]`` matrix, by decreasing singular value.
 
     On CUDA through cuSOLVER's ``gesvda`` on the tall transpose (about 2 ms where the default driver takes
-    7 ms on an H200), checked to be orthonormal to 1e-4 and otherwise recomputed with the default driver.
+    7 ms on an H200), checked to be orthonormal to 1e-4 per matrix; a matrix that fails is recomputed with the
+    default driver.
     """
-    if small.device.type == "cuda":
-        left, _, _ = torch.linalg.svd(small.mH, full_matrices=False, driver="gesvda")
-        eye = torch.eye(left.shape[-1], dtype=left.dtype, device=left.device)
-        if bool(((left.mH @ left) - eye).abs().amax() < 1e-4):
-            return left
-    return torch.linalg.svd(small, full_matrices=False)[2].mH
+    if small.device.type != "cuda":
+        return torch.linalg.svd(small, full_matrices=False)[2].mH
+    left, _, _ = torch.linalg.svd(small.mH, full_matrices=False, driver="gesvda")
+    eye = torch.eye(left.shape[-1], dtype=left.dtype, device=left.device)
+    ok = ((left.mH @ left) - eye).abs().amax(dim=(-2, -1)) < 1e-4
+    if bool(ok.all()):
+        return left
+    if small.ndim == 2:
+        return torch.linalg.svd(small, full_matrices=False)[2].mH
+    left[~ok] = torch.linalg.svd(small[~ok], full_matrices=False)[2].mH
+    return left
 
 
 def merge_layers(layers: Sequence[torch.Tensor], size: int | None = None) -> torch.Tensor:

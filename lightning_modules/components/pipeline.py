@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 from .dense import PixelCorrespondence, pixel_correspondence
-from .descriptors import DescriptorSpec, describe_pair
+from .descriptors import DescriptorSpec, describe_pair, describe_pairs
 from .dino_featurizer import DinoFeaturizer
 from .features import (
     SOURCES,
@@ -356,11 +356,24 @@ class FusedCorrespondence(nn.Module):
                 "category -> [[left id, right id], ...]) or call use_protocol(protocol) with the benchmark's"
             )
         features = self.features_by_path(samples, mirrored_sources=self.pose_alignment is not None)
-        return [self.predict_pair(features, s) for s in samples]
+        if self.pose_alignment is not None:  # each pair describes both orientations of its source
+            return [self.predict_pair(features, s) for s in samples]
+        pairs = [(features[s["src_image_path"]], features[s["trg_image_path"]]) for s in samples]
+        return [self.predict_pair(features, s, d) for s, d in zip(samples, self.describe_pairs(pairs))]
 
-    def predict_pair(self, features: Mapping[str, ImageFeatures], sample: PairSample) -> dict[str, Any]:
-        """One pair's prediction (:meth:`predict_pairs`) from the batch's features by path: descriptors, the
-        transfer and, when configured, the refinements and the pose alignment; no extraction."""
+    def describe_pairs(self, pairs: Sequence[tuple[ImageFeatures, ImageFeatures]]) -> list[torch.Tensor]:
+        """:meth:`describe_pair` of many pairs: zero-shot, co-PCA runs batched over the pairs
+        (:func:`.descriptors.describe_pairs`, the same descriptors as one pair at a time)."""
+        if self.head is not None:
+            return [self.describe_pair(source, target) for source, target in pairs]
+        return describe_pairs(pairs, self.spec, self.sd.layers if self.sd is not None else (), self.grid)
+
+    def predict_pair(
+        self, features: Mapping[str, ImageFeatures], sample: PairSample, descriptors: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        """One pair's prediction (:meth:`predict_pairs`) from the batch's features by path: descriptors (unless
+        given, from :meth:`describe_pairs`), the transfer and, when configured, the refinements and the pose
+        alignment; no extraction."""
         source, target = features[sample["src_image_path"]], features[sample["trg_image_path"]]
         if self.pose_alignment is not None:
             mirrored = features[mirrored_key(sample["src_image_path"])]
@@ -368,9 +381,10 @@ class FusedCorrespondence(nn.Module):
                 self.describe_pair, source, mirrored, target, sample, self.eval_size, self.pose_alignment,
                 self.refinement, self.matcher,
             )
+        if descriptors is None:
+            descriptors = self.describe_pair(source, target)
         pred, distance, extras = transfer(
-            self.describe_pair(source, target), source, target, sample["src_kps"], self.eval_size, self.refinement,
-            self.matcher,
+            descriptors, source, target, sample["src_kps"], self.eval_size, self.refinement, self.matcher
         )
         return {"pred_kps": pred, "distance": distance, **extras}
 

@@ -41,8 +41,9 @@ class PairSample(TypedDict, total=False):
         subclass: PF-Willow's image folder (``car(G)``, ...).
         class_index: CUB-200's class number.
         class_folder: CUB-200's class folder.
-        src_file: CUB-200's source image file (the sample image is its crop).
-        trg_file: CUB-200's target image file.
+        src_file: The source image's file where ``src_image_path`` is not just that (CUB-200: the sample image is
+            its crop; own images: a file matched under several categories).
+        trg_file: The target image's file, likewise.
         src_file_bbox: CUB-200's source object box in the file's pixels.
         trg_file_bbox: CUB-200's target object box in the file's pixels.
         src_crop_box: CUB-200's square crop of the source file (inclusive corners).
