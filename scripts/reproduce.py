@@ -1,0 +1,132 @@
+"""Reproduce the paper in one command: fetch and verify the data and weights, run the paper's rows on each benchmark,
+and print the paper's numbers beside ours.
+
+    # a connected GPU machine: everything, Table 1's rows on every benchmark
+    python scripts/reproduce.py --data-dir /data/sd-dino --devices 1
+    python scripts/reproduce.py --data-dir /data/sd-dino --benchmarks spair,pfpascal --rows fused --devices 4
+    # this machine (no network, no GPU): generated roots in the real layouts and the tiny random models
+    python scripts/reproduce.py --data-dir /tmp/repro --synthetic
+
+Steps: (1) fetch what is missing into ``--data-dir`` (``scripts/reproduction/datasets.yaml``: URLs and layouts;
+downloads resume, are verified and unpacked atomically; weights through ``huggingface_hub``); offline it stops at
+once and lists the files it needs and where to put them. (2) one ``evaluate.py test`` run per benchmark and row
+into ``<out>/<benchmark>/<row>`` (rows: ``sd``, ``dino``, ``fused``, and the supplementary's CUB
+``fused_alpha0.8``), sharing ``<out>/feature_cache``; a run finished with the same command is skipped, an
+interrupted one resumed. (3) the comparison with ``scripts/reproduction/paper_numbers.yaml``: printed, and
+``<out>/reproduction.md`` / ``reproduction.json``. Exit status 1 when a run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "scripts"), str(REPO)]
+
+from reproduction.compare import PAPER_FILE, compare, load_paper_numbers, write_comparison  # noqa: E402
+from reproduction.fetch import (  # noqa: E402
+    DATASETS_FILE,
+    FetchError,
+    MissingFiles,
+    fetch_dataset,
+    fetch_models,
+    load_datasets,
+    missing_files,
+    missing_message,
+    reachable,
+)
+from reproduction.runs import BENCHMARKS, ROWS, plan_runs, run_all  # noqa: E402
+
+#: The weights the paper's configs load (configs/featurizers/sd15.yaml, dinov2_b14.yaml).
+MODEL_IDS = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "facebook/dinov2-base")
+TINY = REPO / "configs" / "overlays" / "tiny.yaml"
+
+
+def _names(text: str, known: list[str], what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise SystemExit(f"error: unknown {what} {unknown}; choose from {','.join(known)}")
+    return names
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True, type=Path, help="where the data sets are (or go)")
+    parser.add_argument("--benchmarks", default=",".join(BENCHMARKS), help="comma-separated, of " + ",".join(BENCHMARKS))
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated, of " + ",".join(ROWS))
+    parser.add_argument("--devices", type=int, default=1, help="GPUs (Lightning's --trainer.devices)")
+    parser.add_argument("--out", type=Path, default=None, help="run folders and the table (default <data-dir>/runs)")
+    parser.add_argument("--offline", action="store_true", default=os.environ.get("HF_HUB_OFFLINE") == "1",
+                        help="never download: use what is there, else list what is missing (default with HF_HUB_OFFLINE=1)")
+    parser.add_argument("--feature-cache", default="default",
+                        help="folder of the feature cache the rows share (default <out>/feature_cache, about 26 MB "
+                        "per image at the paper's settings); 'none' to run without one")
+    parser.add_argument("--config", action="append", default=[], help="more --config files for every run")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="generated roots in the real layouts and the tiny random models (a smoke run, no downloads)")
+    parser.add_argument("--datasets", type=Path, default=DATASETS_FILE, help="the datasets data file")
+    parser.add_argument("--paper", type=Path, default=PAPER_FILE, help="the paper's numbers data file")
+    args = parser.parse_args(argv)
+    args.benchmarks = _names(args.benchmarks, list(BENCHMARKS), "benchmarks")
+    args.rows = _names(args.rows, list(ROWS), "rows")
+    args.out = args.out or args.data_dir / "runs"
+    return args
+
+
+def synthetic_roots(data_dir: Path) -> tuple[dict[str, Path], dict[str, list[str]]]:
+    """Generated roots of every benchmark in its real on-disk layout (the test suite's generators)."""
+    from record_outputs import generate_roots  # scripts/record_outputs.py: the same roots its record runs use
+
+    folder, extra = data_dir / "synthetic", {"cub": ["--data.categories", "[1, 2]"]}  # CUB: two of its classes
+    made = folder / "roots.json"  # written last: a rerun reuses the roots (their cached features too)
+    if made.is_file():
+        return {name: Path(path) for name, path in json.loads(made.read_text()).items()}, extra
+    shutil.rmtree(folder, ignore_errors=True)
+    roots = generate_roots(folder)
+    made.write_text(json.dumps({name: str(path) for name, path in roots.items()}))
+    return roots, extra
+
+
+def fetch_all(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, list[str]]]:
+    """Step 1: every requested dataset ready (or MissingFiles listing all that is missing), and the weights."""
+    datasets = load_datasets(args.datasets)
+    chosen = {name: datasets[name] for name in args.benchmarks}
+    missing = {name: m for name, ds in chosen.items() if (m := missing_files(ds, args.data_dir))}
+    if missing and (args.offline or not reachable(next(iter(missing.values()))[0].url)):
+        raise MissingFiles(missing_message(missing, args.data_dir))
+    roots = {name: fetch_dataset(ds, args.data_dir, offline=args.offline) for name, ds in chosen.items()}
+    fetch_models(MODEL_IDS, offline=args.offline)
+    return roots, {name: list(ds.extra_args) for name, ds in chosen.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Fetch, run, compare; returns the exit status."""
+    args = parse_args(argv)
+    numbers = load_paper_numbers(args.paper)  # a broken data file fails before anything is fetched or run
+    try:
+        roots, extra = synthetic_roots(args.data_dir) if args.synthetic else fetch_all(args)
+    except (MissingFiles, FetchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    configs = [*([str(TINY)] if args.synthetic else []), *args.config]
+    cache = {"default": "default", "none": None}.get(args.feature_cache, Path(args.feature_cache))
+    runs = plan_runs(args.benchmarks, args.rows, roots, args.out, args.devices, configs, extra, cache)
+    status = run_all(runs)
+    table = compare(numbers, args.out, args.benchmarks, args.rows)
+    context = {"synthetic": args.synthetic, "devices": args.devices, "configs": configs,
+               "runs": {f"{b}/{r}": s for (b, r), s in status.items()}}
+    text = write_comparison(table, args.out, context)
+    print("\n" + ("generated data and tiny random models: the numbers only show that every step runs\n"
+                  if args.synthetic else "") + text + f"written to {args.out / 'reproduction.md'} and reproduction.json")
+    return 1 if any(s.startswith("failed") for s in status.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
