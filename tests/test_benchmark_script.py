@@ -62,3 +62,21 @@ def test_tiny_run_counts_passes_and_matches_the_baseline(throughput, tmp_path: P
 def test_reduced_precision_is_cuda_only(throughput) -> None:
     with pytest.raises(SystemExit, match="cuda only"):
         throughput.main(["--tiny", "--device", "cpu", "--precision", "fp16"])
+
+
+def test_batched_pairs_predict_what_one_pair_per_call_does(throughput, tmp_path: Path) -> None:
+    out = tmp_path / "batched.json"
+    threads = torch.get_num_threads()
+    try:
+        throughput.main(["--tiny", "--quiet", "--device", "cpu", "--threads", "1", "--categories", "2", "--images",
+                         "3", "--pairs-per-image", "3", "--image-size", "160", "120", "--pair-batch", "4",
+                         "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["pair_batch"] == 4
+    # ours (4 pairs per call, batched co-PCA) against the baseline (one pair per call): the same predictions
+    assert result["predictions_match"]["equal_pairs"] == result["pairs"]
+    assert result["distances_match"]["max_abs_diff"] == 0.0
+    for name in ("baseline", "ours"):
+        assert 0 < result[name]["co_pca_s"] <= result[name]["match_s"]

@@ -371,9 +371,10 @@ class FusedCorrespondence(nn.Module):
     def predict_pair(
         self, features: Mapping[str, ImageFeatures], sample: PairSample, descriptors: torch.Tensor | None = None
     ) -> dict[str, Any]:
-        """One pair's prediction (:meth:`predict_pairs`) from the batch's features by path: descriptors (unless
-        given, from :meth:`describe_pairs`), the transfer and, when configured, the refinements and the pose
-        alignment; no extraction."""
+        """One pair's prediction (:meth:`predict_pairs`) from the batch's features by path: its descriptors (as
+        given by :meth:`describe_pairs` for the batch, else :meth:`describe_pair`), the transfer and, when
+        configured, the refinements and the pose alignment (which describes both source orientations itself);
+        no extraction."""
         source, target = features[sample["src_image_path"]], features[sample["trg_image_path"]]
         if self.pose_alignment is not None:
             mirrored = features[mirrored_key(sample["src_image_path"])]
