@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from lightning_modules.components.image_prep import load_rgb_image
-from lightning_modules.components.sd_featurizer import WholePrompt
+from lightning_modules.components.sd_featurizer import WholePrompt, prompt_identity
 
 from .base import PairDataModule
 
@@ -239,10 +239,10 @@ def read_image_pairs(
                               category, int(grid))
     # An image's features depend on its category (the SD prompt): a file matched under several categories is
     # several images to the pipeline, which shares features by identity within a batch.
-    categories: dict[str, set[tuple[type, str]]] = {}
+    categories: dict[str, set[tuple[bool, str]]] = {}
     for pair in checked:
         for side in ("source", "target"):
-            categories.setdefault(pair[side], set()).add((type(pair["category"]), str(pair["category"])))
+            categories.setdefault(pair[side], set()).add(prompt_identity(pair["category"]))
     for pair in checked:
         for side in ("source", "target"):
             several = len(categories[pair[side]]) > 1

@@ -25,6 +25,13 @@ TINY_OVERLAY = str(CONFIGS / "overlays" / "tiny.yaml")
 CPU_ARGS = ["--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu"]
 
 
+def tiny_overlay_args(name: str) -> dict:
+    """The ``init_args`` of the tiny overlay's featurizer ``name`` (``sd`` or ``dino``), to build it by hand."""
+    import yaml
+
+    return yaml.safe_load((CONFIGS / "featurizers" / f"tiny_{name}.yaml").read_text())["init_args"]
+
+
 @pytest.fixture(scope="session")
 def tiny_sd() -> SDFeaturizer:
     """Tiny random SD featurizer (192 px, 2x2 sliding window of 128 px crops)."""

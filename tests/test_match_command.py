@@ -15,7 +15,7 @@ from datamodules.own_images import ImagePairsDataModule, grid_points, read_image
 from lightning_modules.components import SDFeaturizer
 from lightning_modules.components.sd_featurizer import WholePrompt
 
-from conftest import CONFIGS, TINY_OVERLAY
+from conftest import CONFIGS, TINY_OVERLAY, tiny_overlay_args
 
 MATCH_CONFIG = str(CONFIGS / "match.yaml")
 
@@ -165,14 +165,10 @@ def test_match_command_carries_landmarks_to_a_folder_like_the_python_call(photos
                str(photos.parent / "targets"), "--data.source_keypoints", "[[60, 50], [100, 70]]")
     lines = [json.loads(line) for line in (out / "matches.jsonl").read_text().splitlines()]
     assert [Path(line["target"]).name for line in lines] == ["target_0.png", "target_1.png", "target_2.png"]
-    import yaml
-
     from lightning_modules.components import DinoFeaturizer, FusedCorrespondence
 
-    def tiny(name: str) -> dict:  # the overlay's featurizers, built by hand
-        return yaml.safe_load((CONFIGS / "featurizers" / f"tiny_{name}.yaml").read_text())["init_args"]
-
-    pipeline = FusedCorrespondence(SDFeaturizer(**tiny("sd")), DinoFeaturizer(**tiny("dino")), mutual_check=True)
+    pipeline = FusedCorrespondence(SDFeaturizer(**tiny_overlay_args("sd")), DinoFeaturizer(**tiny_overlay_args("dino")),
+                                   mutual_check=True)  # the overlay's featurizers, built by hand
     expected = pipeline.match(photos.parent / "source.png", lines[1]["target"], [[60, 50], [100, 70]])
     assert lines[1]["pred_kps"] == [[round(v, 3) for v in p] for p in expected.points.tolist()]
     assert lines[1]["mutual"] == expected.mutual.tolist()

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from browser import Browser, find_chromium
 from datamodules.own_images import ImagePairsDataset, read_image_pairs, write_example_photos
@@ -17,20 +16,16 @@ from lightning_modules.components import DinoFeaturizer, FusedCorrespondence, SD
 from lightning_modules.components.matching import nearest_neighbors
 from lightning_modules.components.viewer import reduce_descriptors, render_viewer, viewer_match, viewer_pair
 
-from conftest import CONFIGS
+from conftest import tiny_overlay_args
 
 CHROMIUM = find_chromium()
-
-
-def _tiny(name: str) -> dict:
-    return yaml.safe_load((CONFIGS / "featurizers" / f"tiny_{name}.yaml").read_text())["init_args"]
 
 
 @pytest.fixture(scope="module")
 def viewer_pairs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """The viewer entries of the example photos' three pairs (tiny random models of configs/overlays/tiny.yaml)."""
     pairs = write_example_photos(tmp_path_factory.mktemp("photos"))
-    pipeline = FusedCorrespondence(SDFeaturizer(**_tiny("sd")), DinoFeaturizer(**_tiny("dino")), mutual_check=True)
+    pipeline = FusedCorrespondence(SDFeaturizer(**tiny_overlay_args("sd")), DinoFeaturizer(**tiny_overlay_args("dino")), mutual_check=True)
     dataset = ImagePairsDataset(read_image_pairs(pairs=str(pairs)))
     entries = []
     for index in range(len(dataset)):

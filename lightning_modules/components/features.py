@@ -16,7 +16,7 @@ from .feature_cache import FeatureCache, image_digest
 from .image_prep import pad_resize_image
 from .fusion import merge_layers
 from .samples import PairSample
-from .sd_featurizer import SDFeaturizer
+from .sd_featurizer import SDFeaturizer, prompt_identity
 
 __all__ = [
     "SOURCES",
@@ -69,7 +69,7 @@ def unique_images(
         for side in ("src", "trg"):
             path = s[f"{side}_image_path"]
             kept = unique.setdefault(path, (s[f"{side}_image"], s["category"]))[1]
-            if (type(kept), kept) != (type(s["category"]), s["category"]):  # its features depend on the prompt
+            if prompt_identity(kept) != prompt_identity(s["category"]):  # its features depend on the prompt
                 raise ValueError(f"image {path} appears under two categories in one batch ({kept!r} and "
                                  f"{s['category']!r}): give each its own image path (identity)")
     if mirrored_sources:
@@ -122,9 +122,9 @@ def run_featurizer(
         return compute(list(range(len(images)))), len(images)
     image_keys = image_keys or [image_digest(img) for img in images]
     precision = _precision(device)
-    # keyed by type too: a WholePrompt equals the plain category of the same text but is another prompt
-    per_category = {(type(cat), cat): featurizer.cache_key(cat) for cat in set(categories)}
-    keys = [f"{key}|{per_category[type(cat), cat]}|{precision}" for key, cat in zip(image_keys, categories)]
+    distinct = {prompt_identity(cat): cat for cat in categories}  # not a set: it would merge a WholePrompt
+    per_category = {identity: featurizer.cache_key(cat) for identity, cat in distinct.items()}
+    keys = [f"{key}|{per_category[prompt_identity(cat)]}|{precision}" for key, cat in zip(image_keys, categories)]
     return cache.fetch(keys, compute, device)
 
 

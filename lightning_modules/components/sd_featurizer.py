@@ -39,6 +39,7 @@ __all__ = [
     "LOCATIONS",
     "SDFeaturizer",
     "WholePrompt",
+    "prompt_identity",
     "capture_points",
     "decoder_layer_position",
     "decoder_layer_source",
@@ -62,6 +63,12 @@ CONDITIONINGS = ("prompt", "implicit")
 class WholePrompt(str):
     """A category that is already the whole SD prompt: :meth:`SDFeaturizer.prompt_for` uses it as is instead
     of filling the ``prompt`` template (a pair of one's own images may give its own prompt)."""
+
+
+def prompt_identity(category: str) -> tuple[bool, str]:
+    """What decides an image's SD prompt: its text and whether it is a :class:`WholePrompt` (which equals the
+    plain category of the same text as a ``str``, but is another prompt). Compare and key categories by this."""
+    return isinstance(category, WholePrompt), str(category)
 
 
 def decoder_layer_position(unet: nn.Module, index: int) -> tuple[int, int]:
