@@ -68,6 +68,7 @@ __all__ = [
     "read_part_locs",
     "read_test_list",
     "square_bbox",
+    "write_synthetic_cub",
 ]
 
 #: Keypoints per CUB image.
@@ -626,4 +627,105 @@ class CUBDataModule(PairDataModule):
         return CUBASICDataset(root, categories=self.class_indices, crop_size=self.crop_size, test_list=self.test_list)
 
 
-# ------------------------------------------------------------------------------ PF-PASCAL / PF-WILLOW
+# ------------------------------------------------------------------------------------ a generated root
+
+#: The classes of :func:`write_synthetic_cub`: index -> folder name (CUB's first three).
+SYNTHETIC_CUB_CLASSES: dict[int, str] = {1: "001.Black_footed_Albatross", 2: "002.Laysan_Albatross", 3: "003.Sooty_Albatross"}
+#: Per class: (image id, image size W x H, 1-based bbox x1 y1 x2 y2, grayscale?). Images 4 and 8 are not in the
+#: test list (training images); boxes touch the image borders so that crops need edge padding.
+SYNTHETIC_CUB_IMAGES: dict[int, list[tuple[int, tuple[int, int], tuple[int, int, int, int], bool]]] = {
+    1: [(1, (120, 90), (11, 21, 110, 70), False), (2, (80, 140), (1, 1, 30, 90), True),
+        (3, (200, 150), (40, 30, 190, 149), False), (4, (64, 64), (5, 5, 60, 60), False)],
+    2: [(5, (150, 100), (20, 10, 140, 95), False), (6, (90, 120), (10, 5, 85, 115), False),
+        (7, (130, 130), (2, 3, 129, 128), False), (8, (64, 64), (5, 5, 60, 60), False)],
+}  # fmt: skip
+#: Image ids of :data:`SYNTHETIC_CUB_IMAGES` left out of the test list.
+SYNTHETIC_CUB_NOT_IN_TEST: set[int] = {4, 8}
+#: Invisible parts per image id (everything else visible).
+SYNTHETIC_CUB_INVISIBLE: dict[int, set[int]] = {1: {0, 5}, 2: {5, 14}, 3: set(), 5: {3}, 6: {3, 7}, 7: {0, 1, 2, 3}}
+
+
+def synthetic_cub_rel_path(class_index: int, image_id: int) -> str:
+    """The path under ``images/`` of a generated image, named as CUB names its files."""
+    folder = SYNTHETIC_CUB_CLASSES[class_index]
+    return f"{folder}/{folder.split('.', 1)[1]}_{image_id:04d}_{100000 + image_id}.jpg"
+
+
+def synthetic_cub_parts(image_id: int, size: tuple[int, int], bbox: tuple[int, ...]) -> np.ndarray:
+    """The generated parts of an image: ``[15, 3]`` (x, y, visible), 1-based pixels inside the bbox.
+
+    Args:
+        image_id: The image (seeds the draw; :data:`SYNTHETIC_CUB_INVISIBLE` says which parts are hidden).
+        size: ``(W, H)`` (unused: the parts lie inside the bbox).
+        bbox: 1-based ``(x1, y1, x2, y2)``.
+
+    Returns:
+        The parts; invisible parts are ``0 0 0`` as in CUB.
+    """
+    rng = np.random.default_rng(image_id)
+    x = rng.integers(bbox[0], bbox[2] + 1, CUB_NUM_PARTS).astype(float)
+    y = rng.integers(bbox[1], bbox[3] + 1, CUB_NUM_PARTS).astype(float)
+    visible = np.ones(CUB_NUM_PARTS)
+    for k in SYNTHETIC_CUB_INVISIBLE.get(image_id, ()):
+        x[k] = y[k] = visible[k] = 0
+    return np.stack([x, y, visible], axis=1)
+
+
+def write_synthetic_cub(root: Path) -> Path:
+    """Write a tiny CUB_200_2011 tree in the real on-disk layout, read by :class:`CUBASICDataset`.
+
+    Classes 1 and 2 with 3 test images each (and one training image each): ``images/<class>/*.jpg`` (random
+    pixels, one grayscale), ``images.txt``, ``parts/part_locs.txt`` and ACSM's test list
+    (:data:`DEFAULT_TEST_LIST`, see :func:`write_acsm_test_list`).
+
+    Args:
+        root: The ``CUB_200_2011`` folder (created).
+
+    Returns:
+        ``root``.
+    """
+    rng = np.random.default_rng(0)
+    rows, parts_lines, images_txt = [], [], []
+    for class_index, members in SYNTHETIC_CUB_IMAGES.items():
+        for image_id, (w, h), bbox, gray in members:
+            rel = synthetic_cub_rel_path(class_index, image_id)
+            path = root / "images" / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            (Image.fromarray(pixels[..., 0], "L") if gray else Image.fromarray(pixels)).save(path, quality=95)
+            images_txt.append(f"{image_id} {rel}")
+            parts = synthetic_cub_parts(image_id, (w, h), bbox)
+            parts_lines += [f"{image_id} {k + 1} {x:.1f} {y:.1f} {int(v)}" for k, (x, y, v) in enumerate(parts)]
+            if image_id not in SYNTHETIC_CUB_NOT_IN_TEST:
+                rows.append((image_id, rel, class_index, (w, h), bbox, parts))
+    (root / "images.txt").write_text("\n".join(images_txt) + "\n")
+    (root / "parts").mkdir(parents=True, exist_ok=True)
+    (root / "parts" / "part_locs.txt").write_text("\n".join(parts_lines) + "\n")
+    write_acsm_test_list(root / DEFAULT_TEST_LIST, rows)
+    return root
+
+
+def write_acsm_test_list(path: Path, rows: list) -> None:
+    """Write ACSM's ``*_cub_cleaned.mat``: a 1 x N MATLAB struct array ``images`` (as :func:`read_test_list` reads).
+
+    Args:
+        path: The .mat file (its folder is created).
+        rows: Per image ``(image_id, rel_path, class_index, (W, H), bbox x1 y1 x2 y2, parts [15, 3])``.
+    """
+    from scipy.io import savemat  # scipy is a dependency; imported lazily as the reader does
+
+    fields = ["id", "rel_path", "train", "test", "class", "bbox", "width", "height", "mask", "parts"]
+    images = np.zeros((1, len(rows)), dtype=[(f, object) for f in fields])
+    box_dtype = [(k, object) for k in ("x1", "y1", "x2", "y2")]
+    for i, (image_id, rel, class_index, (w, h), bbox, parts) in enumerate(rows):
+        box = np.zeros((1, 1), dtype=box_dtype)
+        for k, v in zip(("x1", "y1", "x2", "y2"), bbox):
+            box[0, 0][k] = np.array([[float(v)]])
+        images[0, i] = (
+            np.array([[image_id]], dtype=np.int32), np.array([rel]), np.array([[0]], dtype=np.uint8),
+            np.array([[1]], dtype=np.uint8), np.array([[class_index]], dtype=np.int32), box,
+            np.array([[float(w)]]), np.array([[float(h)]]), np.zeros((h, w), dtype=np.uint8),
+            parts.T.copy(),
+        )  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(str(path), {"images": images})

@@ -54,8 +54,11 @@ __all__ = [
     "PFPascalRecord",
     "PF_PASCAL_CATEGORIES",
     "PF_PASCAL_SPLITS",
+    "SYNTHETIC_PASCAL_IMAGES",
+    "SYNTHETIC_PASCAL_PAIRS",
     "read_image_size",
     "resolve_pair_path",
+    "write_synthetic_pfpascal",
 ]
 
 #: The 20 PASCAL VOC classes; the csv ``class`` column is 1-based into this list.
@@ -509,3 +512,107 @@ class PFPascalDataModule(PairDataModule):
     def build_dataset(self, root: str) -> PFPascalDataset:
         """The PF-PASCAL split with the configured filter and threshold rule."""
         return PFPascalDataset(root, split=self.test_split, categories=self.category_filter, threshold=self.threshold)
+
+
+# ------------------------------------------------------------------------------------- a generated root
+
+#: The images of :func:`write_synthetic_pfpascal`: name -> (category, (W, H)); images of one class share its
+#: ``Annotations`` folder.
+SYNTHETIC_PASCAL_IMAGES: dict[str, tuple[str, tuple[int, int]]] = {
+    "2008_000101": ("cat", (160, 120)),
+    "2008_000202": ("cat", (112, 150)),
+    "2009_000303": ("dog", (140, 100)),
+    "2009_000404": ("dog", (128, 176)),
+    "2010_000505": ("aeroplane", (180, 96)),
+    "2010_000606": ("aeroplane", (100, 132)),
+}
+#: The pairs of :func:`write_synthetic_pfpascal`: (source, target, number of keypoints).
+SYNTHETIC_PASCAL_PAIRS: list[tuple[str, str, int]] = [
+    ("2008_000101", "2008_000202", 4),
+    ("2008_000202", "2008_000101", 3),
+    ("2009_000303", "2009_000404", 5),
+    ("2009_000404", "2009_000303", 4),
+    ("2010_000505", "2010_000606", 3),
+]
+
+
+def write_noise_image(path: Path, size: tuple[int, int], seed: int) -> None:
+    """Write an image of uniform random pixels (the format follows the suffix: JPEG, PNG).
+
+    Args:
+        path: The file (its folder is created).
+        size: ``(W, H)``.
+        seed: Seed of the pixels.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def quarter_pixels(rng: np.random.Generator, low: float, high: float, n: int) -> list[float]:
+    """``n`` random multiples of 0.25 (exact in float32) in ``[low, high]``.
+
+    Args:
+        rng: The random generator (advanced by one draw of ``n`` integers).
+        low: Smallest value.
+        high: Largest value.
+        n: How many.
+
+    Returns:
+        The values, as Python floats.
+    """
+    return [float(v) / 4 for v in rng.integers(int(low * 4), int(high * 4) + 1, n)]
+
+
+def write_csv_rows(path: Path, rows: list[list[str]]) -> None:
+    """Write ``rows`` as a csv file (its folder is created), as the PF pair lists are written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+
+
+def write_synthetic_pfpascal(base: Path, with_mat: bool = True, seed: int = 0) -> tuple[Path, dict]:
+    """Write a small PF-PASCAL root in the real on-disk layout, read by :class:`PFPascalDataset`.
+
+    The images are :data:`SYNTHETIC_PASCAL_IMAGES` (random pixels, JPEG), the test csv lists
+    :data:`SYNTHETIC_PASCAL_PAIRS` with random keypoints on a quarter-pixel grid, and each image gets an
+    ``Annotations/<category>/<name>.mat`` (``kps`` with one NaN row, ``bbox``, ``class``).
+
+    Args:
+        base: The folder above the root (created).
+        with_mat: Write the ``Annotations`` .mat files.
+        seed: Seed of the pixels, keypoints and boxes.
+
+    Returns:
+        The root (``base/PF-dataset-PASCAL``) and what was written: ``{"mat": {name: (kps, bbox)}, "rows":
+        [{"src", "trg", "category", "xa", "ya", "xb", "yb"}]}``.
+    """
+    from scipy.io import savemat  # scipy is a dependency; imported lazily as the reader does
+
+    rng = np.random.default_rng(seed)
+    root = base / "PF-dataset-PASCAL"
+    info: dict = {"mat": {}, "rows": []}
+    for i, (name, (category, size)) in enumerate(SYNTHETIC_PASCAL_IMAGES.items()):
+        write_noise_image(root / "JPEGImages" / f"{name}.jpg", size, seed + i)
+        if with_mat:
+            w, h = size
+            kps = np.array([quarter_pixels(rng, 0, w - 1, 6), quarter_pixels(rng, 0, h - 1, 6)]).T
+            kps[4] = np.nan  # a keypoint invisible in this image
+            corners = [rng.integers(0, 10), rng.integers(0, 10), w - rng.integers(1, 20), h - rng.integers(1, 20)]
+            bbox = np.array([corners], dtype=np.float64)
+            path = root / "Annotations" / category / f"{name}.mat"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            savemat(str(path), {"kps": kps, "bbox": bbox, "class": category})
+            info["mat"][name] = (kps, bbox[0])
+    rows = [list(_KEYPOINT_HEADER)]
+    for src, trg, n in SYNTHETIC_PASCAL_PAIRS:
+        category = SYNTHETIC_PASCAL_IMAGES[src][0]
+        (sw, sh), (tw, th) = SYNTHETIC_PASCAL_IMAGES[src][1], SYNTHETIC_PASCAL_IMAGES[trg][1]
+        xa, ya = quarter_pixels(rng, 0, sw - 1, n), quarter_pixels(rng, 0, sh - 1, n)
+        xb, yb = quarter_pixels(rng, 0, tw - 1, n), quarter_pixels(rng, 0, th - 1, n)
+        row = [f"PF-dataset-PASCAL/JPEGImages/{src}.jpg", f"PF-dataset-PASCAL/JPEGImages/{trg}.jpg",
+               str(PF_PASCAL_CATEGORIES.index(category) + 1), *(";".join(map(repr, v)) for v in (xa, ya, xb, yb))]
+        rows.append(row)
+        info["rows"].append({"src": src, "trg": trg, "category": category, "xa": xa, "ya": ya, "xb": xb, "yb": yb})
+    write_csv_rows(root / PF_PASCAL_SPLITS["test"], rows)
+    return root, info

@@ -38,11 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from .base import PairDataModule
-from .pfpascal import read_image_size, resolve_pair_path
+from .pfpascal import quarter_pixels, read_image_size, resolve_pair_path, write_csv_rows, write_noise_image
 from .records import PairRecordsDataset, category_filter, points_outside, warn_points_outside
 
 __all__ = [
@@ -52,6 +53,10 @@ __all__ = [
     "PFWillowDataset",
     "PFWillowRecord",
     "PF_WILLOW_CSV_NAMES",
+    "SYNTHETIC_WILLOW_IMAGES",
+    "SYNTHETIC_WILLOW_PAIRS",
+    "WILLOW_HEADER",
+    "write_synthetic_pfwillow",
 ]
 
 #: Pairs file names looked for in ``root``, in order.
@@ -300,3 +305,62 @@ class PFWillowDataModule(PairDataModule):
     def build_dataset(self, root: str) -> PFWillowDataset:
         """The PF-WILLOW test pairs with the configured filter."""
         return PFWillowDataset(root, categories=self.category_filter)
+
+
+# ------------------------------------------------------------------------------------- a generated root
+
+#: The images of :func:`write_synthetic_pfwillow`: (subclass, name) -> (W, H).
+SYNTHETIC_WILLOW_IMAGES: dict[tuple[str, str], tuple[int, int]] = {
+    ("car(G)", "Cars_001a"): (200, 150),
+    ("car(G)", "Cars_002a"): (180, 160),
+    ("winebottle(M)", "Bottle_M_001a"): (120, 190),
+    ("winebottle(M)", "Bottle_M_002a"): (130, 170),
+    ("duck(S)", "Duck_001a"): (170, 150),
+    ("duck(S)", "Duck_002a"): (160, 124),
+}
+#: The pairs of :func:`write_synthetic_pfwillow`: (subclass, source, target).
+SYNTHETIC_WILLOW_PAIRS: list[tuple[str, str, str]] = [
+    ("car(G)", "Cars_001a", "Cars_002a"),
+    ("car(G)", "Cars_002a", "Cars_001a"),
+    ("winebottle(M)", "Bottle_M_001a", "Bottle_M_002a"),
+    ("duck(S)", "Duck_001a", "Duck_002a"),
+    ("duck(S)", "Duck_002a", "Duck_001a"),
+]
+#: The header row of the PF-WILLOW pairs file (source, target, then 10 each of XA, YA, XB, YB).
+WILLOW_HEADER: list[str] = ["imageA", "imageB", *[f"{c}{i}" for c in ("XA", "YA", "XB", "YB") for i in range(1, 11)]]
+
+
+def write_synthetic_pfwillow(
+    base: Path, layout: str = "pf", csv_name: str = "test_pairs_pf.csv", seed: int = 0
+) -> tuple[Path, list[dict]]:
+    """Write a small PF-WILLOW root in the real on-disk layout, read by :class:`PFWillowDataset`.
+
+    The images are :data:`SYNTHETIC_WILLOW_IMAGES` (random pixels, PNG), the csv lists
+    :data:`SYNTHETIC_WILLOW_PAIRS` with 10 random keypoints per image on a quarter-pixel grid. Both layouts
+    name images ``PF-dataset/<subclass>/<name>.png`` in the csv, as the real files do. The first two target
+    keypoints sit near opposite image corners, so the target keypoint box is known in advance.
+
+    Args:
+        base: The folder above the root (created).
+        layout: ``"pf"`` (root ``base/PF-dataset``) or ``"hpf"`` (root ``base/PF-WILLOW``).
+        csv_name: The pairs file's name in the root.
+        seed: Seed of the pixels and keypoints.
+
+    Returns:
+        The root and, per pair, ``{"subclass", "src", "trg", "xa", "ya", "xb", "yb"}``.
+    """
+    rng = np.random.default_rng(seed)
+    root = base / ("PF-dataset" if layout == "pf" else "PF-WILLOW")
+    for i, ((subclass, name), size) in enumerate(SYNTHETIC_WILLOW_IMAGES.items()):
+        write_noise_image(root / subclass / f"{name}.png", size, seed + 10 + i)
+    rows, info = [WILLOW_HEADER], []
+    for subclass, src, trg in SYNTHETIC_WILLOW_PAIRS:
+        (sw, sh), (tw, th) = SYNTHETIC_WILLOW_IMAGES[(subclass, src)], SYNTHETIC_WILLOW_IMAGES[(subclass, trg)]
+        xa, ya = quarter_pixels(rng, 0, sw - 1, 10), quarter_pixels(rng, 0, sh - 1, 10)
+        xb = [10.0, tw - 10.0, *quarter_pixels(rng, 15, tw - 15, 8)]
+        yb = [10.0, th - 10.0, *quarter_pixels(rng, 15, th - 15, 8)]
+        rows.append([f"PF-dataset/{subclass}/{src}.png", f"PF-dataset/{subclass}/{trg}.png",
+                     *map(repr, xa), *map(repr, ya), *map(repr, xb), *map(repr, yb)])
+        info.append({"subclass": subclass, "src": src, "trg": trg, "xa": xa, "ya": ya, "xb": xb, "yb": yb})
+    write_csv_rows(root / csv_name, rows)
+    return root, info

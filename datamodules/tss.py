@@ -40,6 +40,7 @@ __all__ = [
     "read_flo",
     "tss_category",
     "write_flo",
+    "write_synthetic_tss",
 ]
 
 TSS_DATASETS = ("FG3DCar", "JODS", "PASCAL")
@@ -265,3 +266,35 @@ class TSSDataModule(PairDataModule):
     def build_dataset(self, root: str) -> TSSDataset:
         """All directed pairs of the selected sub-datasets."""
         return TSSDataset(root, self.datasets)
+
+
+# ------------------------------------------------------------------------------------- a generated root
+
+
+def write_synthetic_tss(root: Path, sizes: dict[str, list[tuple[str, tuple[int, int], tuple[int, int]]]]) -> Path:
+    """Write a TSS_CVPR2016 tree in the real on-disk layout, read by :class:`TSSDataset`.
+
+    Each pair folder holds ``image{1,2}.png`` (random pixels), ``flow{1,2}.flo`` (random flows) and
+    ``mask{1,2}.png`` (the centre half 255, one corner pixel 128: not valid, as in the reference, the rest 0).
+
+    Args:
+        root: The ``TSS_CVPR2016`` folder (created; the pair folders must not exist yet).
+        sizes: ``{dataset: [(folder, (w1, h1), (w2, h2))]}``: the pair folders of each sub-dataset and their
+            two images' sizes.
+
+    Returns:
+        ``root``.
+    """
+    rng = np.random.default_rng(0)
+    for dataset, folders in sizes.items():
+        for name, (w1, h1), (w2, h2) in folders:
+            folder = root / dataset / name
+            folder.mkdir(parents=True)
+            for idx, (w, h) in ((1, (w1, h1)), (2, (w2, h2))):
+                Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"image{idx}.png")
+                write_flo(folder / f"flow{idx}.flo", torch.from_numpy(rng.normal(0, 5, (2, h, w)).astype(np.float32)))
+                mask = np.zeros((h, w), np.uint8)
+                mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 255
+                mask[0, 0] = 128  # not 255: not a valid pixel, as in the reference
+                Image.fromarray(mask).save(folder / f"mask{idx}.png")
+    return root

@@ -16,8 +16,9 @@ for training a SHA-256 per tensor of the head it saved. ``--compare A B`` lists 
     python scripts/record_outputs.py --out /tmp/after
     python scripts/record_outputs.py --compare /tmp/before /tmp/after
 
-The generators of the PF, TSS and CUB fixtures are the tests' own (``tests/``), so this is a developer tool
-that needs the repository checkout, not an installed package. Outputs stay outside the repository.
+The generated roots are the product's own (``write_synthetic_*`` beside each reader in ``datamodules/``;
+``scripts/reproduce.py --synthetic`` uses the same roots). Run it from the repository checkout (its configs and
+entry points). Outputs stay outside the repository.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -72,27 +73,27 @@ def record_run(run_dir: Path) -> dict[str, Any]:
 
 def generate_roots(base: Path) -> dict[str, Path]:
     """Generate every benchmark root once, in its real on-disk layout (also scripts/reproduce.py --synthetic)."""
-    from test_cub_data import write_tiny_cub
-    from test_pf_data import write_pfpascal, write_pfwillow
-    from test_tss import write_tss_fixture
-
     from datamodules import write_synthetic_spair
+    from datamodules.cub import write_synthetic_cub
     from datamodules.davis import write_synthetic_davis
+    from datamodules.pfpascal import write_synthetic_pfpascal
+    from datamodules.pfwillow import write_synthetic_pfwillow
+    from datamodules.tss import write_synthetic_tss
 
     spair = base / "spair"
     for split, pairs in (("trn", 8), ("val", 3), ("test", 3)):
         write_synthetic_spair(spair, categories=("cat", "dog"), images_per_category=4, pairs_per_category=pairs,
                               split=split, image_size=(96, 72))
-    tss = write_tss_fixture(base / "TSS_CVPR2016", {
+    tss = write_synthetic_tss(base / "TSS_CVPR2016", {
         "FG3DCar": [("001", (48, 32), (48, 36))], "JODS": [("horse_1", (40, 30), (36, 44))],
         "PASCAL": [("bike_1", (30, 30), (30, 30))],
     })  # fmt: skip
     return {
         "spair": spair,
-        "pfpascal": write_pfpascal(base / "pf_pascal")[0],
-        "pfwillow": write_pfwillow(base / "pf_willow")[0],
+        "pfpascal": write_synthetic_pfpascal(base / "pf_pascal")[0],
+        "pfwillow": write_synthetic_pfwillow(base / "pf_willow")[0],
         "tss": tss,
-        "cub": write_tiny_cub(base / "CUB_200_2011"),
+        "cub": write_synthetic_cub(base / "CUB_200_2011"),
         "davis": write_synthetic_davis(base / "davis", sequences=("blob", "bars"), num_frames=3),
     }
 
@@ -144,8 +145,8 @@ def record(out: Path, only: list[str] | None = None) -> dict[str, str]:
     data = generate_roots(out / "data")
     import torch
 
-    # records compare bit for bit: one thread always (the tests' conftest, imported with their generators, sets
-    # two, and a different thread count changes the last bits of reductions)
+    # records compare bit for bit: one thread always (a different thread count changes the last bits of
+    # reductions)
     torch.set_num_threads(1)
     status = {}
     (out / "records").mkdir(parents=True, exist_ok=True)

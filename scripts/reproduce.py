@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def synthetic_roots(data_dir: Path) -> tuple[dict[str, Path], dict[str, list[str]]]:
-    """Generated roots of every benchmark in its real on-disk layout (the test suite's generators)."""
+    """Generated roots of every benchmark in its real on-disk layout (``write_synthetic_*`` of ``datamodules``)."""
     from record_outputs import generate_roots  # scripts/record_outputs.py: the same roots its record runs use
 
     folder, extra = data_dir / "synthetic", {"cub": ["--data.categories", "[1, 2]"]}  # CUB: two of its classes

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cub_data import write_tiny_cub
-from test_pf_data import write_pfpascal, write_pfwillow
 
 from datamodules import CUBASICDataset, PFPascalDataset, PFWillowDataset, SPairDataset, write_synthetic_spair
+from datamodules.cub import write_synthetic_cub
 from datamodules.own_images import ImagePairsDataset, read_image_pairs, write_example_photos
+from datamodules.pfpascal import write_synthetic_pfpascal
+from datamodules.pfwillow import write_synthetic_pfwillow
 from lightning_modules.components import DinoFeaturizer, FusedCorrespondence, SDFeaturizer
 from lightning_modules.components.fusion import co_pca, co_pca_batch, orthonormal_basis
 
@@ -42,9 +43,9 @@ def _fixtures(tmp: Path) -> dict[str, object]:
     return {
         "spair": SPairDataset(write_synthetic_spair(tmp / "spair", categories=("cat", "dog"), pairs_per_category=3,
                                                     image_size=(96, 72)), split="test"),
-        "pfpascal": PFPascalDataset(write_pfpascal(tmp / "pfpascal")[0]),
-        "pfwillow": PFWillowDataset(write_pfwillow(tmp / "pfwillow")[0]),
-        "cub": CUBASICDataset(write_tiny_cub(tmp / "cub"), categories=[1, 2]),
+        "pfpascal": PFPascalDataset(write_synthetic_pfpascal(tmp / "pfpascal")[0]),
+        "pfwillow": PFWillowDataset(write_synthetic_pfwillow(tmp / "pfwillow")[0]),
+        "cub": CUBASICDataset(write_synthetic_cub(tmp / "cub"), categories=[1, 2]),
         "own_images": ImagePairsDataset(read_image_pairs(pairs=str(write_example_photos(tmp / "own")))),
     }
 

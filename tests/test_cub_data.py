@@ -25,8 +25,11 @@ from scipy.io import loadmat, savemat
 import evaluate
 from datamodules import CUBASICDataset, CUBDataModule, get_protocol
 from datamodules.cub import (
-    CUB_NUM_PARTS,
     DEFAULT_TEST_LIST,
+    SYNTHETIC_CUB_CLASSES as CLASSES,
+    SYNTHETIC_CUB_IMAGES as IMAGES,
+    SYNTHETIC_CUB_INVISIBLE as INVISIBLE,
+    SYNTHETIC_CUB_NOT_IN_TEST as NOT_IN_TEST,
     asic_crop_box,
     crop_square,
     map_keypoints,
@@ -35,6 +38,9 @@ from datamodules.cub import (
     read_part_locs,
     read_test_list,
     square_bbox,
+    synthetic_cub_parts as _parts,
+    synthetic_cub_rel_path as _rel_path,
+    write_synthetic_cub,
 )
 
 from conftest import REPO, TINY_OVERLAY as TINY
@@ -113,88 +119,16 @@ def _asic_box(x1, y1, x2, y2):
 
 # --------------------------------------------------------------------------- fixture
 
-CLASSES = {1: "001.Black_footed_Albatross", 2: "002.Laysan_Albatross", 3: "003.Sooty_Albatross"}
-# Per class: (image id, image size W x H, 1-based bbox x1 y1 x2 y2, grayscale?). Image 4 and 8 are not in
-# the test list (training images); bboxes touch the image borders so that crops need edge padding.
-IMAGES = {
-    1: [(1, (120, 90), (11, 21, 110, 70), False), (2, (80, 140), (1, 1, 30, 90), True),
-        (3, (200, 150), (40, 30, 190, 149), False), (4, (64, 64), (5, 5, 60, 60), False)],
-    2: [(5, (150, 100), (20, 10, 140, 95), False), (6, (90, 120), (10, 5, 85, 115), False),
-        (7, (130, 130), (2, 3, 129, 128), False), (8, (64, 64), (5, 5, 60, 60), False)],
-}  # fmt: skip
-NOT_IN_TEST = {4, 8}
-# Invisible parts per image id (everything else visible).
-INVISIBLE = {1: {0, 5}, 2: {5, 14}, 3: set(), 5: {3}, 6: {3, 7}, 7: {0, 1, 2, 3}}
-
-
-def _rel_path(class_index: int, image_id: int) -> str:
-    folder = CLASSES[class_index]
-    return f"{folder}/{folder.split('.', 1)[1]}_{image_id:04d}_{100000 + image_id}.jpg"
-
-
-def _parts(image_id: int, size: tuple[int, int], bbox: tuple[int, ...]) -> np.ndarray:
-    """[15, 3] (x, y, visible), 1-based pixels inside the bbox; invisible parts are 0 0 0 as in CUB."""
-    rng = np.random.default_rng(image_id)
-    x = rng.integers(bbox[0], bbox[2] + 1, CUB_NUM_PARTS).astype(float)
-    y = rng.integers(bbox[1], bbox[3] + 1, CUB_NUM_PARTS).astype(float)
-    visible = np.ones(CUB_NUM_PARTS)
-    for k in INVISIBLE.get(image_id, ()):
-        x[k] = y[k] = visible[k] = 0
-    return np.stack([x, y, visible], axis=1)
-
-
-def write_tiny_cub(root: Path) -> Path:
-    """Write a tiny CUB_200_2011 tree (classes 1 and 2, 3 test images each) and return its root."""
-    rng = np.random.default_rng(0)
-    rows, parts_lines, images_txt = [], [], []
-    for class_index, members in IMAGES.items():
-        for image_id, (w, h), bbox, gray in members:
-            rel = _rel_path(class_index, image_id)
-            path = root / "images" / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            (Image.fromarray(pixels[..., 0], "L") if gray else Image.fromarray(pixels)).save(path, quality=95)
-            images_txt.append(f"{image_id} {rel}")
-            parts = _parts(image_id, (w, h), bbox)
-            parts_lines += [f"{image_id} {k + 1} {x:.1f} {y:.1f} {int(v)}" for k, (x, y, v) in enumerate(parts)]
-            if image_id not in NOT_IN_TEST:
-                rows.append((image_id, rel, class_index, (w, h), bbox, parts))
-    (root / "images.txt").write_text("\n".join(images_txt) + "\n")
-    (root / "parts").mkdir(parents=True, exist_ok=True)
-    (root / "parts" / "part_locs.txt").write_text("\n".join(parts_lines) + "\n")
-    write_test_mat(root / DEFAULT_TEST_LIST, rows)
-    return root
-
-
-def write_test_mat(path: Path, rows: list) -> None:
-    """ACSM's ``*_cub_cleaned.mat``: a 1 x N MATLAB struct array ``images``."""
-    fields = ["id", "rel_path", "train", "test", "class", "bbox", "width", "height", "mask", "parts"]
-    images = np.zeros((1, len(rows)), dtype=[(f, object) for f in fields])
-    box_dtype = [(k, object) for k in ("x1", "y1", "x2", "y2")]
-    for i, (image_id, rel, class_index, (w, h), bbox, parts) in enumerate(rows):
-        box = np.zeros((1, 1), dtype=box_dtype)
-        for k, v in zip(("x1", "y1", "x2", "y2"), bbox):
-            box[0, 0][k] = np.array([[float(v)]])
-        images[0, i] = (
-            np.array([[image_id]], dtype=np.int32), np.array([rel]), np.array([[0]], dtype=np.uint8),
-            np.array([[1]], dtype=np.uint8), np.array([[class_index]], dtype=np.int32), box,
-            np.array([[float(w)]]), np.array([[float(h)]]), np.zeros((h, w), dtype=np.uint8),
-            parts.T.copy(),
-        )  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    savemat(str(path), {"images": images})
-
-
 @pytest.fixture(scope="module")
 def cub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A read-only tiny CUB root (do not modify in tests)."""
-    return write_tiny_cub(tmp_path_factory.mktemp("cub") / "CUB_200_2011")
+    return write_synthetic_cub(tmp_path_factory.mktemp("cub") / "CUB_200_2011")
 
 
 @pytest.fixture
 def fresh_root(tmp_path: Path) -> Path:
     """A tiny CUB root that a test may corrupt."""
-    return write_tiny_cub(tmp_path / "CUB_200_2011")
+    return write_synthetic_cub(tmp_path / "CUB_200_2011")
 
 
 # --------------------------------------------------------------------------- crop arithmetic

@@ -1,7 +1,7 @@
 """PF-PASCAL and PF-WILLOW: readers on real-format fixtures, their DataModules, and end-to-end runs.
 
-Fixtures are written by the tests in the datasets' own formats (csv with a header row, JPEG/PNG images
-of different sizes, PF-PASCAL annotation .mat files written with ``scipy.io.savemat``).
+Fixtures are generated in the datasets' own formats (csv with a header row, JPEG/PNG images of different
+sizes, PF-PASCAL annotation .mat files) by ``write_synthetic_pfpascal`` / ``write_synthetic_pfwillow``.
 """
 
 from __future__ import annotations
@@ -16,152 +16,46 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from scipy.io import savemat
 
 import evaluate
 from datamodules import PFPascalDataModule, PFPascalDataset, PFWillowDataModule, PFWillowDataset
-from datamodules.pfpascal import PF_PASCAL_CATEGORIES
+from datamodules.pfpascal import (
+    PF_PASCAL_CATEGORIES,
+    SYNTHETIC_PASCAL_IMAGES as PASCAL_IMAGES,
+    SYNTHETIC_PASCAL_PAIRS as PASCAL_PAIRS,
+    write_csv_rows as _write_csv,
+    write_synthetic_pfpascal,
+)
+from datamodules.pfwillow import (
+    SYNTHETIC_WILLOW_IMAGES as WILLOW_IMAGES,
+    SYNTHETIC_WILLOW_PAIRS as WILLOW_PAIRS,
+    write_synthetic_pfwillow,
+)
 from datamodules.protocols import get_protocol
 
 from conftest import CONFIGS, TINY_OVERLAY as TINY
 PFPASCAL_CFG, PFWILLOW_CFG = str(CONFIGS / "pfpascal.yaml"), str(CONFIGS / "pfwillow.yaml")
 
 PASCAL_CSV = "test_pairs_pf_pascal.csv"
-PASCAL_HEADER = ["source_image", "target_image", "class", "XA", "YA", "XB", "YB"]
 
 # ------------------------------------------------------------------------------------- fixtures
-
-#: PF-PASCAL images: name -> (category, (W, H)); images of one class share its Annotations folder.
-PASCAL_IMAGES: dict[str, tuple[str, tuple[int, int]]] = {
-    "2008_000101": ("cat", (160, 120)),
-    "2008_000202": ("cat", (112, 150)),
-    "2009_000303": ("dog", (140, 100)),
-    "2009_000404": ("dog", (128, 176)),
-    "2010_000505": ("aeroplane", (180, 96)),
-    "2010_000606": ("aeroplane", (100, 132)),
-}
-#: PF-PASCAL pairs: (source, target, number of keypoints).
-PASCAL_PAIRS: list[tuple[str, str, int]] = [
-    ("2008_000101", "2008_000202", 4),
-    ("2008_000202", "2008_000101", 3),
-    ("2009_000303", "2009_000404", 5),
-    ("2009_000404", "2009_000303", 4),
-    ("2010_000505", "2010_000606", 3),
-]
-
-
-def _write_image(path: Path, size: tuple[int, int], seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-
-
-def _quarter(rng: np.random.Generator, low: float, high: float, n: int) -> list[float]:
-    """Random multiples of 0.25 (exact in float32) in [low, high]."""
-    return [float(v) / 4 for v in rng.integers(int(low * 4), int(high * 4) + 1, n)]
-
-
-def _fmt(values: list[float]) -> str:
-    return ";".join(repr(v) for v in values)
-
-
-def write_pfpascal(base: Path, with_mat: bool = True, seed: int = 0) -> tuple[Path, dict]:
-    """Write a PF-PASCAL root (``base/PF-dataset-PASCAL``); return it and what was written."""
-    rng = np.random.default_rng(seed)
-    root = base / "PF-dataset-PASCAL"
-    info: dict = {"mat": {}, "rows": []}
-    for i, (name, (category, size)) in enumerate(PASCAL_IMAGES.items()):
-        _write_image(root / "JPEGImages" / f"{name}.jpg", size, seed + i)
-        if with_mat:
-            w, h = size
-            kps = np.array([_quarter(rng, 0, w - 1, 6), _quarter(rng, 0, h - 1, 6)]).T
-            kps[4] = np.nan  # a keypoint invisible in this image
-            corners = [rng.integers(0, 10), rng.integers(0, 10), w - rng.integers(1, 20), h - rng.integers(1, 20)]
-            bbox = np.array([corners], dtype=np.float64)
-            path = root / "Annotations" / category / f"{name}.mat"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            savemat(str(path), {"kps": kps, "bbox": bbox, "class": category})
-            info["mat"][name] = (kps, bbox[0])
-    rows = [PASCAL_HEADER]
-    for src, trg, n in PASCAL_PAIRS:
-        category = PASCAL_IMAGES[src][0]
-        (sw, sh), (tw, th) = PASCAL_IMAGES[src][1], PASCAL_IMAGES[trg][1]
-        xa, ya = _quarter(rng, 0, sw - 1, n), _quarter(rng, 0, sh - 1, n)
-        xb, yb = _quarter(rng, 0, tw - 1, n), _quarter(rng, 0, th - 1, n)
-        row = [f"PF-dataset-PASCAL/JPEGImages/{src}.jpg", f"PF-dataset-PASCAL/JPEGImages/{trg}.jpg",
-               str(PF_PASCAL_CATEGORIES.index(category) + 1), _fmt(xa), _fmt(ya), _fmt(xb), _fmt(yb)]
-        rows.append(row)
-        info["rows"].append({"src": src, "trg": trg, "category": category, "xa": xa, "ya": ya, "xb": xb, "yb": yb})
-    _write_csv(root / PASCAL_CSV, rows)
-    return root, info
-
-
-def _write_csv(path: Path, rows: list[list[str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        csv.writer(fh).writerows(rows)
-
 
 def _read_csv(path: Path) -> list[list[str]]:
     with open(path, newline="") as fh:
         return list(csv.reader(fh))
 
 
-#: PF-WILLOW images: (subclass, name) -> (W, H).
-WILLOW_IMAGES: dict[tuple[str, str], tuple[int, int]] = {
-    ("car(G)", "Cars_001a"): (200, 150),
-    ("car(G)", "Cars_002a"): (180, 160),
-    ("winebottle(M)", "Bottle_M_001a"): (120, 190),
-    ("winebottle(M)", "Bottle_M_002a"): (130, 170),
-    ("duck(S)", "Duck_001a"): (170, 150),
-    ("duck(S)", "Duck_002a"): (160, 124),
-}
-WILLOW_PAIRS: list[tuple[str, str, str]] = [
-    ("car(G)", "Cars_001a", "Cars_002a"),
-    ("car(G)", "Cars_002a", "Cars_001a"),
-    ("winebottle(M)", "Bottle_M_001a", "Bottle_M_002a"),
-    ("duck(S)", "Duck_001a", "Duck_002a"),
-    ("duck(S)", "Duck_002a", "Duck_001a"),
-]
-WILLOW_HEADER = ["imageA", "imageB", *[f"{c}{i}" for c in ("XA", "YA", "XB", "YB") for i in range(1, 11)]]
-
-
-def write_pfwillow(
-    base: Path, layout: str = "pf", csv_name: str = "test_pairs_pf.csv", seed: int = 0
-) -> tuple[Path, list[dict]]:
-    """Write a PF-WILLOW root: ``layout="pf"`` (``base/PF-dataset``) or ``"hpf"`` (``base/PF-WILLOW``).
-
-    Both csv files name images ``PF-dataset/<subclass>/<name>.png`` as the real ones do. The first two
-    target keypoints sit near opposite image corners, so the target keypoint box is known in advance.
-    """
-    rng = np.random.default_rng(seed)
-    root = base / ("PF-dataset" if layout == "pf" else "PF-WILLOW")
-    for i, ((subclass, name), size) in enumerate(WILLOW_IMAGES.items()):
-        _write_image(root / subclass / f"{name}.png", size, seed + 10 + i)
-    rows, info = [WILLOW_HEADER], []
-    for subclass, src, trg in WILLOW_PAIRS:
-        (sw, sh), (tw, th) = WILLOW_IMAGES[(subclass, src)], WILLOW_IMAGES[(subclass, trg)]
-        xa, ya = _quarter(rng, 0, sw - 1, 10), _quarter(rng, 0, sh - 1, 10)
-        xb = [10.0, tw - 10.0, *_quarter(rng, 15, tw - 15, 8)]
-        yb = [10.0, th - 10.0, *_quarter(rng, 15, th - 15, 8)]
-        rows.append([f"PF-dataset/{subclass}/{src}.png", f"PF-dataset/{subclass}/{trg}.png",
-                     *map(repr, xa), *map(repr, ya), *map(repr, xb), *map(repr, yb)])
-        info.append({"subclass": subclass, "src": src, "trg": trg, "xa": xa, "ya": ya, "xb": xb, "yb": yb})
-    _write_csv(root / csv_name, rows)
-    return root, info
-
-
 @pytest.fixture(scope="module")
 def pascal(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A read-only PF-PASCAL root (do not modify in tests)."""
-    return write_pfpascal(tmp_path_factory.mktemp("pascal"))
+    return write_synthetic_pfpascal(tmp_path_factory.mktemp("pascal"))
 
 
 @pytest.fixture(scope="module")
 def willow(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     """A read-only PF-WILLOW root in the Proposal Flow layout (do not modify in tests)."""
-    return write_pfwillow(tmp_path_factory.mktemp("willow"))
+    return write_synthetic_pfwillow(tmp_path_factory.mktemp("willow"))
 
 
 SAMPLE_KEYS = {"pair_id", "category", "src_image", "trg_image", "src_image_path", "trg_image_path",
@@ -232,7 +126,7 @@ def test_pascal_bbox_from_the_mat_and_the_bbox_threshold(pascal) -> None:
 
 
 def test_pascal_without_annotations(tmp_path) -> None:
-    root, _ = write_pfpascal(tmp_path, with_mat=False)
+    root, _ = write_synthetic_pfpascal(tmp_path, with_mat=False)
     sample = PFPascalDataset(root)[0]
     assert "src_instance_box" not in sample and "trg_instance_box" not in sample
     with pytest.raises(FileNotFoundError) as err:
@@ -242,7 +136,7 @@ def test_pascal_without_annotations(tmp_path) -> None:
 
 
 def test_pascal_val_and_trn_splits(tmp_path) -> None:
-    root, info = write_pfpascal(tmp_path)
+    root, info = write_synthetic_pfpascal(tmp_path)
     (root / PASCAL_CSV).rename(root / "val_pairs_pf_pascal.csv")
     assert PFPascalDataset(root, split="val").split == "val"
     assert len(PFPascalDataset(root, split="val")) == len(PASCAL_PAIRS)
@@ -317,7 +211,7 @@ PASCAL_CSV_ERRORS = {
 
 @pytest.mark.parametrize("case", list(PASCAL_CSV_ERRORS))
 def test_pascal_malformed_csv_names_the_file_and_row(tmp_path, case) -> None:
-    root, _ = write_pfpascal(tmp_path, with_mat=False)
+    root, _ = write_synthetic_pfpascal(tmp_path, with_mat=False)
     edit, where, what = PASCAL_CSV_ERRORS[case]
     rows = _read_csv(root / PASCAL_CSV)
     edit(rows)
@@ -329,7 +223,7 @@ def test_pascal_malformed_csv_names_the_file_and_row(tmp_path, case) -> None:
 
 
 def test_pascal_missing_and_corrupt_images_name_the_file(tmp_path) -> None:
-    root, _ = write_pfpascal(tmp_path, with_mat=False)
+    root, _ = write_synthetic_pfpascal(tmp_path, with_mat=False)
     image = root / "JPEGImages" / "2009_000404.jpg"  # target of row 2, source of row 3
     data = image.read_bytes()
     image.unlink()
@@ -348,7 +242,7 @@ def test_pascal_missing_and_corrupt_images_name_the_file(tmp_path) -> None:
 
 
 def test_pascal_corrupt_mat_names_the_file(tmp_path) -> None:
-    root, _ = write_pfpascal(tmp_path)
+    root, _ = write_synthetic_pfpascal(tmp_path)
     mat = root / "Annotations" / "dog" / "2009_000303.mat"
     mat.write_bytes(b"not a mat file" * 20)
     with pytest.raises(ValueError) as err:
@@ -361,7 +255,7 @@ def test_pascal_corrupt_mat_names_the_file(tmp_path) -> None:
 
 
 def test_pascal_renamed_root_resolves_under_root(tmp_path) -> None:
-    root, _ = write_pfpascal(tmp_path, with_mat=False)
+    root, _ = write_synthetic_pfpascal(tmp_path, with_mat=False)
     renamed = root.rename(tmp_path / "PF-PASCAL")  # csv paths still say PF-dataset-PASCAL/...
     ds = PFPascalDataset(renamed)
     assert ds[0]["src_image_path"] == str(renamed / "JPEGImages" / "2008_000101.jpg")
@@ -414,7 +308,7 @@ def test_willow_threshold_is_the_target_keypoint_box(willow) -> None:
 
 
 def test_willow_hpf_layout_and_csv_name_order(tmp_path) -> None:
-    root, info = write_pfwillow(tmp_path, layout="hpf", csv_name="test_pairs.csv")
+    root, info = write_synthetic_pfwillow(tmp_path, layout="hpf", csv_name="test_pairs.csv")
     ds = PFWillowDataset(root)  # csv says PF-dataset/car(G)/...: first component dropped, resolved under root
     assert not (tmp_path / "PF-dataset").exists()
     assert ds.csv_path.name == "test_pairs.csv"
@@ -452,7 +346,7 @@ WILLOW_CSV_ERRORS = {
 
 @pytest.mark.parametrize("case", list(WILLOW_CSV_ERRORS))
 def test_willow_malformed_csv_names_the_file_and_row(tmp_path, case) -> None:
-    root, _ = write_pfwillow(tmp_path)
+    root, _ = write_synthetic_pfwillow(tmp_path)
     edit, where, what = WILLOW_CSV_ERRORS[case]
     rows = _read_csv(root / "test_pairs_pf.csv")
     edit(rows)
@@ -464,7 +358,7 @@ def test_willow_malformed_csv_names_the_file_and_row(tmp_path, case) -> None:
 
 
 def test_willow_missing_and_corrupt_images_name_the_file(tmp_path) -> None:
-    root, _ = write_pfwillow(tmp_path)
+    root, _ = write_synthetic_pfwillow(tmp_path)
     image = root / "winebottle(M)" / "Bottle_M_002a.png"
     data = image.read_bytes()
     image.unlink()
@@ -576,7 +470,7 @@ def _boundary_point(predictions: list[dict], alpha: float, inside: Callable[[dic
 
 def test_pfpascal_end_to_end_matches_a_strict_recomputation(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    root, info = write_pfpascal(tmp_path / "data")
+    root, info = write_synthetic_pfpascal(tmp_path / "data")
     predictions, results = _run(PFPASCAL_CFG, root, tmp_path / "run1")
     assert [p["pair_id"] for p in predictions] == PFPascalDataset(root).pair_ids
     for rec, row in zip(predictions, info["rows"]):
@@ -603,7 +497,7 @@ def test_pfpascal_end_to_end_matches_a_strict_recomputation(tmp_path, monkeypatc
 
 def test_pfwillow_end_to_end_matches_an_inclusive_recomputation(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    root, info = write_pfwillow(tmp_path / "data", layout="hpf", csv_name="test_pairs.csv")
+    root, info = write_synthetic_pfwillow(tmp_path / "data", layout="hpf", csv_name="test_pairs.csv")
     predictions, results = _run(PFWILLOW_CFG, root, tmp_path / "run1")
     assert [p["pair_id"] for p in predictions] == PFWillowDataset(root).pair_ids
     for rec, row in zip(predictions, info):
@@ -635,7 +529,7 @@ def test_pfwillow_end_to_end_matches_an_inclusive_recomputation(tmp_path, monkey
 
 
 def test_pfpascal_keypoints_outside_the_image_are_scored_and_counted(tmp_path, caplog) -> None:
-    root, _ = write_pfpascal(tmp_path)
+    root, _ = write_synthetic_pfpascal(tmp_path)
     csv_path = root / PASCAL_CSV
     rows = list(csv.reader(csv_path.open()))
     rows[1][5] = "100000;" + rows[1][5].split(";", 1)[1]  # the first target keypoint far right of its image

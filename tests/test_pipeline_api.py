@@ -78,9 +78,9 @@ def test_pose_alignment_without_a_table_is_refused_not_skipped(tiny_sd, tiny_din
 
 def test_the_chance_baseline_refuses_a_benchmark_without_keypoints(tmp_path, monkeypatch) -> None:
     import evaluate
-    from test_tss import write_tss_fixture
+    from datamodules.tss import write_synthetic_tss
 
-    root = write_tss_fixture(tmp_path / "tss", {"FG3DCar": [("001", (48, 32), (48, 36))]})
+    root = write_synthetic_tss(tmp_path / "tss", {"FG3DCar": [("001", (48, 32), (48, 36))]})
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="chance_baseline scores keypoints; TSS is scored with flow_pck"):
         evaluate.main(["test", "--config", str(CONFIGS / "tss.yaml"), "--config", TINY_OVERLAY, "--data.root", str(root),

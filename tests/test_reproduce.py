@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import threading
@@ -23,7 +25,14 @@ from reproduction import compare as comparison  # noqa: E402
 from reproduction import fetch  # noqa: E402
 from reproduction.runs import BENCHMARKS, ROWS, plan_runs, run_all  # noqa: E402
 
-from datamodules import SPairDataset, write_synthetic_spair  # noqa: E402
+from datamodules import (  # noqa: E402
+    CUBASICDataset,
+    PFPascalDataset,
+    PFWillowDataset,
+    SPairDataset,
+    TSSDataset,
+    write_synthetic_spair,
+)
 
 
 # --- the data files --------------------------------------------------------------------------------------------
@@ -159,6 +168,31 @@ def test_offline_it_fails_fast_naming_each_file_its_url_and_where_it_goes(tmp_pa
         for archive in dataset.archives:
             assert f"{archive.file}  <-  {archive.url}" in err
     assert not (tmp_path / "data" / "runs").exists()  # nothing ran
+
+
+def test_synthetic_roots_need_neither_pytest_nor_the_test_suite(tmp_path: Path) -> None:
+    """--synthetic's generators are the product's: they run where pytest is not installed."""
+    script = f"""
+import sys
+from pathlib import Path
+sys.modules["pytest"] = None  # import pytest / conftest now raise ImportError, as where they are not installed
+sys.modules["conftest"] = None
+sys.path.insert(0, {str(REPO / "scripts")!r})
+import reproduce
+roots, _ = reproduce.synthetic_roots(Path({str(tmp_path)!r}))
+tests = Path({str(REPO / "tests")!r})
+print(sorted(roots))
+print([m for m, mod in sys.modules.items() if tests in Path(getattr(mod, "__file__", None) or "/").parents])
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    names, from_tests = done.stdout.strip().splitlines()[-2:]
+    assert names == str(sorted([*BENCHMARKS, "davis"])) and from_tests == "[]"
+    roots = json.loads((tmp_path / "synthetic" / "roots.json").read_text())
+    assert len(SPairDataset(roots["spair"], split="test")) == 6 and len(PFPascalDataset(roots["pfpascal"])) == 5
+    assert len(PFWillowDataset(roots["pfwillow"])) == 5 and len(TSSDataset(roots["tss"])) == 6
+    assert len(CUBASICDataset(roots["cub"], categories=[1, 2])) > 0
 
 
 # --- run and compare -------------------------------------------------------------------------------------------

@@ -7,9 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cub_data import write_tiny_cub
-from test_pf_data import write_pfpascal, write_pfwillow
-from test_tss import write_tss_fixture
 
 from datamodules import (
     CUBASICDataset,
@@ -24,7 +21,11 @@ from datamodules import (
     write_synthetic_masked_pairs,
     write_synthetic_spair,
 )
+from datamodules.cub import write_synthetic_cub
 from datamodules.own_images import ImagePairsDataset, read_image_pairs, write_example_photos
+from datamodules.pfpascal import write_synthetic_pfpascal
+from datamodules.pfwillow import write_synthetic_pfwillow
+from datamodules.tss import write_synthetic_tss
 from lightning_modules.components.samples import COMMON_KEYS, KIND_KEYS, PairSample, sample_kind
 
 DECLARED = typing.get_type_hints(PairSample)
@@ -36,7 +37,7 @@ def _spair(tmp: Path):
 
 
 def _tss(tmp: Path):
-    return TSSDataset(write_tss_fixture(tmp, {"FG3DCar": [("001", (48, 32), (48, 36))],
+    return TSSDataset(write_synthetic_tss(tmp, {"FG3DCar": [("001", (48, 32), (48, 36))],
                                              "JODS": [("horse_1", (40, 30), (36, 44))],
                                              "PASCAL": [("bike_1", (30, 30), (30, 30))]}))
 
@@ -44,9 +45,9 @@ def _tss(tmp: Path):
 #: reader name -> (kind, builder of the reader over a generated root in the real on-disk layout)
 READERS = {
     "spair": ("keypoints", _spair),
-    "pfpascal": ("keypoints", lambda tmp: PFPascalDataset(write_pfpascal(tmp)[0])),
-    "pfwillow": ("keypoints", lambda tmp: PFWillowDataset(write_pfwillow(tmp)[0])),
-    "cub": ("keypoints", lambda tmp: CUBASICDataset(write_tiny_cub(tmp), categories=[1, 2])),
+    "pfpascal": ("keypoints", lambda tmp: PFPascalDataset(write_synthetic_pfpascal(tmp)[0])),
+    "pfwillow": ("keypoints", lambda tmp: PFWillowDataset(write_synthetic_pfwillow(tmp)[0])),
+    "cub": ("keypoints", lambda tmp: CUBASICDataset(write_synthetic_cub(tmp), categories=[1, 2])),
     "tss": ("flow", _tss),
     "davis": ("labels", lambda tmp: DAVISDataset(write_synthetic_davis(tmp, sequences=("blob", "bars"), num_frames=3))),
     "davis_instances": ("masks", lambda tmp: DAVISInstancePairs(write_synthetic_davis(tmp, sequences=("a", "b"),

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluate
-from datamodules.tss import TSSDataset, read_flo, tss_category, write_flo
+from datamodules.tss import TSSDataset, read_flo, tss_category, write_flo, write_synthetic_tss
 from lightning_modules.components import FusedCorrespondence
 from lightning_modules.components.matching import dense_flow
 from lightning_modules.metrics import dense_flow_counts
@@ -22,23 +22,6 @@ from conftest import CONFIGS
 
 def _png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path)
-
-
-def write_tss_fixture(root: Path, sizes: dict[str, list[tuple[str, tuple[int, int], tuple[int, int]]]]) -> Path:
-    """A TSS_CVPR2016 tree: ``{dataset: [(folder, (w1, h1), (w2, h2))]}`` with random images, flows, masks."""
-    rng = np.random.default_rng(0)
-    for dataset, folders in sizes.items():
-        for name, (w1, h1), (w2, h2) in folders:
-            folder = root / dataset / name
-            folder.mkdir(parents=True)
-            for idx, (w, h) in ((1, (w1, h1)), (2, (w2, h2))):
-                _png(folder / f"image{idx}.png", rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-                write_flo(folder / f"flow{idx}.flo", torch.from_numpy(rng.normal(0, 5, (2, h, w)).astype(np.float32)))
-                mask = np.zeros((h, w), np.uint8)
-                mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 255
-                mask[0, 0] = 128  # not 255: not a valid pixel, as in the reference
-                _png(folder / f"mask{idx}.png", mask)
-    return root
 
 
 def test_flo_round_trip_and_errors(tmp_path) -> None:
@@ -65,7 +48,7 @@ def test_categories_follow_the_reference_rule() -> None:
 
 
 def test_reader_directions_padding_masks_and_threshold(tmp_path) -> None:
-    root = write_tss_fixture(tmp_path / "TSS", {"JODS": [("horse_1", (40, 30), (36, 44))]})
+    root = write_synthetic_tss(tmp_path / "TSS", {"JODS": [("horse_1", (40, 30), (36, 44))]})
     dataset = TSSDataset(root, datasets=["JODS"])
     assert len(dataset) == 2 and dataset.categories == ["JODS"]
     forward, backward = dataset[0], dataset[1]
@@ -87,7 +70,7 @@ def test_reader_directions_padding_masks_and_threshold(tmp_path) -> None:
 def test_reader_errors_name_the_file(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="TSS root not found"):
         TSSDataset(tmp_path / "nope")
-    root = write_tss_fixture(tmp_path / "TSS", {"PASCAL": [("bike_1", (30, 20), (30, 20))]})
+    root = write_synthetic_tss(tmp_path / "TSS", {"PASCAL": [("bike_1", (30, 20), (30, 20))]})
     with pytest.raises(FileNotFoundError, match="FG3DCar"):
         TSSDataset(root)  # the default reads all three
     write_flo(root / "PASCAL/bike_1/flow2.flo", torch.zeros(2, 21, 30))
@@ -144,7 +127,7 @@ def test_dense_flow_crops_the_padded_square_like_the_reference() -> None:
 
 def test_tss_config_end_to_end_with_tiny_models(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    root = write_tss_fixture(
+    root = write_synthetic_tss(
         tmp_path / "TSS_CVPR2016",
         {"FG3DCar": [("001", (48, 32), (48, 36))], "JODS": [("horse_1", (40, 30), (36, 44))],
          "PASCAL": [("bike_1", (30, 30), (30, 30)), ("cat_2", (50, 40), (50, 40))]},
