@@ -45,7 +45,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from PIL import Image, UnidentifiedImageError
 
 from .base import PairDataModule
-from .records import PairRecordsDataset, category_filter, points_outside, warn_points_outside
+from .records import PairRecordsDataset, category_filter, points_outside, read_pairs_table, warn_points_outside
 
 __all__ = [
     "LAYOUT_HINT",
@@ -56,6 +56,7 @@ __all__ = [
     "PF_PASCAL_SPLITS",
     "SYNTHETIC_PASCAL_IMAGES",
     "SYNTHETIC_PASCAL_PAIRS",
+    "check_pairs_file",
     "read_image_size",
     "resolve_pair_path",
     "write_synthetic_pfpascal",
@@ -194,6 +195,83 @@ def parse_float_list(text: str, where: str, column: str) -> list[float]:
     return values
 
 
+def read_pairs_csv(path: Path) -> tuple[list[str], bool, list[tuple[int, list[str], str]]]:
+    """Read a PF-PASCAL pairs csv as text (:func:`~datamodules.records.read_pairs_table`): its header, whether the
+    keypoints come from the .mat annotations (a training csv without keypoint columns), and its rows.
+
+    Raises:
+        ValueError: An empty file, a header of neither 7 nor 3-4 columns, a row of another count than its header,
+            no row, text that is not UTF-8 or not csv.
+    """
+    def header_problem(header: list[str]) -> str | None:
+        if len(header) in (len(_KEYPOINT_HEADER), 3, 4):
+            return None
+        return (f"expected {len(_KEYPOINT_HEADER)} columns ({','.join(_KEYPOINT_HEADER)}) or 4 ({','.join(_MAT_HEADER)}, "
+                f"keypoints from Annotations/*.mat), got {len(header)}: {header}")
+
+    header, rows = read_pairs_table(path, "PF-PASCAL", f"a header row {','.join(_KEYPOINT_HEADER)}", header_problem)
+    return header, len(header) != len(_KEYPOINT_HEADER), rows  # a training csv: keypoints from the .mat files
+
+
+def parse_pair_columns(row: list[str], header: list[str], where: str) -> tuple[str, str, str]:
+    """The source and target image paths (as written) and the category of a csv row.
+
+    Raises:
+        ValueError: An empty image path, or a ``class`` that is not an integer in 1..20 (naming ``where``).
+    """
+    src_rel, trg_rel, class_text = row[0].strip(), row[1].strip(), row[2].strip()
+    for column, value in ((header[0], src_rel), (header[1], trg_rel)):
+        if not value:
+            raise ValueError(f"Malformed {where}: column '{column}' (image path) is empty")
+    try:
+        class_id = int(float(class_text))
+        if float(class_text) != class_id:
+            raise ValueError
+    except (ValueError, OverflowError):
+        raise ValueError(f"Malformed {where}: column '{header[2]}' holds {class_text!r}, not an integer") from None
+    if not 1 <= class_id <= len(PF_PASCAL_CATEGORIES):
+        raise ValueError(f"Malformed {where}: class {class_id} is out of range 1..{len(PF_PASCAL_CATEGORIES)}")
+    return src_rel, trg_rel, PF_PASCAL_CATEGORIES[class_id - 1]
+
+
+def parse_keypoint_columns(
+    row: list[str], header: list[str], where: str
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """The ``XA``, ``YA``, ``XB``, ``YB`` lists of a csv row with keypoint columns.
+
+    Raises:
+        ValueError: A list that is empty or holds a non-number, or lists of unequal lengths (naming ``where``).
+    """
+    xa, ya, xb, yb = (parse_float_list(row[i], where, header[i]) for i in range(3, 7))
+    if len(xa) != len(ya):
+        raise ValueError(f"Malformed {where}: '{header[3]}' has {len(xa)} values but '{header[4]}' has {len(ya)}")
+    if len(xb) != len(yb):
+        raise ValueError(f"Malformed {where}: '{header[5]}' has {len(xb)} values but '{header[6]}' has {len(yb)}")
+    if len(xa) != len(xb):
+        raise ValueError(f"Malformed {where}: the source has {len(xa)} keypoints but the target has {len(xb)}")
+    return xa, ya, xb, yb
+
+
+def check_pairs_file(path: str | Path) -> int:
+    """Check a PF-PASCAL pairs csv as :class:`PFPascalDataset` parses it, without its images: the header, every
+    row's column count, class and keypoint lists (``scripts/reproduce.py`` checks a downloaded csv so before it
+    installs it).
+
+    Returns:
+        The number of pairs.
+
+    Raises:
+        ValueError: The reader's message for the first problem (an HTML page, a file cut short and a csv of
+            another format all fail here).
+    """
+    header, from_mat, rows = read_pairs_csv(Path(path))
+    for _, row, where in rows:
+        parse_pair_columns(row, header, where)
+        if not from_mat:
+            parse_keypoint_columns(row, header, where)
+    return len(rows)
+
+
 def _read_mat(path: Path, where: str) -> _MatAnnotation:
     """Read a PF-PASCAL annotation .mat (``kps`` [K, 2], ``bbox`` [x1, y1, x2, y2])."""
     from scipy.io import loadmat  # scipy is a dependency; imported lazily to keep `import datamodules` light
@@ -287,8 +365,6 @@ class PFPascalDataset(PairRecordsDataset):
         self._sizes: dict[Path, tuple[int, int]] = {}
         self._mats: dict[Path, _MatAnnotation | None] = {}
         records = self._parse_csv()
-        if not records:
-            raise ValueError(f"PF-PASCAL pairs file {self.csv_path} has no pairs")
         available = sorted({r.category for r in records})
         if categories is not None:
             missing = sorted({c for c in categories if c not in available})
@@ -306,58 +382,13 @@ class PFPascalDataset(PairRecordsDataset):
     # ------------------------------------------------------------------------------------ parsing
 
     def _parse_csv(self) -> list[PFPascalRecord]:
-        path = self.csv_path
-        try:
-            with open(path, newline="", encoding="utf-8-sig") as fh:
-                reader = csv.reader(fh)
-                header = next(reader, None)
-                if header is None:
-                    raise ValueError(
-                        f"PF-PASCAL pairs file {path} is empty (expected a header row {','.join(_KEYPOINT_HEADER)})"
-                    )
-                header = [h.strip() for h in header]
-                if len(header) == len(_KEYPOINT_HEADER):
-                    from_mat = False
-                elif len(header) in (3, 4):
-                    from_mat = True  # training csv: keypoints come from the .mat annotations
-                else:
-                    raise ValueError(
-                        f"Malformed PF-PASCAL pairs file {path}, header (line 1): expected "
-                        f"{len(_KEYPOINT_HEADER)} columns ({','.join(_KEYPOINT_HEADER)}) or 4 "
-                        f"({','.join(_MAT_HEADER)}, keypoints from Annotations/*.mat), got {len(header)}: {header}"
-                    )
-                records = []
-                for row_index, row in enumerate(reader):
-                    if not row or all(not cell.strip() for cell in row):
-                        continue  # blank line
-                    where = f"PF-PASCAL pairs file {path}, row {row_index} (line {reader.line_num})"
-                    if len(row) != len(header):
-                        raise ValueError(f"Malformed {where}: expected {len(header)} columns, got {len(row)}")
-                    records.append(self._parse_row(row_index, row, header, where, from_mat))
-        except UnicodeDecodeError as err:
-            raise ValueError(f"Malformed PF-PASCAL pairs file {path}: not UTF-8 text ({err})") from err
-        except csv.Error as err:
-            raise ValueError(f"Malformed PF-PASCAL pairs file {path}: {err}") from err
-        return records
+        header, from_mat, rows = read_pairs_csv(self.csv_path)
+        return [self._parse_row(row_index, row, header, where, from_mat) for row_index, row, where in rows]
 
     def _parse_row(
         self, row_index: int, row: list[str], header: list[str], where: str, from_mat: bool
     ) -> PFPascalRecord:
-        src_rel, trg_rel, class_text = row[0].strip(), row[1].strip(), row[2].strip()
-        for column, value in ((header[0], src_rel), (header[1], trg_rel)):
-            if not value:
-                raise ValueError(f"Malformed {where}: column '{column}' (image path) is empty")
-        try:
-            class_id = int(float(class_text))
-            if float(class_text) != class_id:
-                raise ValueError
-        except (ValueError, OverflowError):
-            raise ValueError(f"Malformed {where}: column '{header[2]}' holds {class_text!r}, not an integer") from None
-        if not 1 <= class_id <= len(PF_PASCAL_CATEGORIES):
-            raise ValueError(
-                f"Malformed {where}: class {class_id} is out of range 1..{len(PF_PASCAL_CATEGORIES)}"
-            )
-        category = PF_PASCAL_CATEGORIES[class_id - 1]
+        src_rel, trg_rel, category = parse_pair_columns(row, header, where)
 
         src_path, src_tried = resolve_pair_path(self.root, src_rel)
         trg_path, trg_tried = resolve_pair_path(self.root, trg_rel)
@@ -385,19 +416,7 @@ class PFPascalDataset(PairRecordsDataset):
             src_kps = torch.tensor(src_mat.kps[both], dtype=torch.float32).reshape(-1, 2)
             trg_kps = torch.tensor(trg_mat.kps[both], dtype=torch.float32).reshape(-1, 2)
         else:
-            xa, ya, xb, yb = (parse_float_list(row[i], where, header[i]) for i in range(3, 7))
-            if len(xa) != len(ya):
-                raise ValueError(
-                    f"Malformed {where}: '{header[3]}' has {len(xa)} values but '{header[4]}' has {len(ya)}"
-                )
-            if len(xb) != len(yb):
-                raise ValueError(
-                    f"Malformed {where}: '{header[5]}' has {len(xb)} values but '{header[6]}' has {len(yb)}"
-                )
-            if len(xa) != len(xb):
-                raise ValueError(
-                    f"Malformed {where}: the source has {len(xa)} keypoints but the target has {len(xb)}"
-                )
+            xa, ya, xb, yb = parse_keypoint_columns(row, header, where)
             src_kps = torch.tensor(list(zip(xa, ya)), dtype=torch.float32).reshape(-1, 2)
             trg_kps = torch.tensor(list(zip(xb, yb)), dtype=torch.float32).reshape(-1, 2)
 

@@ -31,7 +31,6 @@ Keypoints stay in ORIGINAL image pixels ``(x, y)``. The thin LightningDataModule
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from .base import PairDataModule
 from .pfpascal import quarter_pixels, read_image_size, resolve_pair_path, write_csv_rows, write_noise_image
-from .records import PairRecordsDataset, category_filter, points_outside, warn_points_outside
+from .records import PairRecordsDataset, category_filter, points_outside, read_pairs_table, warn_points_outside
 
 __all__ = [
     "LAYOUT_HINT",
@@ -56,6 +55,7 @@ __all__ = [
     "SYNTHETIC_WILLOW_IMAGES",
     "SYNTHETIC_WILLOW_PAIRS",
     "WILLOW_HEADER",
+    "check_pairs_file",
     "write_synthetic_pfwillow",
 ]
 
@@ -105,6 +105,75 @@ def category_of_subclass(subclass: str) -> str:
     return subclass.split("(", 1)[0].strip().lower()
 
 
+def read_pairs_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str], str]]]:
+    """Read a PF-WILLOW pairs csv as text (:func:`~datamodules.records.read_pairs_table`): its header and rows.
+
+    Raises:
+        ValueError: An empty file, a header or row of another column count than 42, no row, text that is not UTF-8
+            or not csv.
+    """
+    def header_problem(header: list[str]) -> str | None:
+        if len(header) == _NUM_COLUMNS:
+            return None
+        return (f"expected {_NUM_COLUMNS} columns (source, target, 10 source x, 10 source y, 10 target x, 10 target y), "
+                f"got {len(header)}")
+
+    return read_pairs_table(path, "PF-WILLOW", f"a header row and {_NUM_COLUMNS} columns", header_problem)
+
+
+def parse_keypoint_columns(row: list[str], header: list[str], where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The source and target keypoints (float32 ``[10, 2]``, ``(x, y)``) of a csv row.
+
+    Raises:
+        ValueError: A cell that is not a finite number (naming ``where`` and the column).
+    """
+    values: list[float] = []
+    for column in range(2, _NUM_COLUMNS):
+        text = row[column].strip()
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(
+                f"Malformed {where}: column {column} ('{header[column]}') holds {text!r}, not a number"
+            ) from None
+        if not math.isfinite(value):
+            raise ValueError(
+                f"Malformed {where}: column {column} ('{header[column]}') holds a non-finite value {text!r}"
+            )
+        values.append(value)
+    k = NUM_KEYPOINTS
+    src_kps = torch.tensor([values[0:k], values[k : 2 * k]], dtype=torch.float32).t().contiguous()
+    trg_kps = torch.tensor([values[2 * k : 3 * k], values[3 * k : 4 * k]], dtype=torch.float32).t().contiguous()
+    return src_kps, trg_kps
+
+
+def image_column(row: list[str], header: list[str], where: str, column: int) -> tuple[str, tuple[str, ...]]:
+    """An image path of a csv row (column 0: source, 1: target) as written, and its parts.
+
+    Raises:
+        ValueError: A path without a subclass folder (naming ``where`` and the column).
+    """
+    relative = row[column].strip()
+    parts = PurePosixPath(relative.replace("\\", "/")).parts
+    if len(parts) < 2:
+        raise ValueError(
+            f"Malformed {where}: column {column} ('{header[column]}') holds {relative!r}; expected "
+            "'<folder>/<subclass>/<name>.png' (the subclass folder names the category)"
+        )
+    return relative, parts
+
+
+def check_pairs_file(path: str | Path) -> int:
+    """:func:`datamodules.pfpascal.check_pairs_file` for PF-WILLOW: the csv parsed as :class:`PFWillowDataset`
+    parses it (header, columns, keypoints, image paths), without its images; returns the number of pairs."""
+    header, rows = read_pairs_csv(Path(path))
+    for _, row, where in rows:
+        parse_keypoint_columns(row, header, where)
+        for column in (0, 1):
+            image_column(row, header, where, column)
+    return len(rows)
+
+
 class PFWillowDataset(PairRecordsDataset):
     """PF-WILLOW image pairs (the 900 test pairs) with keypoints in original pixels.
 
@@ -141,8 +210,6 @@ class PFWillowDataset(PairRecordsDataset):
         self.csv_path: Path = csv_path
         self._sizes: dict[Path, tuple[int, int]] = {}
         records = self._parse_csv()
-        if not records:
-            raise ValueError(f"PF-WILLOW pairs file {self.csv_path} has no pairs")
         if categories is not None:
             names = {r.category for r in records} | {r.subclass for r in records}
             unknown = sorted({c for c in categories if c not in names})
@@ -162,64 +229,15 @@ class PFWillowDataset(PairRecordsDataset):
         self.subclasses: list[str] = sorted({r.subclass for r in records})
 
     def _parse_csv(self) -> list[PFWillowRecord]:
-        path = self.csv_path
-        try:
-            with open(path, newline="", encoding="utf-8-sig") as fh:
-                reader = csv.reader(fh)
-                header = next(reader, None)
-                if header is None:
-                    raise ValueError(
-                        f"PF-WILLOW pairs file {path} is empty (expected a header row and {_NUM_COLUMNS} columns)"
-                    )
-                if len(header) != _NUM_COLUMNS:
-                    raise ValueError(
-                        f"Malformed PF-WILLOW pairs file {path}, header (line 1): expected {_NUM_COLUMNS} columns "
-                        f"(source, target, 10 source x, 10 source y, 10 target x, 10 target y), got {len(header)}"
-                    )
-                header = [h.strip() for h in header]
-                records = []
-                for row_index, row in enumerate(reader):
-                    if not row or all(not cell.strip() for cell in row):
-                        continue
-                    where = f"PF-WILLOW pairs file {path}, row {row_index} (line {reader.line_num})"
-                    if len(row) != _NUM_COLUMNS:
-                        raise ValueError(f"Malformed {where}: expected {_NUM_COLUMNS} columns, got {len(row)}")
-                    records.append(self._parse_row(row_index, row, header, where))
-        except UnicodeDecodeError as err:
-            raise ValueError(f"Malformed PF-WILLOW pairs file {path}: not UTF-8 text ({err})") from err
-        except csv.Error as err:
-            raise ValueError(f"Malformed PF-WILLOW pairs file {path}: {err}") from err
-        return records
+        header, rows = read_pairs_csv(self.csv_path)
+        return [self._parse_row(row_index, row, header, where) for row_index, row, where in rows]
 
     def _parse_row(self, row_index: int, row: list[str], header: list[str], where: str) -> PFWillowRecord:
-        values: list[float] = []
-        for column in range(2, _NUM_COLUMNS):
-            text = row[column].strip()
-            try:
-                value = float(text)
-            except ValueError:
-                raise ValueError(
-                    f"Malformed {where}: column {column} ('{header[column]}') holds {text!r}, not a number"
-                ) from None
-            if not math.isfinite(value):
-                raise ValueError(
-                    f"Malformed {where}: column {column} ('{header[column]}') holds a non-finite value {text!r}"
-                )
-            values.append(value)
-        k = NUM_KEYPOINTS
-        src_kps = torch.tensor([values[0:k], values[k : 2 * k]], dtype=torch.float32).t().contiguous()
-        trg_kps = torch.tensor([values[2 * k : 3 * k], values[3 * k : 4 * k]], dtype=torch.float32).t().contiguous()
-
+        src_kps, trg_kps = parse_keypoint_columns(row, header, where)
         context = where.removeprefix("PF-WILLOW pairs file ")
         paths = []
         for column in (0, 1):
-            relative = row[column].strip()
-            parts = PurePosixPath(relative.replace("\\", "/")).parts
-            if len(parts) < 2:
-                raise ValueError(
-                    f"Malformed {where}: column {column} ('{header[column]}') holds {relative!r}; expected "
-                    "'<folder>/<subclass>/<name>.png' (the subclass folder names the category)"
-                )
+            relative, parts = image_column(row, header, where, column)
             image_path, tried = resolve_pair_path(self.root, relative)
             if not image_path.is_file():
                 raise FileNotFoundError(

@@ -1,12 +1,14 @@
-"""Shared by the keypoint readers: the category filter, points outside their image, and a base over ``records``.
+"""Shared by the keypoint readers: the category filter, points outside their image, a pairs csv read as text, and a
+base over ``records``.
 
 Images load with :func:`lightning_modules.components.image_prep.load_rgb_image` (the core's, so that the
 pipeline reads a user's files the way the readers read a benchmark's)."""
 
 from __future__ import annotations
 
+import csv
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from torch.utils.data import Dataset
 
 from lightning_modules.components.image_prep import load_rgb_image
 
-__all__ = ["PairRecordsDataset", "category_filter", "points_outside", "warn_points_outside"]
+__all__ = ["PairRecordsDataset", "category_filter", "points_outside", "read_pairs_table", "warn_points_outside"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,52 @@ def category_filter(categories: str | Sequence[str] | None) -> list[str] | None:
     if not names:
         raise ValueError("categories is an empty list; pass None to keep all categories")
     return names
+
+
+def read_pairs_table(
+    path: Path, benchmark: str, expected: str, header_problem: Callable[[list[str]], str | None]
+) -> tuple[list[str], list[tuple[int, list[str], str]]]:
+    """Read a benchmark's pairs csv as text: its header and rows, every row with the header's column count.
+
+    Args:
+        path: The csv file.
+        benchmark: Its benchmark's name in messages (``"PF-PASCAL"``).
+        expected: What an empty file should have held, for its message (``"a header row and 42 columns"``).
+        header_problem: What is wrong with a header (its cells stripped), None when it is right.
+
+    Returns:
+        The header (stripped) and per non-blank row ``(row_index, cells, where)``, ``where`` naming the file, row
+        and line for messages.
+
+    Raises:
+        ValueError: An empty file, a wrong header, a row of another column count, no row, text that is not UTF-8 or
+            not csv (naming the file and, for a row, its index and line).
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"{benchmark} pairs file {path} is empty (expected {expected})")
+            header = [h.strip() for h in header]
+            problem = header_problem(header)
+            if problem:
+                raise ValueError(f"Malformed {benchmark} pairs file {path}, header (line 1): {problem}")
+            rows = []
+            for row_index, row in enumerate(reader):
+                if not row or all(not cell.strip() for cell in row):
+                    continue  # blank line
+                where = f"{benchmark} pairs file {path}, row {row_index} (line {reader.line_num})"
+                if len(row) != len(header):
+                    raise ValueError(f"Malformed {where}: expected {len(header)} columns, got {len(row)}")
+                rows.append((row_index, row, where))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"Malformed {benchmark} pairs file {path}: not UTF-8 text ({err})") from err
+    except csv.Error as err:
+        raise ValueError(f"Malformed {benchmark} pairs file {path}: {err}") from err
+    if not rows:
+        raise ValueError(f"{benchmark} pairs file {path} has no pairs")
+    return header, rows
 
 
 def points_outside(points: torch.Tensor, size: Sequence[float]) -> int:

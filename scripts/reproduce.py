@@ -4,12 +4,19 @@ and print the paper's numbers beside ours.
     # a connected GPU machine: everything, Table 1's rows on every benchmark
     python scripts/reproduce.py --data-dir /data/sd-dino --devices 1
     python scripts/reproduce.py --data-dir /data/sd-dino --benchmarks spair,pfpascal --rows fused --devices 4
+    # weights downloaded elsewhere (a folder per model, or another hub id)
+    python scripts/reproduce.py --data-dir /data/sd-dino --sd-model /models/sd15 --dino-model /models/dinov2-base
     # this machine (no network, no GPU): generated roots in the real layouts and the tiny random models
     python scripts/reproduce.py --data-dir /tmp/repro --synthetic
 
 Steps: (1) fetch what is missing into ``--data-dir`` (``scripts/reproduction/datasets.yaml``: URLs and layouts;
-downloads resume, are verified and unpacked atomically; weights through ``huggingface_hub``); offline it stops at
-once and lists the files it needs and where to put them. (2) one ``evaluate.py test`` run per benchmark and row
+downloads resume; every file is verified before anything is installed where a reader looks: not an HTML page, its
+known size and checksums, an archive decompressed to its end with every CRC checked, a csv parsed as its reader
+parses it; archives are unpacked into a scratch folder, the reader's layout checked there, then renamed into place;
+a file's SHA-256 is recorded only after all that, and checked on later runs: ``--forget-checksums`` drops the
+records of the chosen benchmarks' files; weights through ``huggingface_hub``, only the files the featurizers load).
+A failure is one line naming the file and its URL (exit status 2). Offline it stops at once and lists the data
+files and the model files it needs, and where to put them. (2) one ``evaluate.py test`` run per benchmark and row
 into ``<out>/<benchmark>/<row>`` (rows: ``sd``, ``dino``, ``fused``, and the supplementary's CUB
 ``fused_alpha0.8``), sharing ``<out>/feature_cache``; a run finished with the same command is skipped, an
 interrupted one resumed. (3) the comparison with ``scripts/reproduction/paper_numbers.yaml``: printed, and
@@ -33,17 +40,18 @@ from reproduction.fetch import (  # noqa: E402
     DATASETS_FILE,
     FetchError,
     MissingFiles,
+    default_model_ids,
     fetch_dataset,
     fetch_models,
+    forget_checksums,
     load_datasets,
     missing_files,
     missing_message,
-    reachable,
+    missing_model_files,
+    unreachable,
 )
-from reproduction.runs import BENCHMARKS, ROWS, plan_runs, run_all  # noqa: E402
+from reproduction.runs import BENCHMARKS, ROW_FEATURIZERS, ROWS, plan_runs, run_all  # noqa: E402
 
-#: The weights the paper's configs load (configs/featurizers/sd15.yaml, dinov2_b14.yaml).
-MODEL_IDS = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "facebook/dinov2-base")
 TINY = REPO / "configs" / "overlays" / "tiny.yaml"
 
 
@@ -71,13 +79,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", action="append", default=[], help="more --config files for every run")
     parser.add_argument("--synthetic", action="store_true",
                         help="generated roots in the real layouts and the tiny random models (a smoke run, no downloads)")
+    parser.add_argument("--sd-model", default=None,
+                        help="the SD weights: a hub id or a local folder in diffusers' layout, passed to the runs as "
+                        "--model.pipeline.sd.model_id (default: the config's, " + default_model_ids()["sd"] + ")")
+    parser.add_argument("--dino-model", default=None,
+                        help="the DINOv2 weights: a hub id or a local folder in transformers' layout, passed to the "
+                        "runs as --model.pipeline.dino.model_id (default: the config's, " + default_model_ids()["dino"]
+                        + ")")
+    parser.add_argument("--forget-checksums", action="store_true",
+                        help="drop the SHA-256 recorded for the chosen benchmarks' files (<data-dir>/.reproduce/"
+                        "checksums.json) before fetching: for a file that changed on purpose (new release)")
     parser.add_argument("--datasets", type=Path, default=DATASETS_FILE, help="the datasets data file")
     parser.add_argument("--paper", type=Path, default=PAPER_FILE, help="the paper's numbers data file")
     args = parser.parse_args(argv)
     args.benchmarks = _names(args.benchmarks, list(BENCHMARKS), "benchmarks")
     args.rows = _names(args.rows, list(ROWS), "rows")
     args.out = args.out or args.data_dir / "runs"
+    if args.synthetic and (args.sd_model or args.dino_model):
+        raise SystemExit("error: --synthetic runs the tiny random models; --sd-model / --dino-model do not apply")
     return args
+
+
+def chosen_models(args: argparse.Namespace) -> dict[str, str]:
+    """Featurizer -> model (hub id or local folder) that the chosen rows load: the given ones, else the configs'."""
+    given = {"sd": args.sd_model, "dino": args.dino_model}
+    kinds = {kind for row in args.rows for kind in ROW_FEATURIZERS[row]}
+    return {kind: given[kind] or model_id for kind, model_id in default_model_ids().items() if kind in kinds}
 
 
 def synthetic_roots(data_dir: Path) -> tuple[dict[str, Path], dict[str, list[str]]]:
@@ -94,16 +121,31 @@ def synthetic_roots(data_dir: Path) -> tuple[dict[str, Path], dict[str, list[str
     return roots, extra
 
 
-def fetch_all(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, list[str]]]:
-    """Step 1: every requested dataset ready (or MissingFiles listing all that is missing), and the weights."""
+def fetch_all(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, list[str]], dict[str, str]]:
+    """Step 1: every requested dataset ready and the weights there (or MissingFiles listing all that is missing,
+    data and model files, when offline or the first server cannot be reached). Returns the roots, each benchmark's
+    extra arguments, and the models given on the command line (featurizer -> id or folder) for the runs."""
     datasets = load_datasets(args.datasets)
     chosen = {name: datasets[name] for name in args.benchmarks}
+    if args.forget_checksums:
+        dropped = forget_checksums(args.data_dir, [a.file for ds in chosen.values() for a in ds.archives])
+        print(f"forgot the recorded SHA-256 of {dropped or 'no file'}")
+    models = chosen_models(args)
     missing = {name: m for name, ds in chosen.items() if (m := missing_files(ds, args.data_dir))}
-    if missing and (args.offline or not reachable(next(iter(missing.values()))[0].url)):
-        raise MissingFiles(missing_message(missing, args.data_dir))
+    if args.offline:
+        missing_models = missing_model_files(models)
+        if missing or missing_models:
+            raise MissingFiles(missing_message(missing, args.data_dir, missing_models, models))
+    elif missing:
+        first = next(iter(missing.values()))[0]
+        problem = unreachable(first.url)
+        if problem:
+            raise FetchError(f"cannot reach {first.url} to download {first.file}: {problem}; offline? --offline "
+                             "lists every file to download by hand and where it goes")
     roots = {name: fetch_dataset(ds, args.data_dir, offline=args.offline) for name, ds in chosen.items()}
-    fetch_models(MODEL_IDS, offline=args.offline)
-    return roots, {name: list(ds.extra_args) for name, ds in chosen.items()}
+    fetch_models(models, offline=args.offline)
+    model_args = {kind: model_id for kind, model_id in models.items() if getattr(args, f"{kind}_model")}
+    return roots, {name: list(ds.extra_args) for name, ds in chosen.items()}, model_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,20 +153,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     numbers = load_paper_numbers(args.paper)  # a broken data file fails before anything is fetched or run
     try:
-        roots, extra = synthetic_roots(args.data_dir) if args.synthetic else fetch_all(args)
+        roots, extra, models = (*synthetic_roots(args.data_dir), {}) if args.synthetic else fetch_all(args)
     except (MissingFiles, FetchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     configs = [*([str(TINY)] if args.synthetic else []), *args.config]
     cache = {"default": "default", "none": None}.get(args.feature_cache, Path(args.feature_cache))
-    runs = plan_runs(args.benchmarks, args.rows, roots, args.out, args.devices, configs, extra, cache)
+    runs = plan_runs(args.benchmarks, args.rows, roots, args.out, args.devices, configs, extra, cache, models)
     status = run_all(runs)
     table = compare(numbers, args.out, args.benchmarks, args.rows)
     context = {"synthetic": args.synthetic, "devices": args.devices, "configs": configs,
                "runs": {f"{b}/{r}": s for (b, r), s in status.items()}}
     text = write_comparison(table, args.out, context)
-    print("\n" + ("generated data and tiny random models: the numbers only show that every step runs\n"
-                  if args.synthetic else "") + text + f"written to {args.out / 'reproduction.md'} and reproduction.json")
+    print("\n" + text + f"\nwritten to {args.out / 'reproduction.md'} and reproduction.json")
     return 1 if any(s.startswith("failed") for s in status.values()) else 0
 
 

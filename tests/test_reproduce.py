@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import http.server
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+import yaml
 
 from conftest import REPO
 
@@ -23,7 +28,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import reproduce  # noqa: E402
 from reproduction import compare as comparison  # noqa: E402
 from reproduction import fetch  # noqa: E402
-from reproduction.runs import BENCHMARKS, ROWS, plan_runs, run_all  # noqa: E402
+from reproduction.runs import BENCHMARKS, ROW_FEATURIZERS, ROWS, plan_runs, run_all  # noqa: E402
 
 from datamodules import (  # noqa: E402
     CUBASICDataset,
@@ -33,6 +38,7 @@ from datamodules import (  # noqa: E402
     TSSDataset,
     write_synthetic_spair,
 )
+from datamodules.pfpascal import write_synthetic_pfpascal  # noqa: E402
 
 
 # --- the data files --------------------------------------------------------------------------------------------
@@ -121,42 +127,436 @@ def test_an_altered_archive_fails_its_checksum(tmp_path: Path) -> None:
         fetch.fetch_dataset(_dataset(archive.as_uri(), size=5), tmp_path / "second", log=lambda _: None)
 
 
-def test_downloads_resume_over_http(tmp_path: Path) -> None:
+class _Site:
+    """Files served by a 127.0.0.1 HTTP server in a thread: ``files[name]`` with Content-Length and HTTP ranges
+    (206; 416 with ``Content-Range: bytes */N`` past the end), or ``handlers[name](request)`` answering a GET as a
+    misbehaving server would. ``requests`` lists each GET's (name, Range header)."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.handlers: dict[str, object] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        site = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # noqa: ANN002
+                pass
+
+            def do_HEAD(self) -> None:  # noqa: N802 - the reachability probe
+                self.send_response(200 if self.path.lstrip("/") in site.files else 404)
+                self.end_headers()
+
+            def do_GET(self) -> None:  # noqa: N802
+                name, wanted = self.path.lstrip("/"), self.headers.get("Range")
+                site.requests.append((name, wanted))
+                if name in site.handlers:
+                    return site.handlers[name](self)
+                if name not in site.files:
+                    return self.send_error(404)
+                body = site.files[name]
+                start = int(wanted.split("=")[1].rstrip("-")) if wanted else 0
+                if start >= len(body) and start:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(body)}")
+                    self.send_header("Content-Length", "0")
+                    return self.end_headers()
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body) - start))
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                self.end_headers()
+                self.wfile.write(body[start:])
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}/{name}"
+
+
+@pytest.fixture
+def site():  # noqa: ANN201
+    served = _Site()
+    yield served
+    served.server.shutdown()
+    served.server.server_close()
+
+
+def _run_fetch(monkeypatch, capsys, data: Path, datasets: dict, *more: str) -> tuple[int, str, str]:  # noqa: ANN001
+    """``reproduce.py --datasets FILE`` online (its runs and the weights stubbed out): (exit status, stdout, stderr)."""
+    path = data.parent / "datasets.yaml"
+    path.write_text(yaml.safe_dump(datasets))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(reproduce, "fetch_models", lambda models, offline=False: None)
+    monkeypatch.setattr(reproduce, "run_all", lambda runs: {})
+    code = reproduce.main(["--data-dir", str(data), "--datasets", str(path), "--rows", "fused",
+                           "--benchmarks", ",".join(datasets), *more])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_error_line(err: str) -> str:
+    """The error of a failed run: one line, the last on stderr (above it only progress lines), no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and sum(line.startswith("error:") for line in lines) == 1, err
+    assert lines[-1].startswith("error: "), err
+    return lines[-1]
+
+
+def _spair_entry(url: str, **known) -> dict:
+    return {"spair": {"source": "test", "root": "SPair-71k", "expect": ["PairAnnotation/test", "JPEGImages"],
+                      "archives": [{"url": url, "file": "SPair-71k.tar.gz", **known}]}}
+
+
+def _recorded(data: Path) -> dict:
+    path = data / ".reproduce" / "checksums.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _flip(data: bytes, where: str) -> bytes:
+    """One byte flipped: in a .tar.gz's trailer CRC-32 (every byte decompresses; only gzip's own check fails), in
+    the middle of a compressed stream, or in a stored zip member's data."""
+    index = {"gzip-crc": len(data) - 8, "gzip-middle": len(data) // 2, "zip-member": len(data) // 3}[where]
+    return data[:index] + bytes([data[index] ^ 0x55]) + data[index + 1 :]
+
+
+@pytest.mark.parametrize("where", ["gzip-crc", "gzip-middle", "zip-member"])
+def test_an_archive_with_one_byte_flipped_is_refused_before_anything_is_unpacked(
+    tmp_path: Path, site: _Site, monkeypatch, capsys, where: str
+) -> None:
+    kind = "zip" if where.startswith("zip") else "tar.gz"
+    site.files["SPair-71k.tar.gz"] = _flip(_spair_archive(tmp_path, kind).read_bytes(), where)
+    data = tmp_path / "data"
+    code, _, err = _run_fetch(monkeypatch, capsys, data, _spair_entry(site.url("SPair-71k.tar.gz")))
+    line = _one_error_line(err)
+    assert code == 2 and "SPair-71k.tar.gz (from " + site.url("SPair-71k.tar.gz") in line
+    assert "is not a complete archive" in line and "moved aside to" in line
+    assert not (data / "SPair-71k").exists() and _recorded(data) == {}  # nothing a reader takes, nothing recorded
+    assert (data / "downloads" / "SPair-71k.tar.gz.bad").exists()
+    assert not (data / "downloads" / "SPair-71k.tar.gz").exists()
+    assert not list((data / ".reproduce").glob("unpacking-*"))
+
+
+@pytest.mark.parametrize("then", ["placed in downloads", "served"])
+def test_damaged_then_right_ends_with_a_ready_root(tmp_path: Path, site: _Site, monkeypatch, capsys,
+                                                    then: str) -> None:
+    good = _spair_archive(tmp_path).read_bytes()
+    site.files["SPair-71k.tar.gz"] = _flip(good, "gzip-crc")
+    data, entry = tmp_path / "data", _spair_entry(site.url("SPair-71k.tar.gz"))
+    assert _run_fetch(monkeypatch, capsys, data, entry)[0] == 2
+    if then == "served":
+        site.files["SPair-71k.tar.gz"] = good
+    else:
+        (data / "downloads" / "SPair-71k.tar.gz").write_bytes(good)
+    code, out, err = _run_fetch(monkeypatch, capsys, data, entry)
+    assert code == 0 and "error" not in err and f"spair: ready at {data / 'SPair-71k'}" in out
+    assert len(SPairDataset(data / "SPair-71k", split="test")) == 2
+    assert _recorded(data) == {"SPair-71k.tar.gz": hashlib.sha256(good).hexdigest()}
+    assert [name for name, _ in site.requests] == ["SPair-71k.tar.gz"] * (2 if then == "served" else 1)
+
+
+def test_a_recorded_checksum_is_kept_until_forget_checksums(tmp_path: Path, site: _Site, monkeypatch, capsys) -> None:
+    first = _spair_archive(tmp_path).read_bytes()
+    site.files["SPair-71k.tar.gz"] = first
+    data, entry = tmp_path / "data", _spair_entry(site.url("SPair-71k.tar.gz"))
+    assert _run_fetch(monkeypatch, capsys, data, entry)[0] == 0
+    assert _recorded(data) == {"SPair-71k.tar.gz": hashlib.sha256(first).hexdigest()}
+    # a new release of the same name: refused against the record, left in place, the flag named
+    shutil.rmtree(data / "SPair-71k")
+    release = gzip.compress(gzip.decompress(first), mtime=1)  # the same tar, compressed anew: other bytes
+    (data / "downloads" / "SPair-71k.tar.gz").write_bytes(release)
+    code, _, err = _run_fetch(monkeypatch, capsys, data, entry)
+    line = _one_error_line(err)
+    assert code == 2 and "was recorded when a file of this name first passed every check" in line
+    assert "--forget-checksums" in line and site.url("SPair-71k.tar.gz") in line
+    assert (data / "downloads" / "SPair-71k.tar.gz").read_bytes() == release and not (data / "SPair-71k").exists()
+    code, out, err = _run_fetch(monkeypatch, capsys, data, entry, "--forget-checksums")
+    assert code == 0 and "forgot the recorded SHA-256 of ['SPair-71k.tar.gz']" in out
+    assert _recorded(data) == {"SPair-71k.tar.gz": hashlib.sha256(release).hexdigest()}
+    assert len(SPairDataset(data / "SPair-71k", split="test")) == 2
+
+
+def _pfpascal_site(tmp: Path, site: _Site) -> tuple[dict, bytes]:
+    """A PF-PASCAL zip (images and annotations, no csv) and its test csv served apart, as the real ones are."""
+    root, _ = write_synthetic_pfpascal(tmp / "src")
+    csv_bytes = (root / "test_pairs_pf_pascal.csv").read_bytes()
+    (root / "test_pairs_pf_pascal.csv").unlink()
+    with zipfile.ZipFile(tmp / "PF-dataset-PASCAL.zip", "w") as out:
+        for path in sorted(root.rglob("*")):
+            out.write(path, path.relative_to(root.parent))
+    site.files["PF-dataset-PASCAL.zip"] = (tmp / "PF-dataset-PASCAL.zip").read_bytes()
+    site.files["test_pairs_pf_pascal.csv"] = csv_bytes
+    entry = {"pfpascal": {"source": "test", "root": "PF-dataset-PASCAL",
+                          "expect": ["test_pairs_pf_pascal.csv", "JPEGImages", "Annotations"], "archives": [
+        {"url": site.url("PF-dataset-PASCAL.zip"), "file": "PF-dataset-PASCAL.zip"},
+        {"url": site.url("test_pairs_pf_pascal.csv"), "file": "test_pairs_pf_pascal.csv", "unpack_to": None,
+         "copy_to": "PF-dataset-PASCAL/test_pairs_pf_pascal.csv", "check": "datamodules.pfpascal:check_pairs_file"},
+    ]}}  # fmt: skip
+    return entry, csv_bytes
+
+
+def _cut_without_length(body: bytes):  # noqa: ANN202
+    def answer(request) -> None:  # noqa: ANN001 - HTTP/1.0, no Content-Length: the end of the body is the close
+        request.send_response(200)
+        request.end_headers()
+        request.wfile.write(body)
+    return answer
+
+
+@pytest.mark.parametrize("served", ["an HTML page", "cut short without Content-Length", "another csv format"])
+def test_a_csv_is_checked_as_its_reader_parses_it_before_it_is_installed(
+    tmp_path: Path, site: _Site, monkeypatch, capsys, served: str
+) -> None:
+    entry, good = _pfpascal_site(tmp_path, site)
+    csv_url = site.url("test_pairs_pf_pascal.csv")
+    if served == "an HTML page":
+        site.files["test_pairs_pf_pascal.csv"] = b"<!DOCTYPE html>\n<html><body>503 Service Unavailable</body></html>"
+        expected = "is an HTML page"
+    elif served == "cut short without Content-Length":
+        site.handlers["test_pairs_pf_pascal.csv"] = _cut_without_length(good[: good.rindex(b";")])
+        expected = "is not what its reader needs (Malformed PF-PASCAL pairs file"
+    else:
+        site.files["test_pairs_pf_pascal.csv"] = b"source_image,target_image,class,flip,extra\na.jpg,b.jpg,1,0,0\n"
+        expected = "expected 7 columns"
+    data = tmp_path / "data"
+    code, _, err = _run_fetch(monkeypatch, capsys, data, entry)
+    line = _one_error_line(err)
+    assert code == 2 and f"test_pairs_pf_pascal.csv (from {csv_url}) {expected}" in line or expected in line, line
+    assert csv_url in line and "moved aside to" in line
+    assert not (data / "PF-dataset-PASCAL").exists() and _recorded(data) == {}
+    # the right csv served: installed beside the unpacked zip, both recorded
+    site.handlers.clear()
+    site.files["test_pairs_pf_pascal.csv"] = good
+    code, _, err = _run_fetch(monkeypatch, capsys, data, entry)
+    assert code == 0, err
+    assert len(PFPascalDataset(data / "PF-dataset-PASCAL")) == 5
+    assert sorted(_recorded(data)) == ["PF-dataset-PASCAL.zip", "test_pairs_pf_pascal.csv"]
+
+
+def test_a_missing_csv_alone_is_fetched_into_a_present_root(tmp_path: Path, site: _Site, monkeypatch, capsys) -> None:
+    entry, good = _pfpascal_site(tmp_path, site)
+    data = tmp_path / "data"
+    write_synthetic_pfpascal(data)
+    (data / "PF-dataset-PASCAL" / "test_pairs_pf_pascal.csv").unlink()  # a root unpacked by hand, without the csv
+    code, _, err = _run_fetch(monkeypatch, capsys, data, entry)
+    assert code == 0, err
+    assert site.requests == [("test_pairs_pf_pascal.csv", None)]  # not the zip again
+    assert (data / "PF-dataset-PASCAL" / "test_pairs_pf_pascal.csv").read_bytes() == good
+
+
+def _chunked_then_dropped(request) -> None:  # noqa: ANN001
+    request.send_response(200)
+    request.send_header("Transfer-Encoding", "chunked")
+    request.end_headers()
+    request.wfile.write(b"400\r\n" + bytes(1024) + b"\r\n" + b"400\r\n" + bytes(10))  # then the connection closes
+
+
+def _not_http(request) -> None:  # noqa: ANN001
+    request.wfile.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+    request.close_connection = True
+
+
+@pytest.mark.parametrize("failure", ["dropped mid-chunk", "not HTTP", "connection refused", "timeout", "HTTP 404"])
+def test_a_network_failure_is_one_line_naming_the_file_and_url(
+    tmp_path: Path, site: _Site, monkeypatch, capsys, failure: str
+) -> None:
+    monkeypatch.setattr(fetch, "TIMEOUT", 0.5)
+    url = site.url("SPair-71k.tar.gz")
+    site.files["SPair-71k.tar.gz"] = b"probe answers"
+    if failure == "dropped mid-chunk":
+        site.handlers["SPair-71k.tar.gz"], cause = _chunked_then_dropped, "closed in the middle of the transfer"
+    elif failure == "not HTTP":
+        site.handlers["SPair-71k.tar.gz"], cause = _not_http, "reply is not HTTP (BadStatusLine"
+    elif failure == "HTTP 404":
+        site.handlers["SPair-71k.tar.gz"], cause = lambda request: request.send_error(404), "HTTP 404"
+    elif failure == "timeout":
+        site.handlers["SPair-71k.tar.gz"], cause = lambda request: time.sleep(2), "no answer within 0.5 s"
+    else:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/SPair-71k.tar.gz"
+        listener.close()  # nothing listens there now
+        cause = "connection refused"
+    data = tmp_path / "data"
+    code, _, err = _run_fetch(monkeypatch, capsys, data, _spair_entry(url))
+    line = _one_error_line(err)
+    assert code == 2 and "SPair-71k.tar.gz" in line and url in line and cause in line, line
+    assert not (data / "downloads" / "SPair-71k.tar.gz.part").exists()  # no byte arrived: nothing kept ...
+    assert "partial file is kept" not in line  # ... and none claimed
+    assert not (data / "SPair-71k").exists()
+
+
+def _length_then_dropped(body: bytes, sent: int):  # noqa: ANN202
+    def answer(request) -> None:  # noqa: ANN001 - announces the whole file, sends part of it, closes
+        request.send_response(200)
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body[:sent])
+    return answer
+
+
+def test_an_interrupted_download_keeps_its_part_says_so_and_resumes(tmp_path: Path, site: _Site, monkeypatch,
+                                                                    capsys) -> None:
+    whole = _spair_archive(tmp_path).read_bytes()
+    site.files["SPair-71k.tar.gz"] = whole
+    site.handlers["SPair-71k.tar.gz"] = _length_then_dropped(whole, 1000)
+    data, entry = tmp_path / "data", _spair_entry(site.url("SPair-71k.tar.gz"))
+    code, _, err = _run_fetch(monkeypatch, capsys, data, entry)
+    part = data / "downloads" / "SPair-71k.tar.gz.part"
+    line = _one_error_line(err)
+    assert code == 2 and f"the server sent 1000 of the {len(whole)} bytes announced" in line
+    assert f"rerun to resume (the partial file is kept as {part})" in line and part.stat().st_size == 1000
+    site.handlers.clear()
+    assert _run_fetch(monkeypatch, capsys, data, entry)[0] == 0
+    assert site.requests[-1] == ("SPair-71k.tar.gz", "bytes=1000-") and not part.exists()
+    assert (data / "downloads" / "SPair-71k.tar.gz").read_bytes() == whole
+
+
+@pytest.mark.parametrize("extra", [0, 7])
+def test_a_complete_part_answered_416_is_verified_not_downloaded_again(tmp_path: Path, site: _Site, extra: int) -> None:
+    whole = _spair_archive(tmp_path).read_bytes()
+    site.files["SPair-71k.tar.gz"] = whole
+    downloads = tmp_path / "data" / "downloads"
+    downloads.mkdir(parents=True)
+    (downloads / "SPair-71k.tar.gz.part").write_bytes(whole + bytes(extra))  # complete (or longer than the file)
+    root = fetch.fetch_dataset(_dataset(site.url("SPair-71k.tar.gz")), tmp_path / "data", log=lambda _: None)
+    expected = [("SPair-71k.tar.gz", f"bytes={len(whole) + extra}-")] + ([("SPair-71k.tar.gz", None)] if extra else [])
+    assert site.requests == expected  # 416; a longer .part is no part of the file: downloaded anew
+    assert (downloads / "SPair-71k.tar.gz").read_bytes() == whole and len(SPairDataset(root, split="test")) == 2
+
+
+def test_downloads_resume_over_http(tmp_path: Path, site: _Site) -> None:
+    whole = _spair_archive(tmp_path).read_bytes()
+    site.files["SPair-71k.tar.gz"] = whole
+    downloads = tmp_path / "data" / "downloads"
+    downloads.mkdir(parents=True)
+    (downloads / "SPair-71k.tar.gz.part").write_bytes(whole[:1000])  # an interrupted download
+    root = fetch.fetch_dataset(_dataset(site.url("SPair-71k.tar.gz"), size=len(whole)), tmp_path / "data",
+                               log=lambda _: None)
+    assert site.requests == [("SPair-71k.tar.gz", "bytes=1000-")]
+    assert (downloads / "SPair-71k.tar.gz").read_bytes() == whole and len(SPairDataset(root, split="test")) == 2
+
+
+def test_a_stale_partial_root_is_named_never_merged(tmp_path: Path) -> None:
     archive = _spair_archive(tmp_path)
-    served = tmp_path / "served"
-    served.mkdir()
-    shutil.move(archive, served / archive.name)
-    requests: list[str | None] = []
+    data = tmp_path / "data"
+    (data / "SPair-71k" / "JPEGImages").mkdir(parents=True)
+    (data / "SPair-71k" / "JPEGImages" / "left-over.jpg").write_bytes(b"from an earlier attempt")
+    with pytest.raises(fetch.FetchError) as err:
+        fetch.fetch_dataset(_dataset(archive.as_uri(), file=archive.name), data, log=lambda _: None)
+    message = str(err.value)
+    assert f"{data / 'SPair-71k'} is already there but incomplete (lacks ['PairAnnotation/test'])" in message
+    assert "move it away (or delete it) and rerun" in message and "\n" not in message
+    assert sorted(p.name for p in (data / "SPair-71k").rglob("*")) == ["JPEGImages", "left-over.jpg"]  # untouched
+    assert _recorded(data) == {} and not list((data / ".reproduce").glob("unpacking-*"))
+    shutil.rmtree(data / "SPair-71k")  # as the message says
+    root = fetch.fetch_dataset(_dataset(archive.as_uri(), file=archive.name), data, log=lambda _: None)
+    assert len(SPairDataset(root, split="test")) == 2 and list(_recorded(data)) == [archive.name]
 
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):  # noqa: ANN002, ANN003
-            super().__init__(*args, directory=str(served), **kwargs)
 
-        def log_message(self, *args) -> None:  # noqa: ANN002
-            pass
+def test_an_archive_of_another_layout_names_its_top_folder_and_installs_nothing(tmp_path: Path) -> None:
+    root = write_synthetic_spair(tmp_path / "src" / "SPair71k-v2", categories=("cat",), pairs_per_category=2,
+                                 image_size=(48, 36))
+    archive = tmp_path / "SPair-71k.tar.gz"
+    with tarfile.open(archive, "w:gz") as out:
+        out.add(root, arcname="SPair71k-v2")
+        out.add(root / "PairAnnotation", arcname="README-folder")
+    data = tmp_path / "data"
+    with pytest.raises(fetch.FetchError) as err:
+        fetch.fetch_dataset(_dataset(archive.as_uri()), data, log=lambda _: None)
+    message = str(err.value)
+    assert "SPair-71k/ would lack ['PairAnnotation/test', 'JPEGImages']" in message
+    assert "SPair-71k.tar.gz holds ['README-folder/', 'SPair71k-v2/'] at its top" in message
+    assert "nothing was installed" in message and "\n" not in message
+    assert sorted(p.name for p in data.iterdir()) == [".reproduce", "downloads"] and _recorded(data) == {}
+    assert (data / "downloads" / "SPair-71k.tar.gz").exists()  # not damaged: kept
 
-        def do_GET(self) -> None:  # noqa: N802 - a minimal range server
-            requests.append(self.headers.get("Range"))
-            body = (served / self.path.lstrip("/")).read_bytes()
-            start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
-            self.send_response(206 if start else 200)
-            self.send_header("Content-Length", str(len(body) - start))
-            self.end_headers()
-            self.wfile.write(body[start:])
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/{archive.name}"
-        downloads = tmp_path / "data" / "downloads"
-        downloads.mkdir(parents=True)
-        whole = (served / archive.name).read_bytes()
-        (downloads / f"{archive.name}.part").write_bytes(whole[:1000])  # an interrupted download
-        root = fetch.fetch_dataset(_dataset(url, size=len(whole)), tmp_path / "data", log=lambda _: None)
-    finally:
-        server.shutdown()
-    assert requests == ["bytes=1000-"] and (downloads / archive.name).read_bytes() == whole
-    assert len(SPairDataset(root, split="test")) == 2
+def test_an_archive_top_entry_beside_the_root_is_named_and_not_kept(tmp_path: Path) -> None:
+    root = write_synthetic_spair(tmp_path / "src" / "SPair-71k", categories=("cat",), pairs_per_category=2,
+                                 image_size=(48, 36))
+    (tmp_path / "src" / "attributes.txt").write_text("not needed by the reader\n")
+    archive = tmp_path / "SPair-71k.tar.gz"
+    with tarfile.open(archive, "w:gz") as out:
+        out.add(root, arcname="SPair-71k")
+        out.add(tmp_path / "src" / "attributes.txt", arcname="attributes.txt")
+    said: list[str] = []
+    data = tmp_path / "data"
+    assert fetch.fetch_dataset(_dataset(archive.as_uri()), data, log=said.append) == data / "SPair-71k"
+    assert "spair: not kept (not under SPair-71k/): ['attributes.txt']" in said
+    assert not (data / "attributes.txt").exists()
+
+
+# --- model weights ---------------------------------------------------------------------------------------------
+
+
+def test_the_model_files_listed_are_those_the_download_fetches() -> None:
+    from fnmatch import fnmatch
+
+    for kind, files in fetch.MODEL_FILES.items():
+        for name in files:
+            assert any(fnmatch(name, p) for p in fetch.MODEL_PATTERNS), (kind, name)
+            assert not any(fnmatch(name, p) for p in fetch._SKIP), (kind, name)
+    assert fetch.default_model_ids() == {"sd": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                         "dino": "facebook/dinov2-base"}
+
+
+def test_offline_the_list_names_each_model_file_and_how_to_get_exactly_those(tmp_path: Path, capsys) -> None:
+    sd = tmp_path / "sd15"
+    for name in fetch.MODEL_FILES["sd"][1:]:  # a local folder that lacks the UNet's config
+        (sd / name).parent.mkdir(parents=True, exist_ok=True)
+        (sd / name).write_text("{}")
+    code = reproduce.main(["--data-dir", str(tmp_path / "data"), "--offline", "--benchmarks", "spair",
+                           "--sd-model", str(sd)])
+    err = capsys.readouterr().err
+    assert code == 2 and "offline: these model files are missing (sizes unknown offline):" in err
+    assert f"  sd model {sd} (a local folder): unet/config.json\n" in err
+    assert f"huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json --local-dir {sd}" in err
+    dino = " ".join(fetch.MODEL_FILES["dino"])
+    assert "  dino model facebook/dinov2-base: config.json, model.safetensors\n" in err
+    assert f"huggingface-cli download facebook/dinov2-base {dino} --local-dir dinov2-base" in err
+    assert "then pass --dino-model dinov2-base (a hub id or a local folder; it becomes " \
+           "--model.pipeline.dino.model_id)" in err and f"then pass --sd-model {sd}" in err
+    for line in err.splitlines():  # never the whole repository
+        if "huggingface-cli download" in line:
+            assert line.split("huggingface-cli download ")[1].split()[1] != "--local-dir", line
+    # an SD-only row: the DINO model is not needed, so not listed
+    assert reproduce.main(["--data-dir", str(tmp_path / "data"), "--offline", "--benchmarks", "spair",
+                           "--rows", "sd"]) == 2
+    err = capsys.readouterr().err
+    assert "sd model stable-diffusion-v1-5/stable-diffusion-v1-5:" in err and "dino model" not in err
+
+
+@pytest.mark.parametrize("row", ["sd", "dino", "fused"])
+def test_model_options_reach_the_runs_configs(tmp_path: Path, row: str, capsys) -> None:
+    import evaluate
+
+    args = reproduce.parse_args(["--data-dir", str(tmp_path), "--rows", row, "--sd-model", "/models/sd15",
+                                 "--dino-model", "org/dino"])
+    (run,) = plan_runs(["spair"], [row], {"spair": tmp_path}, tmp_path / "out", 1, models=reproduce.chosen_models(args))
+    with pytest.raises(SystemExit):
+        evaluate.main([*run.args, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["pipeline"]["init_args"]
+    for kind, model_id in (("sd", "/models/sd15"), ("dino", "org/dino")):
+        if kind in ROW_FEATURIZERS[row]:
+            assert printed[kind]["init_args"]["model_id"] == model_id
+        else:
+            assert printed[kind] is None
+    assert "--synthetic runs the tiny random models" in str(
+        pytest.raises(SystemExit, reproduce.parse_args, ["--data-dir", "x", "--synthetic", "--sd-model", "y"]).value)
+
+
+def test_a_synthetic_table_says_so_at_its_top_and_an_empty_paper_cell_is_a_dash(tmp_path: Path) -> None:
+    table = [comparison.Comparison("pfwillow", "fused", "PCK@0.1 per_image", None, 40.0, None, 1.0, None,
+                                   "not evaluated in the paper"),
+             comparison.Comparison("spair", "fused", "PCK@0.1 category_mean", 64.0, 1.0, -63.0, 1.0, False, "Table 2")]
+    text = comparison.write_comparison(table, tmp_path, {"synthetic": True})
+    md = (tmp_path / "reproduction.md").read_text()
+    assert md == "# Reproduction of the paper's numbers\n\n" + text and text.startswith(comparison.SYNTHETIC_NOTE)
+    assert "| pfwillow | fused | PCK@0.1 per_image | — [a] | 40.0 | - | — | not evaluated in the paper |" in md
+    assert md.rstrip().endswith(comparison.NO_NUMBER_NOTE) and "not reported" not in md
+    plain = comparison.write_comparison(table[1:], tmp_path, {"synthetic": False})
+    assert "Generated" not in plain and "[a]" not in plain
 
 
 def test_offline_it_fails_fast_naming_each_file_its_url_and_where_it_goes(tmp_path: Path, capsys) -> None:
@@ -166,7 +566,7 @@ def test_offline_it_fails_fast_naming_each_file_its_url_and_where_it_goes(tmp_pa
     assert f"{tmp_path / 'data' / 'downloads'}/" in err
     for dataset in (fetch.load_datasets()[name] for name in ("spair", "cub")):
         for archive in dataset.archives:
-            assert f"{archive.file}  <-  {archive.url}" in err
+            assert f"{archive.file} (size unknown offline)  <-  {archive.url}" in err
     assert not (tmp_path / "data" / "runs").exists()  # nothing ran
 
 
@@ -221,7 +621,9 @@ def test_runs_and_the_comparison_table_on_every_benchmark(tmp_path: Path, monkey
             continue
         assert line["difference"] == pytest.approx(line["ours"] - line["paper"])
         assert line["within"] == (abs(line["difference"]) <= line["tolerance"])
-    assert "paper: not reported" in out
+    assert "paper: not reported" not in out and "| — [a] |" in out and comparison.NO_NUMBER_NOTE in out
+    assert (tmp_path / "runs" / "reproduction.md").read_text().startswith(
+        "# Reproduction of the paper's numbers\n\n" + comparison.SYNTHETIC_NOTE)
     assert "| spair | fused | PCK@0.1 category_mean | 64.0 |" in out
     assert (tmp_path / "runs" / "reproduction.md").read_text().count("| spair |") == 3
     # a rerun skips every finished run and prints the same table

@@ -103,23 +103,38 @@ def _cell(value: float | None, signed: bool = False) -> str:
     return f"{value:+.1f}" if signed else f"{value:.1f}"
 
 
+#: The mark of a paper cell without a number, and its footnote.
+NO_NUMBER = "— [a]"
+NO_NUMBER_NOTE = ("[a] No number of the paper to compare with: the last column says where it would be printed and "
+                  "why there is none here (not evaluated by the paper, or in a part of it whose text was not "
+                  "available here).")
+#: The note at the top of a ``--synthetic`` run's table.
+SYNTHETIC_NOTE = ("> **Generated data and tiny random models** (`--synthetic`): benchmarks generated in the real "
+                  "on-disk formats, run with tiny random SD and DINOv2 models. These numbers only show that every "
+                  "step runs; they say nothing about the paper's.")
+
+
 def render_markdown(table: Sequence[Comparison]) -> str:
-    """The comparison as a Markdown table."""
-    lines = ["| benchmark | row | metric | paper | ours | difference | within tolerance | paper's table |",
+    """The comparison as a Markdown table (a footnote under it where a paper cell has no number)."""
+    lines = ["| benchmark | row | metric | paper | ours | difference | within tolerance | source of the paper's number |",
              "|---|---|---|---|---|---|---|---|"]
     for c in table:
         if c.within is not None:
             verdict = f"{'yes' if c.within else 'NO'} (+-{c.tolerance:g})"
         else:
-            verdict = "no run" if c.ours is None else "paper: not reported"
-        lines.append(f"| {c.benchmark} | {c.row} | {c.metric} | {_cell(c.paper)} | {_cell(c.ours)} | "
+            verdict = "no run" if c.ours is None else "—"
+        paper = NO_NUMBER if c.paper is None else _cell(c.paper)
+        lines.append(f"| {c.benchmark} | {c.row} | {c.metric} | {paper} | {_cell(c.ours)} | "
                      f"{_cell(c.difference, True)} | {verdict} | {c.table} |")
+    if any(c.paper is None for c in table):
+        lines += ["", NO_NUMBER_NOTE]
     return "\n".join(lines) + "\n"
 
 
 def write_comparison(table: Sequence[Comparison], out: Path, context: dict[str, Any]) -> str:
-    """Write ``reproduction.md`` and ``reproduction.json`` into ``out``; returns the Markdown table."""
-    text = render_markdown(table)
+    """Write ``reproduction.md`` and ``reproduction.json`` into ``out``; returns the Markdown text (under its
+    title): the table, preceded by :data:`SYNTHETIC_NOTE` when ``context["synthetic"]``."""
+    text = (SYNTHETIC_NOTE + "\n\n" if context.get("synthetic") else "") + render_markdown(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "reproduction.md").write_text("# Reproduction of the paper's numbers\n\n" + text, encoding="utf-8")
     payload = {"context": context, "table": [asdict(c) for c in table]}

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BENCHMARKS", "ROWS", "Run", "plan_runs", "run_all"]
+__all__ = ["BENCHMARKS", "ROWS", "ROW_FEATURIZERS", "Run", "plan_runs", "run_all"]
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -23,6 +23,10 @@ ROWS: dict[str, list[str]] = {
     "dino": ["--config", str(CONFIGS / "overlays" / "dino_only.yaml")],
     "fused": [],
     "fused_alpha0.8": ["--model.pipeline.alpha", "0.8"],
+}
+#: Row -> the featurizers it loads (``sd``, ``dino``: the ``--model.pipeline.<name>`` nodes).
+ROW_FEATURIZERS: dict[str, tuple[str, ...]] = {
+    "sd": ("sd",), "dino": ("dino",), "fused": ("sd", "dino"), "fused_alpha0.8": ("sd", "dino"),
 }
 #: The file in a run folder recording the command that produced it (the skip check compares it).
 COMMAND_FILE = "reproduce_command.json"
@@ -54,7 +58,7 @@ class Run:
 def plan_runs(
     benchmarks: Sequence[str], rows: Sequence[str], roots: dict[str, Path], out: Path, devices: int,
     extra_configs: Sequence[str] = (), extra_args: dict[str, Sequence[str]] | None = None,
-    feature_cache: Path | None | str = "default",
+    feature_cache: Path | None | str = "default", models: dict[str, str] | None = None,
 ) -> list[Run]:
     """The runs of a reproduction: each benchmark with each row that applies (``fused_alpha0.8`` on CUB only).
 
@@ -68,6 +72,8 @@ def plan_runs(
         extra_args: Benchmark -> more arguments (e.g. CUB's ``--data.categories``).
         feature_cache: The on-disk feature cache shared by the rows (``"default"``: ``out/feature_cache``; None:
             none, each run extracts its images itself).
+        models: Featurizer (``sd``, ``dino``) -> hub id or local folder, for the rows that load it
+            (``--model.pipeline.<name>.model_id``); a featurizer not named keeps its config's model.
     """
     cache = out / "feature_cache" if feature_cache == "default" else feature_cache
     runs = []
@@ -83,6 +89,9 @@ def plan_runs(
                      "--trainer.default_root_dir", str(folder),
                      "--model.pipeline.feature_cache_dir", "null" if cache is None else str(cache),
                      *(extra_args or {}).get(benchmark, ())]
+            for name in ROW_FEATURIZERS[row]:
+                if name in (models or {}):
+                    args += [f"--model.pipeline.{name}.model_id", str(models[name])]
             runs.append(Run(benchmark, row, folder, tuple(args)))
     return runs
 
