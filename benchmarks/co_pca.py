@@ -1,5 +1,8 @@
-"""Time co-PCA of one pair at the paper's shapes: torch.pca_lowrank under fork_rng (how the reference-style code
-seeds it) against ``fusion.pca_lowrank_components`` (the same algorithm, test matrix from a CPU generator).
+"""Time co-PCA of one pair at the paper's shapes: torch.pca_lowrank under fork_rng (today's torch; how the
+reference-style code seeds it) against ``fusion.pca_lowrank_components`` (test matrix from a CPU generator; the
+algorithm of ``--solver``: ``torch1.13``, the reference's and our default, or ``torch2.4``, today's torch's).
+
+    python benchmarks/co_pca.py --device cpu --repeats 3 --threads 1 --solver torch2.4
 
     python benchmarks/co_pca.py --device cuda
     python benchmarks/co_pca.py --device cpu --repeats 5 --threads 1
@@ -19,6 +22,7 @@ algorithm on the CPU (the largest pairwise token distance difference, relative t
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -28,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_modules.components.fusion import co_pca, co_pca_batch  # noqa: E402
+from lightning_modules.components.fusion import PCA_SOLVERS, co_pca, co_pca_batch  # noqa: E402
 
 SHAPES = ((1280, 15), (1280, 30), (640, 60))
 
@@ -96,7 +100,7 @@ def _nearest(pair: torch.Tensor) -> torch.Tensor:
     return torch.cdist(tokens[0], tokens[1]).argmin(dim=1)
 
 
-def batched_vs_per_pair(device: torch.device, batch: int, repeats: int) -> dict[str, float]:
+def batched_vs_per_pair(device: torch.device, batch: int, repeats: int, solver: str = "torch1.13") -> dict[str, float]:
     """Time co-PCA of ``batch`` pairs per layer, per pair and batched, and compare their outputs."""
     generator = torch.Generator().manual_seed(0)
     layers = [torch.stack([feature_like_pair(c, side, generator) for _ in range(batch)]).to(device) for c, side in SHAPES]
@@ -106,10 +110,10 @@ def batched_vs_per_pair(device: torch.device, batch: int, repeats: int) -> dict[
             torch.cuda.synchronize(device)
 
     def per_pair() -> list[torch.Tensor]:
-        return [torch.stack([co_pca(pair, 256) for pair in layer]) for layer in layers]
+        return [torch.stack([co_pca(pair, 256, solver=solver) for pair in layer]) for layer in layers]
 
     def batched() -> list[torch.Tensor]:
-        return [co_pca_batch(layer, 256) for layer in layers]
+        return [co_pca_batch(layer, 256, solver=solver) for layer in layers]
 
     timings = {}
     for name, fn in (("per_pair", per_pair), ("batched", batched)):
@@ -141,14 +145,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch", type=int, default=0, help="compare per-pair and batched co-PCA of this many pairs")
+    parser.add_argument("--solver", choices=PCA_SOLVERS, default="torch1.13", help="co-PCA's pca_solver")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.batch:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        r = batched_vs_per_pair(device, args.batch, args.repeats)
-        print(f"device {name}, {torch.get_num_threads()} threads; co-PCA of {args.batch} pairs, layers {SHAPES} to 256, "
+        r = batched_vs_per_pair(device, args.batch, args.repeats, args.solver)
+        print(f"device {name}, {torch.get_num_threads()} threads; co-PCA ({args.solver}) of {args.batch} pairs, layers {SHAPES} to 256, "
               f"median of {args.repeats}")
         print(f"  per pair (co_pca)      : {r['per_pair_ms']:8.2f} ms/pair")
         print(f"  batched (co_pca_batch) : {r['batched_ms']:8.2f} ms/pair  ({r['ratio']:.2f}x)")
@@ -158,17 +163,18 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     pairs = [feature_like_pair(c, side, generator).to(device) for c, side in SHAPES]
     old = _time(reference_co_pca, pairs, device, args.repeats)
-    new = _time(co_pca, pairs, device, args.repeats)
+    ours = functools.partial(co_pca, solver=args.solver)
+    new = _time(ours, pairs, device, args.repeats)
     exact = _time(exact_co_pca, pairs, device, args.repeats)
     gap = 0.0  # ours on this device against the reference algorithm on the CPU (torch.pca_lowrank, seed 0)
     for pair in pairs:
-        a, b = co_pca(pair.cpu(), 256), co_pca(pair, 256).cpu()
+        a, b = ours(pair.cpu(), 256), ours(pair, 256).cpu()
         da, db = _distances(a), _distances(b)
         gap = max(gap, ((da - db).abs().max() / da.mean()).item())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}; co-PCA of one pair, layers {SHAPES} to 256, median of {args.repeats}")
     print(f"  torch.pca_lowrank under fork_rng: {old:8.2f} ms/pair")
-    print(f"  pca_lowrank_components          : {new:8.2f} ms/pair")
+    print(f"  pca_lowrank_components ({args.solver}): {new:8.2f} ms/pair")
     print(f"  exact PCA (eigh of the covariance), for comparison: {exact:8.2f} ms/pair")
     print(f"  ours on {name} vs the reference algorithm on the CPU: max |pairwise distance difference| / mean "
           f"distance = {gap:.2e}")

@@ -104,9 +104,9 @@ class TimedCorrespondence(FusedCorrespondence):
         self.timers[name] += time.perf_counter() - wall
         self.timers[f"{name}_cpu"] += time.process_time() - cpu
 
-    def extract(self, images, categories):  # noqa: ANN001, ANN201 - same signature as the parent
+    def extract(self, images, categories, files=None):  # noqa: ANN001, ANN201 - same signature as the parent
         with self._timed("extract"):
-            return super().extract(images, categories)
+            return super().extract(images, categories, files)
 
     def describe_pairs(self, pairs):  # noqa: ANN001, ANN201 - co-PCA and fusion of a batch of pairs
         with self._timed("match"), self._timed("co_pca"):  # co-PCA is also counted apart

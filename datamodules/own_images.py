@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from lightning_modules.components.image_prep import load_rgb_image
-from lightning_modules.components.sd_featurizer import WholePrompt, prompt_identity
+from lightning_modules.components.sd_featurizer import WholePrompt
 
 from .base import PairDataModule
 
@@ -59,7 +59,7 @@ PAIRS_HINT = (
 )
 
 #: One checked pair: ``source`` / ``target`` (resolved paths), ``points`` ``[[x, y], ...]``, ``category`` (a str,
-#: or a :class:`WholePrompt`), ``pair_id``, ``source_identity`` / ``target_identity`` (see :class:`ImagePairsDataset`).
+#: or a :class:`WholePrompt`) and ``pair_id`` (see :class:`ImagePairsDataset`).
 ImagePair = dict[str, Any]
 
 
@@ -237,16 +237,6 @@ def read_image_pairs(
             raise ValueError("data.source needs data.targets: the folder whose images it is matched to")
         checked = _collection(Path(source).expanduser().resolve(), Path(targets).expanduser(), source_keypoints,
                               category, int(grid))
-    # An image's features depend on its category (the SD prompt): a file matched under several categories is
-    # several images to the pipeline, which shares features by identity within a batch.
-    categories: dict[str, set[tuple[bool, str]]] = {}
-    for pair in checked:
-        for side in ("source", "target"):
-            categories.setdefault(pair[side], set()).add(prompt_identity(pair["category"]))
-    for pair in checked:
-        for side in ("source", "target"):
-            several = len(categories[pair[side]]) > 1
-            pair[f"{side}_identity"] = f"{pair[side]}::{pair['category']}" if several else pair[side]
     seen: Counter[str] = Counter()
     for pair in checked:
         seen[pair["pair_id"]] += 1
@@ -259,9 +249,8 @@ class ImagePairsDataset(Dataset):
     """The checked pairs of :func:`read_image_pairs` as pair samples (images read lazily).
 
     Items: ``pair_id``, ``category``, ``src_image`` / ``trg_image`` (uint8 ``[3, H, W]``), ``src_file`` /
-    ``trg_file`` (the files), ``src_image_path`` / ``trg_image_path`` (the images' identities: the file, with
-    ``::<category>`` added when the file is matched under several categories, whose prompts give it other
-    features), and ``src_kps`` ``[N, 2]`` float32 (the points to carry; there is no ground truth).
+    ``trg_file`` and ``src_image_path`` / ``trg_image_path`` (the files; a file matched under several categories
+    gets the SD features of each prompt, :func:`lightning_modules.components.features.image_key`), and ``src_kps`` ``[N, 2]`` float32 (the points to carry; there is no ground truth).
     """
 
     def __init__(self, pairs: list[ImagePair]) -> None:
@@ -287,8 +276,8 @@ class ImagePairsDataset(Dataset):
             "category": pair["category"],
             "src_image": load_rgb_image(pair["source"]),
             "trg_image": load_rgb_image(pair["target"]),
-            "src_image_path": pair["source_identity"],
-            "trg_image_path": pair["target_identity"],
+            "src_image_path": pair["source"],
+            "trg_image_path": pair["target"],
             "src_file": pair["source"],
             "trg_file": pair["target"],
             "src_kps": torch.tensor(pair["points"], dtype=torch.float32).reshape(-1, 2),

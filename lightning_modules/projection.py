@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .components.features import ImageFeatures, check_sources, source_maps
+from .components.features import ImageFeatures, check_sources, pair_features, source_maps
 from .components.keypoints import EvalSize, annotation_geometry
 from .components.pipeline import FusedCorrespondence
 from .components.projection_head import TRAINING_CHECKPOINT_KEY, GatedProjectionHead, correspondence_loss
@@ -40,22 +40,22 @@ def pair_loss(
     square side), so ``eval_size="original"`` (a square per image) works too.
 
     Args:
-        descriptors: ``[D, G, G]`` descriptors by image path.
-        features: Raw features by image path (original image sizes).
+        descriptors: ``[D, G, G]`` descriptors by image key (:func:`~.components.features.sample_image_key`).
+        features: Raw features by image key (original image sizes).
         sample: A pair sample (``src_image_path``, ``trg_image_path``, ``src_kps``, ``trg_kps``, ``kps_valid``).
         eval_size: The keypoint-to-cell square (see :class:`~.components.pipeline.FusedCorrespondence`).
         temperature: Softmax temperature of the loss.
         flow_weight: Weight of the soft-argmax flow term.
     """
-    src_path, trg_path = sample["src_image_path"], sample["trg_image_path"]
-    src_geo = annotation_geometry(features[src_path], eval_size)
-    trg_geo = annotation_geometry(features[trg_path], eval_size)
-    device = descriptors[src_path].device
+    source, target = pair_features(features, sample)
+    src_descriptors, trg_descriptors = pair_features(descriptors, sample)
+    src_geo, trg_geo = annotation_geometry(source, eval_size), annotation_geometry(target, eval_size)
+    device = src_descriptors.device
     valid = sample["kps_valid"].bool().cpu()
     src_points = src_geo.forward_points(sample["src_kps"][valid].float()) * (trg_geo.size / src_geo.size)
     trg_points = trg_geo.forward_points(sample["trg_kps"][valid].float())
     return correspondence_loss(
-        descriptors[src_path], descriptors[trg_path], src_points.to(device), trg_points.to(device),
+        src_descriptors, trg_descriptors, src_points.to(device), trg_points.to(device),
         trg_geo.size, temperature, flow_weight,
     )
 
@@ -214,10 +214,10 @@ class ProjectionHeadTraining(ZeroShotCorrespondence):
     def batch_loss(self, batch: Sequence[dict[str, Any]]) -> torch.Tensor:
         """Mean :func:`pair_loss` over a batch; each distinct image is extracted once (from the cache when
         seen before) and described by the head once."""
-        features = self.pipeline.features_by_path(batch)
-        paths = list(features)
-        stacked = self.pipeline.describe_images([features[p] for p in paths])
-        descriptors = dict(zip(paths, stacked))
+        features = self.pipeline.batch_features(batch)
+        keys = list(features)
+        stacked = self.pipeline.describe_images([features[k] for k in keys])
+        descriptors = dict(zip(keys, stacked))
         losses = [
             pair_loss(descriptors, features, s, self.pipeline.eval_size, self.temperature, self.flow_weight)
             for s in batch

@@ -147,7 +147,17 @@ def record(out: Path, only: list[str] | None = None) -> dict[str, str]:
 
     # records compare bit for bit: one thread always (a different thread count changes the last bits of
     # reductions)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _record_runs(out, data, entry, only)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process (the tests) keeps its own
+
+
+def _record_runs(out: Path, data: dict[str, Path], entry: dict[str, Callable[[list[str]], Any]],
+                 only: list[str] | None) -> dict[str, str]:
+    """Run every config of :func:`_runs` on one thread and write its record; ``{name: status}``."""
     status = {}
     (out / "records").mkdir(parents=True, exist_ok=True)
     for name, (script, args) in _runs(data).items():

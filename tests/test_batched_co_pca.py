@@ -74,12 +74,11 @@ def test_one_file_under_two_categories_is_two_images(tiny_sd: SDFeaturizer, tiny
     from lightning_modules.components.features import unique_images
 
     pairs = read_image_pairs(pairs=str(write_example_photos(tmp_path)))  # source.png: "toy", "object", a prompt
-    assert len({p["source_identity"] for p in pairs}) == 3 and pairs[0]["target_identity"] == pairs[0]["target"]
+    assert len({p["source"] for p in pairs}) == 1 and len({str(p["category"]) for p in pairs}) == 3
     samples = [ImagePairsDataset(pairs)[i] for i in range(3)]
-    assert len(unique_images(samples)) == 6
-    together = FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(16, 16, 8)).predict_pairs(samples)
+    assert len(unique_images(samples)) == 6  # the source under three prompts, three targets
+    pipeline = FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(16, 16, 8), feature_cache_gb=0)
+    together = pipeline.predict_pairs(samples)
+    assert pipeline.extraction_passes == {"sd": 6, "dino": 4}  # DINO sees the source file once
     alone = [FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(16, 16, 8)).predict_pairs([s])[0] for s in samples]
     assert all(torch.equal(a["pred_kps"], b["pred_kps"]) for a, b in zip(together, alone))
-    clash = dict(samples[1], src_image_path=samples[0]["src_image_path"])  # one identity, two prompts: refused
-    with pytest.raises(ValueError, match="appears under two categories in one batch"):
-        unique_images([samples[0], clash])

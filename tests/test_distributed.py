@@ -31,7 +31,7 @@ from torch.utils.data.distributed import DistributedSampler
 from callbacks.prediction_writer import IncompleteEvaluationError, check_complete, sort_records
 from lightning_modules.ablation import AblationResults
 from lightning_modules.results import PCKResults
-from datamodules import SPairDataModule, SPairDataset, write_synthetic_spair
+from datamodules import PFPascalDataset, SPairDataModule, SPairDataset, write_synthetic_spair
 from datamodules.samplers import (
     ContiguousDistributedSampler,
     OrderedSampler,
@@ -44,6 +44,7 @@ from datamodules.samplers import collate_pairs
 from datamodules.tss import TSSDataset, write_flo
 
 from conftest import CONFIGS, REPO
+from test_shared_images import write_shared_image_pfpascal
 SCRIPT = REPO / "tests" / "scripts" / "run_eval.py"
 
 
@@ -222,7 +223,7 @@ def _write_tss(root: Path) -> Path:
     return root
 
 
-def _runs(spair: Path, tss: Path, out: Path) -> dict[str, list[str]]:
+def _runs(spair: Path, tss: Path, out: Path, pfpascal: Path) -> dict[str, list[str]]:
     """The runs compared, by name: evaluate.py arguments (without ``test``)."""
     common = ["--data.num_workers", "0", "--trainer.accelerator", "cpu"]
     tiny_spair = ["--config", str(CONFIGS / "spair.yaml"), "--config", str(CONFIGS / "overlays" / "tiny.yaml"),
@@ -247,6 +248,11 @@ def _runs(spair: Path, tss: Path, out: Path) -> dict[str, list[str]]:
                 "--trainer.max_epochs", "2", "--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false",
                 "--model.init_args.out_dim", "16", "--model.init_args.hidden_dim", "16",
                 "--model.pipeline.feature_cache_dir", "null", "--trainer.default_root_dir", str(out / "fit")],
+        # PF-Pascal with three JPEGs each under two classes: both batches of 4 (one per rank under DDP) hold a file
+        # under two prompts
+        "pfpascal_shared": ["--config", str(CONFIGS / "pfpascal.yaml"), "--config", str(CONFIGS / "overlays" / "tiny.yaml"),
+                            "--data.root", str(pfpascal), *common, "--data.init_args.batch_size", "4",
+                            "--trainer.default_root_dir", str(out / "pfpascal_shared")],
         # dense flow (DenseFlowPCK, float64 end-point-error state)
         "tss": ["--config", str(CONFIGS / "tss.yaml"), "--config", str(CONFIGS / "overlays" / "tiny.yaml"),
                 "--data.root", str(tss), *common, "--trainer.default_root_dir", str(out / "tss")],
@@ -276,11 +282,13 @@ def ddp_and_single(tmp_path_factory) -> dict[str, Any]:
     for split, pairs in (("trn", 8), ("val", 5)):  # 16 trn pairs, 10 val pairs (5 per rank)
         write_synthetic_spair(base / "spair_fit", categories=("cat", "dog"), images_per_category=4,
                               pairs_per_category=pairs, split=split, image_size=(96, 72))
+    pfpascal = write_shared_image_pfpascal(base / "pfpascal")
     single, ddp = base / "single", base / "ddp"
     start = time.monotonic()
     procs = {
-        "single": _launch(_runs(spair, tss, single), "single", [], base),
-        "ddp": _launch(_runs(spair, tss, ddp), "ddp", ["--trainer.devices", "2", "--trainer.strategy", "ddp"], base),
+        "single": _launch(_runs(spair, tss, single, pfpascal), "single", [], base),
+        "ddp": _launch(_runs(spair, tss, ddp, pfpascal), "ddp", ["--trainer.devices", "2", "--trainer.strategy", "ddp"],
+                       base),
     }
     try:
         for proc in procs.values():
@@ -298,6 +306,7 @@ def ddp_and_single(tmp_path_factory) -> dict[str, Any]:
         "one_pair": SPairDataset(spair, categories=["dog"], pairs_per_category=1).pair_ids,
         "ablation": SPairDataset(spair, pairs_per_category=3, seed=42, subset_draw="reference").pair_ids,
         "tss": TSSDataset(tss).pair_ids,
+        "pfpascal_shared": PFPascalDataset(pfpascal).pair_ids,
     }
     return {"single": single, "ddp": ddp, "logs": logs, "pair_ids": pair_ids, "seconds": time.monotonic() - start,
             "spair_fit": base / "spair_fit"}
@@ -310,7 +319,7 @@ def _results(out: Path) -> str:
     return json.dumps(results, sort_keys=True)  # text: exact float equality, NaN included
 
 
-@pytest.mark.parametrize("run", ["odd", "one_pair", "ablation", "tss"])
+@pytest.mark.parametrize("run", ["odd", "one_pair", "ablation", "tss", "pfpascal_shared"])
 def test_ddp_gives_exactly_the_single_process_outputs(ddp_and_single, run) -> None:
     single, ddp = ddp_and_single["single"] / run, ddp_and_single["ddp"] / run
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in ddp_and_single["logs"]["ddp"]
@@ -322,7 +331,7 @@ def test_ddp_gives_exactly_the_single_process_outputs(ddp_and_single, run) -> No
     rows = list(results["rows"]) if "rows" in results else [None]
     counts = [results["rows"][row]["num_pairs"] for row in rows] if "rows" in results else [results["num_pairs"]]
     pair_ids = ddp_and_single["pair_ids"][run]
-    assert len(pair_ids) == {"odd": 9, "one_pair": 1, "ablation": 9, "tss": 6}[run]
+    assert len(pair_ids) == {"odd": 9, "one_pair": 1, "ablation": 9, "tss": 6, "pfpascal_shared": 8}[run]
     assert counts == [len(pair_ids)] * len(rows)
     keys = [(r["pair_id"], r.get("row")) for r in records]
     assert len(keys) == len(set(keys))  # each pair (of each ablation row) once

@@ -361,13 +361,60 @@ def test_noise_seed_and_timestep(
     for a, b in zip(seed42, seed7):
         _assert_differs(a, b)
 
-    monkeypatch.setattr(tiny_sd, "timestep", 0)
+    monkeypatch.setattr(tiny_sd, "timestep", -1)  # ODISE's t < 0: the clean latent
     clean7 = tiny_sd(x, ["cat"])
     monkeypatch.setattr(tiny_sd, "seed", 42)
     clean42 = tiny_sd(x, ["cat"])
     for a, b, noisy in zip(clean7, clean42, seed42):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-        _assert_differs(a, noisy)  # timestep 0 really is a different (noise-free) input
+        _assert_differs(a, noisy)  # timestep -1 really is a different (noise-free) input
+    monkeypatch.setattr(tiny_sd, "timestep", 0)  # the reference adds the noise at t = 0 too
+    zero42 = tiny_sd(x, ["cat"])
+    monkeypatch.setattr(tiny_sd, "seed", 7)
+    for a, b, clean in zip(zero42, tiny_sd(x, ["cat"]), clean42):
+        _assert_differs(a, b)
+        _assert_differs(a, clean)
+
+
+def _ldm_alphas_cumprod() -> torch.Tensor:
+    """ODISE's "ldm_linear" schedule (``create_gaussian_diffusion(noise_schedule="ldm_linear")``): betas
+    ``linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2`` in float64, and their cumulative alphas."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
+@pytest.mark.parametrize("timestep", [-1, 0, 100])
+def test_the_unet_input_follows_odise_q_sample(tiny_sd: SDFeaturizer, img192: torch.Tensor, timestep: int,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """ODISE's ``LdmExtractor.forward``: ``t < 0`` feeds the clean latent with ``t = 0``; any ``t >= 0`` feeds
+    ``q_sample(x, t, noise) = sqrt(a_t) x + sqrt(1 - a_t) noise`` with the shared noise (an independent
+    transcription of the rule, with the schedule computed here)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def on_unet(module, args, kwargs):
+        seen["sample"], seen["t"] = args[0].detach().clone(), args[1].detach().clone()
+
+    monkeypatch.setattr(tiny_sd, "timestep", timestep)
+    handle = tiny_sd.unet.register_forward_pre_hook(on_unet, with_kwargs=True)
+    try:
+        tiny_sd(img192[:1], ["cat"])
+        sample, t = seen["sample"], seen["t"]
+        monkeypatch.setattr(tiny_sd, "timestep", -1)
+        tiny_sd(img192[:1], ["cat"])
+        clean = seen["sample"]
+    finally:
+        handle.remove()
+    assert torch.equal(t, torch.full_like(t, max(timestep, 0)))
+    noise = torch.randn(clean.shape[1:], generator=torch.Generator().manual_seed(tiny_sd.seed)).expand_as(clean)
+    if timestep < 0:
+        assert torch.equal(sample, clean)
+        return
+    a_t = _ldm_alphas_cumprod()[timestep]
+    expected = (a_t.sqrt() * clean.double() + (1 - a_t).sqrt() * noise.double()).float()
+    torch.testing.assert_close(sample, expected, rtol=0, atol=1e-5)
+    if timestep == 0:  # sqrt(1 - alpha_bar_0) = sqrt(beta_0) = 0.029: small, but not nothing
+        assert float((1 - a_t).sqrt()) == pytest.approx(0.0292, abs=1e-4)
+        assert (sample - clean).abs().max() > 0.01
 
 
 def test_features_do_not_depend_on_batch_composition(
@@ -688,7 +735,7 @@ def test_check_tokenizer_rejects_a_tokenizer_mapping_words_to_unknown() -> None:
     ("kwargs", "match"),
     [
         ({"timestep": 1000}, "timestep"),
-        ({"timestep": -1}, "timestep"),
+        ({"timestep": -2}, r"timestep -2 outside \[-1, 1000\) \(-1: no noise\)"),  # -1: the clean latent
         ({"ensemble_size": 0}, "ensemble_size"),
     ],
 )

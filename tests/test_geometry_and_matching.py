@@ -177,17 +177,61 @@ def test_eval_size_rejects_anything_but_pixels_or_original() -> None:
         check_eval_size(0, "row 'x' eval_size")
 
 
+def _pca_lowrank_torch_1_13(a: torch.Tensor, q: int, niter: int = 2) -> torch.Tensor:
+    """``V`` of ``torch.pca_lowrank(a, q, center=False, niter)`` as torch 1.13.1 computes it (``torch/_lowrank.py``
+    of that release, ``_svd_lowrank`` and ``get_approximate_basis``, transcribed), for real dense ``a``."""
+    m, n = a.shape
+    if m < n or n > q:  # torch 1.13: the SVD approximation of the transpose
+        a_t = a.T
+        r = torch.randn(a_t.shape[1], q, dtype=a.dtype)  # [m, q]
+        basis = torch.linalg.qr(a_t @ r).Q
+        for _ in range(niter):
+            basis = torch.linalg.qr(a_t.T @ basis).Q
+            basis = torch.linalg.qr(a_t @ basis).Q
+        _, _, vh = torch.linalg.svd(a @ basis, full_matrices=False)  # B_t = A Q_c, [m, q]
+        return basis @ vh.mH
+    r = torch.randn(n, q, dtype=a.dtype)
+    basis = torch.linalg.qr(a @ r).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(a.T @ basis).Q
+        basis = torch.linalg.qr(a @ basis).Q
+    _, _, vh = torch.linalg.svd((a.T @ basis).T, full_matrices=False)  # B_t = (A^T Q_c)^T, [q, n]
+    return vh.mH
+
+
 @pytest.mark.parametrize(("rows", "channels", "q"), [(300, 40, 16), (20, 64, 12), (50, 50, 50)])
 def test_pca_components_are_torch_pca_lowrank_exactly_and_leave_the_global_rng_alone(rows, channels, q) -> None:
     data = torch.randn(rows, channels, generator=torch.Generator().manual_seed(rows))
     data = data - data.mean(0, keepdim=True)
     torch.manual_seed(7)
-    _, _, expected = torch.pca_lowrank(data, q=q, center=False, niter=2)  # what the reference calls
+    _, _, expected = torch.pca_lowrank(data, q=q, center=False, niter=2)  # today's torch (>= 2.4)
     torch.manual_seed(99)
     state = torch.get_rng_state()
-    got = pca_lowrank_components(data, q, niter=2, seed=7)
+    got = pca_lowrank_components(data, q, niter=2, seed=7, solver="torch2.4")
     assert torch.equal(torch.get_rng_state(), state)  # drawn from a private generator
     assert torch.equal(got, expected[:, :q])  # same algorithm, same test matrix: bit for bit on the CPU
+
+
+@pytest.mark.parametrize(("rows", "channels", "q"), [(300, 40, 16), (20, 64, 12), (50, 50, 50), (1800, 128, 32)])
+def test_pca_components_default_to_the_reference_torch_1_13_algorithm(rows, channels, q) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    spectrum = torch.logspace(0, -3, min(rows, channels))  # power-law features, as SD's are
+    data = (torch.randn(rows, spectrum.numel(), generator=generator) * spectrum) @ torch.linalg.qr(
+        torch.randn(channels, spectrum.numel(), generator=generator)).Q.T
+    data = data - data.mean(0, keepdim=True)
+    torch.manual_seed(7)
+    expected = _pca_lowrank_torch_1_13(data, q)  # what the reference (torch 1.13.1) called
+    got = pca_lowrank_components(data, q, niter=2, seed=7)
+    assert torch.equal(got, expected)  # bit for bit on the CPU
+    modern = pca_lowrank_components(data, q, niter=2, seed=7, solver="torch2.4")
+    if channels > q and rows >= channels:  # only torch 1.13 runs the range finder on the transpose here
+        assert not torch.equal(got, modern)
+    elif channels == q:  # neither release transposes: the same computation
+        assert torch.equal(got, modern)
+    # the same leading subspace either way: the top components agree up to sign
+    torch.testing.assert_close((got[:, :2].T @ modern[:, :2]).abs(), torch.eye(2), atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="unknown pca_solver 'torch3'"):
+        pca_lowrank_components(data, q, solver="torch3")
 
 
 def test_cholesky_qr2_spans_the_qr_space_and_refuses_a_rank_deficient_input() -> None:

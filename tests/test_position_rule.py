@@ -117,6 +117,11 @@ def test_reference_differences_benchmark_smoke(tmp_path: Path) -> None:
     for grid in ("random_init", "sinusoidal"):
         assert 1e-4 < dino[grid]["relative_token_difference"] < 0.5
         assert 0 <= dino[grid]["nn_matches_changed"] <= 1
+    solver = results["co_pca_solver"]
+    for layer in ("s5", "s4", "s3"):
+        assert 0 <= solver[layer]["nn_cells_changed_by_solver"] <= 1
+        assert 0 < solver[layer]["nn_cells_changed_by_test_matrix_seed"] <= 1
+    assert solver["s4"]["nn_cells_changed_by_solver"] > 0  # 200 tokens, 96 channels > 16 components: only 1.13 transposes
     draw = results["spair_subset_draw"]
     assert draw["draws"] == 360 == draw["distinct_pairs"] + draw["repeated_draws"]
     assert 0 <= draw["in_common_with_uniform_seed0"] <= draw["distinct_pairs"]

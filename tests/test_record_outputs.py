@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "record_outputs.py"
 
 
@@ -14,12 +16,13 @@ def test_record_and_compare(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("record_outputs", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cwd = os.getcwd()
+    cwd, threads = os.getcwd(), torch.get_num_threads()
     try:
         for name in ("before", "after"):
             assert module.record(tmp_path / name, only=["spair"]) == {"spair": "ok"}
     finally:
         os.chdir(cwd)
+    assert torch.get_num_threads() == threads  # its one thread is not left to the rest of the session
     record = json.loads((tmp_path / "before" / "records" / "spair.json").read_text())
     assert record["status"] == "ok" and "run" not in record["results"] and len(record["predictions"]) == 6
     assert module.compare(tmp_path / "before", tmp_path / "after") == []

@@ -100,7 +100,7 @@ def test_dense_flow_counts_by_hand() -> None:
 class PatchOracle(torch.nn.Module):
     """A 'DINO' whose token is the cell's raw pixels: unique per content, so matches are exact."""
 
-    image_size, grid_size = 224, 16
+    image_size, grid_size, uses_prompt = 224, 16, False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return F.pixel_unshuffle(images, 14)

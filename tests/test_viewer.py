@@ -13,6 +13,7 @@ import torch
 from browser import Browser, find_chromium
 from datamodules.own_images import ImagePairsDataset, read_image_pairs, write_example_photos
 from lightning_modules.components import DinoFeaturizer, FusedCorrespondence, SDFeaturizer
+from lightning_modules.components.features import pair_features
 from lightning_modules.components.matching import nearest_neighbors
 from lightning_modules.components.viewer import reduce_descriptors, render_viewer, viewer_match, viewer_pair
 
@@ -34,8 +35,7 @@ def viewer_pairs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
         points = {"src": sample["src_kps"].tolist(), "pred": output["pred_kps"].tolist(),
                   "mutual": output["mutual"].tolist()}
         entry = viewer_pair(pipeline, sample, points, dims=16, image_side=128)
-        features = pipeline.features_by_path([sample])
-        full = pipeline.describe_pair(features[sample["src_image_path"]], features[sample["trg_image_path"]])
+        full = pipeline.describe_pair(*pair_features(pipeline.batch_features([sample]), sample))
         entry["_full_nn"] = nearest_neighbors(full[0].flatten(1).T, full[1].flatten(1).T)[0].tolist()  # the method's
         entries.append(entry)
     return entries

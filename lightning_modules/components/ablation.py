@@ -17,7 +17,15 @@ from torch import nn
 from .dino_featurizer import DinoFeaturizer
 from .feature_cache import FeatureCache, image_digest
 from .descriptors import DescriptorSpec, describe_pair
-from .features import ImageFeatures, default_eval_size, extract_features, mirrored_key, unique_images
+from .features import (
+    BatchImage,
+    ImageFeatures,
+    default_eval_size,
+    extract_features,
+    mirrored_key,
+    sample_image_key,
+    unique_images,
+)
 from .keypoints import EvalSize, cell_distances, check_eval_size, keypoint_cells, transfer
 from .pose_alignment import PoseAlignment, pose_aligned_match
 from .refinements import MatchRefinement
@@ -76,6 +84,7 @@ class AblationRow:
         mutual_check: Beyond the paper: record whether each match is a mutual nearest neighbour.
         pose_alignment: Beyond the paper: also match from the mirrored source and keep the orientation whose
             instance features agree better (:mod:`.pose_alignment`).
+        pca_solver: Co-PCA's randomised PCA (:data:`.fusion.PCA_SOLVERS`; the reference's ``torch1.13``).
     """
 
     name: str
@@ -91,6 +100,7 @@ class AblationRow:
     soft_argmax_temperature: float = 0.04
     mutual_check: bool = False
     pose_alignment: bool = False
+    pca_solver: str = "torch1.13"
 
     def refinement(self) -> MatchRefinement:
         """The row's test-time refinements of the keypoint transfer (all off by default)."""
@@ -105,7 +115,8 @@ class AblationRow:
         dims = None if self.pca_dim is None else (int(self.pca_dim),) * used
         sd_layers = None if self.sd_layers is None else tuple(int(i) for i in self.sd_layers)
         return DescriptorSpec(
-            alpha=alpha, pca_dims=dims, fusion=self.fusion, sd_layers=sd_layers, projection=self.projection
+            alpha=alpha, pca_dims=dims, fusion=self.fusion, sd_layers=sd_layers, projection=self.projection,
+            pca_solver=self.pca_solver,
         )
 
 
@@ -208,16 +219,16 @@ class AblationCorrespondence(nn.Module):
             Row name -> per pair ``{"pred_kps": [N, 2] original target pixels, "distance": [N], ...}``.
         """
         unique = unique_images(samples, mirrored_sources=bool(self.mirrored_variants))
-        keys = None if self.cache is None else {path: image_digest(img) for path, (img, _) in unique.items()}
+        digests = None if self.cache is None else {key: image_digest(i.image) for key, i in unique.items()}
         plain = list(unique_images(samples))  # without the mirrors
         sd_feats = {}
         for variant in self.used_variants:
-            paths = list(unique) if f"sd:{variant}" in self.mirrored_variants else plain
-            sd_feats[variant] = self._extract("sd", variant, paths, unique, keys)
+            keys = list(unique) if f"sd:{variant}" in self.mirrored_variants else plain
+            sd_feats[variant] = self._extract("sd", variant, keys, unique, digests)
         dino_feats = {}
         for variant in self.used_dino_variants:
-            paths = list(unique) if f"dino:{variant}" in self.mirrored_variants else plain
-            dino_feats[variant] = self._extract("dino", variant, paths, unique, keys)
+            keys = list(unique) if f"dino:{variant}" in self.mirrored_variants else plain
+            dino_feats[variant] = self._extract("dino", variant, keys, unique, digests)
         outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
         for row, spec in zip(self.rows, self.specs):
             layers = self.variants[row.sd].layers if spec.uses_sd else []
@@ -225,12 +236,10 @@ class AblationCorrespondence(nn.Module):
             eval_size = self.row_eval_size(row)
             outputs[row.name] = []
             for s in samples:
-                src, trg = (
-                    self._combine(row, spec, sd_feats, dino_feats, s[k]) for k in ("src_image_path", "trg_image_path")
-                )
+                src, trg = (self._combine(row, spec, sd_feats, dino_feats, sample_image_key(s, k)) for k in ("src", "trg"))
                 refinement, descriptors = row.refinement(), None
                 if row.pose_alignment:
-                    mirrored = self._combine(row, spec, sd_feats, dino_feats, mirrored_key(s["src_image_path"]))
+                    mirrored = self._combine(row, spec, sd_feats, dino_feats, mirrored_key(sample_image_key(s, "src")))
                     out = pose_aligned_match(
                         lambda a, b: describe_pair(a, b, spec, layers, grid),  # noqa: B023
                         src, mirrored, trg, s, eval_size, self.pose_alignment, refinement,
@@ -253,19 +262,21 @@ class AblationCorrespondence(nn.Module):
         self,
         kind: str,
         variant: str,
-        paths: Sequence[str],
-        unique: Mapping[str, tuple[torch.Tensor, str]],
-        keys: Mapping[str, str] | None,
+        keys: Sequence[str],
+        unique: Mapping[str, BatchImage],
+        digests: Mapping[str, str] | None,
     ) -> dict[str, ImageFeatures]:
-        """Features of the images at ``paths`` from one SD or DINO variant (cache misses counted)."""
+        """Features of the batch's images ``keys`` (:func:`.features.sample_image_key`) from one SD or DINO
+        variant (cache misses counted)."""
         sd = self.variants[variant] if kind == "sd" else None
         dino = self.dino_variants[variant] if kind == "dino" else None
+        images = [unique[k] for k in keys]
         feats, passes = extract_features(
-            sd, dino, [unique[p][0] for p in paths], [unique[p][1] for p in paths], self.device, self.cache,
-            None if keys is None else [keys[p] for p in paths],
+            sd, dino, [i.image for i in images], [i.category for i in images], self.device, self.cache,
+            None if digests is None else [digests[k] for k in keys], files=[i.file for i in images],
         )
         self.extraction_passes[f"{kind}:{variant}"] += passes[kind]
-        return dict(zip(paths, feats))
+        return dict(zip(keys, feats))
 
     def row_eval_size(self, row: AblationRow) -> EvalSize:
         """The row's keypoint-to-cell square: its own ``eval_size``, else the module's, else the input size
@@ -283,11 +294,11 @@ class AblationCorrespondence(nn.Module):
         spec: DescriptorSpec,
         sd_feats: Mapping[str, Mapping[str, ImageFeatures]],
         dino_feats: Mapping[str, Mapping[str, ImageFeatures]],
-        path: str,
+        key: str,
     ) -> ImageFeatures:
-        """The features of one image that a row uses."""
-        sd = sd_feats[row.sd][path] if spec.uses_sd else None
-        dino = dino_feats[row.dino][path] if spec.uses_dino else None
+        """The features of one image (by :func:`.features.sample_image_key`) that a row uses."""
+        sd = sd_feats[row.sd][key] if spec.uses_sd else None
+        dino = dino_feats[row.dino][key] if spec.uses_dino else None
         base = sd or dino
         assert base is not None
         return ImageFeatures(

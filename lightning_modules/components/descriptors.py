@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .features import ImageFeatures
-from .fusion import FUSIONS, co_pca_batch, fuse, merge_layers
+from .fusion import FUSIONS, PCA_SOLVERS, co_pca_batch, fuse, merge_layers
 
 __all__ = ["DescriptorSpec", "describe_pair", "describe_pairs", "project_layer"]
 
@@ -28,6 +28,8 @@ class DescriptorSpec:
         projection: A learned per-layer projection used instead of co-PCA (supplementary Table 3: the
             ODISE projection layer): a ``torch.save``d dict ``{"<layer>.weight": [d, C], "<layer>.bias": [d]}``
             applied to every token of that layer (a 1x1 convolution).
+        pca_solver: Co-PCA's randomised PCA, as torch 1.13.1 (``"torch1.13"``, the reference's) or torch >= 2.4
+            (``"torch2.4"``) runs ``pca_lowrank`` (:data:`.fusion.PCA_SOLVERS`).
     """
 
     alpha: float = 0.5
@@ -35,12 +37,15 @@ class DescriptorSpec:
     fusion: str = "concat_l2"
     sd_layers: tuple[int, ...] | None = None
     projection: str | None = None
+    pca_solver: str = "torch1.13"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {list(FUSIONS)}")
+        if self.pca_solver not in PCA_SOLVERS:
+            raise ValueError(f"unknown pca_solver {self.pca_solver!r}; choose one of {list(PCA_SOLVERS)}")
 
     @property
     def uses_sd(self) -> bool:
@@ -162,7 +167,9 @@ def _describe_stack(
                 layers = [project_layer(layer.flatten(0, 1), spec.projection, layer_id).unflatten(0, (batch, 2))
                           for layer, layer_id in zip(layers, ids)]
             elif spec.pca_dims is not None:
-                layers = [co_pca_batch(layer, dim) for layer, dim in zip(layers, spec.pca_dims)]
+                layers = [
+                    co_pca_batch(layer, dim, solver=spec.pca_solver) for layer, dim in zip(layers, spec.pca_dims)
+                ]
             sd_block = merge_layers([layer.flatten(0, 1) for layer in layers], grid)
         dino_block = None
         if spec.uses_dino:

@@ -302,6 +302,9 @@ class DinoFeaturizer(nn.Module):
         "bilateral_sigma_range", "pos_interpolation",
     )
 
+    #: An image's features do not depend on its category: one pass per file (:func:`.features.run_featurizer`).
+    uses_prompt = False
+
     def cache_key(self, category: str = "") -> str:
         """What an image's features depend on besides its pixels (see :mod:`.feature_cache`); not the
         category."""

@@ -6,8 +6,9 @@ Plain torch. The descriptors of a pair are made from these in :mod:`.descriptors
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
@@ -20,13 +21,17 @@ from .sd_featurizer import SDFeaturizer, prompt_identity
 
 __all__ = [
     "SOURCES",
+    "BatchImage",
     "ImageFeatures",
     "check_sources",
     "default_eval_size",
     "extract_features",
     "feature_cache",
+    "image_key",
     "mirrored_key",
+    "pair_features",
     "run_featurizer",
+    "sample_image_key",
     "source_maps",
     "unique_images",
 ]
@@ -49,32 +54,68 @@ class ImageFeatures:
     height: int
 
 
-def mirrored_key(path: str) -> str:
+class BatchImage(NamedTuple):
+    """One distinct image of a batch of pairs (:func:`unique_images`).
+
+    Attributes:
+        image: uint8 ``[3, H, W]``.
+        category: The category (or :class:`.sd_featurizer.WholePrompt`) it is seen under: the SD prompt.
+        file: Its identity apart from the prompt (the sample's image path, or the mirror's
+            :func:`mirrored_key`): featurizers that use no prompt run once per file.
+    """
+
+    image: torch.Tensor
+    category: str
+    file: str
+
+
+def image_key(path: str, category: str) -> str:
+    """The identity of an image among a batch's features: its file AND its prompt.
+
+    A benchmark can name one file under two categories (a PF-Pascal photo holds a dining table and a
+    motorbike); its SD features differ by prompt, so each (file, prompt) is an image of its own. Look a
+    pair's features up with :func:`sample_image_key`.
+    """
+    whole, text = prompt_identity(category)
+    return f"{path}\x00{'prompt' if whole else 'category'}:{text}"
+
+
+def sample_image_key(sample: PairSample, side: str) -> str:
+    """:func:`image_key` of a pair's ``"src"`` or ``"trg"`` image."""
+    return image_key(sample[f"{side}_image_path"], sample["category"])
+
+
+def pair_features(features: Mapping[str, Any], sample: PairSample) -> tuple[Any, Any]:
+    """A pair's source and target entries out of a batch's, keyed by :func:`sample_image_key` (features,
+    descriptors)."""
+    return features[sample_image_key(sample, "src")], features[sample_image_key(sample, "trg")]
+
+
+def mirrored_key(key: str) -> str:
     """The key of an image's horizontal mirror among a batch's features (:func:`unique_images`)."""
-    return f"{path}#mirrored"
+    return f"{key}#mirrored"
 
 
-def unique_images(
-    samples: Sequence[PairSample], mirrored_sources: bool = False
-) -> dict[str, tuple[torch.Tensor, str]]:
-    """Every distinct image of a batch of pairs, by path: ``{path: (uint8 image, category)}``.
+def unique_images(samples: Sequence[PairSample], mirrored_sources: bool = False) -> dict[str, BatchImage]:
+    """Every distinct image of a batch of pairs: ``{image key: BatchImage}`` (:func:`image_key`: the same
+    file under two categories is two images, whose prompt-free features are still extracted once).
 
     Args:
         samples: Pair dicts.
         mirrored_sources: Also each source image's horizontal mirror, under :func:`mirrored_key` (pose
             alignment).
     """
-    unique: dict[str, tuple[torch.Tensor, str]] = {}
+    unique: dict[str, BatchImage] = {}
     for s in samples:
         for side in ("src", "trg"):
             path = s[f"{side}_image_path"]
-            kept = unique.setdefault(path, (s[f"{side}_image"], s["category"]))[1]
-            if prompt_identity(kept) != prompt_identity(s["category"]):  # its features depend on the prompt
-                raise ValueError(f"image {path} appears under two categories in one batch ({kept!r} and "
-                                 f"{s['category']!r}): give each its own image path (identity)")
+            unique.setdefault(sample_image_key(s, side), BatchImage(s[f"{side}_image"], s["category"], path))
     if mirrored_sources:
         for s in samples:
-            unique.setdefault(mirrored_key(s["src_image_path"]), (s["src_image"].flip(-1), s["category"]))
+            key = sample_image_key(s, "src")
+            unique.setdefault(
+                mirrored_key(key), BatchImage(s["src_image"].flip(-1), s["category"], mirrored_key(s["src_image_path"]))
+            )
     return unique
 
 
@@ -93,8 +134,12 @@ def run_featurizer(
     device: torch.device,
     cache: FeatureCache | None = None,
     image_keys: Sequence[str] | None = None,
+    files: Sequence[str] | None = None,
 ) -> tuple[list[tuple[torch.Tensor, ...]], int]:
     """One featurizer's raw features of each image (SD: one map per layer; DINO: one map), via ``cache``.
+
+    Each distinct input is run once: by ``(file, prompt)`` for a featurizer that uses the prompt
+    (``featurizer.uses_prompt``), by file for one that does not (DINO, SD with the implicit captioner).
 
     Args:
         featurizer: The SD or DINO featurizer.
@@ -103,29 +148,46 @@ def run_featurizer(
         device: Where the featurizer lives.
         cache: Reuse features computed before (in memory or on disk); None computes every image.
         image_keys: Content hashes of the images (:func:`.feature_cache.image_digest`), if known.
+        files: Identity of each image apart from its prompt (entries with equal files hold the same pixels);
+            None takes every entry as its own file.
 
     Returns:
         ``(features per image, number of images actually run through the featurizer)``.
     """
-
-    def compute(indices: list[int]) -> list[tuple[torch.Tensor, ...]]:
-        batch = torch.stack([pad_resize_image(images[i], featurizer.image_size)[0] for i in indices]).to(device)
-        if isinstance(featurizer, SDFeaturizer):
-            layers = featurizer(batch, [categories[i] for i in indices])
-            return [tuple(layer[j] for layer in layers) for j in range(len(indices))]
-        maps = featurizer(batch)
-        return [(maps[j],) for j in range(len(indices))]
-
     if not images:
         return [], 0
+    uses_prompt = bool(featurizer.uses_prompt)
+    identities = [
+        (i if files is None else files[i], prompt_identity(categories[i]) if uses_prompt else None)
+        for i in range(len(images))
+    ]
+    first: dict[tuple, int] = {}
+    for i, identity in enumerate(identities):
+        first.setdefault(identity, i)
+    distinct = list(first.values())
+    slot = {identity: n for n, identity in enumerate(first)}
+
+    def compute(indices: list[int]) -> list[tuple[torch.Tensor, ...]]:
+        chosen = [distinct[i] for i in indices]
+        batch = torch.stack([pad_resize_image(images[i], featurizer.image_size)[0] for i in chosen]).to(device)
+        if isinstance(featurizer, SDFeaturizer):
+            layers = featurizer(batch, [categories[i] for i in chosen])
+            return [tuple(layer[j] for layer in layers) for j in range(len(chosen))]
+        maps = featurizer(batch)
+        return [(maps[j],) for j in range(len(chosen))]
+
     if cache is None:
-        return compute(list(range(len(images)))), len(images)
-    image_keys = image_keys or [image_digest(img) for img in images]
-    precision = _precision(device)
-    distinct = {prompt_identity(cat): cat for cat in categories}  # not a set: it would merge a WholePrompt
-    per_category = {identity: featurizer.cache_key(cat) for identity, cat in distinct.items()}
-    keys = [f"{key}|{per_category[prompt_identity(cat)]}|{precision}" for key, cat in zip(image_keys, categories)]
-    return cache.fetch(keys, compute, device)
+        computed, passes = compute(list(range(len(distinct)))), len(distinct)
+    else:
+        digests = [image_keys[i] if image_keys else image_digest(images[i]) for i in distinct]
+        precision = _precision(device)
+        per_prompt = {prompt_identity(categories[i]): categories[i] for i in distinct}  # not a set: see WholePrompt
+        suffixes = {identity: featurizer.cache_key(cat) for identity, cat in per_prompt.items()}
+        keys = [
+            f"{digest}|{suffixes[prompt_identity(categories[i])]}|{precision}" for digest, i in zip(digests, distinct)
+        ]
+        computed, passes = cache.fetch(keys, compute, device)
+    return [computed[slot[identity]] for identity in identities], passes
 
 
 def extract_features(
@@ -136,8 +198,9 @@ def extract_features(
     device: torch.device,
     cache: FeatureCache | None = None,
     image_keys: Sequence[str] | None = None,
+    files: Sequence[str] | None = None,
 ) -> tuple[list[ImageFeatures], dict[str, int]]:
-    """Run the given featurizers on a batch of images (at most one pass per image per featurizer).
+    """Run the given featurizers on a batch of images (at most one pass per distinct input per featurizer).
 
     Args:
         sd: SD featurizer or None.
@@ -147,17 +210,19 @@ def extract_features(
         device: Where the featurizers live.
         cache: Per-image feature cache; None extracts every image.
         image_keys: Content hashes of the images, if already known.
+        files: Identity of each image apart from its prompt (:func:`run_featurizer`); None: all distinct.
 
     Returns:
-        ``(features per image, {"sd": passes, "dino": passes})`` where passes count the images that
+        ``(features per image, {"sd": passes, "dino": passes})`` where passes count the inputs that
         were really run (cache misses).
     """
     if cache is not None and image_keys is None:
         image_keys = [image_digest(img) for img in images]
-    sd_maps, sd_passes = run_featurizer(sd, images, categories, device, cache, image_keys) if sd else (None, 0)
-    dino_maps, dino_passes = (
-        run_featurizer(dino, images, categories, device, cache, image_keys) if dino else (None, 0)
-    )
+    run = {
+        name: run_featurizer(featurizer, images, categories, device, cache, image_keys, files) if featurizer else (None, 0)
+        for name, featurizer in (("sd", sd), ("dino", dino))
+    }
+    (sd_maps, _), (dino_maps, _) = run["sd"], run["dino"]
     features = [
         ImageFeatures(
             sd=None if sd_maps is None else list(sd_maps[i]),
@@ -167,7 +232,7 @@ def extract_features(
         )
         for i, img in enumerate(images)
     ]
-    return features, {"sd": sd_passes, "dino": dino_passes}
+    return features, {name: passes for name, (_, passes) in run.items()}
 
 
 def feature_cache(memory_gb: float, directory: str | None) -> FeatureCache | None:

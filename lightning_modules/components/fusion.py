@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FUSIONS", "co_pca", "co_pca_batch", "fuse", "l2_normalize", "merge_layers"]
+__all__ = ["FUSIONS", "PCA_SOLVERS", "co_pca", "co_pca_batch", "fuse", "l2_normalize", "merge_layers"]
+
+#: How co-PCA's randomised PCA orients its range finder (:func:`pca_lowrank_components`):
+#:
+#: - ``"torch1.13"`` (default): as ``torch.pca_lowrank`` in torch 1.13.1, which the reference ran. With more
+#:   channels than components (every SD layer at q = 256) or fewer rows than channels, it works on the
+#:   transpose, with an ``N x q`` random test matrix, and takes ``V`` from the SVD of the tall ``N x q`` matrix.
+#: - ``"torch2.4"``: as ``torch.pca_lowrank`` in torch >= 2.4, on the transpose only with fewer rows than
+#:   channels (a ``C x q`` test matrix otherwise).
+#:
+#: Both find the same principal subspace up to the randomised approximation; on power-law features they
+#: disagree on a few per cent of the nearest-neighbour cells (``benchmarks/reference_differences.py``).
+PCA_SOLVERS = ("torch1.13", "torch2.4")
 
 
-def co_pca(pair: torch.Tensor, dim: int, niter: int = 2, seed: int = 0) -> torch.Tensor:
+def co_pca(pair: torch.Tensor, dim: int, niter: int = 2, seed: int = 0, solver: str = "torch1.13") -> torch.Tensor:
     """Project the features of an image pair onto their joint top principal components.
 
     As in the reference: the tokens of both images are concatenated, mean-centred and reduced with the
@@ -26,14 +38,17 @@ def co_pca(pair: torch.Tensor, dim: int, niter: int = 2, seed: int = 0) -> torch
         dim: Number of components (clamped to ``min(C, 2*H*W)``).
         niter: Subspace iterations (torch's default, used by the reference).
         seed: Seed of the randomised range finder.
+        solver: One of :data:`PCA_SOLVERS` (the reference's torch 1.13 by default).
 
     Returns:
         ``[2, min(dim, C, 2HW), H, W]``.
     """
-    return co_pca_batch(pair.unsqueeze(0), dim, niter, seed)[0]
+    return co_pca_batch(pair.unsqueeze(0), dim, niter, seed, solver)[0]
 
 
-def co_pca_batch(pairs: torch.Tensor, dim: int, niter: int = 2, seed: int = 0) -> torch.Tensor:
+def co_pca_batch(
+    pairs: torch.Tensor, dim: int, niter: int = 2, seed: int = 0, solver: str = "torch1.13"
+) -> torch.Tensor:
     """:func:`co_pca` of a batch of pairs whose maps share one shape, each pair reduced on its own (its own
     mean and principal directions) with one set of batched calls: the range finder as batched matmuls, batched
     orthonormalisation and a batched small SVD, the same test matrix for every pair.
@@ -43,6 +58,7 @@ def co_pca_batch(pairs: torch.Tensor, dim: int, niter: int = 2, seed: int = 0) -
         dim: Number of components (clamped to ``min(C, 2*H*W)``).
         niter: Subspace iterations.
         seed: Seed of the randomised range finder.
+        solver: One of :data:`PCA_SOLVERS`.
 
     Returns:
         ``[B, 2, min(dim, C, 2HW), H, W]``.
@@ -51,19 +67,22 @@ def co_pca_batch(pairs: torch.Tensor, dim: int, niter: int = 2, seed: int = 0) -
     tokens = pairs.float().permute(0, 1, 3, 4, 2).reshape(batch, n * height * width, channels)
     centred = tokens - tokens.mean(dim=1, keepdim=True)
     q = min(dim, channels, centred.shape[1])
-    reduced = centred @ pca_lowrank_components(centred, q, niter, seed)
+    reduced = centred @ pca_lowrank_components(centred, q, niter, seed, solver)
     return reduced.reshape(batch, n, height, width, q).permute(0, 1, 4, 2, 3)
 
 
-def pca_lowrank_components(data: torch.Tensor, q: int, niter: int = 2, seed: int = 0) -> torch.Tensor:
+def pca_lowrank_components(
+    data: torch.Tensor, q: int, niter: int = 2, seed: int = 0, solver: str = "torch1.13"
+) -> torch.Tensor:
     """The ``[C, q]`` principal directions ``V`` of ``torch.pca_lowrank(data, q, center=False, niter)``.
 
-    The same algorithm (Halko et al. 2009, Algorithm 5.1, as ``torch._lowrank`` implements it), step for
-    step, so on the CPU under ``torch.manual_seed(seed)`` it returns ``pca_lowrank``'s ``V`` exactly; the
-    random test matrix comes from a CPU generator seeded with ``seed`` and is then moved to ``data``'s device.
-    On CUDA the decompositions take faster routes to the same subspaces (:func:`orthonormal_basis`,
-    :func:`right_singular_vectors`): cuSOLVER's QR and SVD are latency-bound at these sizes (1.3-2.3 ms per
-    QR and 7 ms per SVD on an H200; ``benchmarks/co_pca.py``).
+    The same algorithm (Halko et al. 2009, Algorithm 5.1, as ``torch._lowrank`` implements it in the torch
+    release ``solver`` names, :data:`PCA_SOLVERS`), step for step, so on the CPU under
+    ``torch.manual_seed(seed)`` it returns that release's ``V`` exactly; the random test matrix comes from a CPU
+    generator seeded with ``seed`` and is then moved to ``data``'s device. On CUDA the decompositions take
+    faster routes to the same subspaces (:func:`orthonormal_basis`, :func:`right_singular_vectors`): cuSOLVER's
+    QR and SVD are latency-bound at these sizes (1.3-2.3 ms per QR and 7 ms per SVD on an H200;
+    ``benchmarks/co_pca.py``).
 
     Args:
         data: ``[N, C]`` (already centred) rows, or a batch ``[..., N, C]`` of such matrices, each reduced on
@@ -71,22 +90,27 @@ def pca_lowrank_components(data: torch.Tensor, q: int, niter: int = 2, seed: int
         q: Number of components (``<= min(N, C)``).
         niter: Subspace iterations.
         seed: Seed of the test matrix.
+        solver: ``"torch1.13"`` (the reference's) or ``"torch2.4"``.
 
     Returns:
         ``[C, q]`` (``[..., C, q]`` for a batch).
     """
-    tall = data.shape[-2] >= data.shape[-1]
-    matrix = data if tall else data.mH  # the range finder works on the tall orientation
+    if solver not in PCA_SOLVERS:
+        raise ValueError(f"unknown pca_solver {solver!r}; choose one of {list(PCA_SOLVERS)}")
+    rows, channels = data.shape[-2:]
+    transposed = rows < channels or (solver == "torch1.13" and channels > q)
+    matrix = data.mH if transposed else data  # the range finder's orientation
     generator = torch.Generator().manual_seed(seed)
     test = torch.randn(matrix.shape[-1], q, generator=generator, dtype=matrix.dtype).to(matrix.device)
     basis = orthonormal_basis(matrix @ test)
     for _ in range(niter):
         basis = orthonormal_basis(matrix.mH @ basis)
         basis = orthonormal_basis(matrix @ basis)
-    small = basis.mH @ matrix  # [q, C]: the data in the found subspace
-    if tall:
-        return right_singular_vectors(small)
-    left, _, _ = torch.linalg.svd(small, full_matrices=False)
+    if not transposed:
+        return right_singular_vectors(basis.mH @ matrix)  # [q, C]: the data in the found subspace
+    if solver == "torch1.13":  # V = Q @ V' of the SVD of the tall B^T = A Q ([N, q])
+        return basis @ tall_right_singular_vectors(data @ basis)
+    left, _, _ = torch.linalg.svd(basis.mH @ matrix, full_matrices=False)  # torch >= 2.4: U of the wide Q^H A^T
     return basis @ left
 
 
@@ -132,15 +156,30 @@ def right_singular_vectors(small: torch.Tensor) -> torch.Tensor:
     """
     if small.device.type != "cuda":
         return torch.linalg.svd(small, full_matrices=False)[2].mH
-    left, _, _ = torch.linalg.svd(small.mH, full_matrices=False, driver="gesvda")
-    eye = torch.eye(left.shape[-1], dtype=left.dtype, device=left.device)
-    ok = ((left.mH @ left) - eye).abs().amax(dim=(-2, -1)) < 1e-4
+    return _checked_gesvda(small.mH, left=True, fallback=lambda t: torch.linalg.svd(t.mH, full_matrices=False)[2].mH)
+
+
+def tall_right_singular_vectors(tall: torch.Tensor) -> torch.Tensor:
+    """``V`` ``[..., q, q]`` of the SVD of a tall ``[..., N, q]`` matrix (``torch.linalg.svd``'s ``Vh.mH``), by
+    decreasing singular value; on CUDA through ``gesvda``, checked as :func:`right_singular_vectors`."""
+    if tall.device.type != "cuda":
+        return torch.linalg.svd(tall, full_matrices=False)[2].mH
+    return _checked_gesvda(tall, left=False, fallback=lambda t: torch.linalg.svd(t, full_matrices=False)[2].mH)
+
+
+def _checked_gesvda(tall: torch.Tensor, left: bool, fallback: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``U`` (``left``) or ``V`` of tall matrices by cuSOLVER's ``gesvda``; a matrix whose result is not
+    orthonormal to 1e-4 gets ``fallback(matrix)`` (the default driver) instead."""
+    u, _, vh = torch.linalg.svd(tall, full_matrices=False, driver="gesvda")
+    vectors = u if left else vh.mH
+    eye = torch.eye(vectors.shape[-1], dtype=vectors.dtype, device=vectors.device)
+    ok = ((vectors.mH @ vectors) - eye).abs().amax(dim=(-2, -1)) < 1e-4
     if bool(ok.all()):
-        return left
-    if small.ndim == 2:
-        return torch.linalg.svd(small, full_matrices=False)[2].mH
-    left[~ok] = torch.linalg.svd(small[~ok], full_matrices=False)[2].mH
-    return left
+        return vectors
+    if tall.ndim == 2:
+        return fallback(tall)
+    vectors[~ok] = fallback(tall[~ok])
+    return vectors
 
 
 def merge_layers(layers: Sequence[torch.Tensor], size: int | None = None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ from .features import (
     extract_features,
     feature_cache,
     mirrored_key,
+    pair_features,
+    sample_image_key,
     source_maps,
     unique_images,
 )
@@ -105,6 +107,8 @@ class FusedCorrespondence(nn.Module):
         alpha: Weight of the SD block in the fusion (0.5 in the paper). With 1 the DINO featurizer is not
             run, with 0 the SD featurizer is not run.
         pca_dims: Co-PCA dimension per SD layer (256 each in the paper); None keeps the raw channels.
+        pca_solver: Co-PCA's randomised PCA: ``"torch1.13"`` (default) runs ``torch.pca_lowrank`` as torch 1.13.1,
+            which the reference ran, does; ``"torch2.4"`` as torch >= 2.4 does (:data:`.fusion.PCA_SOLVERS`).
         eval_size: Side of the padded square in which keypoints are mapped to feature cells; defaults to
             the DINO input size when a DINO featurizer is configured (840 in the reference, also for its
             SD-only runs), else the SD input size. ``"original"``: each image's own square (Table 8).
@@ -146,6 +150,7 @@ class FusedCorrespondence(nn.Module):
         dino: DinoFeaturizer | None = None,
         alpha: ClosedUnitInterval = 0.5,
         pca_dims: Sequence[PositiveInt] | None = (256, 256, 256),
+        pca_solver: Literal["torch1.13", "torch2.4"] = "torch1.13",
         eval_size: EvalSize | None = None,
         fusion: str = "concat_l2",
         feature_cache_gb: NonNegativeFloat = 4.0,
@@ -167,7 +172,8 @@ class FusedCorrespondence(nn.Module):
         # the table is known now when given, else from the benchmark (use_protocol)
         self.pose_alignment = PoseAlignment(flip_pairs) if pose_alignment and flip_pairs is not None else None
         self.spec = DescriptorSpec(
-            alpha=float(alpha), pca_dims=None if pca_dims is None else tuple(int(d) for d in pca_dims), fusion=fusion
+            alpha=float(alpha), pca_dims=None if pca_dims is None else tuple(int(d) for d in pca_dims), fusion=fusion,
+            pca_solver=pca_solver,
         )
         self.configured = (sd, dino)  # a plain tuple: not registered, so unused featurizers stay where they are
         self.head = None if projection_ckpt is None else GatedProjectionHead.from_checkpoint(projection_ckpt)
@@ -222,9 +228,14 @@ class FusedCorrespondence(nn.Module):
         """Device the module lives on (featurizers without weights included)."""
         return self._device_marker.device
 
-    def extract(self, images: Sequence[torch.Tensor], categories: Sequence[str]) -> list[ImageFeatures]:
-        """Raw features of a batch of images (each image run at most once per featurizer, cache misses)."""
-        features, passes = extract_features(self.sd, self.dino, images, categories, self.device, self.cache)
+    def extract(
+        self, images: Sequence[torch.Tensor], categories: Sequence[str], files: Sequence[str] | None = None
+    ) -> list[ImageFeatures]:
+        """Raw features of a batch of images (each distinct input run at most once per featurizer, cache misses;
+        ``files``: each image's identity apart from its prompt, see :func:`.features.run_featurizer`)."""
+        features, passes = extract_features(
+            self.sd, self.dino, images, categories, self.device, self.cache, files=files
+        )
         for name, count in passes.items():
             self.extraction_passes[name] += count
         return features
@@ -294,19 +305,23 @@ class FusedCorrespondence(nn.Module):
         """Dense flow ``[2, H, W]`` from every target pixel to the source (both images share ``H x W``)."""
         return flow_from_descriptors(self.describe_pair(source, target), source, target)
 
-    def features_by_path(
+    def batch_features(
         self, samples: Sequence[PairSample], mirrored_sources: bool = False
     ) -> dict[str, ImageFeatures]:
-        """Raw features of every distinct image of a batch of pairs, by path (each extracted once, via the cache);
-        with ``mirrored_sources`` also the sources' mirrors, under :func:`mirrored_key`."""
+        """Raw features of every distinct image of a batch of pairs, by :func:`.features.sample_image_key` (file
+        and prompt: the SD features of a file seen under two categories come once per prompt, its prompt-free
+        features once); each extracted once, via the cache. With ``mirrored_sources`` also the sources' mirrors,
+        under :func:`mirrored_key` of their keys."""
         unique = unique_images(samples, mirrored_sources)
-        return dict(zip(unique, self.extract([v[0] for v in unique.values()], [v[1] for v in unique.values()])))
+        images = list(unique.values())
+        features = self.extract([i.image for i in images], [i.category for i in images], [i.file for i in images])
+        return dict(zip(unique, features))
 
     @torch.no_grad()
     def predict_flows(self, samples: Sequence[PairSample]) -> list[torch.Tensor]:
         """Dense flows ``[2, H, W]`` (target pixel -> source pixel) for a batch of same-size image pairs."""
-        features = self.features_by_path(samples)
-        return [self.flow(features[s["src_image_path"]], features[s["trg_image_path"]]) for s in samples]
+        features = self.batch_features(samples)
+        return [self.flow(*pair_features(features, s)) for s in samples]
 
     @torch.no_grad()
     def predict_pixels(
@@ -322,10 +337,10 @@ class FusedCorrespondence(nn.Module):
             chunk: Target pixels matched at a time.
             use_masks: Restrict matching to the pairs' masks.
         """
-        features = self.features_by_path(samples)
+        features = self.batch_features(samples)
         out = []
         for sample in samples:
-            source, target = features[sample["src_image_path"]], features[sample["trg_image_path"]]
+            source, target = pair_features(features, sample)
             descriptors = self.describe_pair(source, target)
             masks = {"source_mask": sample.get("src_mask"), "target_mask": sample.get("trg_mask")} if use_masks else {}
             out.append(pixel_correspondence(
@@ -355,10 +370,10 @@ class FusedCorrespondence(nn.Module):
                 "pose_alignment needs its left/right table: give flip_pairs (a table name such as 'spair', or "
                 "category -> [[left id, right id], ...]) or call use_protocol(protocol) with the benchmark's"
             )
-        features = self.features_by_path(samples, mirrored_sources=self.pose_alignment is not None)
+        features = self.batch_features(samples, mirrored_sources=self.pose_alignment is not None)
         if self.pose_alignment is not None:  # each pair describes both orientations of its source
             return [self.predict_pair(features, s) for s in samples]
-        pairs = [(features[s["src_image_path"]], features[s["trg_image_path"]]) for s in samples]
+        pairs = [pair_features(features, s) for s in samples]
         return [self.predict_pair(features, s, d) for s, d in zip(samples, self.describe_pairs(pairs))]
 
     def describe_pairs(self, pairs: Sequence[tuple[ImageFeatures, ImageFeatures]]) -> list[torch.Tensor]:
@@ -371,13 +386,13 @@ class FusedCorrespondence(nn.Module):
     def predict_pair(
         self, features: Mapping[str, ImageFeatures], sample: PairSample, descriptors: torch.Tensor | None = None
     ) -> dict[str, Any]:
-        """One pair's prediction (:meth:`predict_pairs`) from the batch's features by path: its descriptors (as
+        """One pair's prediction (:meth:`predict_pairs`) from the batch's features by image key: its descriptors (as
         given by :meth:`describe_pairs` for the batch, else :meth:`describe_pair`), the transfer and, when
         configured, the refinements and the pose alignment (which describes both source orientations itself);
         no extraction."""
-        source, target = features[sample["src_image_path"]], features[sample["trg_image_path"]]
+        source, target = pair_features(features, sample)
         if self.pose_alignment is not None:
-            mirrored = features[mirrored_key(sample["src_image_path"])]
+            mirrored = features[mirrored_key(sample_image_key(sample, "src"))]
             return pose_aligned_match(
                 self.describe_pair, source, mirrored, target, sample, self.eval_size, self.pose_alignment,
                 self.refinement, self.matcher,

@@ -170,7 +170,10 @@ class SDFeaturizer(nn.Module):
         model_id: Hub id or local directory of a diffusers SD pipeline (``unet``, ``vae``,
             ``text_encoder``, ``tokenizer``, ``scheduler`` subfolders). Ignored when ``random_init`` is set.
         layers: Decoder layer indices (see module docstring); the paper uses 2, 5, 8.
-        timestep: Diffusion timestep of the single noisy pass (of 1000); 0 adds no noise.
+        timestep: Diffusion timestep of the single noisy pass (of 1000). As in the reference (ODISE's
+            ``LdmExtractor``), every ``t >= 0`` adds the noise, ``t = 0`` too (with coefficient
+            ``sqrt(1 - alpha_bar_0)``, 0.029 for SD's betas); ``-1`` is the clean latent, the UNet told ``t = 0``
+            (ODISE's ``t < 0``).
         image_size: Side of the square input (the reference uses 960).
         sliding_window: Process the image as a 2x2 grid of ``crop_size`` crops at offsets 0 and
             ``image_size - crop_size`` and average the overlapping features, as the reference does.
@@ -233,8 +236,7 @@ class SDFeaturizer(nn.Module):
         for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
             if module is not None:
                 module.requires_grad_(False).eval()
-        if not 0 <= self.timestep < self.scheduler.config.num_train_timesteps:
-            raise ValueError(f"timestep {timestep} outside [0, {self.scheduler.config.num_train_timesteps})")
+        self._check_timestep()
         self.location = location
         self._sources = self._capture_plan()
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -270,8 +272,7 @@ class SDFeaturizer(nn.Module):
         clone._sources = clone._capture_plan()
         clone._prompt_cache = {}
         clone._check_conditioning()
-        if not 0 <= clone.timestep < self.scheduler.config.num_train_timesteps:
-            raise ValueError(f"timestep {clone.timestep} outside [0, {self.scheduler.config.num_train_timesteps})")
+        clone._check_timestep()
         return clone
 
     def cache_key(self, category: str) -> str:
@@ -284,8 +285,14 @@ class SDFeaturizer(nn.Module):
             "text_encoder_2": self.text_encoder_2, "captioner": self.captioner,
         }
         fingerprint = featurizer_fingerprint("SDFeaturizer", settings, modules, self._digests)
-        prompt = self.prompt_for(category) if self.conditioning == "prompt" else ""
+        prompt = self.prompt_for(category) if self.uses_prompt else ""
         return f"{fingerprint}:{prompt}"
+
+    def _check_timestep(self) -> None:
+        if not -1 <= self.timestep < self.scheduler.config.num_train_timesteps:
+            raise ValueError(
+                f"timestep {self.timestep} outside [-1, {self.scheduler.config.num_train_timesteps}) (-1: no noise)"
+            )
 
     def _check_conditioning(self) -> None:
         if self.conditioning not in CONDITIONINGS:
@@ -373,6 +380,11 @@ class SDFeaturizer(nn.Module):
         for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2"):
             if getattr(self, name) is not None:
                 getattr(self, name).save_pretrained(directory / name)
+
+    @property
+    def uses_prompt(self) -> bool:
+        """Whether an image's features depend on its category (the prompt): not with the implicit captioner."""
+        return self.conditioning == "prompt"
 
     def prompt_for(self, category: str) -> str:
         """The prompt of an image of ``category`` (a :class:`WholePrompt` is returned as it is)."""
@@ -470,11 +482,12 @@ class SDFeaturizer(nn.Module):
             text, added = implicit_text, None
         else:
             text, added = self._conditioning(categories, len(offsets), side, images.device, dtype)
-        t = torch.full((latents.shape[0],), self.timestep, device=images.device, dtype=torch.long)
+        clean = self.timestep < 0  # ODISE: no noise only below 0, and the UNet is told t = 0
+        t = torch.full((latents.shape[0],), max(self.timestep, 0), device=images.device, dtype=torch.long)
         noises = self._noise(latents.shape, images.device, latents.dtype)
         summed: list[torch.Tensor] | None = None
         for noise in noises:
-            noisy = latents if self.timestep == 0 else self.scheduler.add_noise(latents, noise.expand_as(latents), t)
+            noisy = latents if clean else self.scheduler.add_noise(latents, noise.expand_as(latents), t)
             with _added_time_embedding(self.unet, time_extra):
                 feats = run_and_capture(
                     lambda: self.unet(noisy, t, encoder_hidden_states=text, added_cond_kwargs=added),  # noqa: B023
