@@ -183,11 +183,30 @@ DEBUG_ENV = "SD_DINO_DEBUG"
 SIGTERM_EXIT = 143
 
 
-def _root_cause(error: BaseException) -> BaseException:
-    """The innermost ``__cause__`` (jsonargparse wraps a constructor's error in its own union errors)."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return error
+#: This project's source folders: an error raised from a file under them carries the project's own message.
+_PROJECT = Path(__file__).resolve().parent
+
+
+def _raised_by_project(error: BaseException) -> bool:
+    """Whether ``error`` was raised in this project's code (its innermost traceback frame is a project file)."""
+    frame = error.__traceback__
+    if frame is None:
+        return False
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    path = Path(frame.tb_frame.f_code.co_filename).resolve()
+    return _PROJECT in path.parents and not {".venv", "site-packages"} & set(path.parts)
+
+
+def _reported_error(error: BaseException) -> BaseException:
+    """The error whose message a user reads: the outermost one of the chain that this project raised (it names
+    the file, the entry and the field, as ``ValueError(... is not a readable image ...) from err`` does), else the
+    innermost cause (jsonargparse and Lightning wrap a constructor's error in errors of their own)."""
+    chain: list[BaseException] = []
+    while error is not None and all(error is not seen for seen in chain):
+        chain.append(error)
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return next((e for e in chain if _raised_by_project(e)), chain[-1])
 
 
 def resume_command(argv: list[str]) -> str:
@@ -210,8 +229,8 @@ def run_script(main: Callable[[], Any], argv: list[str] | None = None) -> None:
 
     - SIGTERM (a preemption): Lightning stops the loop after the current batch; the flushed predictions
       stay in the run folder, the resume command is printed, and the exit status is :data:`SIGTERM_EXIT`.
-    - Any other error: ``error: <message of its root cause>`` and exit status 1; with ``SD_DINO_DEBUG=1``
-      the full traceback instead.
+    - Any other error: ``error: <message>`` and exit status 1, the message of the outermost error this project
+      raised (:func:`_reported_error`); with ``SD_DINO_DEBUG=1`` the full traceback instead.
     """
     argv = list(sys.argv if argv is None else argv)
     is_rank_zero = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
@@ -227,7 +246,7 @@ def run_script(main: Callable[[], Any], argv: list[str] | None = None) -> None:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         parse_error = type(error).__name__ == "ArgumentError"  # its message names the field; its cause does not
-        root = error if parse_error else _root_cause(error)
+        root = error if parse_error else _reported_error(error)
         if is_rank_zero:
             print(f"error: {_essential(str(root))}\n({type(root).__name__}; set {DEBUG_ENV}=1 for the full "
                   "traceback; --help lists every option)", file=sys.stderr, flush=True)

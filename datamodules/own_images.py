@@ -64,18 +64,21 @@ ImagePair = dict[str, Any]
 
 
 def _image_size(path: Path, where: str) -> tuple[int, int]:
-    """``(width, height)`` of an image file, read from its header.
+    """``(width, height)`` of an image file, decoded to its last byte (a truncated file fails here, before any
+    model is loaded, not in the middle of the run).
 
     Raises:
         FileNotFoundError: No such file.
-        ValueError: The file is not an image PIL can read.
+        ValueError: The file is not an image PIL can read, is truncated, or has more pixels than PIL allows.
     """
     if not path.is_file():
         raise FileNotFoundError(f"{where}: no such image file {path}")
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.load()
             return image.size
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{where}: {path} has more pixels than PIL opens ({err}); downscale it") from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"{where}: {path} is not a readable image ({err})") from err
 

@@ -123,7 +123,7 @@ def load_rgb_image(path: str | Path) -> torch.Tensor:
         with Image.open(path) as img:
             img.load()
             array = _rgb_pixels(img, path)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"Could not read image {path}: {err}") from err
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
