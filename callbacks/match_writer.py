@@ -9,6 +9,7 @@ from typing import Any, TextIO
 import lightning as L
 
 from datamodules.samplers import dataset_pair_ids
+from lightning_modules.components.files import write_atomically
 from lightning_modules.components.strict_json import dumps
 
 from .prediction_writer import sort_records
@@ -61,7 +62,7 @@ class MatchWriter(L.Callback):
         if trainer.world_size == 1 and self.path is not None and order is not None:
             # the run goes image by image (cache hits); the file lists the pairs in the input's order
             lines = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines()]
-            self.path.write_text("".join(dumps(line) + "\n" for line in sort_records(lines, order)), encoding="utf-8")
+            write_atomically(self.path, "".join(dumps(line) + "\n" for line in sort_records(lines, order)))
         print(f"{self.lines} pairs matched: {self.path}", flush=True)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

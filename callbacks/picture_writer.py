@@ -10,6 +10,7 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
+from lightning_modules.components.files import save_image_atomically
 from lightning_modules.distributed import gather_from_ranks
 
 from .visualization import _pad_width, safe_filename
@@ -63,7 +64,7 @@ class PictureWriter(L.Callback):
                 continue
             self._dir.mkdir(parents=True, exist_ok=True)
             path = self._dir / f"{safe_filename(record['pair_id'])}.png"
-            record["picture"].save(path)
+            save_image_atomically(record["picture"], path)
             self.saved.append(path)
             if len(self._logged) < self._limit:
                 caption = str(record.get("caption", record["pair_id"]))

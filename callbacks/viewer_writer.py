@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 
+from lightning_modules.components.files import write_atomically
 from lightning_modules.components.viewer import render_viewer, viewer_pair
 from lightning_modules.distributed import gather_from_ranks
 
@@ -74,7 +75,7 @@ class ViewerWriter(L.Callback):
         if not trainer.is_global_zero or self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(render_viewer(pairs, display_height=self.display_height), encoding="utf-8")
+        write_atomically(self.path, render_viewer(pairs, display_height=self.display_height))
         print(f"viewer ({len(pairs)} pairs, {self.path.stat().st_size / 1024:.0f} KiB): {self.path}", flush=True)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
 from lightning_modules.components.visualize import draw_correspondences, keypoints_correct
+from lightning_modules.components.files import save_image_atomically
 from lightning_modules.distributed import gather_from_ranks
 
 __all__ = ["CorrespondenceVisualizer", "safe_filename"]
@@ -167,7 +168,7 @@ class CorrespondenceVisualizer(L.Callback):
                                            record["trg_kps"], record["pred_kps"], correct, height=self.height)
             out.mkdir(parents=True, exist_ok=True)
             path = out / self._filename(pair_id)
-            picture.save(path)
+            save_image_atomically(picture, path)
             self.saved.append(path)
             caption = f"{pair_id}: {int(correct.sum())}/{len(correct)} correct at PCK@{self.alpha:g}"
             if self.log_to_wandb:

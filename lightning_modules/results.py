@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .components.files import write_atomically
 from .components.strict_json import dumps
 
 __all__ = ["PCKResults", "RunResults", "ScoreResults", "format_pck_table", "format_scores_table"]
@@ -44,11 +45,12 @@ class RunResults:
 
     def write(self, out: Path, run: dict[str, Any] | None = None) -> str:
         """Write the summary (with the ``run`` block, when given) and the extra files to ``out``; return the
-        text to print."""
+        text to print. Each file is written whole or not at all (:func:`.components.files.write_atomically`); the
+        summary last, so that its presence says the run's files are all there."""
         payload = self.summary if run is None else {**self.summary, "run": run}
-        (out / self.filename).write_text(dumps(payload, indent=2))
         for name, text in self.files().items():
-            (out / name).write_text(text)
+            write_atomically(out / name, text)
+        write_atomically(out / self.filename, dumps(payload, indent=2))
         return self.table()
 
 

@@ -18,6 +18,7 @@ Coordinates follow :mod:`.matching`: pixels of the ``size`` x ``size`` padded in
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .files import write_atomically
 from .fusion import l2_normalize
 from .matching import cells_to_points, points_to_cells
 
@@ -181,8 +183,11 @@ class GatedProjectionHead(nn.Module):
         return l2_normalize(torch.cat(blocks, dim=1))
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """``torch.save`` ``{"config": self.config, "state_dict": ...}`` (tensors on the CPU)."""
-        torch.save(self.checkpoint_dict(), path)
+        """``torch.save`` ``{"config": self.config, "state_dict": ...}`` (tensors on the CPU), written whole or not
+        at all (:func:`.files.write_atomically`)."""
+        buffer = io.BytesIO()
+        torch.save(self.checkpoint_dict(), buffer)
+        write_atomically(path, buffer.getvalue())
 
     def checkpoint_dict(self) -> dict[str, Any]:
         """``{"config": self.config, "state_dict": ...}`` with the tensors on the CPU (what checkpoints hold)."""
