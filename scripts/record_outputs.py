@@ -66,7 +66,7 @@ def record_run(run_dir: Path) -> dict[str, Any]:
     if heads:
         import torch
 
-        state = torch.load(heads[-1], map_location="cpu", weights_only=False)["state_dict"]
+        state = torch.load(heads[-1], map_location="cpu", weights_only=True)["state_dict"]
         record["head"] = {k: _sha(v.contiguous().numpy().tobytes()) for k, v in sorted(state.items()) if "head" in k}
     return record
 
