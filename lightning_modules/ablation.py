@@ -29,6 +29,7 @@ from .metrics import PCK, keypoint_correct
 from .results import RunResults
 from .zero_shot import (
     keypoint_record,
+    place_feature_caches,
     restore_keypoint_metric,
     summed_over_ranks,
 )
@@ -55,7 +56,8 @@ class ZeroShotAblation(L.LightningModule):
             ``{"sd": <SD-only row>, "dino": <DINO-only row>, "fused": <fused row>}``.
         analysis_alpha: PCK alpha that decides "correct" in the analysis (0.10 in the paper).
         feature_cache_gb: Memory for raw per-image features (per variant) shared by all pairs of the run.
-        feature_cache_dir: Folder of an on-disk feature cache that later runs reuse; None disables it.
+        feature_cache_dir: Folder of an on-disk feature cache that later runs reuse; None disables it. A relative
+            folder is taken under the run's folder (``trainer.default_root_dir``); an absolute one is kept.
         flip_pairs: Left/right keypoint id pairs per category (or a table name) for rows with ``pose_alignment``;
             None takes the benchmark protocol's table.
     """
@@ -81,7 +83,8 @@ class ZeroShotAblation(L.LightningModule):
         self.save_hyperparameters(ignore=["sd", "dino", "sd_models", "dino_models"])
         self.ablation = AblationCorrespondence(
             rows, sd=sd, dino=dino, sd_variants=sd_variants, dino_variants=dino_variants, eval_size=eval_size,
-            sd_models=sd_models, dino_models=dino_models, cache=feature_cache(feature_cache_gb, feature_cache_dir),
+            sd_models=sd_models, dino_models=dino_models,
+            cache=feature_cache(feature_cache_gb, feature_cache_dir, "--model.feature_cache_dir"),
         )  # the flip table of pose-aligned rows is set in setup(), once the benchmark is known
         self.flip_pairs = flip_pairs
         self.title = title
@@ -96,7 +99,9 @@ class ZeroShotAblation(L.LightningModule):
         self.test_results: AblationResults | None = None
 
     def setup(self, stage: str) -> None:
-        """One PCK metric per row, from the datamodule's protocol and categories."""
+        """Place the disk cache (:func:`.zero_shot.place_feature_caches`); one PCK metric per row, from the
+        datamodule's protocol and categories."""
+        place_feature_caches(self)
         datamodule = getattr(self.trainer, "datamodule", None)
         self.protocol = getattr(datamodule, "protocol", None)
         if self.protocol is None or self.protocol.metric != "keypoint_pck":

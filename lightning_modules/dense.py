@@ -27,7 +27,7 @@ from .components.dense import PixelCorrespondence, dense_picture, propagate_labe
 from .components.pipeline import FusedCorrespondence
 from .results import ScoreResults
 from .segmentation_metrics import JAndF
-from .zero_shot import summed_over_ranks
+from .zero_shot import place_feature_caches, summed_over_ranks
 
 __all__ = ["DenseCorrespondence", "check_resolution"]
 
@@ -89,7 +89,9 @@ class DenseCorrespondence(L.LightningModule):
     # --- test: label propagation --------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        """Test on a label-propagation datamodule (DAVIS): the J&F metric; predict needs no metric."""
+        """Place the disk cache (:func:`.zero_shot.place_feature_caches`); test on a label-propagation datamodule
+        (DAVIS): the J&F metric; predict needs no metric."""
+        place_feature_caches(self)
         if stage == "test":
             datamodule = getattr(self.trainer, "datamodule", None)
             self.protocol = getattr(datamodule, "protocol", None)

@@ -18,6 +18,7 @@ from jsonargparse.typing import PositiveInt
 
 from .components.pipeline import FusedCorrespondence
 from .components.visualize import draw_matches
+from .zero_shot import place_feature_caches
 
 __all__ = ["PointTransfer", "match_line"]
 
@@ -65,6 +66,10 @@ class PointTransfer(L.LightningModule):
         self.save_hyperparameters(ignore=["pipeline"])
         self.pipeline = pipeline
         self.picture_height = int(picture_height)
+
+    def setup(self, stage: str) -> None:
+        """Place the disk cache (:func:`.zero_shot.place_feature_caches`) before the first pair is matched."""
+        place_feature_caches(self)
 
     @torch.no_grad()
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:

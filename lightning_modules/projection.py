@@ -20,7 +20,7 @@ from .components.keypoints import EvalSize, annotation_geometry
 from .components.pipeline import FusedCorrespondence
 from .components.projection_head import TRAINING_CHECKPOINT_KEY, GatedProjectionHead, correspondence_loss
 from .metrics import PCK
-from .zero_shot import ZeroShotCorrespondence
+from .zero_shot import ZeroShotCorrespondence, place_feature_caches
 
 __all__ = ["ProjectionHeadTraining", "pair_loss"]
 
@@ -138,9 +138,12 @@ class ProjectionHeadTraining(ZeroShotCorrespondence):
     # --- setup -------------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        """Build the head (fit) and the PCK metric of the stage's split (val for fit/validate, test for test)."""
+        """Place the disk cache (:func:`.zero_shot.place_feature_caches`, before the head reads its first image's
+        features); build the head (fit) and the PCK metric of the stage's split (val for fit/validate, test for
+        test)."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if stage in ("fit", "validate"):
+            place_feature_caches(self)  # (test: ZeroShotCorrespondence.setup places it)
             self._build_head(datamodule, stage)
             self._setup_val_metric(datamodule)
         else:

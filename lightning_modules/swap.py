@@ -30,6 +30,7 @@ from .components.visualize import to_pil_image
 from .dense import check_resolution
 from .results import RunResults
 from .swap_metrics import SwapScores
+from .zero_shot import place_feature_caches
 
 __all__ = ["InstanceSwap", "SwapResults", "format_swap_table", "side_by_side"]
 
@@ -128,9 +129,11 @@ class InstanceSwap(L.LightningModule):
             self.swap_metrics = nn.ModuleDict({stage: SwapScores(embedder) for stage in stages})
 
     def setup(self, stage: str) -> None:
-        """Instance swapping is a predict-time output only."""
+        """Instance swapping is a predict-time output only; the disk cache is placed
+        (:func:`.zero_shot.place_feature_caches`)."""
         if stage != "predict":
             raise ValueError(f"InstanceSwap runs with `predict` (evaluate.py predict ...), not {stage!r}")
+        place_feature_caches(self)
 
     @staticmethod
     def working_inputs(sample: dict[str, Any], match: Any) -> dict[str, torch.Tensor]:

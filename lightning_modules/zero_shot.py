@@ -9,16 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
+from .components.feature_cache import FeatureCache
 from .components.pipeline import FusedCorrespondence
 from .metrics import PCK, DenseFlowPCK, dense_flow_counts, format_alpha, stable_pair_key
 from .results import PCKResults
 
-__all__ = ["ZeroShotCorrespondence", "chance_predictions", "keypoint_record", "restore_keypoint_metric", "summed_over_ranks"]
+__all__ = [
+    "ZeroShotCorrespondence", "chance_predictions", "keypoint_record", "place_feature_caches", "restore_keypoint_metric",
+    "summed_over_ranks",
+]
 
 
 #: Per-keypoint extras of the test-time refinements that ``predictions.jsonl`` keeps when they are computed.
@@ -96,6 +102,31 @@ def summed_over_ranks(module: L.LightningModule, counts: dict[str, int]) -> dict
     return {name: int(value) for name, value in zip(counts, total.tolist())}
 
 
+def place_feature_caches(module: L.LightningModule) -> list[Path]:
+    """Put every on-disk feature cache of ``module`` in its place before the run writes to it, and log where.
+
+    A relative ``feature_cache_dir`` is taken under the run's folder (``trainer.default_root_dir``), never the
+    working directory; an absolute one (or ``~/...``) is kept. Called first in each module's ``setup`` (the
+    pipeline is built before the trainer, so its folder is only known now); the cache creates its folder when
+    it first writes. Returns the folders.
+    """
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None:
+        return []
+    caches = {id(c): c for m in module.modules() if isinstance(c := getattr(m, "cache", None), FeatureCache)}
+    placed = []
+    for cache in caches.values():
+        given = cache.directory
+        folder = cache.resolve_under(trainer.default_root_dir)
+        if given is None or folder is None:
+            continue
+        placed.append(folder)
+        relative = not given.expanduser().is_absolute()
+        where = f" ({cache.flag.lstrip('-')} {given} is relative: under the run's folder)" if relative else ""
+        rank_zero_info(f"feature cache on disk: {folder}{where}")
+    return placed
+
+
 class ZeroShotCorrespondence(L.LightningModule):
     """Zero-shot semantic correspondence with fused SD + DINO features, scored with the benchmark's protocol.
 
@@ -122,7 +153,9 @@ class ZeroShotCorrespondence(L.LightningModule):
         self.test_results: PCKResults | None = None
 
     def setup(self, stage: str) -> None:
-        """Create the metric from the datamodule's protocol and categories."""
+        """Place the disk cache (:func:`place_feature_caches`); create the metric from the datamodule's protocol
+        and categories."""
+        place_feature_caches(self)
         datamodule = getattr(self.trainer, "datamodule", None)
         self.protocol = getattr(datamodule, "protocol", None)
         if self.protocol is None:

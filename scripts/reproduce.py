@@ -94,7 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.benchmarks = _names(args.benchmarks, list(BENCHMARKS), "benchmarks")
     args.rows = _names(args.rows, list(ROWS), "rows")
-    args.out = args.out or args.data_dir / "runs"
+    # the runs start in the repository (subprocess_runner): every folder is passed as an absolute path
+    args.data_dir = args.data_dir.expanduser().absolute()
+    args.out = (args.out or args.data_dir / "runs").expanduser().absolute()
     if args.synthetic and (args.sd_model or args.dino_model):
         raise SystemExit("error: --synthetic runs the tiny random models; --sd-model / --dino-model do not apply")
     return args

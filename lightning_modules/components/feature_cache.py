@@ -14,16 +14,32 @@ on one); it is canonical (sorted, without the config entries that depend on the 
 folder), so a new process finds what an earlier one stored. A disk entry stores its full key, a format
 version and a checksum of its tensor bytes in the file's metadata; an entry whose metadata does not match
 (stale), that cannot be read (corrupt, truncated) or whose bytes do not match the checksum (damaged) is
-recomputed and replaced, never used, and the log says so. Files are written to a temporary name and renamed, so an interrupted run leaves no partial
-entry behind.
+recomputed and replaced, never used, and the log says so.
+
+Writing an entry never leaves half of one where a reader looks: its bytes go to a temporary file named
+after the entry, the host and the writing process (``<entry>.<host>.<pid>.partial``), which is then renamed
+into place. A writer killed in between (SIGKILL, a crash) leaves only its temporary file; the next run
+removes it when it first uses the folder (the writer is dead: same host and no such process, or the file
+is over an hour old), so temporaries never accumulate. A write that fails (a full disk, a file-size limit,
+a read-only folder) removes its temporary file, stops the disk writes of this cache with one warning that
+names the folder and what to do, and the run goes on: its features are computed and used as without the
+disk cache, so no number changes.
+
+A relative folder is relative to the run's folder once a LightningModule places it there
+(:meth:`FeatureCache.resolve_under`, called in the modules' ``setup``): a run writes nothing into the
+working directory unless it is told to.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
+import socket
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -144,6 +160,72 @@ def featurizer_fingerprint(
     return config_digest({"kind": kind, "settings": dict(settings), "models": configs})
 
 
+#: How a writer's temporary file is named: ``<entry>.<host>.<pid>.partial`` (the host with only letters, digits,
+#: ``-`` and ``_``). Also matched: a ``.tmpXXXXXX`` file, which safetensors' ``save_file`` (used for writing before)
+#: leaves behind when killed.
+_TEMPORARY = re.compile(r"^(?P<entry>[0-9a-f]{40}\.safetensors)\.(?:(?P<host>[A-Za-z0-9_-]+)\.)?(?P<pid>\d+)\.partial$")
+_LEGACY_TEMPORARY = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
+_FAN_OUT = re.compile(r"^[0-9a-f]{2}$")
+#: A temporary file older than this is removed whoever wrote it (one entry is written in seconds).
+STALE_AFTER_S = 3600.0
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def temporary_path(path: Path, pid: int | None = None) -> Path:
+    """The temporary file a process writes the entry ``path`` to before renaming it into place."""
+    return path.with_name(f"{path.name}.{_host()}.{os.getpid() if pid is None else pid}.partial")
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether no live process of this host has ``pid`` (a zombie counts as gone)."""
+    if pid <= 0 or pid == os.getpid():
+        return pid <= 0
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: another user's live process
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("Z", "X")
+
+
+def _stale_temporary(name: str, mtime: float, now: float) -> bool:
+    """Whether the file ``name`` of a fan-out folder is a temporary file nobody will rename any more."""
+    match = _TEMPORARY.match(name)
+    if match is None and _LEGACY_TEMPORARY.match(name) is None:
+        return False
+    if now - mtime > STALE_AFTER_S:
+        return True
+    return match is not None and match["host"] == _host() and _process_gone(int(match["pid"]))
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write ``data`` as the file ``path`` (a temporary file: replaced if a dead writer left one)."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def _write_failure(directory: Path, flag: str, err: OSError) -> str:
+    """The one line a failed disk write is reported with: the folder, the cause, what to do."""
+    cause = {
+        errno.EFBIG: "a file-size limit was hit (ulimit -f, or the file system's largest file)",
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is used up",
+    }.get(err.errno or -1, err.strerror or str(err))
+    return (
+        f"feature cache: cannot write to {directory}: {cause} ({err.strerror or type(err).__name__}); this run goes "
+        f"on without storing features on disk (its results are the same; entries already there are still read). "
+        f"Give the cache a bigger disk or another folder ({flag} DIR), or none ({flag} null)"
+    )
+
+
 def _nbytes(features: Features) -> int:
     return sum(t.numel() * t.element_size() for t in features)
 
@@ -154,22 +236,42 @@ class FeatureCache:
     Args:
         memory_bytes: Budget of the in-memory cache (tensors stay on the device they were computed on).
             0 disables it.
-        directory: Folder of the on-disk cache (created on demand); None disables it.
+        directory: Folder of the on-disk cache (created on demand); None disables it. A relative folder is
+            taken under the run's folder by :meth:`resolve_under` (the LightningModules call it in ``setup``).
+        flag: The command-line flag that sets ``directory``, named by the warning of a failed write.
 
     Attributes:
         hits: Entries served from memory or disk.
         disk_hits: Entries served from disk.
         rejected: Disk entries found stale or corrupt (and recomputed).
+        writes_failed: Whether a disk write failed (a full disk, a file-size limit): no more are tried.
     """
 
-    def __init__(self, memory_bytes: int = 4 << 30, directory: str | Path | None = None) -> None:
+    def __init__(
+        self, memory_bytes: int = 4 << 30, directory: str | Path | None = None,
+        flag: str = "--model.pipeline.feature_cache_dir",
+    ) -> None:
         if memory_bytes < 0:
             raise ValueError(f"memory_bytes must be >= 0, got {memory_bytes}")
         self.memory_bytes = int(memory_bytes)
         self.directory = None if directory is None else Path(directory)
+        self.flag = flag
         self._memory: OrderedDict[str, Features] = OrderedDict()
         self._used = 0
         self.hits = self.disk_hits = self.rejected = 0
+        self.writes_failed = False
+        self._swept = False
+
+    def resolve_under(self, root: str | Path) -> Path | None:
+        """Take a relative disk folder under ``root`` (the run's folder), as an absolute path; ``~`` is
+        expanded and an absolute folder kept. Returns the folder (None: no disk cache). Nothing is created."""
+        if self.directory is None:
+            return None
+        directory = self.directory.expanduser()
+        if not directory.is_absolute():
+            directory = Path(root).expanduser().absolute() / directory
+        self.directory = directory
+        return directory
 
     def __len__(self) -> int:
         return len(self._memory)
@@ -241,9 +343,28 @@ class FeatureCache:
         name = hashlib.blake2b(key.encode(), digest_size=20).hexdigest()
         return self.directory / name[:2] / f"{name}.safetensors"
 
+    def _sweep(self) -> None:
+        """Once per cache, at its first disk access: remove the temporary files of writers that died."""
+        self._swept = True
+        assert self.directory is not None
+        now, removed = time.time(), 0
+        try:
+            folders = [e for e in os.scandir(self.directory) if _FAN_OUT.match(e.name) and e.is_dir(follow_symlinks=False)]
+            for folder in folders:
+                for entry in os.scandir(folder.path):
+                    if entry.is_file(follow_symlinks=False) and _stale_temporary(entry.name, entry.stat().st_mtime, now):
+                        Path(entry.path).unlink(missing_ok=True)
+                        removed += 1
+        except OSError:  # no folder yet, or one that cannot be listed: nothing to clean here
+            pass
+        if removed:
+            log.warning("feature cache: removed %d temporary file(s) left by interrupted writes in %s", removed, self.directory)
+
     def _from_disk(self, key: str, device: torch.device) -> Features | None:
         if self.directory is None:
             return None
+        if not self._swept:
+            self._sweep()
         path = self.path_for(key)
         if not path.is_file():
             return None
@@ -268,16 +389,27 @@ class FeatureCache:
         return features
 
     def _to_disk(self, key: str, features: Features) -> None:
-        if self.directory is None:
+        if self.directory is None or self.writes_failed:
             return
-        from safetensors.torch import save_file
+        if not self._swept:
+            self._sweep()
+        from safetensors.torch import save
 
         path = self.path_for(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {str(i): t.detach().to("cpu").contiguous() for i, t in enumerate(features)}
         metadata = {
             "key": key, "format": FORMAT_VERSION, "count": str(len(features)), "checksum": tensors_checksum(tensors.values()),
         }
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        save_file(tensors, str(partial), metadata=metadata)
-        os.replace(partial, path)  # atomic: readers (other ranks, a later run) never see half a file
+        data = save(tensors, metadata=metadata)  # the bytes save_file writes
+        partial = temporary_path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                _write_new(partial, data)
+                os.replace(partial, path)  # atomic: readers (other ranks, a later run) never see half a file
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+        except OSError as err:  # the cache is an optimisation: the run goes on with the features it computed
+            self.writes_failed = True
+            log.warning(_write_failure(self.directory, self.flag, err))

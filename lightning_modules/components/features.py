@@ -235,13 +235,24 @@ def extract_features(
     return features, {name: passes for name, (_, passes) in run.items()}
 
 
-def feature_cache(memory_gb: float, directory: str | None) -> FeatureCache | None:
-    """The per-image feature cache of a run: ``memory_gb`` in memory (0 = none), ``directory`` on disk."""
+def feature_cache(
+    memory_gb: float, directory: str | None, flag: str = "--model.pipeline.feature_cache_dir"
+) -> FeatureCache | None:
+    """The per-image feature cache of a run: ``memory_gb`` in memory (0 = none), ``directory`` on disk (None or
+    ``"None"``: none). A relative ``directory`` is taken under the run's folder when the run starts
+    (:meth:`.FeatureCache.resolve_under`). ``flag`` is the setting's command-line flag (named in warnings).
+
+    ``"None"`` is what jsonargparse passes for ``--model.pipeline.feature_cache_dir null`` (a value two class
+    levels down given ``null`` on the command line arrives as the text ``None``): it means no disk cache, never
+    a folder named ``None``.
+    """
     if memory_gb < 0:
         raise ValueError(f"feature_cache_gb must be >= 0, got {memory_gb}")
+    if directory == "None":
+        directory = None
     if memory_gb == 0 and directory is None:
         return None
-    return FeatureCache(memory_bytes=int(memory_gb * (1 << 30)), directory=directory)
+    return FeatureCache(memory_bytes=int(memory_gb * (1 << 30)), directory=directory, flag=flag)
 
 
 def default_eval_size(sd: SDFeaturizer | None, dino: DinoFeaturizer | None) -> int:

@@ -116,7 +116,8 @@ class FusedCorrespondence(nn.Module):
         feature_cache_gb: Memory for raw per-image features shared by all pairs of the run (on the
             featurizers' device); each image is then extracted once. 0 disables the in-memory cache.
         feature_cache_dir: Folder of an on-disk feature cache (safetensors, keyed by image content and
-            feature config) that later runs reuse; None disables it.
+            feature config) that later runs reuse; None disables it. A relative folder is taken under the run's
+            folder (``trainer.default_root_dir``) when the run starts; an absolute one is kept.
         projection_ckpt: A trained projection head (``train.py``'s ``.ckpt`` or a
             :meth:`GatedProjectionHead.save_checkpoint` file) used instead of co-PCA and the fixed fusion; its
             sources decide which featurizers run, and ``alpha``, ``pca_dims`` and ``fusion`` are then unused.

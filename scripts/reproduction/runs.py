@@ -71,11 +71,13 @@ def plan_runs(
         extra_configs: More ``--config`` files (e.g. ``configs/overlays/tiny.yaml``).
         extra_args: Benchmark -> more arguments (e.g. CUB's ``--data.categories``).
         feature_cache: The on-disk feature cache shared by the rows (``"default"``: ``out/feature_cache``; None:
-            none, each run extracts its images itself).
+            none, each run extracts its images itself). Passed as an absolute path: a run takes a relative
+            ``feature_cache_dir`` under its own folder, which would give each row a cache of its own.
         models: Featurizer (``sd``, ``dino``) -> hub id or local folder, for the rows that load it
             (``--model.pipeline.<name>.model_id``); a featurizer not named keeps its config's model.
     """
     cache = out / "feature_cache" if feature_cache == "default" else feature_cache
+    cache = None if cache is None else Path(cache).expanduser().absolute()  # one cache for every row
     runs = []
     for benchmark in benchmarks:
         for row in rows:
