@@ -15,6 +15,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from callbacks import preemption
 from callbacks.config_logging import LoggerSaveConfigCallback
 from callbacks.prediction_writer import CorrespondenceWriter
 from callbacks.run_folder import flatten_config, prediction_settings
@@ -76,6 +77,7 @@ class SDDinoCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         settings = prediction_settings(config.clone().as_dict())
         trainer = super().instantiate_trainer(**kwargs)
+        preemption.attach(trainer)  # SIGTERM: every process stops within seconds, none hangs in a collective
         for callback in trainer.callbacks:  # the writers record the settings their predictions depend on
             if isinstance(callback, CorrespondenceWriter):
                 callback.run_settings = settings
@@ -180,7 +182,7 @@ def build_cli(args: list[str] | None = None, run: bool = True, defaults_of: str 
 #: Set to 1 to see the full traceback of an error instead of its one-paragraph summary.
 DEBUG_ENV = "SD_DINO_DEBUG"
 #: The exit status of a run stopped by SIGTERM (128 + 15, as a shell reports a process killed by it).
-SIGTERM_EXIT = 143
+SIGTERM_EXIT = preemption.SIGTERM_EXIT
 
 
 #: This project's source folders: an error raised from a file under them carries the project's own message.
@@ -227,22 +229,27 @@ def resume_command(argv: list[str]) -> str:
 def run_script(main: Callable[[], Any], argv: list[str] | None = None) -> None:
     """Run a script's ``main()`` and turn how it ended into an exit status a scheduler can act on.
 
-    - SIGTERM (a preemption): Lightning stops the loop after the current batch; the flushed predictions
-      stay in the run folder, the resume command is printed, and the exit status is :data:`SIGTERM_EXIT`.
+    - SIGTERM (a preemption), in any process of a multi-process run: the loop stops after the current batch,
+      or at once where no batch runs (the end-of-epoch sync included; :mod:`callbacks.preemption`); the flushed
+      predictions stay in the run folder, rank 0 prints the resume command, and every process exits with
+      :data:`SIGTERM_EXIT`. An error after the SIGTERM (a collective broken by a process that stopped) counts
+      as the stop.
     - Any other error: ``error: <message>`` and exit status 1, the message of the outermost error this project
       raised (:func:`_reported_error`); with ``SD_DINO_DEBUG=1`` the full traceback instead.
     """
     argv = list(sys.argv if argv is None else argv)
     is_rank_zero = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+    stop = preemption.install(
+        is_rank_zero, "stopped by SIGTERM: the predictions of the finished batches are kept in the run folder.",
+        resume_command(argv) if len(argv) > 1 and argv[1] == "test" else None,
+    )
     try:
         main()
     except SIGTERMException:
-        if is_rank_zero:
-            command = resume_command(argv) if len(argv) > 1 and argv[1] == "test" else None
-            print("\nstopped by SIGTERM: the predictions of the finished batches are kept in the run folder."
-                  + (f"\nresume with:\n  {command}" if command else ""), file=sys.stderr, flush=True)
-        sys.exit(SIGTERM_EXIT)
+        stop.stop()
     except Exception as error:  # noqa: BLE001 - every error becomes a short message and a non-zero exit
+        if stop.requested:
+            stop.stop()
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         parse_error = type(error).__name__ == "ArgumentError"  # its message names the field; its cause does not

@@ -18,6 +18,7 @@ from lightning_modules.components.strict_json import dumps
 from lightning_modules.distributed import gather_from_ranks
 from lightning_modules.results import RunResults
 
+from . import preemption
 from .run_folder import PARTIAL_GLOB, RunFolderError, claim_run_folder, release_run_folder
 
 __all__ = ["CorrespondenceWriter", "IncompleteEvaluationError", "check_complete", "sort_records"]
@@ -209,6 +210,7 @@ class CorrespondenceWriter(L.Callback):
             try:
                 self._run = claim_run_folder(out, self.run_settings, self.resume, self.overwrite)
                 self._claimed = out
+                preemption.on_stop(self._release)  # a SIGTERM may end the process outside any hook
             except RunFolderError as err:
                 error = str(err)
         error = trainer.strategy.broadcast(error, src=0)
@@ -277,7 +279,8 @@ class CorrespondenceWriter(L.Callback):
         if not trainer.is_global_zero:
             return
         try:
-            self._write(out, sort_records(records, pair_ids), results, partial_reason)
+            with preemption.deferred():  # a SIGTERM now lets the final files be written whole first
+                self._write(out, sort_records(records, pair_ids), results, partial_reason)
         finally:
             self._release()
 

@@ -169,11 +169,15 @@ def contiguous_bounds(num_items: int, num_replicas: int, rank: int, batch_size: 
 
 
 def _check_order(order: Sequence[int] | None, size: int) -> list[int]:
+    """``order`` as ints: distinct indices of ``range(size)``, all of them or some (a resumed run evaluates
+    only its unfinished pairs); None: every index in dataset order."""
     if order is None:
         return list(range(size))
     order = [int(i) for i in order]
-    if sorted(order) != list(range(size)):
-        raise ValueError(f"order must be a permutation of range({size}), got {len(order)} indices")
+    if len(set(order)) != len(order) or not all(0 <= i < size for i in order):
+        raise ValueError(f"order must be a permutation of range({size}) or of part of it (a resumed run's unfinished "
+                         f"pairs); got {len(order)} indices, {len(order) - len(set(order))} repeated, "
+                         f"{sum(not 0 <= i < size for i in order)} outside it")
     return order
 
 
@@ -229,12 +233,13 @@ class ContiguousDistributedSampler(DistributedSampler):
     """Unpadded distributed evaluation sampler: ``rank`` gets one contiguous, batch-aligned chunk of ``order``.
 
     Unlike ``DistributedSampler`` nothing is repeated or dropped: the chunks of all ranks together hold every
-    index exactly once (see :func:`contiguous_bounds`); a rank may get none. ``shuffle`` is off and
+    index of ``order`` exactly once (see :func:`contiguous_bounds`); a rank may get none. ``shuffle`` is off and
     :meth:`set_epoch` has no effect on the order.
 
     Args:
         dataset: The evaluated dataset (only its length is used).
-        order: Evaluation order, a permutation of ``range(len(dataset))`` (default: dataset order).
+        order: Evaluation order: distinct indices of ``range(len(dataset))``, all of them or, when a run is
+            resumed, only the unfinished ones (default: every index in dataset order).
         num_replicas: Number of processes (default: the process group's world size).
         rank: This process's rank (default: its rank in the process group).
         batch_size: The DataLoader's batch size, so that chunk boundaries are batch boundaries.
@@ -249,13 +254,12 @@ class ContiguousDistributedSampler(DistributedSampler):
         batch_size: int = 1,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        size = len(dataset)  # type: ignore[arg-type]
-        self.order = _check_order(order, size)
+        self.order = _check_order(order, len(dataset))  # type: ignore[arg-type]
         self.batch_size = int(batch_size)
-        self.start, self.stop = contiguous_bounds(size, self.num_replicas, self.rank, self.batch_size)
+        self.start, self.stop = contiguous_bounds(len(self.order), self.num_replicas, self.rank, self.batch_size)
         # the parent's padded bookkeeping, overwritten with the unpadded truth
         self.num_samples = self.stop - self.start
-        self.total_size = size
+        self.total_size = len(self.order)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order[self.start : self.stop])
