@@ -239,9 +239,11 @@ def run_script(main: Callable[[], Any], argv: list[str] | None = None) -> None:
     """
     argv = list(sys.argv if argv is None else argv)
     is_rank_zero = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+    testing = len(argv) > 1 and argv[1] == "test"
     stop = preemption.install(
-        is_rank_zero, "stopped by SIGTERM: the predictions of the finished batches are kept in the run folder.",
-        resume_command(argv) if len(argv) > 1 and argv[1] == "test" else None,
+        is_rank_zero,
+        "stopped by SIGTERM" + (": the predictions of the finished batches are kept in the run folder." if testing else "."),
+        resume_command(argv) if testing else None,
     )
     try:
         main()

@@ -42,10 +42,10 @@ def root(tmp_path_factory) -> Path:
                                  images_per_category=4, pairs_per_category=5)
 
 
-def _argv(root: Path, out: Path, devices: int, hooks: bool = True) -> list[str]:
+def _argv(root: Path, out: Path, devices: int, hooks: bool = True, batch_size: int = 1) -> list[str]:
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"] if devices == 2 else []
     return [str(REPO / "evaluate.py"), "test", "--config", SPAIR_CONFIG, "--config", TINY_OVERLAY,
-            "--data.root", str(root), "--data.batch_size", "1", "--data.num_workers", "0",
+            "--data.root", str(root), "--data.batch_size", str(batch_size), "--data.num_workers", "0",
             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", str(out), *ddp,
             *(["--trainer.callbacks+=preemption_hooks.Handshake"] if hooks else [])]
@@ -144,25 +144,34 @@ def test_sigterm_while_a_rank_waits_in_the_metric_sync_stops_every_rank(scenario
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(root, tmp_path_factory) -> Path:
-    """The reference: the same run, one process, never stopped (in-process: the fastest)."""
-    out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    evaluate.main(_argv(root, out, devices=1, hooks=False)[1:])
-    return out
+def uninterrupted(root, tmp_path_factory):
+    """The reference of a batch size: the same run, one process, never stopped (in-process: the fastest)."""
+    made: dict[int, Path] = {}
+
+    def run(batch_size: int) -> Path:
+        if batch_size not in made:
+            made[batch_size] = tmp_path_factory.mktemp("uninterrupted") / "run"
+            evaluate.main(_argv(root, made[batch_size], devices=1, hooks=False, batch_size=batch_size)[1:])
+        return made[batch_size]
+
+    return run
 
 
-@pytest.mark.parametrize("before,after", [(2, 2), (2, 1), (1, 2)], ids=["2-to-2", "2-to-1", "1-to-2"])
+@pytest.mark.parametrize("before,after,batch_size,batches", [(2, 2, 4, 1), (2, 1, 1, 3), (1, 2, 1, 3)],
+                         ids=["2-to-2", "2-to-1", "1-to-2"])
 def test_the_printed_resume_command_finishes_the_run_on_any_number_of_processes(
-    before, after, root, uninterrupted, tmp_path
+    before, after, batch_size, batches, root, uninterrupted, tmp_path
 ) -> None:
-    """SIGTERM to rank 0 after every rank flushed 3 batches, then the printed command (with another
-    ``--trainer.devices`` where the process count changes). Before: the 2-process resume failed with ``order must
-    be a permutation of range(15), got 9 indices``."""
+    """SIGTERM to rank 0 after every rank flushed ``batches`` batches, then the printed command (with another
+    ``--trainer.devices`` where the process count changes). 2-to-2 in batches of 4 (the benchmark configs'
+    size): the resumed batches hold other pairs than the uninterrupted run's. Before: the 2-process resume
+    failed with ``order must be a permutation of range(15), got 7 indices``."""
+    reference = uninterrupted(batch_size)
     out = tmp_path / "run"
-    argv = _argv(root, out, devices=before)
-    _, output = _interrupt(argv, tmp_path / "handshake", "after:3", [f"ready.rank{r}" for r in range(before)],
-                           tmp_path / "run.log")
-    assert sum(_flushed(out).values()) == 3 * before
+    argv = _argv(root, out, devices=before, batch_size=batch_size)
+    _, output = _interrupt(argv, tmp_path / "handshake", f"after:{batches}",
+                           [f"ready.rank{r}" for r in range(before)], tmp_path / "run.log")
+    assert sum(_flushed(out).values()) == batches * batch_size * before
     command = output.split("resume with:\n", 1)[1].strip().splitlines()[0]
     assert command == resume_command(argv)
     devices = {1: ["--trainer.devices", "1", "--trainer.strategy", "auto"],
@@ -174,8 +183,8 @@ def test_the_printed_resume_command_finishes_the_run_on_any_number_of_processes(
     finally:
         _kill_session(proc)
     assert proc.returncode == 0, log.read_text()[-4000:]
-    assert (out / "predictions.jsonl").read_bytes() == (uninterrupted / "predictions.jsonl").read_bytes()
-    assert _results(out) == _results(uninterrupted)
+    assert (out / "predictions.jsonl").read_bytes() == (reference / "predictions.jsonl").read_bytes()
+    assert _results(out) == _results(reference)
     assert json.loads((out / "results.json").read_text())["num_pairs"] == 15
     assert not list(out.glob(PARTIAL_GLOB)) and not (out / LOCK_FILE).exists()
 
@@ -190,3 +199,31 @@ def test_the_distributed_sampler_splits_a_resumed_runs_unfinished_pairs() -> Non
     for bad in ([1, 1, 2], [0, 15]):
         with pytest.raises(ValueError, match=r"permutation of range\(15\) or of part of it"):
             ContiguousDistributedSampler(dataset, order=bad, num_replicas=2, rank=0)
+
+
+def test_a_sigterm_outside_any_batch_stops_at_once_but_never_cuts_the_final_write(tmp_path) -> None:
+    """Where no batch runs (here: no trainer at all) a SIGTERM ends the process at once, with 143 and the stop
+    message; inside ``deferred()`` (rank 0 writing the run's final files) the block is finished first."""
+    script = tmp_path / "stop.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from callbacks import preemption\n"
+        "stop = preemption.install(True, 'stopped by SIGTERM.', 'python resume.py')\n"
+        "with preemption.deferred():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    while not stop.requested:\n"
+        "        time.sleep(0.01)\n"
+        "    print('the final files are written', flush=True)\n"
+        "if sys.argv[1] == 'again':\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "print('went on', flush=True)\n"
+    )
+    env = {**_env(), "PYTHONPATH": str(REPO)}
+    for again, status in ((False, 0), (True, SIGTERM_EXIT)):
+        done = subprocess.run([sys.executable, str(script), "again" if again else "once"], env=env,
+                              capture_output=True, text=True, timeout=25)
+        assert done.returncode == status, done.stderr
+        assert "the final files are written" in done.stdout
+        assert ("went on" in done.stdout) is not again
+        assert ("stopped by SIGTERM.\nresume with:\n  python resume.py" in done.stderr) is again
