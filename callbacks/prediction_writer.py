@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from datamodules.samplers import dataset_pair_ids
 from lightning_modules.components.feature_cache import config_digest
+from lightning_modules.components.files import OutputWriteError, write_atomically
+from lightning_modules.components.samples import sample_digest
 from lightning_modules.components.strict_json import dumps
 from lightning_modules.distributed import gather_from_ranks
 from lightning_modules.results import RunResults
@@ -124,6 +126,30 @@ def check_scored(results: RunResults | None) -> None:
 
 log = logging.getLogger(__name__)
 
+#: The key of a flushed record that holds :func:`~lightning_modules.components.samples.sample_digest` of its pair
+#: (in the partial files only; never in ``predictions.jsonl``).
+INPUT_DIGEST = "input_digest"
+
+
+def _digests(samples: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """``(pair_id, digest)`` of a loader batch (a module-level function: worker processes pickle it)."""
+    return [(str(s["pair_id"]), sample_digest(s)) for s in samples]
+
+
+def _current_digests(trainer: L.Trainer, pair_ids: list[str]) -> dict[str, str]:
+    """What the reader returns now for ``pair_ids``, as digests (read with the datamodule's workers)."""
+    datamodule = getattr(trainer, "datamodule", None)
+    dataset = getattr(datamodule, "test_dataset", None)
+    order = dataset_pair_ids(dataset) if dataset is not None else None
+    if order is None:
+        return {}
+    wanted = set(pair_ids)
+    indices = [i for i, pair_id in enumerate(order) if pair_id in wanted]
+    workers = int(getattr(datamodule, "num_workers", 0) or 0)
+    loader = DataLoader(Subset(dataset, indices), batch_size=8, num_workers=workers, collate_fn=_digests)
+    return dict(item for batch in loader for item in batch)
+
+
 def read_partial_records(directory: Path) -> list[dict[str, Any]]:
     """The records an interrupted run flushed (every process's file), each (pair, row) once, only pairs
     whose every ablation row was written. A torn last line (the process died while writing) is skipped."""
@@ -195,13 +221,29 @@ class CorrespondenceWriter(L.Callback):
         self._partial = out / f"predictions.partial.rank{trainer.global_rank}.jsonl"
         self._restored = []
         if self.resume:
-            self._restored = read_partial_records(out)
+            self._restored = self._unchanged(trainer, read_partial_records(out))
             datamodule = getattr(trainer, "datamodule", None)
             if self._restored and not hasattr(datamodule, "finished_pair_ids"):
                 raise ValueError("resume needs a datamodule with `finished_pair_ids` (datamodules.PairDataModule)")
             if datamodule is not None and hasattr(datamodule, "finished_pair_ids"):
                 datamodule.finished_pair_ids = {str(r["pair_id"]) for r in self._restored}
             log.info("resume: %d finished records found in %s", len(self._restored), out)
+
+    def _unchanged(self, trainer: L.Trainer, restored: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The flushed records whose pair the reader still returns as it did when they were made (the same
+        :func:`~lightning_modules.components.samples.sample_digest`), without their digests; the others are
+        evaluated again, and the log names them. Rank 0 reads the changed pairs; every process learns them."""
+        changed: list[str] = []
+        if trainer.is_global_zero and restored:
+            recorded = {str(r["pair_id"]): r.get(INPUT_DIGEST) for r in restored}
+            now = _current_digests(trainer, sorted(recorded))
+            changed = sorted(p for p, digest in recorded.items() if digest is None or now.get(p) != digest)
+        changed = trainer.strategy.broadcast(changed, src=0)
+        if changed:
+            log.warning("resume: the data of %d flushed pair(s) changed since they were evaluated (%s): they are "
+                        "evaluated again", len(changed), _preview(changed))
+        skip = set(changed)
+        return [{k: v for k, v in r.items() if k != INPUT_DIGEST} for r in restored if str(r["pair_id"]) not in skip]
 
     def _claim(self, trainer: L.Trainer, out: Path) -> None:
         """Rank 0 takes the folder (:func:`claim_run_folder`); every process learns the outcome."""
@@ -246,10 +288,12 @@ class CorrespondenceWriter(L.Callback):
     ) -> None:
         if outputs:
             self._records.extend(outputs)
-            self._flush(outputs)
+            digests = {str(s["pair_id"]): sample_digest(s) for s in batch} if isinstance(batch, list) else {}
+            self._flush([{**r, INPUT_DIGEST: digests.get(str(r["pair_id"]))} for r in outputs])
 
     def _flush(self, records: list[dict[str, Any]]) -> None:
-        """Append a batch's records to this process's partial file, durably (a crash loses nothing done)."""
+        """Append a batch's records (each with the digest of its pair's data, which a resume checks) to this
+        process's partial file, durably (a crash loses nothing done)."""
         if self._partial is None:
             return
         self._partial.parent.mkdir(parents=True, exist_ok=True)
@@ -281,6 +325,9 @@ class CorrespondenceWriter(L.Callback):
         try:
             with preemption.deferred():  # a SIGTERM now lets the final files be written whole first
                 self._write(out, sort_records(records, pair_ids), results, partial_reason)
+        except OutputWriteError as err:  # a full disk: nothing torn is left, the flushed predictions stay
+            raise OutputWriteError(err.errno, f"{err}; the run's predictions are kept in {out}: make room and "
+                                   "rerun the same command with --resume true to write its files") from err
         finally:
             self._release()
 
@@ -288,12 +335,8 @@ class CorrespondenceWriter(L.Callback):
         self, out: Path, records: list[dict[str, Any]], results: RunResults | None, partial_reason: str | None
     ) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        partial = out / "predictions.jsonl.partial"
-        with open(partial, "w") as handle:
-            for record in records:
-                handle.write(dumps(record) + "\n")
-        os.replace(partial, out / "predictions.jsonl")
-        if results is not None:
+        write_atomically(out / "predictions.jsonl", "".join(dumps(record) + "\n" for record in records))
+        if results is not None:  # results.json last: a folder holding it holds a finished run
             settings = self._run.get("settings")
             text = results.write(out, run={
                 "complete": partial_reason is None, "partial_reason": partial_reason, "config": "config.yaml",

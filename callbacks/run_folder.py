@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"
-#: The files of a finished run (written at its end).
+#: The files of a finished run (written at its end; results.json, first here, is written last of them).
 OUTPUT_FILES = ("results.json", "predictions.jsonl", "ablation.md", "ablation.csv", "analysis.md")
 #: Flushed batches of an interrupted run (one file per process).
 PARTIAL_GLOB = "predictions.partial.rank*.jsonl"
@@ -183,10 +183,13 @@ def claim_run_folder(
 
 
 def _check_and_record(folder: Path, settings: Mapping[str, Any] | None, resume: bool, overwrite: bool) -> dict[str, Any]:
-    finished = [name for name in OUTPUT_FILES if (folder / name).exists()]
+    outputs = [name for name in OUTPUT_FILES if (folder / name).exists()]
     run_file = folder / RUN_FILE
     recorded = json.loads(run_file.read_text()) if run_file.is_file() else None
     partial = sorted(folder.glob(PARTIAL_GLOB))
+    # results.json is written last: outputs without it beside flushed predictions are a final write that failed
+    # (a full disk), which a resume completes
+    finished = outputs if (folder / OUTPUT_FILES[0]).exists() or not partial else []
     if resume and finished:
         raise RunFolderError(
             f"nothing to resume in {folder}: it holds a finished run ({', '.join(finished)}). Start a fresh "
@@ -219,8 +222,8 @@ def _check_and_record(folder: Path, settings: Mapping[str, Any] | None, resume: 
     if partial and not resume:
         log.warning("run folder: a fresh run discards %d flushed file(s) of an interrupted run in %s "
                     "(resume it with --resume true instead)", len(partial), folder)
-        for path in partial:
-            path.unlink()
+        for path in [*partial, *(folder / name for name in outputs)]:
+            path.unlink(missing_ok=True)
     record = {"settings": dict(settings) if settings is not None else None, "started": _now()}
     tmp = run_file.with_name(run_file.name + ".partial")
     tmp.write_text(dumps(record, indent=2))

@@ -8,12 +8,14 @@ checks every reader against this declaration. Plain torch.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any, TypedDict
 
+import numpy as np
 import torch
 
-__all__ = ["COMMON_KEYS", "KIND_KEYS", "PairSample", "sample_kind"]
+__all__ = ["COMMON_KEYS", "KIND_KEYS", "PairSample", "sample_digest", "sample_kind"]
 
 
 class PairSample(TypedDict, total=False):
@@ -134,3 +136,24 @@ def sample_kind(sample: Mapping[str, Any]) -> str:
         if all(key in sample for key in keys):
             return kind
     raise ValueError(f"sample {sample.get('pair_id')!r} holds the keys of no kind {list(KIND_KEYS)}: {sorted(sample)}")
+
+
+def sample_digest(sample: Mapping[str, Any]) -> str:
+    """A digest of everything a reader returned for a pair: every key, with each tensor's shape, dtype and bytes
+    (the images' pixels included) and every other value's ``repr``. An edited annotation, a replaced image or a
+    changed protocol setting (a threshold) changes it; a resumed run compares it with the digest its flushed
+    predictions were made from."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(sample):
+        value = sample[key]
+        digest.update(f"{key}=".encode())
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"{tuple(value.shape)}:{value.dtype}:".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        else:
+            digest.update(repr(value).encode())
+        digest.update(b"|")
+    return digest.hexdigest()
