@@ -16,11 +16,14 @@ nor pass the signal on. Here instead:
     of predictions): nothing is left to finish, so the process stops at once, collectives or not. A process
     waiting in a collective for one that stopped is stopped by its own SIGTERM (or by the peer's closed
     connection, which then counts as the stop);
-  * **while rank 0 writes the run's final files** (:func:`deferred`): they are finished first.
+  * **while rank 0 writes the run's final files** (:func:`deferred`): it finishes them, and the run, complete,
+    ends normally (a second SIGTERM after that stops it at once).
 
 - No collective runs in a signal handler or on the way out. Rank 0 waits (at most :data:`CHILD_WAIT_S`) for
   the processes it launched, names how each ended, prints the stop message (``cli.run_script`` gives the
-  resume command) and exits with :data:`SIGTERM_EXIT`; every other process exits with it too.
+  resume command) and exits with :data:`SIGTERM_EXIT`; every other process exits with it too. A process still
+  running :data:`STOP_DEADLINE_S` after the SIGTERM (stuck in a collective on a backend that does not notice a
+  peer that stopped) stops anyway.
 
 ``cli.run_script`` installs the handler (:func:`install`) in every process of a script; the CLI's trainers get a
 :class:`PreemptionGuard` and a signal connector without Lightning's broadcast (:func:`attach`).
@@ -100,8 +103,8 @@ def on_stop(cleanup: Callable[[], None]) -> None:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """A block that a SIGTERM does not cut short (rank 0 writing the run's final files): a SIGTERM during it
-    is acted on at the next point where the run stops."""
+    """A block that a SIGTERM does not cut short (rank 0 writing the run's final files): the process goes on
+    after it; only a SIGTERM after the block stops it (at once, where no batch runs)."""
     preemption = current()
     if preemption is None:
         yield
