@@ -7,7 +7,7 @@ import importlib
 import os
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,15 +102,20 @@ def path_problems(config: dict[str, Any]) -> list[str]:
     """``"<field>: <problem>"`` for each file, model folder or cache folder in ``config`` that cannot work.
 
     Checked: files named by ``checkpoint`` / ``weights`` / ``projection_ckpt`` / ``ckpt_path`` exist; a
-    ``model_id`` that is a local path (not a hub id) is a folder; ``feature_cache_dir`` is a folder (or can be
-    made) that this process can write to.
+    ``model_id`` that is a local path (not a hub id) is a folder; ``feature_cache_dir`` (a relative one under
+    ``trainer.default_root_dir``, where the run puts it) is a folder (or can be made) that this process can
+    write to.
     """
     problems = []
-    for key, value in flatten_config(config).items():
+    flat = flatten_config(config)
+    run_root = Path(str(flat.get("trainer.default_root_dir") or ".")).expanduser()
+    for key, value in flat.items():
         if not isinstance(value, str) or not value:
             continue
         field = key.rsplit(".", 1)[-1]
         path = Path(value).expanduser()
+        if field == "feature_cache_dir" and not path.is_absolute():
+            path = run_root / path  # where the run puts it (zero_shot.place_feature_caches)
         if field in _FILE_FIELDS and not path.is_file():
             problems.append(f"{key}: file {value} not found")
         elif field in _MODEL_FIELDS and _looks_local(value) and not path.is_dir():
@@ -147,6 +152,32 @@ DEFAULT_CONFIGS = Path(__file__).resolve().parent / "configs" / "defaults"
 SUBCOMMAND_DEFAULTS = ("fit", "test", "predict")
 
 
+def nested_nulls(args: Sequence[str]) -> list[str]:
+    """``args`` with ``--a.b.c null`` (an option two classes down) written as ``--a.b '{c: null}'``.
+
+    jsonargparse 4.x reads ``null`` on the command line as the text ``"None"`` for an option of a class nested
+    in a class (``--model.pipeline.soft_argmax_window null`` then fails to validate, and
+    ``--model.pipeline.projection_ckpt null`` names a file ``None``); given as its parent's ``init_args`` the
+    same value is None, and merges with the parent's other settings.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg, step = args[i], 1
+        key, value = (arg[2:].split("=", 1) + [None])[:2] if arg.startswith("--") else (None, None)
+        if key is not None and value is None and "=" not in arg and i + 1 < len(args):
+            value, step = args[i + 1], 2
+        if value == "null" and len([p for p in key.split(".") if p != "init_args"]) >= 3:
+            parent, name = key.rsplit(".", 1)
+            parent = parent.removesuffix(".init_args")
+            out += [f"--{parent}", f"{{{name}: null}}"]
+            i += step
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def build_cli(args: list[str] | None = None, run: bool = True, defaults_of: str = "test") -> LightningCLI:
     """Build (and by default run) the CLI.
 
@@ -158,6 +189,10 @@ def build_cli(args: list[str] | None = None, run: bool = True, defaults_of: str 
     the resolved config is also sent to every logger (the W&B run config; see
     :class:`callbacks.config_logging.LoggerSaveConfigCallback`).
     """
+    if args is None:  # the command line itself (LightningCLI reads sys.argv; an `args` list would make it warn)
+        sys.argv[1:] = nested_nulls(sys.argv[1:])
+    else:
+        args = nested_nulls(args)
     defaults = {name: [str(DEFAULT_CONFIGS / f"{name}.yaml")] for name in SUBCOMMAND_DEFAULTS}
     parser_kwargs: dict[str, Any] = {"parser_mode": "omegaconf", "exit_on_error": False}
     if run:

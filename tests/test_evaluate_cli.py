@@ -285,3 +285,18 @@ def test_the_trainer_block_is_written_once_per_subcommand(tmp_path, monkeypatch)
     assert cli.trainer.logger is None and str(cli.trainer.default_root_dir) == "outputs/spair"
     fit = OmegaConf.load(CONFIGS / "defaults" / "fit.yaml")
     assert fit.trainer.callbacks[0].init_args.monitor == "val/pck@0.1" and fit.trainer.max_epochs == 2
+
+
+def test_null_reaches_an_option_two_classes_down(tmp_path, monkeypatch) -> None:
+    """jsonargparse reads `--model.pipeline.<knob> null` as the text "None"; the CLI passes it as None."""
+    monkeypatch.chdir(tmp_path)
+    root = write_synthetic_spair(tmp_path / "spair", categories=("cat",), pairs_per_category=1)
+    common = ["--config", SPAIR, "--config", TINY, "--data.root", str(root), "--trainer.accelerator", "cpu"]
+    nulls = ["--model.pipeline.soft_argmax_window", "null", "--model.pipeline.projection_ckpt=null",
+             "--model.pipeline.feature_cache_dir", "null", "--model.pipeline.soft_argmax_window", "null"]
+    cli = build_cli([*common, "--model.pipeline.soft_argmax_window", "3", "--model.pipeline.alpha", "0.25",
+                     *nulls], run=False)
+    pipeline = cli.model.pipeline
+    assert pipeline.refinement is None and pipeline.head is None and pipeline.cache is not None
+    assert pipeline.cache.directory is None and pipeline.alpha == 0.25  # the other settings are kept
+    assert not (tmp_path / "None").exists()

@@ -230,7 +230,8 @@ def test_the_script_reports_a_parse_error_in_a_few_lines_naming_the_field(tmp_pa
 
 def test_paths_that_cannot_work_fail_before_any_model_loads(tmp_path, monkeypatch, no_model_may_load) -> None:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "a_file").write_text("")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "a_file").write_text("")  # a relative feature_cache_dir lies under the run's folder
     with pytest.raises(ValueError) as info:
         evaluate.main(_args(tmp_path, tmp_path / "run", "--model.pipeline.feature_cache_dir", "a_file",
                             "--model.pipeline.dino.model_id", "./no_such_dino",
@@ -240,10 +241,17 @@ def test_paths_that_cannot_work_fail_before_any_model_loads(tmp_path, monkeypatc
     assert "model.pipeline.feature_cache_dir: a_file is a file, not a folder" in message
     assert "model.pipeline.dino.model_id: model folder ./no_such_dino not found" in message
     assert "model.pipeline.projection_ckpt: file missing.pt not found" in message
+    from cli import path_problems
+
+    (tmp_path / "a_file").write_text("")  # the working directory's a_file is not where the cache would go
+    config = {"trainer": {"default_root_dir": str(tmp_path / "elsewhere")},
+              "model": {"pipeline": {"feature_cache_dir": "a_file"}}}
+    assert path_problems(config) == []
 
 
 def test_the_script_reports_an_error_in_a_few_lines(tmp_path) -> None:
-    (tmp_path / "a_file").write_text("")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "a_file").write_text("")  # a relative feature_cache_dir lies under the run's folder
     argv = [sys.executable, str(REPO / "evaluate.py"), *_args(tmp_path, tmp_path / "run"),
             "--model.pipeline.feature_cache_dir", "a_file"]
     short = subprocess.run(argv, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
