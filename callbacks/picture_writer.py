@@ -13,7 +13,7 @@ from PIL import Image
 from lightning_modules.components.files import save_image_atomically
 from lightning_modules.distributed import gather_from_ranks
 
-from .visualization import _pad_width, safe_filename
+from .visualization import UniqueNames, _pad_width
 
 __all__ = ["PictureWriter"]
 
@@ -22,7 +22,8 @@ class PictureWriter(L.Callback):
     """Saves the ``picture`` of every record ``predict_step`` returns, and logs the first ones to W&B.
 
     A record is a dict with ``pair_id`` and ``picture`` (a ``PIL.Image``); ``<output_dir>/<pair_id>.png`` is
-    written for each (the id made file-safe by :func:`callbacks.visualization.safe_filename`). With several
+    written for each (the id made file-safe by :func:`callbacks.visualization.safe_filename`: one file per
+    pair, two ids never share a name). With several
     processes each rank writes its own pairs. When a trainer logger is a ``WandbLogger``, the first
     ``num_logged`` pictures (about ``num_logged / world_size`` per rank, gathered) are logged under ``key`` at the
     end of the run, captioned with the pair id (and the record's ``caption`` when it has one). A module's
@@ -46,9 +47,10 @@ class PictureWriter(L.Callback):
         self._limit = self.num_logged
         self._dir = Path(output_dir or ".")
         self._root = Path(".")
+        self._names = UniqueNames()
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.saved, self._logged = [], []
+        self.saved, self._logged, self._names = [], [], UniqueNames()
         self._limit = math.ceil(self.num_logged / max(1, trainer.world_size))
         # resolved once on every rank: trainer.log_dir is a collective under DDP
         root = Path(trainer.log_dir or trainer.default_root_dir)
@@ -63,7 +65,7 @@ class PictureWriter(L.Callback):
             if not isinstance(record, dict) or not isinstance(record.get("picture"), Image.Image):
                 continue
             self._dir.mkdir(parents=True, exist_ok=True)
-            path = self._dir / f"{safe_filename(record['pair_id'])}.png"
+            path = self._dir / f"{self._names(record['pair_id'])}.png"
             save_image_atomically(record["picture"], path)
             self.saved.append(path)
             if len(self._logged) < self._limit:

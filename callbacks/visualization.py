@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -16,19 +17,45 @@ from lightning_modules.components.visualize import draw_correspondences, keypoin
 from lightning_modules.components.files import save_image_atomically
 from lightning_modules.distributed import gather_from_ranks
 
-__all__ = ["CorrespondenceVisualizer", "safe_filename"]
+__all__ = ["CorrespondenceVisualizer", "UniqueNames", "safe_filename"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def safe_filename(name: str) -> str:
-    """A file-system-safe version of a pair id (SPair ids hold ``:``; others may hold ``/``).
+    """A file-system-safe name for a pair id (SPair ids hold ``:``; others may hold ``/``) that no other id gets.
 
-    Every run of characters outside ``[A-Za-z0-9._-]`` becomes ``_``; leading dots are dropped so that the
-    file is never hidden or a path component like ``..``.
+    An id made of ``[A-Za-z0-9._-]`` only (not starting with a dot, at most 200 characters) is its own name, so
+    outputs of such ids keep their names. Any other id is sanitised (every run of other characters becomes
+    ``_``, leading dots are dropped, so the file is never hidden or a path component like ``..``; at most 200
+    characters) and gets ``-`` and the first 10 hex digits of the SHA-1 of the exact id appended: ``dup/1`` and
+    ``dup:1`` are ``dup_1-<digest>`` with two different digests, never one file. The name depends on the id
+    alone (the same in every process and every run).
     """
-    safe = _UNSAFE.sub("_", str(name)).lstrip(".")
-    return safe[:200] or "pair"
+    text = str(name)
+    safe = _UNSAFE.sub("_", text).lstrip(".")[:200]
+    if safe == text and safe:
+        return safe
+    digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{safe[:189] or 'pair'}-{digest}"
+
+
+class UniqueNames:
+    """File names for pair ids within one output folder: :func:`safe_filename`, and on a clash (two ids whose
+    names differ only in case, on a case-insensitive file system) the digest form of the later id."""
+
+    def __init__(self) -> None:
+        self._used: dict[str, str] = {}
+
+    def __call__(self, pair_id: Any) -> str:
+        text = str(pair_id)
+        name = safe_filename(text)
+        owner = self._used.setdefault(name.casefold(), text)
+        if owner != text:
+            digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+            name = f"{name[:189]}-{digest}"
+            self._used.setdefault(name.casefold(), text)
+        return name
 
 
 def _pad_width(picture: Image.Image, width: int) -> Image.Image:
@@ -92,7 +119,7 @@ class CorrespondenceVisualizer(L.Callback):
         self.saved: list[Path] = []
         self._images: list[tuple[str, Image.Image, str]] = []  # (pair id, picture, caption) for W&B
         self._seen: set[str] = set()
-        self._used_names: set[str] = set()
+        self._names = UniqueNames()
         self._limit = self.num_pairs
         self._inclusive = False
         self._row_checked = False
@@ -106,7 +133,7 @@ class CorrespondenceVisualizer(L.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "correspondences"
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.saved, self._images, self._seen, self._used_names = [], [], set(), set()
+        self.saved, self._images, self._seen, self._names = [], [], set(), UniqueNames()
         self._row_checked = False
         self._active_row = self.row
         # Split the budget over the ranks so that the total stays close to num_pairs.
@@ -134,11 +161,7 @@ class CorrespondenceVisualizer(L.Callback):
         return [r for r in records if r.get("row") == self._active_row]
 
     def _filename(self, pair_id: str) -> str:
-        name, k = safe_filename(pair_id), 1
-        while name in self._used_names:  # two ids that sanitise alike must not overwrite each other
-            name, k = f"{safe_filename(pair_id)}_{k}", k + 1
-        self._used_names.add(name)
-        return name + ".png"
+        return self._names(pair_id) + ".png"
 
     def on_test_batch_end(
         self,

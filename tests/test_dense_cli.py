@@ -16,6 +16,7 @@ from PIL import Image
 
 import evaluate
 from callbacks import PictureWriter
+from callbacks.visualization import safe_filename
 from datamodules import (
     DAVISDataset,
     MaskedPairsDataModule,
@@ -160,7 +161,7 @@ def test_picture_writer_saves_every_picture_and_logs_the_first_to_wandb(tmp_path
     records = [{"pair_id": f"a:{i}", "picture": Image.new("RGB", (10 + i, 8))} for i in range(3)]
     writer.on_predict_batch_end(trainer, None, records, None, 0)
     writer.on_predict_end(trainer, None)
-    assert sorted(p.name for p in (tmp_path / "dense").iterdir()) == ["a_0.png", "a_1.png", "a_2.png"]
+    assert sorted(p.name for p in (tmp_path / "dense").iterdir()) == sorted(f"{safe_filename(f'a:{i}')}.png" for i in range(3))
     (call,) = logger.log_image.call_args_list
     assert call.kwargs["key"] == "dense_correspondence" and call.kwargs["caption"] == ["a:0", "a:1"]
     assert [image.size for image in call.kwargs["images"]] == [(11, 8), (11, 8)]  # padded to a common width

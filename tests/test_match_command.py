@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 import evaluate
+from callbacks.visualization import safe_filename
 from datamodules.own_images import ImagePairsDataModule, grid_points, read_image_pairs, write_example_photos
 from lightning_modules.components import SDFeaturizer
 from lightning_modules.components.sd_featurizer import WholePrompt
@@ -152,8 +154,10 @@ def test_match_command_writes_lines_pictures_and_the_viewer(photos: Path, tmp_pa
     errors = np.concatenate([np.linalg.norm(np.asarray(line["pred_kps"]) - _truth(photos, line["target"], line["src_kps"]),
                                             axis=1) for line in lines])
     assert np.mean(errors < 16.0) > 0.5, errors  # 0.1 x the long side
-    pictures = sorted(p.name for p in (out / "pictures").iterdir())
-    assert pictures == ["masked.png", "source-_target_0.png", "source-_target_1.png"]
+    pictures = sorted(p.name for p in (out / "pictures").iterdir())  # one per pair; a safe id is its own name
+    assert pictures == sorted(f"{safe_filename(line['pair_id'])}.png" for line in lines)
+    assert "masked.png" in pictures and all(re.fullmatch(r"source-_target_[01]-[0-9a-f]{10}\.png", p)
+                                            for p in pictures if p != "masked.png")
     with Image.open(out / "pictures" / "masked.png") as picture:
         assert picture.height == 320
     page = (out / "viewer.html").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -129,9 +130,38 @@ def test_correctness_follows_the_protocol_comparison() -> None:
 
 
 def test_safe_filenames() -> None:
-    assert safe_filename("000001-2008_000001-2008_000002:aeroplane") == "000001-2008_000001-2008_000002_aeroplane"
-    assert safe_filename("../a/b c") == "_a_b_c"
-    assert safe_filename("...") == "pair"
+    # a safe id is its own name (existing outputs keep their names)
+    assert safe_filename("000001-2008_000001-2008_000002_aeroplane") == "000001-2008_000001-2008_000002_aeroplane"
+    assert safe_filename("cat.jpg-dog_2") == "cat.jpg-dog_2" and safe_filename("pair") == "pair"
+    # any other id: sanitised, plus a digest of the exact id
+    assert re.fullmatch(r"000001-2008_000001-2008_000002_aeroplane-[0-9a-f]{10}",
+                        safe_filename("000001-2008_000001-2008_000002:aeroplane"))
+    assert re.fullmatch(r"_a_b_c-[0-9a-f]{10}", safe_filename("../a/b c"))
+    assert re.fullmatch(r"pair-[0-9a-f]{10}", safe_filename("..."))
+    assert len(safe_filename("x" * 300)) <= 200 and safe_filename("x" * 300) != safe_filename("x" * 301)
+
+
+def test_ids_that_sanitise_alike_never_share_a_picture(tmp_path) -> None:
+    """Issue 26: `dup/1` and `dup:1` were both written to dup_1.png (one picture silently overwritten)."""
+    from callbacks import PictureWriter
+
+    ids = ["dup/1", "dup:1", "dup_1", "Dup_1"]
+    assert len({safe_filename(i) for i in ids[:3]}) == 3
+    trainer = SimpleNamespace(loggers=[], world_size=1, is_global_zero=True, log_dir=None,
+                              default_root_dir=str(tmp_path))
+    writer = PictureWriter(subdir="pictures", num_logged=0)  # the match command's and the dense pictures
+    writer.on_predict_start(trainer, None)
+    writer.on_predict_batch_end(trainer, None, [{"pair_id": i, "picture": Image.new("RGB", (4 + k, 4))}
+                                                for k, i in enumerate(ids)], None, 0)
+    assert len({p.name.casefold() for p in (tmp_path / "pictures").iterdir()}) == 4  # even case-insensitively
+    assert "dup_1.png" in {p.name for p in (tmp_path / "pictures").iterdir()}  # a safe id keeps its name
+    assert sorted(Image.open(p).width for p in writer.saved) == [4, 5, 6, 7]
+    # the correspondence pictures of a test run
+    trainer, module = _fake_run(tmp_path / "test")
+    callback = CorrespondenceVisualizer(num_pairs=8, log_to_wandb=False)
+    callback.on_test_start(trainer, module)
+    callback.on_test_batch_end(trainer, module, [_record(i, [20.0, 15.0]) for i in ids], [_sample(i) for i in ids], 0)
+    assert len({p.name.casefold() for p in callback.saved}) == 4
 
 
 def _fake_run(tmp_path: Path, inclusive: bool = False):
@@ -160,8 +190,9 @@ def test_callback_limits_pairs_picks_the_ablation_row_and_uses_the_protocol(tmp_
         records = [_record(p, [30.0, 15.0], "a") for p in ids] + [_record(p, [24.0, 15.0], "b") for p in ids]
         callback.on_test_batch_end(trainer, module, records, [_sample(p) for p in ids], b)
     out = tmp_path / "correspondences"
-    assert sorted(p.name for p in out.iterdir()) == ["0_0.png", "0_1.png"]  # the first two pairs, file-safe
-    picture = Image.open(out / "0_0.png")
+    names = [safe_filename(f"0:{i}") + ".png" for i in range(2)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names) and names[0].startswith("0_0-")  # file-safe
+    picture = Image.open(out / names[0])
     pred_xy = scale_keypoints([[30.0, 15.0]], (40, 30), (80, 60))[0] + [80, 0]
     assert picture.size == (160, 60) and _pixel(picture, pred_xy) == WRONG_COLOR  # row "a" (the first) drawn
 
