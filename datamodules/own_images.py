@@ -25,6 +25,7 @@ naming the file and the field.
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,14 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from lightning_modules.components.image_prep import load_rgb_image
+from lightning_modules.components.image_prep import (
+    ImageTooLargeError,
+    load_rgb_image,
+    open_user_image,
+    upright,
+    upright_size,
+)
+from lightning_modules.components.inputs import check_box, check_mask, check_points
 from lightning_modules.components.sd_featurizer import WholePrompt
 
 from .base import PairDataModule
@@ -64,64 +72,36 @@ ImagePair = dict[str, Any]
 
 
 def _image_size(path: Path, where: str) -> tuple[int, int]:
-    """``(width, height)`` of an image file, decoded to its last byte (a truncated file fails here, before any
-    model is loaded, not in the middle of the run).
+    """``(width, height)`` of an image file as a photo viewer shows it (EXIF orientation applied), decoded to
+    its last byte (a truncated file fails here, before any model is loaded, not in the middle of the run).
 
     Raises:
         FileNotFoundError: No such file.
-        ValueError: The file is not an image PIL can read, is truncated, or has more pixels than PIL allows.
+        ValueError: The file is not an image PIL can read, is truncated, or has more pixels than
+            :data:`~lightning_modules.components.image_prep.USER_IMAGE_MAX_PIXELS`.
     """
     if not path.is_file():
         raise FileNotFoundError(f"{where}: no such image file {path}")
     try:
-        with Image.open(path) as image:
+        with open_user_image(path) as image:
             image.load()
-            return image.size
-    except Image.DecompressionBombError as err:
-        raise ValueError(f"{where}: {path} has more pixels than PIL opens ({err}); downscale it") from err
+            return upright_size(image)
+    except ImageTooLargeError as err:
+        raise ValueError(f"{where}: {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"{where}: {path} is not a readable image ({err})") from err
 
 
-def _points(value: Any, size: tuple[int, int], where: str) -> list[list[float]]:
-    """Keypoints ``[[x, y], ...]`` checked to lie inside an image of ``size`` (``0 <= x < width``)."""
-    try:
-        points = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: expected [[x, y], ...] numbers, got {value!r}") from err
-    if points.ndim != 2 or points.shape[1] != 2 or points.shape[0] == 0:
-        raise ValueError(f"{where}: expected a non-empty list of [x, y] points, got shape {list(points.shape)}")
-    width, height = size
-    outside = [i for i, (x, y) in enumerate(points) if not (0 <= x < width and 0 <= y < height)]
-    if outside:
-        first = points[outside[0]].tolist()
-        raise ValueError(f"{where}: point {outside[0]} {first} lies outside the {width}x{height} image "
-                         f"({len(outside)} of {len(points)} points do)")
-    return points.tolist()
-
-
-def _box(value: Any, size: tuple[int, int], where: str) -> tuple[float, float, float, float]:
-    """A box ``[x0, y0, x1, y1]`` inside an image of ``size``, with ``x0 < x1`` and ``y0 < y1``."""
-    try:
-        x0, y0, x1, y1 = (float(v) for v in value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: expected [x0, y0, x1, y1], got {value!r}") from err
-    width, height = size
-    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-        raise ValueError(f"{where}: box {[x0, y0, x1, y1]} is empty or not inside the {width}x{height} image")
-    return x0, y0, x1, y1
+_points, _box = check_points, check_box  # the checks the Python call shares (lightning_modules.components.inputs)
 
 
 def _mask(path: Path, size: tuple[int, int], where: str) -> np.ndarray:
-    """A bool ``[H, W]`` mask file (nonzero pixels) at its image's ``size``, with at least one pixel set."""
+    """A bool ``[H, W]`` mask file (nonzero pixels, read upright as its image) at its image's ``size``, with at
+    least one pixel set."""
     _image_size(path, where)
-    with Image.open(path) as image:
-        mask = np.asarray(image.convert("L")) > 0
-    if (mask.shape[1], mask.shape[0]) != size:
-        raise ValueError(f"{where}: mask {path} is {mask.shape[1]}x{mask.shape[0]}, its image is {size[0]}x{size[1]}")
-    if not mask.any():
-        raise ValueError(f"{where}: mask {path} marks no pixel")
-    return mask
+    with open_user_image(path) as image:
+        mask = np.asarray(upright(image).convert("L"))
+    return check_mask(mask, size, where, f"mask {path}")
 
 
 def grid_points(size: tuple[int, int], grid: int, box: tuple[float, ...] | None = None,
@@ -186,17 +166,48 @@ def _pairs_from_file(path: Path, category: str, grid: int) -> list[ImagePair]:
     return pairs
 
 
-def _collection(source: Path, targets: Path, keypoints: Any, category: str, grid: int) -> list[ImagePair]:
-    """The source matched to every image of the ``targets`` folder (sorted by name, the source itself left out)."""
+def _folder_images(source: Path, targets: Path, strict: bool) -> list[Path]:
+    """The readable images of the ``targets`` folder, sorted by name, the source itself left out.
+
+    Hidden files (any name starting with ``.``: ``.DS_Store``, macOS's ``._IMG_0001.JPG``), files of other
+    suffixes than :data:`IMAGE_SUFFIXES` and unreadable images (empty, truncated, too large) are skipped with one
+    warning listing them, or, with ``strict``, stop the run with that list. Sub-folders are not read.
+    """
+    files, skipped = [], []
+    for path in sorted(targets.iterdir()):
+        if not path.is_file() or path.resolve() == source:
+            continue
+        if path.name.startswith("."):
+            skipped.append(f"{path.name} (hidden)")
+        elif path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append(f"{path.name} (not an image suffix)")
+        else:
+            try:
+                _image_size(path.resolve(), "data.targets")
+            except ValueError as err:
+                skipped.append(f"{path.name} ({str(err.__cause__ or err).splitlines()[0]})")
+                continue
+            files.append(path.resolve())
+    if skipped and strict:
+        raise ValueError(f"data.targets: folder {targets} holds {len(skipped)} file(s) that are not readable images "
+                         f"(data.strict is true): {'; '.join(skipped)}")
+    if skipped:
+        warnings.warn(f"data.targets: skipping {len(skipped)} file(s) of {targets} that are not readable images "
+                      f"({'; '.join(skipped)}); --data.strict true stops instead", UserWarning, stacklevel=2)
+    return files
+
+
+def _collection(source: Path, targets: Path, keypoints: Any, category: str, grid: int,
+                strict: bool = False) -> list[ImagePair]:
+    """The source matched to every image of the ``targets`` folder (sorted by name, the source itself left out;
+    other files skipped, :func:`_folder_images`)."""
     size = _image_size(source, "data.source")
     if not targets.is_dir():
         raise FileNotFoundError(f"data.targets: no such folder {targets}")
-    files = sorted(p.resolve() for p in targets.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.resolve() != source)
+    files = _folder_images(source, targets, strict)
     if not files:
-        raise ValueError(f"data.targets: folder {targets} holds no image ({', '.join(IMAGE_SUFFIXES)}) besides the source")
-    for file in files:
-        _image_size(file, "data.targets")
+        raise ValueError(f"data.targets: folder {targets} holds no image ({', '.join(IMAGE_SUFFIXES)}) "
+                         "besides the source")
     if isinstance(keypoints, str):
         file = Path(keypoints).expanduser()
         keypoints = _read_json(file, "data.source_keypoints file")
@@ -216,9 +227,12 @@ def read_image_pairs(
     source_keypoints: list[list[float]] | str | None = None,
     category: str = "object",
     grid: int = 6,
+    strict: bool = False,
 ) -> list[ImagePair]:
     """Read and check the inputs of :class:`ImagePairsDataModule` (its arguments): every image header, point,
-    box and mask; no pixels are decoded besides the masks'.
+    box and mask (every image decoded once, to its last byte). Images are read as a photo viewer shows them
+    (EXIF orientation applied): sizes, points, boxes and masks are in that frame. ``strict`` stops on a file of
+    the ``targets`` folder that is not a readable image instead of skipping it with a warning.
 
     Returns:
         The checked pairs, pair ids made unique (``#2``, ``#3``, ... on repeats).
@@ -239,7 +253,7 @@ def read_image_pairs(
         if targets is None:
             raise ValueError("data.source needs data.targets: the folder whose images it is matched to")
         checked = _collection(Path(source).expanduser().resolve(), Path(targets).expanduser(), source_keypoints,
-                              category, int(grid))
+                              category, int(grid), bool(strict))
     seen: Counter[str] = Counter()
     for pair in checked:
         seen[pair["pair_id"]] += 1
@@ -277,8 +291,8 @@ class ImagePairsDataset(Dataset):
         return {
             "pair_id": pair["pair_id"],
             "category": pair["category"],
-            "src_image": load_rgb_image(pair["source"]),
-            "trg_image": load_rgb_image(pair["target"]),
+            "src_image": load_rgb_image(pair["source"], upright=True),
+            "trg_image": load_rgb_image(pair["target"], upright=True),
             "src_image_path": pair["source"],
             "trg_image_path": pair["target"],
             "src_file": pair["source"],
@@ -301,6 +315,8 @@ class ImagePairsDataModule(PairDataModule):
         source_keypoints: The source's points ``[[x, y], ...]`` or a JSON file holding them (with ``source``).
         category: The category of pairs that name none (the SD prompt's ``{category}``).
         grid: Points per side of the lattice laid over pairs without keypoints.
+        strict: Stop on a file of ``targets`` that is not a readable image (hidden, another suffix, empty,
+            truncated) instead of skipping it with one warning that lists them.
         batch_size: Pairs per batch.
         num_workers: DataLoader workers.
     """
@@ -315,17 +331,18 @@ class ImagePairsDataModule(PairDataModule):
         source_keypoints: list[list[float]] | str | None = None,
         category: str = "object",
         grid: PositiveInt = 6,
+        strict: bool = False,
         batch_size: PositiveInt = 1,
         num_workers: NonNegativeInt = 0,
     ) -> None:
         super().__init__(root=None, batch_size=batch_size, num_workers=num_workers)
         self.inputs = {"pairs": pairs, "source": source, "targets": targets, "source_keypoints": source_keypoints,
-                       "category": category, "grid": int(grid)}
+                       "category": category, "grid": int(grid), "strict": bool(strict)}
 
     @staticmethod
     def check_inputs(**init_args: Any) -> None:
         """Check a config's ``data.init_args`` before any model is loaded (:func:`read_image_pairs`)."""
-        names = ("pairs", "source", "targets", "source_keypoints", "category", "grid")
+        names = ("pairs", "source", "targets", "source_keypoints", "category", "grid", "strict")
         read_image_pairs(**{k: v for k, v in init_args.items() if k in names})
 
     @property

@@ -79,10 +79,14 @@ def test_a_string_for_a_coordinate_names_the_entry_and_the_field(photos, tmp_pat
     assert "could not convert string to float" not in err.splitlines()[0][:40]  # not the bare numpy message
 
 
-def test_a_file_over_pils_pixel_limit_is_named(photos, tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # the photos have 19,200 pixels: over twice the limit
+def test_a_file_over_the_own_images_pixel_limit_is_named(photos, tmp_path, monkeypatch, capsys) -> None:
+    from lightning_modules.components import image_prep
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # PIL's guard does not apply to own images (issue 26)
+    monkeypatch.setattr(image_prep, "USER_IMAGE_MAX_PIXELS", 4000)  # the photos have 19,200 pixels
     err = _error(tmp_path, monkeypatch, capsys, "--data.pairs", str(photos))
-    assert "pairs.json entry 0" in err and "has more pixels than PIL opens" in err and "downscale it" in err
+    assert "pairs.json entry 0" in err and "160x120 = 0.0 megapixels, above the limit of 0 megapixels" in err
+    assert "downscale it" in err
 
 
 def test_a_pairs_file_that_is_not_json_is_named(photos, tmp_path, monkeypatch, capsys) -> None:

@@ -9,14 +9,32 @@ back to original pixels exactly.
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["PadResize", "load_rgb_image", "pad_resize_image", "to_pil"]
+__all__ = ["USER_IMAGE_MAX_PIXELS", "ImageTooLargeError", "PadResize", "load_rgb_image", "open_user_image", "pad_resize_image", "to_pil",
+           "upright", "upright_size"]
+
+#: The most pixels a user's image (own images, :meth:`.pipeline.FusedCorrespondence.match`) may hold: 250
+#: megapixels (PIL's own guard stops at 179; a phone or camera photo is 12-60, a panorama up to about 200). A
+#: file above it is refused with one line naming the file, its pixel count and this limit.
+USER_IMAGE_MAX_PIXELS = 250_000_000
+
+#: EXIF orientations that turn the stored image by 90 degrees (its width and height swap when shown upright).
+_TURNED = (5, 6, 7, 8)
+_PIL_LIMIT = threading.Lock()
+
+
+class ImageTooLargeError(ValueError):
+    """A user's image above :data:`USER_IMAGE_MAX_PIXELS`: its message is one line naming the file, its pixel
+    count and the limit."""
 
 
 @dataclass(frozen=True)
@@ -96,17 +114,61 @@ def pad_resize_image(image: torch.Tensor | Image.Image, size: int) -> tuple[torc
 _WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def load_rgb_image(path: str | Path) -> torch.Tensor:
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as a photo viewer shows it (its EXIF orientation applied,
+    :func:`PIL.ImageOps.exif_transpose`); the image itself when it has no orientation tag."""
+    return ImageOps.exif_transpose(image) or image
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of an opened image as a photo viewer shows it (without decoding its pixels)."""
+    try:
+        orientation = image.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: PIL shows the pixels as stored
+        orientation = None
+    width, height = image.size
+    return (height, width) if orientation in _TURNED else (width, height)
+
+
+@contextmanager
+def open_user_image(path: str | Path) -> Iterator[Image.Image]:
+    """Open a user's image file with PIL's decompression-bomb guard replaced by :data:`USER_IMAGE_MAX_PIXELS`.
+
+    Raises:
+        ValueError: The image holds more pixels than :data:`USER_IMAGE_MAX_PIXELS` (the file, its pixel count
+            and the limit in one line).
+        OSError, UnidentifiedImageError: As :func:`PIL.Image.open`.
+    """
+    with _PIL_LIMIT:
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            image = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+    with image:
+        pixels = image.width * image.height
+        if pixels > USER_IMAGE_MAX_PIXELS:
+            raise ImageTooLargeError(f"{path}: {image.width}x{image.height} = {pixels / 1e6:.1f} megapixels, above "
+                                     f"the limit of {USER_IMAGE_MAX_PIXELS / 1e6:.0f} megapixels for own images "
+                                     "(image_prep.USER_IMAGE_MAX_PIXELS); downscale it")
+        yield image
+
+
+def load_rgb_image(path: str | Path, upright: bool = False) -> torch.Tensor:
     """Load an image file as the RGB ``uint8`` pixels a viewer shows.
 
     - 8-bit grey, bilevel, palette, CMYK and YCbCr images convert to RGB;
     - 16-bit grey (PNG, TIFF) is scaled to 8 bits, ``round(v * 255 / 65535)`` (a plain conversion would
       clip every value above 255 to white);
     - transparency (RGBA, grey + alpha, a palette or colour key with a transparent entry) is composited over
-      white, as on a page.
+      white, as on a page;
+    - with ``upright`` (a user's photo), the EXIF orientation is applied (the image as a photo viewer shows it)
+      and PIL's decompression-bomb guard is :data:`USER_IMAGE_MAX_PIXELS`. Benchmark readers keep the default:
+      the pixels as stored, the frame of the benchmarks' annotations and of the reference.
 
     Args:
         path: Image file path.
+        upright: Read a user's image (see above).
 
     Returns:
         A ``torch.uint8`` tensor of shape ``[3, H, W]``.
@@ -120,12 +182,17 @@ def load_rgb_image(path: str | Path) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"Image file not found: {path}")
     try:
-        with Image.open(path) as img:
+        with (open_user_image(path) if upright else Image.open(path)) as img:
             img.load()
-            array = _rgb_pixels(img, path)
+            array = _rgb_pixels(_upright(img) if upright else img, path)
+    except ImageTooLargeError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"Could not read image {path}: {err}") from err
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+_upright = upright  # the function, under a name the ``upright`` argument does not hide
 
 
 def _rgb_pixels(img: Image.Image, path: Path) -> np.ndarray:

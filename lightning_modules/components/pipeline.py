@@ -38,7 +38,8 @@ from .features import (
     source_maps,
     unique_images,
 )
-from .image_prep import load_rgb_image
+from .image_prep import load_rgb_image, upright
+from .inputs import check_points
 from .keypoints import EvalSize, annotation_geometry, check_eval_size, flow_from_descriptors, transfer
 from .matchers import KeypointMatcher, NearestNeighbours
 from .pose_alignment import PoseAlignment, pose_aligned_match
@@ -75,21 +76,23 @@ ImageLike = Union[str, os.PathLike, torch.Tensor, Image.Image, np.ndarray]
 
 def as_image_tensor(image: ImageLike) -> torch.Tensor:
     """An RGB image as the uint8 ``[3, H, W]`` tensor the featurizers take: a file path is read with
-    :func:`.image_prep.load_rgb_image` (as the benchmark readers read theirs), PIL images and ``[H, W, 3]``
-    arrays are converted, a uint8 tensor is returned as is.
+    :func:`.image_prep.load_rgb_image` as a user's photo (``upright``: its EXIF orientation applied, as the
+    own-images command reads it), a PIL image is turned upright too (:func:`.image_prep.upright`) and converted,
+    an ``[H, W, 3]`` array is converted, a uint8 tensor is returned as is.
 
     Raises:
         FileNotFoundError: A path that names no file.
         ValueError: A file that is not an image, or not a 3-channel uint8 image.
     """
     if isinstance(image, (str, os.PathLike)):
-        return load_rgb_image(image)
+        return load_rgb_image(image, upright=True)
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = np.asarray(upright(image).convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an [H, W, 3] uint8 array, got {image.dtype} {image.shape}")
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        image = np.ascontiguousarray(image)
+        image = torch.from_numpy(image if image.flags.writeable else image.copy()).permute(2, 0, 1)
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a uint8 [3, H, W] image tensor, got {image.dtype} {tuple(image.shape)}")
     return image
@@ -280,19 +283,26 @@ class FusedCorrespondence(nn.Module):
             source: The source image: a file path, a PIL image, an ``[H, W, 3]`` uint8 array or a uint8
                 ``[3, H, W]`` tensor.
             target: The target image.
-            points: Source points ``[N, 2]`` ``(x, y)`` in original source pixels.
+            points: Source points ``[N, 2]`` ``(x, y)`` in original source pixels (of the image as a photo viewer
+                shows it: files and PIL images are turned by their EXIF orientation).
             category: What the images show (the SD prompt's ``{category}``).
             keypoint_ids: The points' semantic ids (pose alignment swaps left and right by them).
 
         Returns:
             The typed :class:`PairMatch` (original target pixels).
+
+        Raises:
+            ValueError: Points that are not ``[N, 2]`` numbers or lie outside the source, checked by the code
+                and with the messages of the own-images command (:func:`.inputs.check_points`).
         """
+        src_image, trg_image = as_image_tensor(source), as_image_tensor(target)
+        size = (int(src_image.shape[-1]), int(src_image.shape[-2]))
         sample: PairSample = {
             "pair_id": "match", "category": str(category),
-            "src_image": as_image_tensor(source), "trg_image": as_image_tensor(target),
+            "src_image": src_image, "trg_image": trg_image,
             # the batch's keys of the two images (not files): features are looked up by them
             "src_image_path": "<source>", "trg_image_path": "<target>",
-            "src_kps": torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2),
+            "src_kps": torch.tensor(check_points(points, size, "points"), dtype=torch.float32).reshape(-1, 2),
         }
         if keypoint_ids is not None:
             sample["kps_ids"] = [int(i) for i in keypoint_ids]
