@@ -17,7 +17,7 @@ import torch
 from jsonargparse.typing import PositiveInt
 
 from .components.pipeline import FusedCorrespondence
-from .components.visualize import draw_matches
+from .components.visualize import draw_matches, inside_image
 from .zero_shot import place_feature_caches
 
 __all__ = ["PointTransfer", "match_line"]
@@ -30,7 +30,9 @@ def _rounded(points: torch.Tensor) -> list[list[float]]:
 
 def match_line(sample: dict[str, Any], output: dict[str, Any]) -> dict[str, Any]:
     """The ``matches.jsonl`` line of a pair: its files, the source points and their matches (original pixels),
-    the feature distance, the confidence and the mutual-nearest-neighbour flag of each point."""
+    the feature distance, the confidence and the mutual-nearest-neighbour flag of each point, and ``inside``:
+    whether each match lies on the target (:func:`.components.visualize.inside_image`; a match in the padding
+    keeps its coordinates, flagged false, and the picture and the viewer draw it as a square on the border)."""
     line = {
         "pair_id": sample["pair_id"],
         "category": str(sample["category"]),
@@ -43,6 +45,7 @@ def match_line(sample: dict[str, Any], output: dict[str, Any]) -> dict[str, Any]
     }
     for key in ("distance", "confidence", "mutual"):
         line[key] = output[key].cpu().tolist()
+    line["inside"] = inside_image(line["pred_kps"], line["target_size"]).tolist()
     if "flipped" in output:
         line["flipped"] = bool(output["flipped"])
     return line

@@ -149,6 +149,8 @@ def test_match_command_writes_lines_pictures_and_the_viewer(photos: Path, tmp_pa
         assert len(line["pred_kps"]) == len(line["confidence"]) == len(line["mutual"]) == len(line["distance"]) == n
         assert all(0.0 <= c <= 1.0 for c in line["confidence"]) and all(isinstance(m, bool) for m in line["mutual"])
         assert all(-40 < x < 200 and -40 < y < 160 for x, y in line["pred_kps"])  # target pixels (or its padding)
+        width, height = line["target_size"]  # a match in the padding is kept and flagged (issue 26)
+        assert line["inside"] == [-0.5 <= x <= width - 0.5 and -0.5 <= y <= height - 0.5 for x, y in line["pred_kps"]]
     assert len(lines[1]["src_kps"]) == 36 and lines[2]["category"] == "a photo of a toy"
     # the targets are known warps of the source: most of the lattice lands near where the warp sends it
     errors = np.concatenate([np.linalg.norm(np.asarray(line["pred_kps"]) - _truth(photos, line["target"], line["src_kps"]),
@@ -161,7 +163,7 @@ def test_match_command_writes_lines_pictures_and_the_viewer(photos: Path, tmp_pa
     with Image.open(out / "pictures" / "masked.png") as picture:
         assert picture.height == 320
     page = (out / "viewer.html").read_text()
-    assert page.count('"pair_id":') == 3 and '"pair_id":"masked"' in page
+    assert page.count('"pair_id":') == 3 and '"pair_id":"masked"' in page and '"total_pairs":3' in page
 
 
 def test_match_command_carries_landmarks_to_a_folder_like_the_python_call(photos: Path, tmp_path: Path) -> None:

@@ -142,3 +142,117 @@ def test_clicks_in_headless_chromium_land_where_python_predicts(viewer_pairs: li
         shot = Path(os.environ.get("SD_DINO_VIEWER_SCREENSHOT", tmp_path / "viewer.png"))
         browser.screenshot(shot)
         assert shot.stat().st_size > 10_000
+
+
+# --- issue 26: "N of M pairs" in input order, hostile ids, matches outside the target -------------------------
+
+HOSTILE = "x<!--<script>window.pwned=1</script>\"'&amp;\u2028\u2029"
+
+
+def test_hostile_ids_stay_data_and_cannot_end_or_reopen_the_script(viewer_pairs: list[dict]) -> None:
+    pairs = [dict(viewer_pairs[0], pair_id=HOSTILE, category="</script><img src=x onerror=alert(1)>")]
+    page = render_viewer(pairs, title="__DATA__ <!--<script>")
+    start = page.index('<script id="viewer-data" type="application/json">') + len('<script id="viewer-data" type="application/json">')
+    data = page[start:page.index("</script>", start)]
+    assert "<" not in data and ">" not in data and "&" not in data and "\u2028" not in data and "\u2029" not in data
+    parsed = json.loads(data)
+    assert parsed["pairs"][0]["pair_id"] == HOSTILE and parsed["pairs"][0]["category"].startswith("</script>")
+    assert page.count('<script id="viewer-data"') == 1  # a title holding __DATA__ is not filled with the data
+    assert "<title>__DATA__ &lt;!--&lt;script&gt;</title>" in page
+
+
+class _Dataset:
+    def __init__(self, ids: list[str]) -> None:
+        self.pair_ids = ids
+
+
+def test_viewer_writer_keeps_the_first_pairs_of_the_input_in_input_order(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Issue 26: 25 pairs gave a page of 16 in processing order and a console line saying nothing of the other 9."""
+    from types import SimpleNamespace
+
+    import callbacks.viewer_writer as viewer_writer
+    from callbacks import ViewerWriter
+
+    ids = [f"pair{k:02d}" for k in range(25)]
+    monkeypatch.setattr(viewer_writer, "viewer_pair", lambda pipeline, sample, points, **kw: {"pair_id": str(sample["pair_id"]),
+                                                                                              "points": points})
+    trainer = SimpleNamespace(world_size=1, is_global_zero=True, log_dir=None, default_root_dir=str(tmp_path),
+                              datamodule=SimpleNamespace(test_dataset=_Dataset(ids)))
+    module = SimpleNamespace(pipeline=object())
+    writer = ViewerWriter(num_pairs=16)
+    writer.on_predict_start(trainer, module)
+    processing = ids[::-1]  # the run goes image by image, not in the file's order
+    for k in range(0, 25, 2):
+        batch = [{"pair_id": i} for i in processing[k:k + 2]]
+        writer.on_predict_batch_end(trainer, module, [None] * len(batch), batch, k)
+    writer.on_predict_end(trainer, module)
+    page = (tmp_path / "viewer.html").read_text()
+    data = json.loads(re.search(r'<script id="viewer-data" type="application/json">(.*?)</script>', page, re.S).group(1))
+    assert [p["pair_id"] for p in data["pairs"]] == ids[:16]
+    assert data["total_pairs"] == 25 and data["more_hint"] == "--trainer.callbacks.init_args.num_pairs 25"
+    out = capsys.readouterr().out
+    assert "viewer (16 of 25 pairs" in out and "--trainer.callbacks.init_args.num_pairs 25" in out
+
+
+def test_matches_outside_the_target_follow_one_rule_in_lines_pictures_and_page() -> None:
+    """Issue 26: the page hid such matches, the pictures clamped them as ordinary dots, the lines said nothing."""
+    import numpy as np
+    from PIL import Image
+
+    from lightning_modules.components.visualize import draw_matches, inside_image, point_colors
+    from lightning_modules.point_transfer import match_line
+
+    assert inside_image([[-0.5, 0], [99.5, 49.5], [99.6, 10], [10, -0.6], [float("nan"), 1]], (100, 50)).tolist() == \
+        [True, True, False, False, False]
+    src, trg = torch.full((3, 50, 100), 90, dtype=torch.uint8), torch.full((3, 50, 100), 90, dtype=torch.uint8)
+    sample = {"pair_id": "p", "category": "c", "src_image_path": "a.png", "trg_image_path": "b.png",
+              "src_image": src, "trg_image": trg, "src_kps": torch.tensor([[10.0, 10.0], [50.0, 25.0]])}
+    output = {"pred_kps": torch.tensor([[120.0, 25.0], [40.0, 20.0]]), "distance": torch.zeros(2),
+              "confidence": torch.ones(2), "mutual": torch.tensor([True, True])}
+    line = match_line(sample, output)
+    assert line["pred_kps"][0] == [120.0, 25.0] and line["inside"] == [False, True]  # kept as computed, flagged
+    picture = np.asarray(draw_matches(src, trg, line["src_kps"], line["pred_kps"], line["mutual"], height=50))
+    radius = max(2, round(50 / 64))
+    x, y = 199, 25  # clamped to the target panel's right border (panel x 100..199)
+    assert (picture[y, x - 1] == np.array(point_colors(2)[0])).all()
+    assert (picture[y - radius, x - radius] == 0).all()  # a square: its outlined corner (a circle misses it)
+    cx, cy = 100 + 40, 20  # the match on the target: a circle
+    assert (picture[cy, cx] == np.array(point_colors(2)[1])).all() and not (picture[cy - radius, cx - radius] == 0).all()
+    # the page: the same flags travel with the pair (and default to the same rule without them)
+    entry_points = viewer_writer_points({"line": line})
+    assert entry_points["inside"] == [False, True] and entry_points["pred"][0] == [120.0, 25.0]
+
+
+def viewer_writer_points(record: dict) -> dict:
+    from callbacks.viewer_writer import _run_points
+
+    return _run_points(record)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: apt-get install chromium (CI installs it)")
+def test_page_says_n_of_m_keeps_the_order_shows_hostile_ids_as_text_and_marks_outside_matches(
+        viewer_pairs: list[dict], tmp_path: Path) -> None:
+    pairs = [dict(p) for p in viewer_pairs]
+    pairs[1]["pair_id"] = HOSTILE  # today: the page breaks, 0 of 3 pairs in its menu
+    pairs[1]["category"] = "<b>cat</b> & </script>"
+    pairs[0]["points"] = dict(pairs[0]["points"], pred=[[-40.0, 5.0]] + pairs[0]["points"]["pred"][1:])
+    pairs[0]["points"]["inside"] = [False] + [True] * (len(pairs[0]["points"]["pred"]) - 1)
+    page = tmp_path / "viewer.html"
+    page.write_text(render_viewer(pairs, total_pairs=25, more_hint="--trainer.callbacks.init_args.num_pairs 25"),
+                    encoding="utf-8")
+    with Browser(CHROMIUM, width=1100, height=700) as browser:
+        browser.goto(page.as_uri())
+        browser.wait_for("window.viewerState && window.viewerState.ready")
+        options = browser.evaluate("Array.from(document.getElementById('pair').options).map(o => o.textContent)")
+        assert options == [p["pair_id"] for p in pairs]  # the given (input) order, the hostile id as text
+        assert browser.evaluate("document.getElementById('count').textContent") == \
+            "3 of 25 pairs (show more: --trainer.callbacks.init_args.num_pairs 25)"
+        assert browser.evaluate("typeof window.pwned") == "undefined"
+        assert browser.evaluate("document.querySelectorAll('script, img, b').length") == 2  # nothing injected
+        markers = browser.evaluate("window.viewerState.runMarkers")
+        assert markers[0]["inside"] is False and markers[0]["x"] == 0  # clamped to the border, drawn as a square
+        assert all(m["inside"] for m in markers[1:])
+        browser.evaluate("(() => { const s = document.getElementById('pair'); s.value = '1';"
+                         " s.dispatchEvent(new Event('change')); })()")
+        assert browser.evaluate("document.getElementById('info').textContent").startswith("<b>cat</b> & </script>")

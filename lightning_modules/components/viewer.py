@@ -15,6 +15,7 @@ import base64
 import io
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,9 @@ import torch
 from .features import extract_features
 from .keypoints import annotation_geometry
 from .samples import PairSample
-from .visualize import to_pil_image
+from .visualize import inside_image, to_pil_image
 
-__all__ = ["reduce_descriptors", "render_viewer", "viewer_match", "viewer_pair"]
+__all__ = ["embed_json", "reduce_descriptors", "render_viewer", "viewer_match", "viewer_pair"]
 
 _TEMPLATE = Path(__file__).with_name("viewer.html")
 
@@ -83,7 +84,8 @@ def viewer_pair(
         pipeline: A :class:`~.pipeline.FusedCorrespondence`.
         sample: The pair (``src_image``, ``trg_image``, their paths, ``category``).
         points: The run's matches to draw: ``src`` and ``pred`` ``[[x, y], ...]`` (original pixels), optional
-            ``mutual`` flags.
+            ``mutual`` and ``inside`` flags (``inside`` defaults to :func:`~.visualize.inside_image` of ``pred``:
+            the page draws a match outside the target as a square on its border, as the pictures do).
         dims: Dimensions kept per cell (:func:`reduce_descriptors`).
         image_side: Long side of the images embedded in the page (pixels).
         quality: JPEG quality of the embedded images.
@@ -106,8 +108,11 @@ def viewer_pair(
         "target": entries[1],
     }
     if points:
-        pair["points"] = {key: [list(map(float, p)) if key != "mutual" else bool(p) for p in value]
+        pair["points"] = {key: [bool(p) if key in ("mutual", "inside") else list(map(float, p)) for p in value]
                           for key, value in points.items() if value is not None}
+        if "pred" in pair["points"] and "inside" not in pair["points"]:
+            size = (entries[1]["width"], entries[1]["height"])
+            pair["points"]["inside"] = inside_image(pair["points"]["pred"], size).tolist()
     return pair
 
 
@@ -132,14 +137,31 @@ def viewer_match(pair: dict[str, Any], x: float, y: float) -> tuple[int, int, tu
 
 
 def render_viewer(pairs: Sequence[dict[str, Any]], title: str = "SD-DINO correspondences",
-                  display_height: int = 360) -> str:
-    """The self-contained HTML page of :func:`viewer_pair` entries."""
-    data = {"title": title, "display_height": int(display_height), "pairs": list(pairs)}
-    # "</" would end the <script> element that holds the data
-    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+                  display_height: int = 360, total_pairs: int | None = None, more_hint: str = "") -> str:
+    """The self-contained HTML page of :func:`viewer_pair` entries (in the order given).
+
+    ``total_pairs`` (the run's count, when more pairs were matched than the page holds) and ``more_hint`` (how
+    to show more) are shown as "N of M pairs". Every id, category, file name and the title reach the page as
+    data: the JSON is embedded with ``<``, ``>``, ``&`` and U+2028/U+2029 escaped (no text can end or re-open
+    the script element that holds it), and the page puts text into the document with ``textContent`` only.
+    """
+    data = {"title": title, "display_height": int(display_height), "pairs": list(pairs),
+            "total_pairs": int(total_pairs if total_pairs is not None else len(pairs)), "more_hint": str(more_hint)}
+    payload = embed_json(data)
     template = _TEMPLATE.read_text(encoding="utf-8")
-    return template.replace("__TITLE__", _html_escape(title)).replace("__DATA__", payload)
+    values = {"__TITLE__": _html_escape(title), "__DATA__": payload}
+    # one pass: a title holding "__DATA__" (or data holding "__TITLE__") is not substituted again
+    return re.sub("__TITLE__|__DATA__", lambda m: values[m.group(0)], template)
+
+
+def embed_json(data: Any) -> str:
+    """``data`` as JSON that is safe inside an HTML ``<script>`` element: ASCII only (U+2028 and U+2029
+    escaped), and ``<``, ``>``, ``&`` written as ``\\u003c``, ``\\u003e``, ``\\u0026`` (so neither ``</script>``
+    nor ``<!--`` appears); ``JSON.parse`` of the element's text gives ``data`` back."""
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=True)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _html_escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+            .replace("'", "&#39;"))

@@ -29,6 +29,7 @@ __all__ = [
     "WRONG_COLOR",
     "draw_correspondences",
     "draw_matches",
+    "inside_image",
     "keypoints_correct",
     "point_colors",
     "scale_keypoints",
@@ -155,6 +156,21 @@ def _target_panel_points(points: np.ndarray, size: tuple[int, int], sizes: list[
     return np.clip(scaled, 0, np.array([sizes[1][0] - 1, sizes[1][1] - 1])) + np.array([sizes[0][0], 0.0])
 
 
+def inside_image(points: Any, size: tuple[int, int]) -> np.ndarray:
+    """Which ``(x, y)`` points lie on an image of ``size = (width, height)``: ``-0.5 <= x <= width - 0.5`` and
+    ``-0.5 <= y <= height - 0.5`` (pixel ``i`` is centred at ``i``, so the image spans ``[-0.5, width - 0.5]``).
+
+    The rule of own-image matches that land in the padding of the square the features cover: ``matches.jsonl``
+    keeps such a point as computed and flags it ``inside: false``; :func:`draw_matches` and the viewer page
+    draw it at the nearest point of the target's border as a square instead of a dot. Non-finite points are
+    outside.
+    """
+    array = _as_points("points", points)
+    limit = np.array([size[0] - 0.5, size[1] - 0.5])
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(array).all(axis=1) & (array >= -0.5).all(axis=1) & (array <= limit).all(axis=1)
+
+
 def point_colors(count: int) -> list[tuple[int, int, int]]:
     """``count`` distinct, saturated colours (hues evenly spaced), one per point of :func:`draw_matches`."""
     return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / max(count, 1), 0.85, 1.0)) for i in range(count)]
@@ -168,14 +184,17 @@ def draw_matches(
 
     Source left, target right, both ``height`` pixels high; point ``i`` has the same colour
     (:func:`point_colors`) on both panels and a thin line joins the two. A match that is not a mutual nearest
-    neighbour (``mutual[i]`` False) is drawn as a ring instead of a dot.
+    neighbour (``mutual[i]`` False) is drawn hollow (a ring instead of a dot). A match outside the target
+    (:func:`inside_image`: in the padding of the square the features cover) is drawn at the nearest point of the
+    target panel's border as a square instead of a circle (filled or hollow by the same rule), as the viewer page
+    does; ``matches.jsonl`` keeps its coordinates and flags it ``inside: false``.
 
     Args:
         src_image: Source image (uint8 ``[3, H, W]`` tensor, uint8 array or PIL image).
         trg_image: Target image, same types.
         src_kps: ``[N, 2]`` source points ``(x, y)``, original source pixels.
         pred_kps: ``[N, 2]`` their matches, original target pixels.
-        mutual: ``[N]`` mutual-nearest-neighbour flags, or None (all drawn as dots).
+        mutual: ``[N]`` mutual-nearest-neighbour flags, or None (all drawn filled).
         height: Height of the output image in pixels.
 
     Returns:
@@ -188,6 +207,7 @@ def draw_matches(
     canvas, sizes = _side_by_side(src, trg, int(height))
     src_xy = scale_keypoints(src_pts, src.size, sizes[0])
     pred_xy = _target_panel_points(pred_pts, trg.size, sizes)
+    inside = inside_image(pred_pts, trg.size)
     radius = max(2, round(height / 64))
     draw = ImageDraw.Draw(canvas)
     colors = point_colors(len(src_pts))
@@ -195,11 +215,14 @@ def draw_matches(
         draw.line([tuple(src_xy[i]), tuple(pred_xy[i])], fill=color, width=1)
     for i, color in enumerate(colors):
         _dot(draw, src_xy[i], radius, color)
-        if mutual is None or bool(mutual[i]):
-            _dot(draw, pred_xy[i], radius, color)
+        hollow = mutual is not None and not bool(mutual[i])
+        x, y = pred_xy[i]
+        box = (x - radius, y - radius, x + radius, y + radius)
+        shape = draw.ellipse if inside[i] else draw.rectangle
+        if hollow:
+            shape(box, outline=color, width=max(1, radius // 2))
         else:
-            x, y = pred_xy[i]
-            draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=color, width=max(1, radius // 2))
+            shape(box, fill=color, outline=_OUTLINE, width=1)
     return canvas
 
 
