@@ -84,8 +84,11 @@ def _image_size(path: Path, where: str) -> tuple[int, int]:
         raise FileNotFoundError(f"{where}: no such image file {path}")
     try:
         with open_user_image(path) as image:
+            size = upright_size(image)
+            if image.format == "JPEG":  # decoded at 1/8 scale: every byte read, a 64th of the pixels held
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
-            return upright_size(image)
+            return size
     except ImageTooLargeError as err:
         raise ValueError(f"{where}: {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:

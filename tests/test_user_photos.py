@@ -192,3 +192,45 @@ def test_a_photo_above_pils_guard_is_read_and_one_above_the_limit_is_one_clear_l
     assert "above the limit of 0 megapixels" in message and "USER_IMAGE_MAX_PIXELS" in message
     with pytest.raises(ValueError, match="above the limit"):
         load_rgb_image(photo, upright=True)
+
+
+def _smooth_photo(path: Path, size: tuple[int, int], tag: int | None = None) -> Path:
+    """A smooth textured photo (low-frequency blobs: it keeps its look when downscaled), optionally stored
+    turned with EXIF orientation ``tag``."""
+    rng = np.random.default_rng(3)
+    coarse = Image.fromarray(rng.integers(0, 255, size=(6, 9, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    if tag is None:
+        coarse.save(path, quality=95)
+        return path
+    exif = Image.Exif()
+    exif[0x0112] = tag
+    coarse.transpose(_STORE[tag]).save(path, quality=95, exif=exif)
+    return path
+
+
+def test_a_large_photo_is_downscaled_on_load_and_answers_in_original_pixels(tmp_path: Path,
+                                                                            pipeline: FusedCorrespondence) -> None:
+    side = pipeline.load_side()  # twice the largest featurizer input: 448 for the tiny DINO at 224
+    assert side == 448
+    size = (side + 160, int((side + 160) * 2 / 3))  # just above the threshold: 608 x 405
+    source, target = _smooth_photo(tmp_path / "a.jpg", size), _smooth_photo(tmp_path / "b.jpg", size, tag=6)
+    loaded, original = image_prep.load_user_image(target, side)
+    assert original == size and max(loaded.shape[1:]) == side and loaded.shape[2] > loaded.shape[1]  # upright
+    points = [[40.0, 30.0], [300.0, 200.0], [size[0] - 20.0, size[1] - 15.0], [150.0, 350.0]]
+    small = pipeline.match(source, target, points)
+    whole = pipeline.match(source, target, points, downscale=False)
+    cell = max(size) / 16  # one feature cell of the 224-pixel DINO input, in original pixels
+    assert (small.points - whole.points).abs().max() <= cell
+    assert (small.points - torch.tensor(points)).abs().max() <= cell  # the same picture: back where it was
+    with pytest.raises(ValueError, match="outside the 608x405 image"):  # checked in original pixels
+        pipeline.match(source, target, [[size[0] + 1.0, 10.0]])
+
+
+def test_a_100_megapixel_photo_loads_downscaled(tmp_path: Path) -> None:
+    # about 2 s on 2 CPU cores (not marked slow); benchmarks/user_photo_load.py measures its memory and time
+    photo = _smooth_photo(tmp_path / "big.jpg", (12_000, 8_400), tag=8)  # 100.8 megapixels, stored turned
+    loaded, original = image_prep.load_user_image(photo, 1920)
+    assert original == (12_000, 8_400) and tuple(loaded.shape) == (3, 1344, 1920)
+    (tmp_path / "pairs.json").write_text(json.dumps([{"source": "big.jpg", "target": "big.jpg",
+                                                      "source_keypoints": [[11_000.0, 8_000.0]]}]))
+    assert read_image_pairs(pairs=str(tmp_path / "pairs.json"))[0]["points"] == [[11_000.0, 8_000.0]]

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["USER_IMAGE_MAX_PIXELS", "ImageTooLargeError", "PadResize", "load_rgb_image", "open_user_image", "pad_resize_image", "to_pil",
+__all__ = ["USER_IMAGE_MAX_PIXELS", "ImageTooLargeError", "PadResize", "load_rgb_image", "load_user_image",
+           "open_user_image", "pad_resize_image", "to_pil",
            "upright", "upright_size"]
 
 #: The most pixels a user's image (own images, :meth:`.pipeline.FusedCorrespondence.match`) may hold: 250
@@ -117,17 +118,22 @@ _WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 def upright(image: Image.Image) -> Image.Image:
     """``image`` turned as a photo viewer shows it (its EXIF orientation applied,
     :func:`PIL.ImageOps.exif_transpose`); the image itself when it has no orientation tag."""
+    if _orientation(image) in (None, 1):  # exif_transpose would return a copy of the whole image
+        return image
     return ImageOps.exif_transpose(image) or image
+
+
+def _orientation(image: Image.Image) -> int | None:
+    try:
+        return image.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: PIL shows the pixels as stored
+        return None
 
 
 def upright_size(image: Image.Image) -> tuple[int, int]:
     """``(width, height)`` of an opened image as a photo viewer shows it (without decoding its pixels)."""
-    try:
-        orientation = image.getexif().get(0x0112)
-    except Exception:  # noqa: BLE001 - a broken EXIF block: PIL shows the pixels as stored
-        orientation = None
     width, height = image.size
-    return (height, width) if orientation in _TURNED else (width, height)
+    return (height, width) if _orientation(image) in _TURNED else (width, height)
 
 
 @contextmanager
@@ -190,6 +196,46 @@ def load_rgb_image(path: str | Path, upright: bool = False) -> torch.Tensor:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"Could not read image {path}: {err}") from err
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def load_user_image(path: str | Path, max_side: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Read a user's image file upright (:func:`load_rgb_image` with ``upright``), downscaled ON LOAD to a long
+    side of at most ``max_side`` pixels when it is larger: a JPEG is decoded at a reduced scale
+    (:meth:`PIL.Image.Image.draft`, 1/2 to 1/8: a 100-megapixel photo never holds its full pixels), then
+    resized (LANCZOS) to ``max_side``. Points of the original image map to the loaded one by
+    ``x * loaded_width / width``, ``y * loaded_height / height`` (and back), as :class:`PadResize` maps them.
+
+    Args:
+        path: Image file path.
+        max_side: The longest side to keep, or None for the whole image.
+
+    Returns:
+        The uint8 ``[3, h, w]`` pixels, and the ``(width, height)`` of the original image as a viewer shows it.
+
+    Raises:
+        FileNotFoundError, ValueError: As :func:`load_rgb_image`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image file not found: {path}")
+    try:
+        with open_user_image(path) as img:
+            size = upright_size(img)
+            if max_side is not None and max(img.size) > max_side and img.format == "JPEG":
+                scale = max_side / max(img.size)
+                img.draft("RGB", (int(np.ceil(img.width * scale)), int(np.ceil(img.height * scale))))
+            img.load()
+            array = _rgb_pixels(_upright(img), path)
+    except ImageTooLargeError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"Could not read image {path}: {err}") from err
+    if max_side is not None and max(array.shape[:2]) > max_side:
+        height, width = array.shape[:2]
+        scale = max_side / max(width, height)
+        new = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
+        array = np.array(Image.fromarray(array).resize(new, Image.Resampling.LANCZOS, reducing_gap=3.0))
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous(), size
 
 
 _upright = upright  # the function, under a name the ``upright`` argument does not hide

@@ -38,7 +38,7 @@ from .features import (
     source_maps,
     unique_images,
 )
-from .image_prep import load_rgb_image, upright
+from .image_prep import load_rgb_image, load_user_image, upright
 from .inputs import check_points
 from .keypoints import EvalSize, annotation_geometry, check_eval_size, flow_from_descriptors, transfer
 from .matchers import KeypointMatcher, NearestNeighbours
@@ -96,6 +96,20 @@ def as_image_tensor(image: ImageLike) -> torch.Tensor:
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a uint8 [3, H, W] image tensor, got {image.dtype} {tuple(image.shape)}")
     return image
+
+
+def _user_image(image: ImageLike, max_side: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """:func:`as_image_tensor`, a file read at most ``max_side`` long (:func:`.image_prep.load_user_image`), and
+    the ``(width, height)`` of the original image."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_user_image(image, max_side)
+    tensor = as_image_tensor(image)
+    return tensor, (int(tensor.shape[-1]), int(tensor.shape[-2]))
+
+
+def _load_scale(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(sx, sy)``: loaded pixels per original pixel along each axis."""
+    return torch.tensor([image.shape[-1] / size[0], image.shape[-2] / size[1]], dtype=torch.float64)
 
 
 class FusedCorrespondence(nn.Module):
@@ -275,6 +289,7 @@ class FusedCorrespondence(nn.Module):
         points: torch.Tensor | Sequence[Sequence[float]],
         category: str = "object",
         keypoint_ids: Sequence[int] | None = None,
+        downscale: bool = True,
     ) -> PairMatch:
         """Carry ``points`` from the ``source`` image to the ``target`` image: the whole method (features,
         descriptors, the matcher, and the refinements and pose alignment configured), on the pipeline's device.
@@ -287,6 +302,9 @@ class FusedCorrespondence(nn.Module):
                 shows it: files and PIL images are turned by their EXIF orientation).
             category: What the images show (the SD prompt's ``{category}``).
             keypoint_ids: The points' semantic ids (pose alignment swaps left and right by them).
+            downscale: Read an image FILE whose long side exceeds :meth:`load_side` at that size, on load
+                (:func:`.image_prep.load_user_image`: a large JPEG is never decoded whole); the points given and
+                returned stay in the original pixels. False reads it whole.
 
         Returns:
             The typed :class:`PairMatch` (original target pixels).
@@ -295,22 +313,31 @@ class FusedCorrespondence(nn.Module):
             ValueError: Points that are not ``[N, 2]`` numbers or lie outside the source, checked by the code
                 and with the messages of the own-images command (:func:`.inputs.check_points`).
         """
-        src_image, trg_image = as_image_tensor(source), as_image_tensor(target)
-        size = (int(src_image.shape[-1]), int(src_image.shape[-2]))
+        max_side = self.load_side() if downscale else None
+        (src_image, src_size), (trg_image, trg_size) = (_user_image(source, max_side), _user_image(target, max_side))
+        src_scale, trg_scale = _load_scale(src_image, src_size), _load_scale(trg_image, trg_size)
+        src_kps = torch.tensor(check_points(points, src_size, "points"), dtype=torch.float64)
         sample: PairSample = {
             "pair_id": "match", "category": str(category),
             "src_image": src_image, "trg_image": trg_image,
             # the batch's keys of the two images (not files): features are looked up by them
             "src_image_path": "<source>", "trg_image_path": "<target>",
-            "src_kps": torch.tensor(check_points(points, size, "points"), dtype=torch.float32).reshape(-1, 2),
+            "src_kps": (src_kps * src_scale).float().reshape(-1, 2),
         }
         if keypoint_ids is not None:
             sample["kps_ids"] = [int(i) for i in keypoint_ids]
         out = self.predict_pairs([sample])[0]
+        pred = out["pred_kps"]
+        if not torch.equal(trg_scale, torch.ones(2, dtype=torch.float64)):  # back to original target pixels
+            pred = (pred.double() / trg_scale.to(pred.device)).to(pred.dtype)
         return PairMatch(
-            points=out["pred_kps"], distance=out["distance"], confidence=out.get("confidence"),
+            points=pred, distance=out["distance"], confidence=out.get("confidence"),
             mutual=out.get("mutual"), flipped=bool(out["flipped"]) if "flipped" in out else None,
         )
+
+    def load_side(self) -> int:
+        """The longest side :meth:`match` reads a large image file at: twice the largest featurizer input."""
+        return 2 * max(int(f.image_size) for f in (self.sd, self.dino) if f is not None)
 
     def flow(self, source: ImageFeatures, target: ImageFeatures) -> torch.Tensor:
         """Dense flow ``[2, H, W]`` from every target pixel to the source (both images share ``H x W``)."""
