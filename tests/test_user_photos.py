@@ -234,3 +234,30 @@ def test_a_100_megapixel_photo_loads_downscaled(tmp_path: Path) -> None:
     (tmp_path / "pairs.json").write_text(json.dumps([{"source": "big.jpg", "target": "big.jpg",
                                                       "source_keypoints": [[11_000.0, 8_000.0]]}]))
     assert read_image_pairs(pairs=str(tmp_path / "pairs.json"))[0]["points"] == [[11_000.0, 8_000.0]]
+
+
+def test_the_command_writes_a_phone_photo_upright_and_takes_data_strict(tmp_path: Path) -> None:
+    import evaluate
+
+    from conftest import CONFIGS, TINY_OVERLAY
+
+    folder = tmp_path / "targets"
+    folder.mkdir()
+    source = _phone_jpeg(tmp_path / "source.jpg", 6)
+    _phone_jpeg(folder / "target.jpg", 8, seed=1)
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "run"
+    args = ["predict", "--config", str(CONFIGS / "match.yaml"), "--config", TINY_OVERLAY, "--trainer.accelerator",
+            "cpu", "--trainer.default_root_dir", str(out), "--data.source", str(source), "--data.targets", str(folder),
+            "--data.source_keypoints", json.dumps([[WIDTH - 3.0, HEIGHT - 3.0]])]
+    with pytest.raises(ValueError, match=r"notes\.txt \(not an image suffix\)"):  # --data.strict true stops
+        evaluate.main([*args, "--data.strict", "true"])
+    assert not (out / "matches.jsonl").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluate.main(args)
+    line = json.loads((out / "matches.jsonl").read_text().splitlines()[0])
+    assert line["source_size"] == [WIDTH, HEIGHT] == line["target_size"]  # as a photo viewer shows them
+    assert line["src_kps"] == [[WIDTH - 3.0, HEIGHT - 3.0]]
+    picture = next((out / "pictures").glob("*.png"))
+    assert Image.open(picture).width > Image.open(picture).height  # two landscape photos side by side
