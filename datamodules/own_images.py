@@ -169,6 +169,10 @@ def _pairs_from_file(path: Path, category: str, grid: int) -> list[ImagePair]:
     return pairs
 
 
+#: The skip warnings already given in this process (:func:`_folder_images`).
+_SKIP_WARNINGS: set[str] = set()
+
+
 def _folder_images(source: Path, targets: Path, strict: bool) -> list[Path]:
     """The readable images of the ``targets`` folder, sorted by name, the source itself left out.
 
@@ -194,9 +198,11 @@ def _folder_images(source: Path, targets: Path, strict: bool) -> list[Path]:
     if skipped and strict:
         raise ValueError(f"data.targets: folder {targets} holds {len(skipped)} file(s) that are not readable images "
                          f"(data.strict is true): {'; '.join(skipped)}")
-    if skipped:
-        warnings.warn(f"data.targets: skipping {len(skipped)} file(s) of {targets} that are not readable images "
-                      f"({'; '.join(skipped)}); --data.strict true stops instead", UserWarning, stacklevel=2)
+    message = (f"data.targets: skipping {len(skipped)} file(s) of {targets} that are not readable images "
+               f"({'; '.join(skipped)}); --data.strict true stops instead")
+    if skipped and message not in _SKIP_WARNINGS:  # once a run: the CLI's check and the setup both read the folder
+        _SKIP_WARNINGS.add(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
     return files
 
 

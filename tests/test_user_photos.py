@@ -253,9 +253,13 @@ def test_the_command_writes_a_phone_photo_upright_and_takes_data_strict(tmp_path
     with pytest.raises(ValueError, match=r"notes\.txt \(not an image suffix\)"):  # --data.strict true stops
         evaluate.main([*args, "--data.strict", "true"])
     assert not (out / "matches.jsonl").exists()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    (folder / "notes.txt").unlink()
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         evaluate.main(args)
+    skips = [str(w.message) for w in caught if "data.targets: skipping" in str(w.message)]
+    assert len(skips) == 1 and ".DS_Store (hidden)" in skips[0]  # once, though the check and the setup read it
     line = json.loads((out / "matches.jsonl").read_text().splitlines()[0])
     assert line["source_size"] == [WIDTH, HEIGHT] == line["target_size"]  # as a photo viewer shows them
     assert line["src_kps"] == [[WIDTH - 3.0, HEIGHT - 3.0]]
