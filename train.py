@@ -10,9 +10,12 @@ The best checkpoint (by val PCK@0.1) then evaluates through
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import LightningCLI
+from typing import TYPE_CHECKING
 
 from cli import build_cli, run_script
+
+if TYPE_CHECKING:  # Lightning is imported once the command line's input paths are checked (cli.run_script)
+    from lightning.pytorch.cli import LightningCLI
 
 
 def main(args: list[str] | None = None) -> LightningCLI:
