@@ -105,3 +105,26 @@ def test_a_misspelt_data_field_is_reported_as_early_with_the_options(tmp_path) -
     outcome, err = _run("predict", "--config", str(CONFIGS / "match.yaml"), "--data.sourc", "a.jpg", "--data.targets", ".")
     assert outcome == {"code": 2, "imported": []}  # a parse error, as jsonargparse's own
     assert "data.sourc: datamodules.ImagePairsDataModule has no option 'sourc'" in err and "source_keypoints" in err
+
+
+def test_the_plain_torch_core_imports_neither_lightning_nor_diffusers_nor_transformers() -> None:
+    code = ("import sys\nfrom lightning_modules.components import SDFeaturizer, DinoFeaturizer, CLIPImageEmbedder, "
+            "FusedCorrespondence\n"
+            "print([m for m in ('lightning', 'torchmetrics', 'diffusers', 'transformers') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.stdout.strip() == "[]", done.stderr
+    # the LightningModules are still where they were (imported on first use)
+    import lightning_modules
+    from lightning_modules.zero_shot import ZeroShotCorrespondence
+
+    assert lightning_modules.ZeroShotCorrespondence is ZeroShotCorrespondence
+    assert set(lightning_modules.__all__) <= set(dir(lightning_modules))
+
+
+def test_the_clip_constants_written_out_are_transformers_own() -> None:
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    from lightning_modules.components import clip_features
+
+    assert list(clip_features.OPENAI_CLIP_MEAN) == list(OPENAI_CLIP_MEAN)
+    assert list(clip_features.OPENAI_CLIP_STD) == list(OPENAI_CLIP_STD)

@@ -30,11 +30,10 @@ __all__ = ["CLIP_B32", "CLIPImageEmbedder", "region_crop"]
 #: Paint-by-Example's CLIP (and clean-fid's ``clip_vit_b_32``): OpenAI ViT-B/32, 224 px, 512-d embedding.
 CLIP_B32 = "openai/clip-vit-base-patch32"
 
-try:  # transformers' constants; the same numbers as OpenAI CLIP's preprocessing
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-except ImportError:  # pragma: no cover - very old transformers
-    OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-    OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# OpenAI CLIP's preprocessing constants (transformers.image_utils.OPENAI_CLIP_MEAN / _STD: the same numbers,
+# written here so that importing this module does not import transformers; tests/test_quick_answers.py)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def region_crop(image: torch.Tensor, mask: torch.Tensor, fill_outside: bool = False) -> torch.Tensor:
