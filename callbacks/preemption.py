@@ -155,6 +155,11 @@ class Preemption:
         #: The launchers of the CLI's trainers (rank 0 of a Lightning-launched run: the other ranks' processes).
         self.launchers: list[Any] = []
         self._stopping = False
+        #: SIGTERMs seen by each of the two paths one signal takes (the watcher thread, woken through the
+        #: wakeup fd, and the Python-level handler on the main thread), and how many have been acted on: one
+        #: signal is acted on once, whichever path sees it first.
+        self._seen = {"watcher": 0, "handler": 0}
+        self._acted = 0
 
     # ------------------------------------------------------------------------------------ signal plumbing
     def _install(self) -> None:
@@ -169,11 +174,18 @@ class Preemption:
         while True:
             for signum in os.read(read_fd, 64):
                 if signum == signal.SIGTERM:
-                    self.on_sigterm()
+                    self.on_sigterm("watcher")
 
-    def on_sigterm(self) -> None:
-        """A SIGTERM arrived (on the watcher thread): pass it on, then stop at once or let the batch finish."""
+    def on_sigterm(self, path: str = "watcher") -> None:
+        """A SIGTERM arrived, seen on ``path`` ("watcher" or "handler"): pass it on, then stop at once or let
+        the batch finish. Each signal reaches this twice (once on each path, in either order); the second sight
+        of the same signal does nothing, or a SIGTERM inside :func:`deferred` would stop the process after the
+        block, when the later path catches up."""
         with self.lock:
+            self._seen[path] += 1
+            if self._seen[path] <= self._acted:
+                return  # the other path has acted on this signal already
+            self._acted = self._seen[path]
             first = not self.requested
             self.requested = True
             if first:
@@ -265,10 +277,10 @@ class Preemption:
 def _python_handler(signum: int, frame: Any) -> None:
     """The Python-level SIGTERM handler. The watcher thread, woken by the C-level handler, has usually acted
     already (this runs only when the main thread is between bytecodes); it acts here in case something else
-    took the wakeup fd (:meth:`Preemption.on_sigterm` does each thing once)."""
+    took the wakeup fd (:meth:`Preemption.on_sigterm` acts once per signal)."""
     preemption = current()
     if preemption is not None:
-        preemption.on_sigterm()
+        preemption.on_sigterm("handler")
 
 
 def _reset_in_forked_child() -> None:

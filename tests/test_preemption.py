@@ -227,3 +227,32 @@ def test_a_sigterm_outside_any_batch_stops_at_once_but_never_cuts_the_final_writ
         assert "the final files are written" in done.stdout
         assert ("went on" in done.stdout) is not again
         assert ("stopped by SIGTERM.\nresume with:\n  python resume.py" in done.stderr) is again
+
+
+def test_one_sigterm_seen_late_by_the_watcher_is_acted_on_once(tmp_path) -> None:
+    """One SIGTERM reaches the process on two paths (the Python handler on the main thread and the watcher
+    thread, woken through the wakeup fd) in either order. When the handler sees it inside ``deferred()`` and the
+    watcher only after the block, the process goes on and exits 0 with no stop message (CI once saw the late
+    watcher stop a run that had finished its final files: the stop message with exit 0). A second SIGTERM,
+    on whichever path, still stops it."""
+    script = tmp_path / "late.py"
+    script.write_text(
+        "import sys\n"
+        "from callbacks import preemption\n"
+        "stop = preemption.install(True, 'stopped by SIGTERM.', 'python resume.py')\n"
+        "with preemption.deferred():\n"
+        "    stop.on_sigterm('handler')\n"
+        "    print('the final files are written', flush=True)\n"
+        "stop.on_sigterm('watcher')\n"
+        "print('went on', flush=True)\n"
+        "if sys.argv[1] == 'again':\n"
+        "    stop.on_sigterm('watcher')\n"
+        "    print('not stopped', flush=True)\n"
+    )
+    env = {**_env(), "PYTHONPATH": str(REPO)}
+    for again, status in ((False, 0), (True, SIGTERM_EXIT)):
+        done = subprocess.run([sys.executable, str(script), "again" if again else "once"], env=env,
+                              capture_output=True, text=True, timeout=25)
+        assert done.returncode == status, done.stderr
+        assert "went on" in done.stdout and "not stopped" not in done.stdout
+        assert ("stopped by SIGTERM." in done.stderr) is again
