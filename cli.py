@@ -293,19 +293,18 @@ def check_inputs_early(args: Sequence[str]) -> None:
     if unknown:  # a typo in a field name (jsonargparse says the same once Lightning is imported)
         raise argparse.ArgumentError(None, f"data.{unknown[0]}: datamodules.ImagePairsDataModule has no option "
                                      f"{unknown[0]!r} (its options: {', '.join(sorted(options))})")
-    given = {k: init.get(k) for k in ("pairs", "source", "targets", "source_keypoints")}
-    if any(v is not None and (not isinstance(v, str) or "${" in v) for k, v in given.items() if k != "source_keypoints"):
+    given = {k: init.get(k) for k in ("pairs", "source", "targets", "source_keypoints", "grid")}
+    if any(v is not None and (not isinstance(v, str) or "${" in v) for k, v in given.items()
+           if k in ("pairs", "source", "targets")):
         return  # an interpolation or a value of another type: the CLI resolves and checks it
-    if given["pairs"] is not None and given["source"] is None and given["targets"] is None and given["source_keypoints"] is None:
-        pairs = Path(given["pairs"]).expanduser()
-        if not pairs.is_file():  # the messages of datamodules.own_images.read_image_pairs
-            raise FileNotFoundError(f"pairs file not found: {pairs}")
-    elif given["pairs"] is None and given["source"] is not None and given["targets"] is not None:
-        source, targets = Path(given["source"]).expanduser().resolve(), Path(given["targets"]).expanduser()
-        if not source.is_file():
-            raise FileNotFoundError(f"data.source: no such image file {source}")
-        if not targets.is_dir():
-            raise FileNotFoundError(f"data.targets: no such folder {targets}")
+    try:
+        grid = int(given["grid"]) if given["grid"] is not None else 6
+    except (TypeError, ValueError):
+        return  # jsonargparse's type check says it better
+    from datamodules.own_image_paths import check_input_paths  # standard library only
+
+    check_input_paths(pairs=given["pairs"], source=given["source"], targets=given["targets"],
+                      source_keypoints=given["source_keypoints"], grid=grid)
 
 
 #: The defaults of each subcommand (trainer block, callbacks, seed), read before the ``--config`` files: the

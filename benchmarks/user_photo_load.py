@@ -10,7 +10,10 @@ process's RSS after the imports is reported apart):
   whole image as an RGB tensor (how every user image was read before);
 - ``load_downscaled``: :func:`~lightning_modules.components.image_prep.load_user_image` with a long side of
   1920 px (twice the largest input of the paper's featurizers, SD at 960 px): ``Image.draft`` decodes the JPEG
-  at 1/4 scale, then a LANCZOS resize to 1920 px.
+  at 1/4 scale, then a LANCZOS resize to 1920 px;
+- ``command_pair``: what the own-images command does with a pair of this photo (source and target the same
+  file): :func:`datamodules.own_images.read_image_pairs` (the up-front check) and one item of
+  :class:`datamodules.own_images.ImagePairsDataset` (``--data.max_side``, both images read downscaled).
 
 Usage::
 
@@ -33,7 +36,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WAYS = ("imports", "check_whole", "check_draft", "load_whole", "load_downscaled")
+WAYS = ("imports", "check_whole", "check_draft", "load_whole", "load_downscaled", "command_pair")
 
 
 def _write_photo(path: Path, megapixels: float) -> tuple[int, int]:
@@ -56,6 +59,7 @@ def _child(way: str, path: str, max_side: int) -> None:
     sys.path.insert(0, str(REPO))
     from PIL import Image
 
+    from datamodules.own_images import ImagePairsDataset, read_image_pairs
     from lightning_modules.components.image_prep import load_rgb_image, load_user_image, open_user_image
 
     def rss_mb() -> float:
@@ -75,6 +79,10 @@ def _child(way: str, path: str, max_side: int) -> None:
         load_rgb_image(path, upright=True)
     elif way == "load_downscaled":
         load_user_image(path, max_side)
+    elif way == "command_pair":
+        pairs = Path(path).with_suffix(".json")
+        pairs.write_text(json.dumps([{"source": Path(path).name, "target": Path(path).name}]))
+        ImagePairsDataset(read_image_pairs(pairs=str(pairs)), max_side=max_side)[0]
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "rss_after_imports_mb": base, "peak_rss_mb": rss_mb()}))
 

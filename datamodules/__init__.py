@@ -1,53 +1,88 @@
-"""Benchmarks: per file a reader (a plain torch Dataset) and its thin LightningDataModule; their protocols."""
+"""Benchmarks: per file a reader (a plain torch Dataset) and its thin LightningDataModule; their protocols.
 
-from .base import PairDataModule
-from .cub import CUBASICDataset, CUBDataModule
-from .davis import (
-    DAVISDataModule,
-    DAVISDataset,
-    DAVISInstancePairs,
-    DAVISSwapDataModule,
-    SyntheticDAVISDataModule,
-    write_synthetic_davis,
-)
-from .masked_pairs import MaskedPairsDataModule, MaskedPairsDataset, write_synthetic_masked_pairs
-from .own_images import ImagePairsDataModule, ImagePairsDataset, read_image_pairs
-from .pfpascal import PFPascalDataModule, PFPascalDataset
-from .pfwillow import PFWillowDataModule, PFWillowDataset
-from .protocols import PROTOCOLS, Protocol, get_protocol
-from .samplers import collate_pairs
-from .spair import SPairDataModule, SPairDataset
-from .synthetic import SyntheticSPairDataModule, write_synthetic_spair
-from .tss import TSSDataModule, TSSDataset
+The names are imported on first use (module ``__getattr__``, as in :mod:`lightning_modules`): a light submodule
+(:mod:`datamodules.own_image_paths`, standard library only) is then imported without torch and Lightning.
+"""
 
-__all__ = [
-    "CUBASICDataset",
-    "CUBDataModule",
-    "DAVISDataModule",
-    "DAVISDataset",
-    "DAVISInstancePairs",
-    "DAVISSwapDataModule",
-    "ImagePairsDataModule",
-    "ImagePairsDataset",
-    "MaskedPairsDataModule",
-    "MaskedPairsDataset",
-    "PROTOCOLS",
-    "PFPascalDataModule",
-    "PFPascalDataset",
-    "PFWillowDataModule",
-    "PFWillowDataset",
-    "PairDataModule",
-    "Protocol",
-    "SPairDataModule",
-    "SPairDataset",
-    "SyntheticDAVISDataModule",
-    "SyntheticSPairDataModule",
-    "TSSDataModule",
-    "TSSDataset",
-    "collate_pairs",
-    "get_protocol",
-    "read_image_pairs",
-    "write_synthetic_davis",
-    "write_synthetic_masked_pairs",
-    "write_synthetic_spair",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: Each public name and the submodule that defines it.
+_WHERE = {
+    "CUBASICDataset": ".cub",
+    "CUBDataModule": ".cub",
+    "DAVISDataModule": ".davis",
+    "DAVISDataset": ".davis",
+    "DAVISInstancePairs": ".davis",
+    "DAVISSwapDataModule": ".davis",
+    "ImagePairsDataModule": ".own_images",
+    "ImagePairsDataset": ".own_images",
+    "MaskedPairsDataModule": ".masked_pairs",
+    "MaskedPairsDataset": ".masked_pairs",
+    "PFPascalDataModule": ".pfpascal",
+    "PFPascalDataset": ".pfpascal",
+    "PFWillowDataModule": ".pfwillow",
+    "PFWillowDataset": ".pfwillow",
+    "PROTOCOLS": ".protocols",
+    "PairDataModule": ".base",
+    "Protocol": ".protocols",
+    "SPairDataModule": ".spair",
+    "SPairDataset": ".spair",
+    "SyntheticDAVISDataModule": ".davis",
+    "SyntheticSPairDataModule": ".synthetic",
+    "TSSDataModule": ".tss",
+    "TSSDataset": ".tss",
+    "collate_pairs": ".samplers",
+    "get_protocol": ".protocols",
+    "read_image_pairs": ".own_images",
+    "write_synthetic_davis": ".davis",
+    "write_synthetic_masked_pairs": ".masked_pairs",
+    "write_synthetic_spair": ".synthetic",
+}
+
+__all__ = sorted(_WHERE)
+
+if TYPE_CHECKING:
+    from .base import PairDataModule
+    from .cub import CUBASICDataset
+    from .cub import CUBDataModule
+    from .davis import DAVISDataModule
+    from .davis import DAVISDataset
+    from .davis import DAVISInstancePairs
+    from .davis import DAVISSwapDataModule
+    from .davis import SyntheticDAVISDataModule
+    from .davis import write_synthetic_davis
+    from .masked_pairs import MaskedPairsDataModule
+    from .masked_pairs import MaskedPairsDataset
+    from .masked_pairs import write_synthetic_masked_pairs
+    from .own_images import ImagePairsDataModule
+    from .own_images import ImagePairsDataset
+    from .own_images import read_image_pairs
+    from .pfpascal import PFPascalDataModule
+    from .pfpascal import PFPascalDataset
+    from .pfwillow import PFWillowDataModule
+    from .pfwillow import PFWillowDataset
+    from .protocols import PROTOCOLS
+    from .protocols import Protocol
+    from .protocols import get_protocol
+    from .samplers import collate_pairs
+    from .spair import SPairDataModule
+    from .spair import SPairDataset
+    from .synthetic import SyntheticSPairDataModule
+    from .synthetic import write_synthetic_spair
+    from .tss import TSSDataModule
+    from .tss import TSSDataset
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

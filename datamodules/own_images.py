@@ -38,7 +38,8 @@ from torch.utils.data import Dataset
 
 from lightning_modules.components.image_prep import (
     ImageTooLargeError,
-    load_rgb_image,
+    load_scale,
+    load_user_image,
     open_user_image,
     upright,
     upright_size,
@@ -47,6 +48,7 @@ from lightning_modules.components.inputs import check_box, check_mask, check_poi
 from lightning_modules.components.sd_featurizer import WholePrompt
 
 from .base import PairDataModule
+from .own_image_paths import check_input_paths, no_such_image
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -81,7 +83,7 @@ def _image_size(path: Path, where: str) -> tuple[int, int]:
             :data:`~lightning_modules.components.image_prep.USER_IMAGE_MAX_PIXELS`.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"{where}: no such image file {path}")
+        raise no_such_image(path, where)
     try:
         with open_user_image(path) as image:
             size = upright_size(image)
@@ -211,8 +213,6 @@ def _collection(source: Path, targets: Path, keypoints: Any, category: str, grid
     """The source matched to every image of the ``targets`` folder (sorted by name, the source itself left out;
     other files skipped, :func:`_folder_images`)."""
     size = _image_size(source, "data.source")
-    if not targets.is_dir():
-        raise FileNotFoundError(f"data.targets: no such folder {targets}")
     files = _folder_images(source, targets, strict)
     if not files:
         raise ValueError(f"data.targets: folder {targets} holds no image ({', '.join(IMAGE_SUFFIXES)}) "
@@ -250,19 +250,12 @@ def read_image_pairs(
         FileNotFoundError: A file or folder that does not exist (named).
         ValueError: Anything else that cannot work, naming the file and the field.
     """
-    if int(grid) < 1:
-        raise ValueError(f"data.grid must be a positive number of points per side, got {grid}")
-    if (pairs is None) == (source is None):
-        raise ValueError("give either data.pairs (a pairs file) or data.source with data.targets (a folder)")
+    check_input_paths(pairs=pairs, source=source, targets=targets, source_keypoints=source_keypoints, grid=grid)
     if pairs is not None:
-        if targets is not None or source_keypoints is not None:
-            raise ValueError("data.targets and data.source_keypoints go with data.source; a pairs file holds its own")
         checked = _pairs_from_file(Path(pairs).expanduser(), category, int(grid))
     else:
-        if targets is None:
-            raise ValueError("data.source needs data.targets: the folder whose images it is matched to")
-        checked = _collection(Path(source).expanduser().resolve(), Path(targets).expanduser(), source_keypoints,
-                              category, int(grid), bool(strict))
+        checked = _collection(Path(source).expanduser().resolve(), Path(targets).expanduser(),  # type: ignore[arg-type]
+                              source_keypoints, category, int(grid), bool(strict))
     seen: Counter[str] = Counter()
     for pair in checked:
         seen[pair["pair_id"]] += 1
@@ -272,15 +265,26 @@ def read_image_pairs(
 
 
 class ImagePairsDataset(Dataset):
-    """The checked pairs of :func:`read_image_pairs` as pair samples (images read lazily).
+    """The checked pairs of :func:`read_image_pairs` as pair samples (images read lazily, upright).
 
-    Items: ``pair_id``, ``category``, ``src_image`` / ``trg_image`` (uint8 ``[3, H, W]``), ``src_file`` /
-    ``trg_file`` and ``src_image_path`` / ``trg_image_path`` (the files; a file matched under several categories
-    gets the SD features of each prompt, :func:`lightning_modules.components.features.image_key`), and ``src_kps`` ``[N, 2]`` float32 (the points to carry; there is no ground truth).
+    Items: ``pair_id``, ``category``, ``src_image`` / ``trg_image`` (uint8 ``[3, H, W]``, at most ``max_side``
+    long), ``src_file`` / ``trg_file`` and ``src_image_path`` / ``trg_image_path`` (the files; a file matched
+    under several categories gets the SD features of each prompt,
+    :func:`lightning_modules.components.features.image_key`), ``src_kps`` ``[N, 2]`` float32 (the points to
+    carry, in the pixels of ``src_image``; there is no ground truth), and the files' own frame:
+    ``src_file_size`` / ``trg_file_size`` (``(width, height)`` upright) and ``src_file_kps`` (the points as
+    given, float64). Outputs are written in the files' frame (:func:`lightning_modules.point_transfer.match_line`).
+
+    Args:
+        pairs: The checked pairs.
+        max_side: Read an image whose long side exceeds it downscaled on load to that side
+            (:func:`~lightning_modules.components.image_prep.load_user_image`: a large JPEG is never decoded
+            whole, so memory stays bounded); None reads every image whole.
     """
 
-    def __init__(self, pairs: list[ImagePair]) -> None:
+    def __init__(self, pairs: list[ImagePair], max_side: int | None = None) -> None:
         self.pairs = pairs
+        self.max_side = None if max_side is None else int(max_side)
         self.categories = sorted({str(p["category"]) for p in pairs})
 
     @property
@@ -297,16 +301,22 @@ class ImagePairsDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         pair = self.pairs[index]
+        src_image, src_size = load_user_image(pair["source"], self.max_side)
+        trg_image, trg_size = load_user_image(pair["target"], self.max_side)
+        points = torch.tensor(pair["points"], dtype=torch.float64).reshape(-1, 2)
         return {
             "pair_id": pair["pair_id"],
             "category": pair["category"],
-            "src_image": load_rgb_image(pair["source"], upright=True),
-            "trg_image": load_rgb_image(pair["target"], upright=True),
+            "src_image": src_image,
+            "trg_image": trg_image,
             "src_image_path": pair["source"],
             "trg_image_path": pair["target"],
             "src_file": pair["source"],
             "trg_file": pair["target"],
-            "src_kps": torch.tensor(pair["points"], dtype=torch.float32).reshape(-1, 2),
+            "src_kps": (points * load_scale(src_image, src_size)).float(),
+            "src_file_kps": points,
+            "src_file_size": src_size,
+            "trg_file_size": trg_size,
         }
 
 
@@ -326,6 +336,11 @@ class ImagePairsDataModule(PairDataModule):
         grid: Points per side of the lattice laid over pairs without keypoints.
         strict: Stop on a file of ``targets`` that is not a readable image (hidden, another suffix, empty,
             truncated) instead of skipping it with one warning that lists them.
+        max_side: Read a photo whose long side exceeds this many pixels downscaled on load to it (a JPEG is
+            decoded at a reduced scale: a 100-megapixel photo never sits in memory whole); points are read and
+            written in the photo's own pixels all the same. 1920 is twice the largest featurizer input of the
+            paper's configs (SD at 960 px: :meth:`~lightning_modules.components.FusedCorrespondence.load_side`,
+            what the Python call uses); null reads every photo whole.
         batch_size: Pairs per batch.
         num_workers: DataLoader workers.
     """
@@ -341,12 +356,14 @@ class ImagePairsDataModule(PairDataModule):
         category: str = "object",
         grid: PositiveInt = 6,
         strict: bool = False,
+        max_side: PositiveInt | None = 1920,
         batch_size: PositiveInt = 1,
         num_workers: NonNegativeInt = 0,
     ) -> None:
         super().__init__(root=None, batch_size=batch_size, num_workers=num_workers)
         self.inputs = {"pairs": pairs, "source": source, "targets": targets, "source_keypoints": source_keypoints,
                        "category": category, "grid": int(grid), "strict": bool(strict)}
+        self.max_side = None if max_side is None else int(max_side)
 
     @staticmethod
     def check_inputs(**init_args: Any) -> None:
@@ -362,7 +379,7 @@ class ImagePairsDataModule(PairDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Read and check the pairs (``predict``)."""
         if stage in (None, "predict", "test") and self.test_dataset is None:
-            self.test_dataset = ImagePairsDataset(read_image_pairs(**self.inputs))
+            self.test_dataset = ImagePairsDataset(read_image_pairs(**self.inputs), max_side=self.max_side)
         elif stage in ("fit", "validate"):
             raise NotImplementedError("ImagePairsDataModule serves trainer.predict (configs/match.yaml)")
 

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from jsonargparse.typing import PositiveInt
 
+from .components.image_prep import load_scale
 from .components.pipeline import FusedCorrespondence
 from .components.visualize import draw_matches, inside_image
 from .zero_shot import place_feature_caches
@@ -28,20 +29,38 @@ def _rounded(points: torch.Tensor) -> list[list[float]]:
     return [[round(float(v), 3) for v in point] for point in points.cpu().tolist()]
 
 
+def _file_frame(sample: dict[str, Any], side: str) -> tuple[tuple[int, int], torch.Tensor]:
+    """The ``(width, height)`` of a pair image's file and the image's pixels per file pixel ``(sx, sy)`` (ones
+    where it was read whole, or where the sample does not say)."""
+    image = sample[f"{side}_image"]
+    size = sample.get(f"{side}_file_size") or (int(image.shape[-1]), int(image.shape[-2]))
+    return (int(size[0]), int(size[1])), load_scale(image, size)
+
+
 def match_line(sample: dict[str, Any], output: dict[str, Any]) -> dict[str, Any]:
-    """The ``matches.jsonl`` line of a pair: its files, the source points and their matches (original pixels),
-    the feature distance, the confidence and the mutual-nearest-neighbour flag of each point, and ``inside``:
-    whether each match lies on the target (:func:`.components.visualize.inside_image`; a match in the padding
-    keeps its coordinates, flagged false, and the picture and the viewer draw it as a square on the border)."""
+    """The ``matches.jsonl`` line of a pair: its files, the source points and their matches, the feature
+    distance, the confidence and the mutual-nearest-neighbour flag of each point, and ``inside``: whether each
+    match lies on the target (:func:`.components.visualize.inside_image`; a match in the padding keeps its
+    coordinates, flagged false, and the picture and the viewer draw it as a square on the border).
+
+    Sizes and points are in the files' own pixels (upright) even where the images were read downscaled
+    (``src_file_size``, ``trg_file_size`` and ``src_file_kps`` of the sample, :class:`datamodules.ImagePairsDataset`).
+    """
+    src_size, _ = _file_frame(sample, "src")
+    trg_size, trg_scale = _file_frame(sample, "trg")
+    src_kps = sample.get("src_file_kps", sample["src_kps"])
+    pred = output["pred_kps"].detach().cpu().double()
+    if not torch.equal(trg_scale, torch.ones(2, dtype=torch.float64)):
+        pred = pred / trg_scale  # back to the target file's pixels
     line = {
         "pair_id": sample["pair_id"],
         "category": str(sample["category"]),
         "source": sample.get("src_file", sample["src_image_path"]),
         "target": sample.get("trg_file", sample["trg_image_path"]),
-        "source_size": [int(sample["src_image"].shape[-1]), int(sample["src_image"].shape[-2])],
-        "target_size": [int(sample["trg_image"].shape[-1]), int(sample["trg_image"].shape[-2])],
-        "src_kps": _rounded(sample["src_kps"]),
-        "pred_kps": _rounded(output["pred_kps"]),
+        "source_size": list(src_size),
+        "target_size": list(trg_size),
+        "src_kps": _rounded(src_kps),
+        "pred_kps": _rounded(pred),
     }
     for key in ("distance", "confidence", "mutual"):
         line[key] = output[key].cpu().tolist()
@@ -81,7 +100,8 @@ class PointTransfer(L.LightningModule):
         for sample, output in zip(batch, self.pipeline.predict_pairs(batch)):
             line = match_line(sample, output)
             picture = draw_matches(sample["src_image"], sample["trg_image"], line["src_kps"], line["pred_kps"],
-                                   line["mutual"], height=self.picture_height)
+                                   line["mutual"], height=self.picture_height,
+                                   src_size=line["source_size"], trg_size=line["target_size"])
             mutual = sum(line["mutual"])
             records.append({"pair_id": sample["pair_id"], "line": line, "picture": picture,
                             "caption": f"{sample['pair_id']}: {mutual}/{len(line['mutual'])} mutual matches"})

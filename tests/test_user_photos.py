@@ -265,3 +265,62 @@ def test_the_command_writes_a_phone_photo_upright_and_takes_data_strict(tmp_path
     assert line["src_kps"] == [[WIDTH - 3.0, HEIGHT - 3.0]]
     picture = next((out / "pictures").glob("*.png"))
     assert Image.open(picture).width > Image.open(picture).height  # two landscape photos side by side
+
+
+def _viewer_data(page: Path) -> dict:
+    import re
+
+    text = page.read_text(encoding="utf-8")
+    return json.loads(re.search(r'<script id="viewer-data" type="application/json">(.*?)</script>', text, re.S).group(1))
+
+
+def test_the_command_reads_large_photos_downscaled_and_writes_the_files_pixels(tmp_path: Path) -> None:
+    """``--data.max_side``: the command's photos are read downscaled on load (bounded memory), and matches.jsonl,
+    the pictures and the viewer page still speak the files' pixels; the matches agree with a run that reads the
+    photos whole within one feature cell. (Before: every photo was decoded whole, and there was no such option.)"""
+    import evaluate
+    from lightning_modules.components.viewer import viewer_match
+
+    from conftest import CONFIGS, TINY_OVERLAY
+
+    size = (608, 405)
+    _smooth_photo(tmp_path / "a.jpg", size)
+    _smooth_photo(tmp_path / "b.jpg", size, tag=6)
+    points = [[40.0, 30.0], [300.5, 200.25], [size[0] - 20.0, size[1] - 15.0]]
+    (tmp_path / "pairs.json").write_text(json.dumps([{"source": "a.jpg", "target": "b.jpg",
+                                                      "source_keypoints": points}]))
+    dataset = ImagePairsDataset(read_image_pairs(pairs=str(tmp_path / "pairs.json")), max_side=304)
+    item = dataset[0]
+    assert tuple(item["trg_image"].shape) == (3, 202, 304) and item["trg_file_size"] == size  # 202.5 rounds to even
+    scale = torch.tensor([304 / 608, 202 / 405], dtype=torch.float64)
+    assert torch.allclose(item["src_kps"].double(), torch.tensor(points, dtype=torch.float64) * scale, atol=1e-4)
+    runs = {}
+    for name, max_side in (("small", "304"), ("whole", "null")):
+        out = tmp_path / name
+        evaluate.main(["predict", "--config", str(CONFIGS / "match.yaml"), "--config", TINY_OVERLAY,
+                       "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(out),
+                       "--data.pairs", str(tmp_path / "pairs.json"), "--data.max_side", max_side])
+        runs[name] = (json.loads((out / "matches.jsonl").read_text().splitlines()[0]),
+                      _viewer_data(out / "viewer.html")["pairs"][0])
+    (small, small_page), (whole, whole_page) = runs["small"], runs["whole"]
+    assert small["source_size"] == list(size) == small["target_size"] == whole["target_size"]
+    assert small["src_kps"] == points == whole["src_kps"]  # the points as given, not a round trip
+    cell = max(size) / 16  # one cell of the tiny DINO's 16 x 16 grid, in file pixels
+    assert np.abs(np.array(small["pred_kps"]) - np.array(whole["pred_kps"])).max() <= cell
+    assert np.abs(np.array(small["pred_kps"]) - np.array(points)).max() <= cell  # the same picture
+    assert (small_page["target"]["width"], small_page["target"]["height"]) == size
+    assert small_page["points"]["pred"] == small["pred_kps"]
+    for x, y in points:  # the page's own arithmetic: a click at a file pixel lands in file pixels
+        _, _, small_point = viewer_match(small_page, x, y)
+        _, _, whole_point = viewer_match(whole_page, x, y)
+        assert max(abs(a - b) for a, b in zip(small_point, whole_point)) <= cell
+
+
+def test_the_commands_reader_holds_a_100_megapixel_photo_downscaled(tmp_path: Path) -> None:
+    photo = _smooth_photo(tmp_path / "big.jpg", (12_000, 8_400), tag=8)  # about 2 s
+    (tmp_path / "pairs.json").write_text(json.dumps([{"source": "big.jpg", "target": "big.jpg",
+                                                      "source_keypoints": [[11_000.0, 8_000.0]]}]))
+    item = ImagePairsDataset(read_image_pairs(pairs=str(tmp_path / "pairs.json")), max_side=1920)[0]
+    assert tuple(item["src_image"].shape) == (3, 1344, 1920) and item["src_file_size"] == (12_000, 8_400)
+    assert item["src_kps"].tolist() == [[1760.0, 1280.0]] and item["src_file_kps"].tolist() == [[11_000.0, 8_000.0]]
+    assert photo.is_file()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["USER_IMAGE_MAX_PIXELS", "ImageTooLargeError", "PadResize", "load_rgb_image", "load_user_image",
+__all__ = ["USER_IMAGE_MAX_PIXELS", "ImageTooLargeError", "PadResize", "load_rgb_image", "load_scale", "load_user_image",
            "open_user_image", "pad_resize_image", "to_pil",
            "upright", "upright_size"]
 
@@ -236,6 +236,12 @@ def load_user_image(path: str | Path, max_side: int | None = None) -> tuple[torc
         new = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
         array = np.array(Image.fromarray(array).resize(new, Image.Resampling.LANCZOS, reducing_gap=3.0))
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous(), size
+
+
+def load_scale(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(sx, sy)`` float64: the pixels of a loaded ``[3, h, w]`` ``image`` per pixel of the original image of
+    ``size`` ``(width, height)`` along each axis (ones when it was read whole; :func:`load_user_image`)."""
+    return torch.tensor([image.shape[-1] / size[0], image.shape[-2] / size[1]], dtype=torch.float64)
 
 
 _upright = upright  # the function, under a name the ``upright`` argument does not hide

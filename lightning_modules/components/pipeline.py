@@ -38,7 +38,7 @@ from .features import (
     source_maps,
     unique_images,
 )
-from .image_prep import load_rgb_image, load_user_image, upright
+from .image_prep import load_rgb_image, load_scale, load_user_image, upright
 from .inputs import check_points
 from .keypoints import EvalSize, annotation_geometry, check_eval_size, flow_from_descriptors, transfer
 from .matchers import KeypointMatcher, NearestNeighbours
@@ -105,11 +105,6 @@ def _user_image(image: ImageLike, max_side: int | None) -> tuple[torch.Tensor, t
         return load_user_image(image, max_side)
     tensor = as_image_tensor(image)
     return tensor, (int(tensor.shape[-1]), int(tensor.shape[-2]))
-
-
-def _load_scale(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``(sx, sy)``: loaded pixels per original pixel along each axis."""
-    return torch.tensor([image.shape[-1] / size[0], image.shape[-2] / size[1]], dtype=torch.float64)
 
 
 class FusedCorrespondence(nn.Module):
@@ -315,7 +310,7 @@ class FusedCorrespondence(nn.Module):
         """
         max_side = self.load_side() if downscale else None
         (src_image, src_size), (trg_image, trg_size) = (_user_image(source, max_side), _user_image(target, max_side))
-        src_scale, trg_scale = _load_scale(src_image, src_size), _load_scale(trg_image, trg_size)
+        src_scale, trg_scale = load_scale(src_image, src_size), load_scale(trg_image, trg_size)
         src_kps = torch.tensor(check_points(points, src_size, "points"), dtype=torch.float64)
         sample: PairSample = {
             "pair_id": "match", "category": str(category),

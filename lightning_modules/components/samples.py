@@ -66,7 +66,11 @@ class PairSample(TypedDict, total=False):
         trg_annotation_path: The target frame's annotation file.
         num_objects: Objects annotated in the sequence.
 
-    Points to carry (own images, ``datamodules.own_images``): ``src_kps`` alone, no ground truth.
+    Points to carry (own images, ``datamodules.own_images``): ``src_kps`` alone, no ground truth; the images may
+    have been read downscaled from their files, whose own frame the outputs are written in:
+        src_file_size: The source file's size ``(width, height)``, upright.
+        trg_file_size: The target file's size.
+        src_file_kps: The source points as given, in the file's pixels ``[N, 2]`` float64.
 
     Instance masks (instance swapping):
         src_mask: The source instance ``[H, W]`` bool.
@@ -109,6 +113,9 @@ class PairSample(TypedDict, total=False):
     num_objects: int
     src_mask: torch.Tensor
     trg_mask: torch.Tensor
+    src_file_size: tuple[int, int]
+    trg_file_size: tuple[int, int]
+    src_file_kps: torch.Tensor
 
 
 #: The keys every sample holds.

@@ -45,13 +45,22 @@ def reduce_descriptors(descriptors: torch.Tensor, dims: int = 32) -> torch.Tenso
     return (reduced * 127).round().to(torch.int8).reshape(2, -1, k)
 
 
-def _image_entry(image: torch.Tensor, geometry: Any, descriptors: torch.Tensor, side: int, quality: int) -> dict[str, Any]:
-    """One image of a viewer pair: a small JPEG, its size, the map to its feature square and its descriptors."""
+def _image_entry(image: torch.Tensor, geometry: Any, descriptors: torch.Tensor, side: int, quality: int,
+                 file_size: Sequence[int] | None = None) -> dict[str, Any]:
+    """One image of a viewer pair: a small JPEG, its size, the map to its feature square and its descriptors.
+
+    Where the image was read downscaled from a file of ``file_size`` ``(width, height)``, the size and the map
+    are the file's: the page reads and shows points in the file's pixels, as ``matches.jsonl`` writes them."""
     picture = to_pil_image(image)
     width, height = picture.size
-    factor = min(1.0, side / max(width, height))
+    scale = float(geometry.scale)
+    if file_size is not None and (int(file_size[0]), int(file_size[1])) != (width, height):
+        # one factor for both axes (the page's map has one scale): the long side's, which the load kept exact
+        scale *= max(width, height) / max(int(file_size[0]), int(file_size[1]))
+        width, height = int(file_size[0]), int(file_size[1])
+    factor = min(1.0, side / max(picture.size))
     if factor < 1.0:
-        picture = picture.resize((max(1, round(width * factor)), max(1, round(height * factor))))
+        picture = picture.resize((max(1, round(picture.width * factor)), max(1, round(picture.height * factor))))
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=quality)
     return {
@@ -59,7 +68,7 @@ def _image_entry(image: torch.Tensor, geometry: Any, descriptors: torch.Tensor, 
         "width": width,
         "height": height,
         "square": int(geometry.size),
-        "scale": float(geometry.scale),
+        "scale": scale,
         "offset": [int(v) for v in geometry.offset],
         "descriptors": base64.b64encode(descriptors.numpy().tobytes()).decode("ascii"),
     }
@@ -82,7 +91,8 @@ def viewer_pair(
 
     Args:
         pipeline: A :class:`~.pipeline.FusedCorrespondence`.
-        sample: The pair (``src_image``, ``trg_image``, their paths, ``category``).
+        sample: The pair (``src_image``, ``trg_image``, their paths, ``category``; ``src_file_size`` and
+            ``trg_file_size`` where the images were read downscaled: the page is then in the files' pixels).
         points: The run's matches to draw: ``src`` and ``pred`` ``[[x, y], ...]`` (original pixels), optional
             ``mutual`` and ``inside`` flags (``inside`` defaults to :func:`~.visualize.inside_image` of ``pred``:
             the page draws a match outside the target as a square on its border, as the pictures do).
@@ -95,8 +105,9 @@ def viewer_pair(
     features, _ = extract_features(pipeline.sd, pipeline.dino, images, categories, pipeline.device, pipeline.cache)
     descriptors = pipeline.describe_pair(features[0], features[1])
     reduced = reduce_descriptors(descriptors, dims)
+    file_sizes = [sample.get("src_file_size"), sample.get("trg_file_size")]
     entries = [
-        _image_entry(image, annotation_geometry(f, pipeline.eval_size), reduced[i], image_side, quality)
+        _image_entry(image, annotation_geometry(f, pipeline.eval_size), reduced[i], image_side, quality, file_sizes[i])
         for i, (image, f) in enumerate(zip(images, features))
     ]
     pair = {

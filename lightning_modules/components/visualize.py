@@ -178,7 +178,7 @@ def point_colors(count: int) -> list[tuple[int, int, int]]:
 
 def draw_matches(
     src_image: Any, trg_image: Any, src_kps: Any, pred_kps: Any, mutual: Sequence[bool] | None = None,
-    height: int = 256,
+    height: int = 256, src_size: Sequence[int] | None = None, trg_size: Sequence[int] | None = None,
 ) -> Image.Image:
     """Draw where each source point went, without a ground truth (own images).
 
@@ -196,18 +196,23 @@ def draw_matches(
         pred_kps: ``[N, 2]`` their matches, original target pixels.
         mutual: ``[N]`` mutual-nearest-neighbour flags, or None (all drawn filled).
         height: Height of the output image in pixels.
+        src_size: ``(width, height)`` of the frame ``src_kps`` are in, where the image was read downscaled
+            from a file of that size (default: the image's own size).
+        trg_size: The same for ``pred_kps`` and the target image (the frame of :func:`inside_image`).
 
     Returns:
         An RGB image of size ``(src_panel_width + trg_panel_width, height)``.
     """
     src, trg = to_pil_image(src_image), to_pil_image(trg_image)
+    src_frame = tuple(int(v) for v in src_size) if src_size is not None else src.size
+    trg_frame = tuple(int(v) for v in trg_size) if trg_size is not None else trg.size
     src_pts, pred_pts = _as_points("src_kps", src_kps), _as_points("pred_kps", pred_kps)
     if src_pts.shape != pred_pts.shape:
         raise ValueError(f"src_kps and pred_kps must hold the same number of points, got {len(src_pts)} and {len(pred_pts)}")
     canvas, sizes = _side_by_side(src, trg, int(height))
-    src_xy = scale_keypoints(src_pts, src.size, sizes[0])
-    pred_xy = _target_panel_points(pred_pts, trg.size, sizes)
-    inside = inside_image(pred_pts, trg.size)
+    src_xy = scale_keypoints(src_pts, src_frame, sizes[0])
+    pred_xy = _target_panel_points(pred_pts, trg_frame, sizes)
+    inside = inside_image(pred_pts, trg_frame)
     radius = max(2, round(height / 64))
     draw = ImageDraw.Draw(canvas)
     colors = point_colors(len(src_pts))
