@@ -13,6 +13,7 @@ and a validation split served exactly like the evaluated one.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
@@ -35,6 +36,18 @@ from .samplers import (
 __all__ = ["PairDataModule"]
 
 
+def require_root_folder(root: str | Path, name: str, hint: str) -> Path:
+    """``root`` as a path (``~`` expanded) when it is a folder.
+
+    Raises:
+        FileNotFoundError: "<name> root not found: <root>; <hint>".
+    """
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{name} root not found: {path}; {hint}")
+    return path
+
+
 class PairDataModule(L.LightningDataModule):
     """Base of the benchmark DataModules: one evaluated dataset, its categories and its protocol.
 
@@ -51,6 +64,9 @@ class PairDataModule(L.LightningDataModule):
 
     protocol_name: ClassVar[str] = ""
     layout_hint: ClassVar[str] = ""
+    #: The benchmark's name in "<name> root not found" (:func:`require_root_folder`); empty where
+    #: :meth:`check_inputs` leaves the root to the reader (a root that is generated, or a file).
+    root_name: ClassVar[str] = ""
     #: Whether the benchmark has training / validation splits (``trainer.fit`` / ``trainer.validate``).
     supports_fit: ClassVar[bool] = False
 
@@ -92,6 +108,22 @@ class PairDataModule(L.LightningDataModule):
     def build_val_dataset(self, root: str) -> Dataset:
         """Build the validation dataset from ``root`` (only where ``supports_fit``)."""
         raise NotImplementedError
+
+    @classmethod
+    def check_inputs(cls, **init_args: Any) -> None:
+        """Check a config's ``data.init_args`` before any model is loaded (the CLI calls it): ``root`` is given
+        and is a folder, with the reader's own message (the reader checks the layout inside as it reads).
+
+        Raises:
+            ValueError: No ``root``.
+            FileNotFoundError: ``root`` is not a folder (named, with the expected layout).
+        """
+        if not cls.root_name:
+            return
+        root = init_args.get("root")
+        if root is None:
+            raise ValueError(f"{cls.__name__} needs `root` (--data.root DIR); {cls.layout_hint}")
+        require_root_folder(root, cls.root_name, cls.layout_hint)
 
     def _require_root(self) -> str:
         if self.root is None:

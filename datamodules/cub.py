@@ -49,7 +49,7 @@ from torch.utils.data import Dataset
 
 from lightning_modules.components.image_prep import load_rgb_image
 
-from .base import PairDataModule
+from .base import PairDataModule, require_root_folder
 
 __all__ = [
     "ACSM_CACHEDIR_HINT",
@@ -84,6 +84,8 @@ ACSM_CACHEDIR_HINT = (
     "extract it inside the CUB_200_2011 folder, or pass test_list=PATH"
 )
 
+#: The benchmark's name in messages ("CUB-200-2011 root not found: ...").
+ROOT_NAME = "CUB-200-2011"
 LAYOUT_HINT = (
     "expected the CUB_200_2011 folder: '<root>/images/<class>/*.jpg', '<root>/parts/part_locs.txt' and "
     f"ACSM's test list '<root>/{DEFAULT_TEST_LIST.as_posix()}'"
@@ -414,8 +416,7 @@ class CUBASICDataset(Dataset):
         if isinstance(crop_size, bool) or int(crop_size) < 1:
             raise ValueError(f"crop_size must be a positive int, got {crop_size!r}")
         self.crop_size = int(crop_size)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"CUB-200-2011 root not found: {self.root}; {LAYOUT_HINT}")
+        require_root_folder(self.root, ROOT_NAME, LAYOUT_HINT)
         self.test_list = Path(test_list).expanduser() if test_list is not None else self.root / DEFAULT_TEST_LIST
 
         entries = read_test_list(self.test_list)
@@ -607,6 +608,7 @@ class CUBDataModule(PairDataModule):
 
     protocol_name = "cub"
     layout_hint = LAYOUT_HINT
+    root_name = ROOT_NAME
 
     def __init__(
         self,

@@ -35,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lightning_modules.components.image_prep import load_rgb_image
 
-from .base import PairDataModule
+from .base import PairDataModule, require_root_folder
 from .masked_pairs import MaskedPairsDataModule
 from .records import PairRecordsDataset, category_filter
 from .samplers import collate_pairs
@@ -56,6 +56,8 @@ __all__ = [
     "write_synthetic_davis",
 ]
 
+#: The benchmark's name in messages ("DAVIS root not found: ...").
+ROOT_NAME = "DAVIS"
 LAYOUT_HINT = (
     "expected the DAVIS-2017 layout: '<root>/JPEGImages/<resolution>/<sequence>/%05d.jpg', "
     "'<root>/Annotations/<resolution>/<sequence>/%05d.png' (palette PNGs of object ids; resolution 480p or "
@@ -188,8 +190,7 @@ class DAVISDataset(PairRecordsDataset):
         self.skip_last_frame = bool(skip_last_frame)
         wanted = category_filter(sequences)
 
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"DAVIS root not found: {self.root}; {LAYOUT_HINT}")
+        require_root_folder(self.root, ROOT_NAME, LAYOUT_HINT)
         self.image_root = self.root / "JPEGImages" / self.resolution
         self.annotation_root = self.root / "Annotations" / self.resolution
         for folder in (self.image_root, self.annotation_root):
@@ -556,6 +557,7 @@ class DAVISDataModule(PairDataModule):
 
     protocol_name = "davis"
     layout_hint = DAVIS_LAYOUT_HINT
+    root_name = ROOT_NAME
 
     def __init__(
         self,
@@ -597,6 +599,8 @@ class SyntheticDAVISDataModule(DAVISDataModule):
         batch_size: Pairs (frames) per batch.
         num_workers: DataLoader workers.
     """
+
+    root_name = ""  # the root is generated where it is missing: nothing to check before the run
 
     def __init__(
         self,

@@ -44,7 +44,7 @@ import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from PIL import Image, UnidentifiedImageError
 
-from .base import PairDataModule
+from .base import PairDataModule, require_root_folder
 from .records import PairRecordsDataset, category_filter, points_outside, read_pairs_table, warn_points_outside
 
 __all__ = [
@@ -77,6 +77,8 @@ PF_PASCAL_SPLITS: dict[str, str] = {
     "train": "trn_pairs_pf_pascal.csv",
 }
 
+#: The benchmark's name in messages ("PF-PASCAL root not found: ...").
+ROOT_NAME = "PF-PASCAL"
 LAYOUT_HINT = (
     "expected the PF-PASCAL layout: '<root>/{test,val,trn}_pairs_pf_pascal.csv', "
     "'<root>/JPEGImages/*.jpg' and optionally '<root>/Annotations/<category>/*.mat', where <root> is the "
@@ -352,8 +354,7 @@ class PFPascalDataset(PairRecordsDataset):
             if unknown:
                 raise ValueError(f"Unknown PF-PASCAL categories {unknown}; known: {list(PF_PASCAL_CATEGORIES)}")
 
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"PF-PASCAL root not found: {self.root}; {LAYOUT_HINT}")
+        require_root_folder(self.root, ROOT_NAME, LAYOUT_HINT)
         self.csv_path = self.root / PF_PASCAL_SPLITS[self.split]
         if not self.csv_path.is_file():
             present = sorted(p.name for p in self.root.glob("*_pairs_pf_pascal.csv"))
@@ -513,6 +514,7 @@ class PFPascalDataModule(PairDataModule):
 
     protocol_name = "pfpascal"
     layout_hint = LAYOUT_HINT
+    root_name = ROOT_NAME
 
     def __init__(
         self,

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from .base import PairDataModule
+from .base import PairDataModule, require_root_folder
 from .pfpascal import quarter_pixels, read_image_size, resolve_pair_path, write_csv_rows, write_noise_image
 from .records import PairRecordsDataset, category_filter, points_outside, read_pairs_table, warn_points_outside
 
@@ -66,6 +66,8 @@ PF_WILLOW_CSV_NAMES: tuple[str, ...] = ("test_pairs_pf_willow.csv", "test_pairs_
 NUM_KEYPOINTS = 10
 _NUM_COLUMNS = 2 + 4 * NUM_KEYPOINTS
 
+#: The benchmark's name in messages ("PF-WILLOW root not found: ...").
+ROOT_NAME = "PF-WILLOW"
 LAYOUT_HINT = (
     "expected the PF-WILLOW layout: '<root>/test_pairs_pf_willow.csv' (or 'test_pairs_pf.csv' / "
     "'test_pairs.csv') and '<root>/<subclass>/*.png' (e.g. 'car(G)/Cars_006a.png'), where <root> is the "
@@ -200,8 +202,7 @@ class PFWillowDataset(PairRecordsDataset):
         super().__init__()
         self.root = Path(root).expanduser()
         categories = category_filter(categories)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"PF-WILLOW root not found: {self.root}; {LAYOUT_HINT}")
+        require_root_folder(self.root, ROOT_NAME, LAYOUT_HINT)
         csv_path = next((self.root / n for n in PF_WILLOW_CSV_NAMES if (self.root / n).is_file()), None)
         if csv_path is None:
             raise FileNotFoundError(
@@ -309,6 +310,7 @@ class PFWillowDataModule(PairDataModule):
 
     protocol_name = "pfwillow"
     layout_hint = LAYOUT_HINT
+    root_name = ROOT_NAME
 
     def __init__(
         self,

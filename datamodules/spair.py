@@ -30,7 +30,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from lightning_modules.components.image_prep import load_rgb_image
 
-from .base import PairDataModule
+from .base import PairDataModule, require_root_folder
 from .protocols import SPAIR_VARIATIONS
 from .records import PairRecordsDataset, category_filter, points_outside, warn_points_outside
 
@@ -51,6 +51,8 @@ SUBSET_DRAWS = ("uniform", "reference")
 #: Accepted split names and the folder each maps to.
 SPLIT_ALIASES: dict[str, str] = {"trn": "trn", "train": "trn", "val": "val", "test": "test"}
 
+#: The benchmark's name in messages ("SPair-71k root not found: ...").
+ROOT_NAME = "SPair-71k"
 LAYOUT_HINT = (
     "expected the SPair-71k layout: '<root>/PairAnnotation/<split>/*.json' "
     "(split in trn/val/test) and '<root>/JPEGImages/<category>/*.jpg'"
@@ -371,8 +373,7 @@ class SPairDataset(PairRecordsDataset):
             )
         categories = category_filter(categories)
 
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"SPair-71k root not found: {self.root}; {LAYOUT_HINT}")
+        require_root_folder(self.root, ROOT_NAME, LAYOUT_HINT)
         split_dir = self.root / "PairAnnotation" / self.split
         if not split_dir.is_dir():
             raise FileNotFoundError(
@@ -486,6 +487,7 @@ class SPairDataModule(PairDataModule):
 
     protocol_name = "spair"
     layout_hint = LAYOUT_HINT
+    root_name = ROOT_NAME
     supports_fit = True
 
     def __init__(

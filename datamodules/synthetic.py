@@ -653,6 +653,8 @@ class SyntheticSPairDataModule(SPairDataModule):
         scene: What the generated images show (:data:`SCENES`; ``warps`` for the demo).
     """
 
+    root_name = ""  # the root is generated where it is missing: nothing to check before the run
+
     def __init__(
         self,
         root: str | None = None,

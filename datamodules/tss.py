@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from lightning_modules.components.image_prep import load_rgb_image
 
-from .base import PairDataModule
+from .base import PairDataModule, require_root_folder
 
 __all__ = [
     "TSSDataModule",
@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 TSS_DATASETS = ("FG3DCar", "JODS", "PASCAL")
+#: The benchmark's name in messages ("TSS root not found: ...").
+ROOT_NAME = "TSS"
 TSS_LAYOUT_HINT = (
     "expected the TSS layout: '<root>/{FG3DCar,JODS,PASCAL}/<pair>/' holding image1.png, image2.png, "
     "flow1.flo, flow2.flo, mask1.png and mask2.png"
@@ -133,8 +135,7 @@ class TSSDataset(Dataset):
 
     def __init__(self, root: str | Path, datasets: Sequence[str] = TSS_DATASETS) -> None:
         self.root = Path(root).expanduser()
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"TSS root not found: {self.root}; {TSS_LAYOUT_HINT}")
+        require_root_folder(self.root, ROOT_NAME, TSS_LAYOUT_HINT)
         unknown = sorted(set(datasets) - set(TSS_DATASETS))
         if unknown:
             raise ValueError(f"unknown TSS datasets {unknown}; known: {list(TSS_DATASETS)}")
@@ -252,6 +253,7 @@ class TSSDataModule(PairDataModule):
 
     protocol_name = "tss"
     layout_hint = TSS_LAYOUT_HINT
+    root_name = ROOT_NAME
 
     def __init__(
         self,

@@ -27,9 +27,11 @@ def photos(tmp_path: Path) -> Path:
     return write_example_photos(tmp_path / "photos")
 
 
-def _error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> str:
-    """Run ``evaluate.py predict`` (configs/match.yaml, tiny models) as the script does; its exit status must be
-    1, no SD model may have been built, and the printed error is returned."""
+def _error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str,
+           command: tuple[str, str] = ("predict", "match.yaml")) -> str:
+    """Run ``evaluate.py predict`` (configs/match.yaml, tiny models; or another ``command``: subcommand and
+    config) as the script does; its exit status must be 1, no SD model may have been built, and the printed
+    error is returned."""
     built = []
     original = SDFeaturizer.__init__
 
@@ -40,7 +42,7 @@ def _error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captu
 
     monkeypatch.setattr(SDFeaturizer, "__init__", spy)
     monkeypatch.delenv("SD_DINO_DEBUG", raising=False)
-    argv = ["predict", "--config", str(CONFIGS / "match.yaml"), "--config", TINY_OVERLAY, "--trainer.accelerator",
+    argv = [command[0], "--config", str(CONFIGS / command[1]), "--config", TINY_OVERLAY, "--trainer.accelerator",
             "cpu", "--trainer.default_root_dir", str(tmp_path / "run"), *args]
     with pytest.raises(SystemExit) as stop:
         run_script(lambda: evaluate.main(argv), ["evaluate.py", *argv])
@@ -93,3 +95,17 @@ def test_a_pairs_file_that_is_not_json_is_named(photos, tmp_path, monkeypatch, c
     photos.write_text('[{"source": "source.png", "target": "targets/target_0.png"},]')  # a trailing comma
     err = _error(tmp_path, monkeypatch, capsys, "--data.pairs", str(photos))
     assert f"{photos}: not valid JSON" in err and "line 1" in err
+
+
+@pytest.mark.parametrize("config, name", [("spair.yaml", "SPair-71k"), ("pfpascal.yaml", "PF-PASCAL"),
+                                          ("pfwillow.yaml", "PF-WILLOW"), ("cub.yaml", "CUB-200-2011"),
+                                          ("tss.yaml", "TSS"), ("davis.yaml", "DAVIS")])
+def test_a_benchmark_root_that_is_not_there_is_named_before_any_model_loads(config, name, tmp_path, monkeypatch,
+                                                                            capsys) -> None:
+    """A typo in ``--data.root`` (or none given) stops the run before the models are built: with the paper's
+    weights that is a minute sooner (before: the benchmark's reader found it in ``setup``, after the models)."""
+    missing = tmp_path / "typo"
+    err = _error(tmp_path, monkeypatch, capsys, "--data.root", str(missing), command=("test", config))
+    assert err.startswith(f"error: {name} root not found: {missing}; expected")
+    err = _error(tmp_path, monkeypatch, capsys, command=("test", config))
+    assert err.startswith("error: ") and "needs `root` (--data.root DIR)" in err
