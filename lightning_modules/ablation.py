@@ -22,10 +22,11 @@ from .components.analysis import relative_distance, summarize_fusion_analysis
 from .components.dino_featurizer import DinoFeaturizer
 from .components.features import feature_cache
 from .components.keypoints import EvalSize
+from .components.pck import keypoint_correct
 from .components.pipeline import benchmark_pose_alignment
 from .components.sd_featurizer import SDFeaturizer
 from .distributed import gather_from_ranks
-from .metrics import PCK, keypoint_correct
+from .metrics import PCK
 from .results import RunResults
 from .zero_shot import (
     keypoint_record,

@@ -30,7 +30,6 @@ single-process numbers, bit for bit.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,6 +37,12 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
+
+from .components.pck import alpha_value as _alpha_value
+from .components.pck import alphas_tensor as _alphas_tensor
+from .components.pck import check_point_shapes as _check_points
+from .components.pck import compute_dtype as _compute_dtype
+from .components.pck import keypoint_correct, within
 
 __all__ = [
     "PCK",
@@ -73,17 +78,6 @@ def format_alpha(alpha: float | Tensor) -> str:
     return repr(_alpha_value(alpha))
 
 
-def _alpha_value(alpha: float | Tensor) -> float:
-    """An alpha as a Python float; reduced-precision tensors are rounded to the digits they carry."""
-    if isinstance(alpha, Tensor):
-        value = float(alpha.item())
-        if alpha.is_floating_point() and alpha.dtype != torch.float64:
-            digits = round(-math.log10(torch.finfo(alpha.dtype).resolution)) + 1  # float32: 7
-            value = float(f"{value:.{digits}g}")
-        return value
-    return float(alpha)
-
-
 def stable_pair_key(pair_id: str) -> int:
     """Map a pair id to a stable signed 64-bit integer.
 
@@ -101,75 +95,9 @@ def stable_pair_key(pair_id: str) -> int:
     return int.from_bytes(digest, byteorder="little", signed=True)
 
 
-def _compute_dtype(device: torch.device) -> torch.dtype:
-    # float64 for exact agreement with NumPy-based reference scoring; MPS has no float64.
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _alphas_tensor(alphas: Sequence[float] | Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    # float32 tensor alphas are rounded (0.10000000149 -> 0.1) so that the strict bound is alpha * thr
-    values = alphas.detach().reshape(-1).unbind(0) if isinstance(alphas, Tensor) else list(alphas)
-    a = torch.tensor([_alpha_value(x) for x in values], device=device, dtype=dtype)
-    if a.numel() == 0:
-        raise ValueError("`alphas` must contain at least one value.")
-    return a
-
-
-def within(error: Tensor, bound: Tensor, inclusive: bool = False) -> Tensor:
-    """``error < bound`` (the keypoint PCK convention) or ``error <= bound`` (the dense-flow one)."""
-    return error <= bound if inclusive else error < bound
-
-
-def _check_points(pred: Tensor, gt: Tensor, valid: Tensor | None) -> None:
-    if pred.ndim != 2 or pred.shape[-1] != 2:
-        raise ValueError(f"`pred` must have shape [N, 2], got {tuple(pred.shape)}.")
-    if gt.shape != pred.shape:
-        raise ValueError(f"`gt` must have the shape of `pred` {tuple(pred.shape)}, got {tuple(gt.shape)}.")
-    if valid is not None and valid.shape != pred.shape[:1]:
-        raise ValueError(f"`valid` must have shape [{pred.shape[0]}], got {tuple(valid.shape)}.")
-
-
 # --------------------------------------------------------------------------------------------------
 # functional twin
 # --------------------------------------------------------------------------------------------------
-def keypoint_correct(
-    pred: Tensor,
-    gt: Tensor,
-    threshold: float | Tensor,
-    alphas: Sequence[float] | Tensor,
-    valid: Tensor | None = None,
-    inclusive: bool = False,
-) -> Tensor:
-    """Per-keypoint correctness at several alphas for one pair.
-
-    A point is correct when ``||pred - gt||_2 < alpha * threshold`` (strict; ``<=`` with
-    ``inclusive``, the dense-flow convention) and it is valid.
-
-    Args:
-        pred: Predicted points, ``[N, 2]`` (x, y) in original pixels.
-        gt: Ground-truth points, ``[N, 2]``.
-        threshold: The pair's PCK threshold (e.g. max side of the target bbox), a number or a
-            scalar tensor.
-        alphas: ``A`` alpha values (a reduced-precision tensor is rounded to the digits it carries,
-            so float32 ``0.1`` means exactly ``0.1``).
-        valid: Optional ``[N]`` bool mask; invalid points are never correct.
-        inclusive: Count an error equal to ``alpha * threshold`` as correct.
-
-    Returns:
-        A bool tensor ``[A, N]`` on the device of ``pred``.
-    """
-    _check_points(pred, gt, valid)
-    device = pred.device
-    dtype = _compute_dtype(device)
-    a = _alphas_tensor(alphas, device, dtype)
-    thr = torch.as_tensor(threshold, device=device).to(dtype).reshape(())
-    err = torch.linalg.vector_norm(pred.to(dtype) - gt.to(device=device, dtype=dtype), dim=-1)  # [N]
-    correct = within(err.unsqueeze(0), (a * thr).unsqueeze(1), inclusive)  # [A, N]
-    if valid is not None:
-        correct = correct & valid.to(device=device, dtype=torch.bool).unsqueeze(0)
-    return correct
-
-
 def pair_correct_counts(
     pred: Tensor,
     gt: Tensor,
@@ -593,10 +521,7 @@ class PCK(PairCounts):
             thr = torch.tensor([float(t) for t in thresholds], device=device, dtype=dtype)
         pair_of_point = torch.repeat_interleave(torch.arange(batch, device=device), sizes)  # [N]
 
-        alphas = torch.tensor(self.alphas, device=device, dtype=dtype)
-        err = torch.linalg.vector_norm(pred - gt, dim=-1)  # [N]
-        bound = alphas.unsqueeze(0) * thr[pair_of_point].unsqueeze(1)
-        ok = within(err.unsqueeze(1), bound, self.inclusive) & valid.unsqueeze(1)
+        ok = keypoint_correct(pred, gt, thr[pair_of_point], self.alphas, valid, self.inclusive).T  # [N, A]
         correct = torch.zeros(batch, num_alphas, dtype=torch.long, device=device)
         correct.index_add_(0, pair_of_point, ok.long())  # [B, A]
         num_points = torch.zeros(batch, dtype=torch.long, device=device)

@@ -515,3 +515,40 @@ def test_metric_updates_take_keywords_only() -> None:
     assert flow.compute()["num_pixels"] == 4 and not isinstance(flow, PCK)
     with pytest.raises(TypeError, match="positional"):
         JAndF(sequences=["s"]).update([torch.ones(2, 2)], [torch.ones(2, 2)], ["s"], ["s/1"], [1])
+
+
+def test_one_correctness_rule_for_scores_pictures_and_per_point_thresholds() -> None:
+    """PCK correctness has one implementation (``components.pck.keypoint_correct``): the metric, the functional
+    twin and the pictures' outcome agree point for point, on exact boundaries too, and a per-point threshold
+    (several pairs at once, as ``PCK.update`` passes them) equals one call per pair."""
+    from lightning_modules.components.pck import keypoint_correct as core_rule
+    from lightning_modules.components.visualize import keypoints_correct as picture_rule
+    from lightning_modules.metrics import keypoint_correct as metric_rule
+
+    assert metric_rule is core_rule
+    gen = torch.Generator().manual_seed(3)
+    gt = torch.rand(12, 2, generator=gen, dtype=torch.float64) * 100
+    pred = gt + torch.randn(12, 2, generator=gen, dtype=torch.float64) * 8
+    gt[0] = torch.tensor([10.0, 20.0], dtype=torch.float64)
+    pred[0] = torch.tensor([16.0, 28.0], dtype=torch.float64)  # error exactly 10 = 0.1 * 100
+    pred[1, 0] = float("nan")
+    thresholds = torch.tensor([100.0] * 6 + [50.0] * 6, dtype=torch.float64)
+    for inclusive in (False, True):
+        joint = core_rule(pred, gt, thresholds, [0.05, 0.1, 0.15], inclusive=inclusive)
+        for pair in (slice(0, 6), slice(6, 12)):
+            alone = core_rule(pred[pair], gt[pair], float(thresholds[pair][0]), [0.05, 0.1, 0.15], inclusive=inclusive)
+            assert torch.equal(joint[:, pair], alone)
+            for row, alpha in enumerate((0.05, 0.1, 0.15)):
+                picture = picture_rule(pred[pair].numpy(), gt[pair].numpy(), float(thresholds[pair][0]), alpha,
+                                       inclusive=inclusive)
+                assert picture.tolist() == alone[row].tolist()
+        assert bool(joint[1, 0]) is inclusive and not joint[:, 1].any()  # the boundary; NaN is never correct
+    metric = PCK(alphas=(0.05, 0.1, 0.15), categories=["a", "b"])
+    metric.update(preds=[pred[:6], pred[6:]], gts=[gt[:6], gt[6:]], thresholds=[100.0, 50.0], categories=["a", "b"],
+                  pair_ids=["p0", "p1"])
+    counts = core_rule(pred, gt, thresholds, [0.05, 0.1, 0.15]).sum(dim=1)
+    result = metric.compute()["pck"]
+    for row, key in enumerate(("0.05", "0.1", "0.15")):
+        assert result[key]["per_point"] == pytest.approx(100.0 * float(counts[row]) / 12)
+    with pytest.raises(ValueError, match=r"`threshold` must be a number or have shape \[12\]"):
+        core_rule(pred, gt, thresholds[:5], [0.1])

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .pck import keypoint_correct
+
 __all__ = [
     "CORRECT_COLOR",
     "GT_COLOR",
@@ -114,7 +116,8 @@ def scale_keypoints(points: Any, from_size: tuple[int, int], to_size: tuple[int,
 def keypoints_correct(
     pred_kps: Any, trg_kps: Any, threshold: float, alpha: float, inclusive: bool = False
 ) -> np.ndarray:
-    """PCK outcome per keypoint: ``error < alpha * threshold`` (``<=`` when ``inclusive``).
+    """PCK outcome per keypoint at one ``alpha``, for a picture: :func:`.pck.keypoint_correct` (the rule every
+    score uses: ``error < alpha * threshold``, ``<=`` when ``inclusive``) on NumPy-friendly inputs.
 
     Args:
         pred_kps: ``[N, 2]`` predicted points (original target pixels).
@@ -129,10 +132,9 @@ def keypoints_correct(
     pred, gt = _as_points("pred_kps", pred_kps), _as_points("trg_kps", trg_kps)
     if pred.shape != gt.shape:
         raise ValueError(f"pred_kps {pred.shape} and trg_kps {gt.shape} differ in shape")
-    with np.errstate(invalid="ignore"):
-        error = np.linalg.norm(pred - gt, axis=1)
-        limit = alpha * float(threshold)
-        return (error <= limit) if inclusive else (error < limit)
+    correct = keypoint_correct(torch.from_numpy(pred), torch.from_numpy(gt), float(threshold), [alpha],
+                               inclusive=inclusive)
+    return correct[0].numpy()
 
 
 def _valid_point(point: np.ndarray) -> bool:
