@@ -22,6 +22,7 @@ from .components.analysis import relative_distance, summarize_fusion_analysis
 from .components.dino_featurizer import DinoFeaturizer
 from .components.features import feature_cache
 from .components.keypoints import EvalSize
+from .components.matchers import KeypointMatcher
 from .components.pck import keypoint_correct
 from .components.pipeline import benchmark_pose_alignment
 from .components.sd_featurizer import SDFeaturizer
@@ -61,6 +62,9 @@ class ZeroShotAblation(L.LightningModule):
             folder is taken under the run's folder (``trainer.default_root_dir``); an absolute one is kept.
         flip_pairs: Left/right keypoint id pairs per category (or a table name) for rows with ``pose_alignment``;
             None takes the benchmark protocol's table.
+        matcher: How every row's source keypoints find their target points
+            (:class:`~.components.matchers.KeypointMatcher`, as ``--model.pipeline.matcher`` of the zero-shot
+            run); None is the paper's nearest neighbours.
     """
 
     def __init__(
@@ -79,12 +83,13 @@ class ZeroShotAblation(L.LightningModule):
         feature_cache_gb: float = 4.0,
         feature_cache_dir: str | None = None,
         flip_pairs: dict[str, list[list[int]]] | str | None = None,
+        matcher: KeypointMatcher | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["sd", "dino", "sd_models", "dino_models"])
+        self.save_hyperparameters(ignore=["sd", "dino", "sd_models", "dino_models", "matcher"])
         self.ablation = AblationCorrespondence(
             rows, sd=sd, dino=dino, sd_variants=sd_variants, dino_variants=dino_variants, eval_size=eval_size,
-            sd_models=sd_models, dino_models=dino_models,
+            sd_models=sd_models, dino_models=dino_models, matcher=matcher,
             cache=feature_cache(feature_cache_gb, feature_cache_dir, "--model.feature_cache_dir"),
         )  # the flip table of pose-aligned rows is set in setup(), once the benchmark is known
         self.flip_pairs = flip_pairs

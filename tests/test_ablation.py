@@ -483,3 +483,35 @@ def test_learned_projection_row_replaces_co_pca(tiny_sd, tiny_dino, samples, tmp
     bad = DescriptorSpec(alpha=1.0, pca_dims=None, projection=str(tmp_path / "bad.pt"), sd_layers=(2,))
     with pytest.raises(ValueError, match=r"bad.pt.*'2.weight' must be \[d, 32\]"):
         describe_pair(src, trg, bad, tiny_sd.layers)
+
+
+def test_rows_batch_and_take_the_configured_matcher_like_the_pipeline(tiny_sd, tiny_dino, ablation_run,
+                                                                       samples) -> None:
+    """An ablation predicts through the pipeline's own prediction path (:mod:`.components.prediction`): its
+    rows' co-PCA runs batched over the pairs and equals one pair at a time bit for bit, and a configured
+    matcher reaches every row (before: each row described one pair at a time and always matched by nearest
+    neighbours)."""
+    from lightning_modules.components.features import feature_cache
+
+    from test_pipeline_api import ShiftedNeighbours
+
+    _, batched, _, _ = ablation_run  # the three pairs in one batch
+    alone = AblationCorrespondence(ROWS, sd=tiny_sd, dino=tiny_dino, cache=feature_cache(1.0, None))
+    singles = [alone.predict_pairs([s]) for s in samples]
+    for row in ROWS:
+        _assert_same([single[row.name][0] for single in singles], batched[row.name], f"{row.name}, one at a time")
+    shifted = AblationCorrespondence(ROWS, sd=tiny_sd, dino=tiny_dino, cache=alone.cache,
+                                     matcher=ShiftedNeighbours(dx=5.0)).predict_pairs(samples)
+    for row in ROWS:
+        if row.sd_layers is not None:
+            continue  # a layer subset is a pipeline of another featurizer (test_layer_subset_row_...)
+        pipeline = FusedCorrespondence(
+            tiny_sd if row.sd else None, tiny_dino if row.dino else None, alpha=row.spec([2, 5, 8]).alpha,
+            pca_dims=None if row.pca_dim is None else (row.pca_dim,) * 3,
+            fusion=row.fusion, matcher=ShiftedNeighbours(dx=5.0), feature_cache_gb=0,
+            eval_size=alone.row_eval_size(row),  # an SD-only row maps keypoints at the DINO size, as the reference
+        )
+        _assert_same(shifted[row.name], pipeline.predict_pairs(samples), f"{row.name} with the matcher")
+        moved = torch.stack([o["pred_kps"] for o in shifted[row.name]]) - torch.stack(
+            [o["pred_kps"] for o in batched[row.name]])
+        assert (moved[..., 0] > 0).all() and torch.allclose(moved[..., 1], torch.zeros_like(moved[..., 1]))

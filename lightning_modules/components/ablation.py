@@ -7,6 +7,7 @@ an SD variant, which shares the weights and is run once per image. Plain torch.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,18 +17,19 @@ from torch import nn
 
 from .dino_featurizer import DinoFeaturizer
 from .feature_cache import FeatureCache, image_digest
-from .descriptors import DescriptorSpec, describe_pair
+from .descriptors import DescriptorSpec, describe_pairs
 from .features import (
     BatchImage,
     ImageFeatures,
     default_eval_size,
     extract_features,
-    mirrored_key,
-    sample_image_key,
+    pair_features,
     unique_images,
 )
-from .keypoints import EvalSize, cell_distances, check_eval_size, keypoint_cells, transfer
-from .pose_alignment import PoseAlignment, pose_aligned_match
+from .keypoints import EvalSize, cell_distances, check_eval_size, keypoint_cells
+from .matchers import KeypointMatcher
+from .pose_alignment import PoseAlignment
+from .prediction import PredictionSettings, describe_batch, predict_pair
 from .refinements import MatchRefinement
 from .sd_featurizer import SDFeaturizer
 
@@ -139,6 +141,8 @@ class AblationCorrespondence(nn.Module):
             extracts the images of every batch anew.
         flip_pairs: Left/right keypoint id pairs per category for the rows with ``pose_alignment``, or a table
             name (see :class:`.pose_alignment.PoseAlignment`; SPair-71k's by default).
+        matcher: How every row's source keypoints find their target points (:class:`.matchers.KeypointMatcher`);
+            None is the paper's nearest neighbours.
 
     Attributes:
         extraction_passes: Images run through each featurizer variant so far (cache misses only).
@@ -156,9 +160,11 @@ class AblationCorrespondence(nn.Module):
         dino_models: Mapping[str, DinoFeaturizer] | None = None,
         cache: FeatureCache | None = None,
         flip_pairs: Mapping[str, Sequence[Sequence[int]]] | str = "spair",
+        matcher: KeypointMatcher | None = None,
     ) -> None:
         super().__init__()
         self.cache = cache
+        self.matcher = matcher
         self.pose_alignment = PoseAlignment(flip_pairs)
         if not rows:
             raise ValueError("an ablation needs at least one row")
@@ -231,32 +237,34 @@ class AblationCorrespondence(nn.Module):
             dino_feats[variant] = self._extract("dino", variant, keys, unique, digests)
         outputs: dict[str, list[dict[str, torch.Tensor]]] = {}
         for row, spec in zip(self.rows, self.specs):
-            layers = self.variants[row.sd].layers if spec.uses_sd else []
-            grid = self.dino_variants[row.dino].grid_size if spec.uses_dino else None
-            eval_size = self.row_eval_size(row)
+            settings = self.row_settings(row, spec)
+            keys = list(unique) if row.pose_alignment else plain
+            features = {key: self._combine(row, spec, sd_feats, dino_feats, key) for key in keys}
             outputs[row.name] = []
-            for s in samples:
-                src, trg = (self._combine(row, spec, sd_feats, dino_feats, sample_image_key(s, k)) for k in ("src", "trg"))
-                refinement, descriptors = row.refinement(), None
-                if row.pose_alignment:
-                    mirrored = self._combine(row, spec, sd_feats, dino_feats, mirrored_key(sample_image_key(s, "src")))
-                    out = pose_aligned_match(
-                        lambda a, b: describe_pair(a, b, spec, layers, grid),  # noqa: B023
-                        src, mirrored, trg, s, eval_size, self.pose_alignment, refinement,
-                    )
-                else:
-                    descriptors = describe_pair(src, trg, spec, layers, grid)
-                    pred, distance, extras = transfer(descriptors, src, trg, s["src_kps"], eval_size, refinement)
-                    out = {"pred_kps": pred, "distance": distance, **extras}
+            for s, descriptors in zip(samples, describe_batch(features, samples, settings)):
+                out = predict_pair(features, s, settings, descriptors)
                 if row.name in detail_rows:
                     if descriptors is None:
-                        descriptors = describe_pair(src, trg, spec, layers, grid)
+                        descriptors = settings.describe_pair(*pair_features(features, s))
+                    src, trg = pair_features(features, s)
                     side = descriptors.shape[-1]
-                    src_cells = keypoint_cells(src, s["src_kps"].to(descriptors.device), eval_size, side)
+                    src_cells = keypoint_cells(src, s["src_kps"].to(descriptors.device), settings.eval_size, side)
                     out["cell_distances"] = cell_distances(descriptors, src_cells)
-                    out["gt_cells"] = keypoint_cells(trg, s["trg_kps"].to(descriptors.device), eval_size, side)
+                    out["gt_cells"] = keypoint_cells(trg, s["trg_kps"].to(descriptors.device), settings.eval_size, side)
                 outputs[row.name].append(out)
         return outputs
+
+    def row_settings(self, row: AblationRow, spec: DescriptorSpec) -> PredictionSettings:
+        """How a row makes one prediction (:class:`.prediction.PredictionSettings`, as the pipeline's): its
+        descriptors (co-PCA and fusion by ``spec`` over its variants' layers and grid, batched over the pairs),
+        its ``eval_size`` and refinements, the module's matcher, and pose alignment where the row asks for it."""
+        layers = self.variants[row.sd].layers if spec.uses_sd else []
+        grid = self.dino_variants[row.dino].grid_size if spec.uses_dino else None
+        return PredictionSettings(
+            describe_pairs=functools.partial(describe_pairs, spec=spec, sd_layer_ids=layers, grid=grid),
+            eval_size=self.row_eval_size(row), refinement=row.refinement(), matcher=self.matcher,
+            pose_alignment=self.pose_alignment if row.pose_alignment else None,
+        )
 
     def _extract(
         self,

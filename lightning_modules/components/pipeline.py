@@ -32,17 +32,16 @@ from .features import (
     default_eval_size,
     extract_features,
     feature_cache,
-    mirrored_key,
     pair_features,
-    sample_image_key,
     source_maps,
     unique_images,
 )
 from .image_prep import load_rgb_image, load_scale, load_user_image, upright
 from .inputs import check_points
-from .keypoints import EvalSize, annotation_geometry, check_eval_size, flow_from_descriptors, transfer
+from .keypoints import EvalSize, annotation_geometry, check_eval_size, flow_from_descriptors
 from .matchers import KeypointMatcher, NearestNeighbours
-from .pose_alignment import PoseAlignment, pose_aligned_match
+from .pose_alignment import PoseAlignment
+from .prediction import PredictionSettings, describe_batch, predict_pair
 from .projection_head import GatedProjectionHead
 from .refinements import MatchRefinement
 from .samples import PairSample
@@ -344,7 +343,7 @@ class FusedCorrespondence(nn.Module):
         """Raw features of every distinct image of a batch of pairs, by :func:`.features.sample_image_key` (file
         and prompt: the SD features of a file seen under two categories come once per prompt, its prompt-free
         features once); each extracted once, via the cache. With ``mirrored_sources`` also the sources' mirrors,
-        under :func:`mirrored_key` of their keys."""
+        under :func:`.features.mirrored_key` of their keys."""
         unique = unique_images(samples, mirrored_sources)
         images = list(unique.values())
         features = self.extract([i.image for i in images], [i.category for i in images], [i.file for i in images])
@@ -396,7 +395,7 @@ class FusedCorrespondence(nn.Module):
         Returns:
             Per pair: ``pred_kps`` ``[N, 2]`` (original target pixels) and ``distance`` ``[N]``; with a
             refinement also ``confidence`` ``[N]`` (and ``mutual`` ``[N]`` bool when it checks them); with pose
-            alignment also ``flipped`` and ``pose_distances`` (:func:`pose_aligned_match`).
+            alignment also ``flipped`` and ``pose_distances`` (:func:`.pose_alignment.pose_aligned_match`).
         """
         if self.align_poses and self.pose_alignment is None:  # never a silent plain run
             raise ValueError(
@@ -404,10 +403,15 @@ class FusedCorrespondence(nn.Module):
                 "category -> [[left id, right id], ...]) or call use_protocol(protocol) with the benchmark's"
             )
         features = self.batch_features(samples, mirrored_sources=self.pose_alignment is not None)
-        if self.pose_alignment is not None:  # each pair describes both orientations of its source
-            return [self.predict_pair(features, s) for s in samples]
-        pairs = [pair_features(features, s) for s in samples]
-        return [self.predict_pair(features, s, d) for s, d in zip(samples, self.describe_pairs(pairs))]
+        descriptors = describe_batch(features, samples, self.settings)
+        return [self.predict_pair(features, s, d) for s, d in zip(samples, descriptors)]
+
+    @property
+    def settings(self) -> PredictionSettings:
+        """How this pipeline makes one prediction (:class:`.prediction.PredictionSettings`): its descriptors
+        (:meth:`describe_pairs`), ``eval_size``, refinement, matcher and pose alignment."""
+        return PredictionSettings(self.describe_pairs, self.eval_size, self.refinement, self.matcher,
+                                  self.pose_alignment)
 
     def describe_pairs(self, pairs: Sequence[tuple[ImageFeatures, ImageFeatures]]) -> list[torch.Tensor]:
         """:meth:`describe_pair` of many pairs: zero-shot, co-PCA runs batched over the pairs
@@ -419,23 +423,9 @@ class FusedCorrespondence(nn.Module):
     def predict_pair(
         self, features: Mapping[str, ImageFeatures], sample: PairSample, descriptors: torch.Tensor | None = None
     ) -> dict[str, Any]:
-        """One pair's prediction (:meth:`predict_pairs`) from the batch's features by image key: its descriptors (as
-        given by :meth:`describe_pairs` for the batch, else :meth:`describe_pair`), the transfer and, when
-        configured, the refinements and the pose alignment (which describes both source orientations itself);
-        no extraction."""
-        source, target = pair_features(features, sample)
-        if self.pose_alignment is not None:
-            mirrored = features[mirrored_key(sample_image_key(sample, "src"))]
-            return pose_aligned_match(
-                self.describe_pair, source, mirrored, target, sample, self.eval_size, self.pose_alignment,
-                self.refinement, self.matcher,
-            )
-        if descriptors is None:
-            descriptors = self.describe_pair(source, target)
-        pred, distance, extras = transfer(
-            descriptors, source, target, sample["src_kps"], self.eval_size, self.refinement, self.matcher
-        )
-        return {"pred_kps": pred, "distance": distance, **extras}
+        """One pair's prediction (:meth:`predict_pairs`) from the batch's features by image key:
+        :func:`.prediction.predict_pair` with this pipeline's :attr:`settings`; no extraction."""
+        return predict_pair(features, sample, self.settings, descriptors)
 
 
 def benchmark_pose_alignment(flip_pairs: Any, protocol: Any) -> PoseAlignment:
