@@ -16,15 +16,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from .components.ablation import AblationCorrespondence, AblationRow
 from .components.analysis import relative_distance, summarize_fusion_analysis
 from .components.dino_featurizer import DinoFeaturizer
-from .components.features import feature_cache
 from .components.keypoints import EvalSize
-from .components.matchers import KeypointMatcher
 from .components.pck import keypoint_correct
-from .components.pipeline import benchmark_pose_alignment
+from .components.pipeline import FusedCorrespondence, benchmark_pose_alignment
 from .components.sd_featurizer import SDFeaturizer
 from .distributed import gather_from_ranks
 from .metrics import PCK
@@ -39,60 +38,92 @@ from .zero_shot import (
 __all__ = ["AblationResults", "ZeroShotAblation"]
 
 
+def _ablation_pipeline(pipeline: FusedCorrespondence | None, renamed: Mapping[str, Any]) -> FusedCorrespondence:
+    """The run's pipeline: as given, or built from the options that moved into it (with a one-line notice).
+
+    Raises:
+        ValueError: Both given; or a pipeline with a projection head or pose alignment (the rows decide how
+            each prediction is made).
+    """
+    if renamed:
+        old = ", ".join(f"model.{name}" for name in renamed)
+        if pipeline is not None:
+            raise ValueError(f"{old}: give these as model.pipeline.<name> only (they moved into the pipeline)")
+        rank_zero_warn(f"{old} of ZeroShotAblation moved into its pipeline: write model.pipeline.<name> "
+                       "(configs/ablations/*.yaml do); the old names work for a while")
+        sd, dino = renamed.get("sd"), renamed.get("dino")
+        alpha = 1.0 if dino is None else 0.0 if sd is None else 0.5  # the pipeline's own alpha is not used
+        settings = {k: v for k, v in renamed.items() if k not in ("sd", "dino")}
+        pipeline = FusedCorrespondence(sd=sd, dino=dino, alpha=alpha, pca_dims=None, **settings)
+    if pipeline is None:
+        raise ValueError("ZeroShotAblation needs model.pipeline (its sd and dino featurizers)")
+    if pipeline.head is not None or pipeline.align_poses:
+        raise ValueError("an ablation's rows decide how each prediction is made: model.pipeline.projection_ckpt and "
+                         "model.pipeline.pose_alignment are not used there (a row takes pose_alignment: true)")
+    return pipeline
+
+
 class ZeroShotAblation(L.LightningModule):
     """Zero-shot correspondence for many settings at once (the supplementary's tables).
 
+    The run is made of the ``pipeline``'s parts (:class:`~.components.pipeline.FusedCorrespondence`, the
+    ``pipeline:`` node of every config, so ``configs/overlays/tiny.yaml`` serves the ablations too): its SD and
+    DINO featurizers (every variant shares their weights), its feature cache, its keypoint square
+    (``eval_size``), its matcher and its flip table. How each prediction is made is the rows' (alpha, fusion,
+    layers, co-PCA, refinements, pose alignment): the pipeline's own ``alpha``, ``pca_dims``, ``fusion`` and
+    refinements are not used, and a projection head or pose alignment there is refused.
+
     Args:
-        rows: The table's rows (name, SD variant, DINO on/off, alpha, fusion, SD layers, co-PCA dim).
-        sd: The SD featurizer whose weights every SD variant shares.
-        dino: The DINO featurizer.
-        sd_variants: Variant name -> extraction overrides (``timestep``, ``prompt``, ``image_size``, ...) of ``sd``,
-            or of one of ``sd_models`` named by ``of:`` (sharing its weights).
+        rows: The table's rows (name, SD variant, DINO on/off, alpha, fusion, SD layers, co-PCA dims).
+        pipeline: The run's featurizers, cache, ``eval_size`` (default: each row's DINO input size, else its
+            SD's), matcher and ``flip_pairs`` (None: the benchmark protocol's table).
+        sd_variants: Variant name -> extraction overrides (``timestep``, ``prompt``, ``image_size``, ...) of the
+            pipeline's SD featurizer, or of one of ``sd_models`` named by ``of:`` (sharing its weights).
         dino_variants: Variant name -> DINO extraction overrides (``layer``, ``image_size``, ``facet``, ...);
             ``of:`` works the same way.
-        sd_models: Further SD featurizers (their own weights: SD 1-3, 2-1-base, ...) rows can name.
-        dino_models: Further DINO featurizers (DINOv1, iBOT, DINOv2-S, ...) rows can name.
         title: Table title (printed and written).
-        eval_size: Keypoint-to-cell square (default: the DINO input size, else SD's).
         analysis: Run the supplementary's A.10 analysis over three rows, named by role:
             ``{"sd": <SD-only row>, "dino": <DINO-only row>, "fused": <fused row>}``.
         analysis_alpha: PCK alpha that decides "correct" in the analysis (0.10 in the paper).
-        feature_cache_gb: Memory for raw per-image features (per variant) shared by all pairs of the run.
-        feature_cache_dir: Folder of an on-disk feature cache that later runs reuse; None disables it. A relative
-            folder is taken under the run's folder (``trainer.default_root_dir``); an absolute one is kept.
-        flip_pairs: Left/right keypoint id pairs per category (or a table name) for rows with ``pose_alignment``;
-            None takes the benchmark protocol's table.
-        matcher: How every row's source keypoints find their target points
-            (:class:`~.components.matchers.KeypointMatcher`, as ``--model.pipeline.matcher`` of the zero-shot
-            run); None is the paper's nearest neighbours.
+        sd_models: Further SD featurizers (their own weights: SD 1-3, 2-1-base, ...) rows can name.
+        dino_models: Further DINO featurizers (DINOv1, iBOT, DINOv2-S, ...) rows can name.
+        sd: Renamed ``pipeline.sd`` (kept for a while, with a notice).
+        dino: Renamed ``pipeline.dino``.
+        eval_size: Renamed ``pipeline.eval_size``.
+        feature_cache_gb: Renamed ``pipeline.feature_cache_gb``.
+        feature_cache_dir: Renamed ``pipeline.feature_cache_dir``.
+        flip_pairs: Renamed ``pipeline.flip_pairs``.
     """
 
     def __init__(
         self,
         rows: list[AblationRow],
-        sd: SDFeaturizer | None = None,
-        dino: DinoFeaturizer | None = None,
+        pipeline: FusedCorrespondence | None = None,
         sd_variants: dict[str, dict[str, Any]] | None = None,
         dino_variants: dict[str, dict[str, Any]] | None = None,
         title: str = "",
-        eval_size: EvalSize | None = None,
         analysis: dict[str, str] | None = None,
         analysis_alpha: float = 0.1,
         sd_models: dict[str, SDFeaturizer] | None = None,
         dino_models: dict[str, DinoFeaturizer] | None = None,
-        feature_cache_gb: float = 4.0,
+        sd: SDFeaturizer | None = None,
+        dino: DinoFeaturizer | None = None,
+        eval_size: EvalSize | None = None,
+        feature_cache_gb: float | None = None,
         feature_cache_dir: str | None = None,
         flip_pairs: dict[str, list[list[int]]] | str | None = None,
-        matcher: KeypointMatcher | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["sd", "dino", "sd_models", "dino_models", "matcher"])
+        self.save_hyperparameters(ignore=["pipeline", "sd", "dino", "sd_models", "dino_models"])
+        renamed = {"sd": sd, "dino": dino, "eval_size": eval_size, "feature_cache_gb": feature_cache_gb,
+                   "feature_cache_dir": feature_cache_dir, "flip_pairs": flip_pairs}
+        pipeline = _ablation_pipeline(pipeline, {k: v for k, v in renamed.items() if v is not None})
         self.ablation = AblationCorrespondence(
-            rows, sd=sd, dino=dino, sd_variants=sd_variants, dino_variants=dino_variants, eval_size=eval_size,
-            sd_models=sd_models, dino_models=dino_models, matcher=matcher,
-            cache=feature_cache(feature_cache_gb, feature_cache_dir, "--model.feature_cache_dir"),
+            rows, sd=pipeline.configured[0], dino=pipeline.configured[1], sd_variants=sd_variants,
+            dino_variants=dino_variants, eval_size=pipeline.eval_size_setting, sd_models=sd_models,
+            dino_models=dino_models, matcher=pipeline.matcher, cache=pipeline.cache,
         )  # the flip table of pose-aligned rows is set in setup(), once the benchmark is known
-        self.flip_pairs = flip_pairs
+        self.flip_pairs = pipeline.flip_pairs
         self.title = title
         names = {row.name for row in rows}
         if analysis is not None and (set(analysis) != {"sd", "dino", "fused"} or not set(analysis.values()) <= names):

@@ -109,7 +109,7 @@ def _runs(data: dict[str, Path]) -> dict[str, tuple[str, list[str]]]:
         if table.stem.startswith("tiny"):
             continue
         text = table.read_text()
-        overlays = [str(CONFIGS / "ablations" / "tiny.yaml")] + [
+        overlays = [TINY] + [
             str(p) for p in sorted((CONFIGS / "ablations").glob("tiny_*.yaml")) if p.name in text
         ]
         runs[f"ablation_{table.stem}"] = ("evaluate", [

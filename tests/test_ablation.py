@@ -29,9 +29,10 @@ from lightning_modules.components.pipeline import FusedCorrespondence
 
 from conftest import REPO
 ABLATIONS = REPO / "configs" / "ablations"
-TINY = ABLATIONS / "tiny.yaml"
-#: Table configs. ``tiny.yaml`` swaps in tiny random SD / DINO; a table with extra models (``sd_models`` /
-#: ``dino_models``) names its own tiny stand-ins (``tiny_<...>.yaml``) in its smoke-run comment.
+TINY = REPO / "configs" / "overlays" / "tiny.yaml"
+#: Table configs. The common tiny overlay swaps in tiny random SD / DINO (``model.pipeline``, as for every
+#: config); a table with extra models (``sd_models`` / ``dino_models``) names its own tiny stand-ins
+#: (``tiny_<...>.yaml``) in its smoke-run comment.
 TABLES = sorted(p for p in ABLATIONS.glob("*.yaml") if not p.name.startswith("tiny"))
 
 
@@ -515,3 +516,39 @@ def test_rows_batch_and_take_the_configured_matcher_like_the_pipeline(tiny_sd, t
         moved = torch.stack([o["pred_kps"] for o in shifted[row.name]]) - torch.stack(
             [o["pred_kps"] for o in batched[row.name]])
         assert (moved[..., 0] > 0).all() and torch.allclose(moved[..., 1], torch.zeros_like(moved[..., 1]))
+
+
+def test_the_ablation_takes_its_featurizers_from_the_pipeline_and_the_old_names_still_work(
+        tiny_sd, tiny_dino, samples, ablation_run) -> None:
+    """``model.pipeline`` holds an ablation's featurizers, cache, keypoint square and matcher, as for every other
+    model (so ``configs/overlays/tiny.yaml`` serves the tables); ``model.sd`` / ``model.dino`` / ... still work
+    for a while with a one-line notice and give the same table; a pipeline with a head or pose alignment, or
+    both spellings at once, is refused."""
+    from lightning_modules import ZeroShotAblation
+
+    rows = [r for r in ROWS if r.sd_layers is None]
+    pipeline = FusedCorrespondence(tiny_sd, tiny_dino, feature_cache_gb=1.0, eval_size=224)
+    new = ZeroShotAblation(rows, pipeline=pipeline)
+    assert new.ablation.sd is tiny_sd and new.ablation.dino is tiny_dino and new.ablation.cache is pipeline.cache
+    assert new.ablation.eval_size == 224 and new.ablation.matcher is pipeline.matcher
+    with pytest.warns(UserWarning, match=r"model\.sd, model\.dino, model\.eval_size of ZeroShotAblation moved "
+                                         r"into its pipeline: write model\.pipeline\.<name>"):
+        old = ZeroShotAblation(rows, sd=tiny_sd, dino=tiny_dino, eval_size=224)
+    got_old, got_new = old.ablation.predict_pairs(samples), new.ablation.predict_pairs(samples)
+    for row in rows:
+        _assert_same(got_old[row.name], got_new[row.name], f"{row.name}, old names")
+    with pytest.raises(ValueError, match=r"model\.sd: give these as model\.pipeline\.<name> only"):
+        ZeroShotAblation(rows, pipeline=pipeline, sd=tiny_sd)
+    with pytest.raises(ValueError, match="pose_alignment are not used there"):
+        ZeroShotAblation(rows, pipeline=FusedCorrespondence(tiny_sd, tiny_dino, pose_alignment=True,
+                                                            flip_pairs="spair"))
+
+
+def test_the_kept_ablations_tiny_yaml_is_the_common_overlay() -> None:
+    """``configs/ablations/tiny.yaml`` (the old smoke-run overlay users type) stays for a while, as the same
+    overlay as ``configs/overlays/tiny.yaml``."""
+    from omegaconf import OmegaConf as conf
+
+    old, common = conf.load(ABLATIONS / "tiny.yaml"), conf.load(TINY)
+    assert conf.to_container(old) == conf.to_container(common) == {
+        "model": {"pipeline": {"sd": "../featurizers/tiny_sd.yaml", "dino": "../featurizers/tiny_dino.yaml"}}}

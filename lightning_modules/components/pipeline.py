@@ -192,7 +192,9 @@ class FusedCorrespondence(nn.Module):
         self._select_featurizers(None if self.head is None else list(self.head.sources))
         # keypoints map at the DINO input size whenever DINO is configured, even with alpha 1 (the
         # reference maps them at the DINOv2 size in its SD-only runs too)
-        self.eval_size = check_eval_size(eval_size) or default_eval_size(self.sd, dino)
+        #: ``eval_size`` as configured (None: the default below); an ablation's rows take their own defaults
+        self.eval_size_setting = check_eval_size(eval_size)
+        self.eval_size = self.eval_size_setting or default_eval_size(self.sd, dino)
         self.extraction_passes = {"sd": 0, "dino": 0}
         self.register_buffer("_device_marker", torch.empty(0), persistent=False)
 
