@@ -20,6 +20,7 @@ The toolkit's semi-supervised evaluation scores frames ``1 .. T-2`` (never the l
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import zlib
@@ -411,6 +412,14 @@ def write_synthetic_davis(
     return root
 
 
+#: :func:`write_synthetic_davis`'s defaults (its signature is their one home; the DataModule's options use them).
+_DAVIS_GENERATOR_DEFAULTS: dict[str, Any] = {
+    name: param.default
+    for name, param in inspect.signature(write_synthetic_davis).parameters.items()
+    if param.default is not param.empty
+}
+
+
 def _texture(
     rng: np.random.Generator, width: int, height: int, cells: tuple[int, int], noise: int, span: tuple[int, int]
 ) -> np.ndarray:
@@ -539,20 +548,32 @@ class DAVISInstancePairs(torch.utils.data.Dataset):
         }
 
 
+def _reader_arguments(reader: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse an argument ``reader`` (a dataset class, called with the root first) does not take.
+
+    Raises:
+        TypeError: An unknown name (named), as a direct call would.
+    """
+    try:
+        inspect.signature(reader).bind("root", **kwargs)
+    except TypeError as err:
+        raise TypeError(f"{reader.__name__}: {err}") from None
+
+
 class DAVISDataModule(PairDataModule):
     """DAVIS-2017 label propagation (``datamodules.davis.DAVISDataset``): the first frame's annotation carried to
     every later frame of its sequence, scored with J and F (``lightning_modules.segmentation_metrics``).
 
+    The reader's options are the DataModule's: ``sequences``, ``resolution``, ``split``, ``frame_stride``,
+    ``max_frames`` and ``skip_last_frame`` are :class:`DAVISDataset`'s arguments (documented there), forwarded as
+    they are; the CLI lists them with the reader's types, defaults and documentation.
+
     Args:
         root: The DAVIS root holding ``JPEGImages/`` and ``Annotations/``.
-        sequences: Sequences to evaluate (None: all of ``split``, or all folders without a split).
-        resolution: ``480p`` or ``Full-Resolution``.
-        split: Sequence list ``ImageSets/2017/<split>.txt`` (e.g. ``val``); None lists the folders.
-        frame_stride: Evaluate every ``frame_stride``-th frame.
-        max_frames: At most this many target frames per sequence (None: all).
-        skip_last_frame: Leave each sequence's last frame out, as the DAVIS toolkit does.
         batch_size: Pairs (frames) per batch.
         num_workers: DataLoader workers.
+        **dataset_kwargs: :class:`DAVISDataset`'s arguments other than ``root``; an unknown name is refused here
+            (``TypeError``), the values are checked by the reader in ``setup``.
     """
 
     protocol_name = "davis"
@@ -560,22 +581,11 @@ class DAVISDataModule(PairDataModule):
     root_name = ROOT_NAME
 
     def __init__(
-        self,
-        root: str | None = None,
-        sequences: list[str] | None = None,
-        resolution: str = "480p",
-        split: str | None = None,
-        frame_stride: int = 1,
-        max_frames: int | None = None,
-        skip_last_frame: bool = False,
-        batch_size: PositiveInt = 1,
-        num_workers: NonNegativeInt = 0,
+        self, root: str | None = None, batch_size: PositiveInt = 1, num_workers: NonNegativeInt = 0, **dataset_kwargs
     ) -> None:
         super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
-        self.dataset_kwargs: dict[str, Any] = {
-            "sequences": sequences, "resolution": resolution, "split": split, "frame_stride": frame_stride,
-            "max_frames": max_frames, "skip_last_frame": skip_last_frame,
-        }
+        _reader_arguments(DAVISDataset, dataset_kwargs)
+        self.dataset_kwargs: dict[str, Any] = dataset_kwargs
 
     def build_dataset(self, root: str) -> DAVISDataset:
         """The selected sequences' (first frame, frame t) items."""
@@ -586,7 +596,9 @@ class SyntheticDAVISDataModule(DAVISDataModule):
     """:class:`DAVISDataModule` over a generated DAVIS-format root (``datamodules.davis.write_synthetic_davis``).
 
     The root is written unless one generated before is there (its marker file); with ``root`` None it lives in
-    ``<trainer.default_root_dir>/synthetic_davis``.
+    ``<trainer.default_root_dir>/synthetic_davis``. The generator's options are below, under the names the
+    DataModule gives them (defaults: :func:`write_synthetic_davis`'s); every other option is
+    :class:`DAVISDataModule`'s (``batch_size``, ``num_workers`` and the reader's, documented there), forwarded.
 
     Args:
         root: Where the generated root goes.
@@ -596,8 +608,7 @@ class SyntheticDAVISDataModule(DAVISDataModule):
         image_height: Frame height.
         num_objects: Objects per sequence.
         generator_seed: Seed of the generator.
-        batch_size: Pairs (frames) per batch.
-        num_workers: DataLoader workers.
+        **kwargs: :class:`DAVISDataModule`'s options (``batch_size``, ``num_workers``, the reader's).
     """
 
     root_name = ""  # the root is generated where it is missing: nothing to check before the run
@@ -606,15 +617,14 @@ class SyntheticDAVISDataModule(DAVISDataModule):
         self,
         root: str | None = None,
         num_sequences: int = 2,
-        num_frames: int = 4,
-        image_width: int = 96,
-        image_height: int = 64,
-        num_objects: int = 2,
-        generator_seed: int = 0,
-        batch_size: PositiveInt = 1,
-        num_workers: NonNegativeInt = 0,
+        num_frames: int = _DAVIS_GENERATOR_DEFAULTS["num_frames"],
+        image_width: int = _DAVIS_GENERATOR_DEFAULTS["size"][0],
+        image_height: int = _DAVIS_GENERATOR_DEFAULTS["size"][1],
+        num_objects: int = _DAVIS_GENERATOR_DEFAULTS["num_objects"],
+        generator_seed: int = _DAVIS_GENERATOR_DEFAULTS["seed"],
+        **kwargs,
     ) -> None:
-        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
+        super().__init__(root=root, **kwargs)
         self.generator_kwargs: dict[str, Any] = {
             "sequences": tuple(f"seq{i}" for i in range(num_sequences)), "num_frames": num_frames,
             "size": (image_width, image_height), "num_objects": num_objects, "seed": generator_seed,

@@ -15,6 +15,7 @@ The written root is read by the real reader, :class:`datamodules.spair.SPairData
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shutil
@@ -24,7 +25,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from jsonargparse.typing import NonNegativeInt, PositiveInt
 from PIL import Image
 
 from .spair import SPLIT_ALIASES, SPairDataModule, normalize_split
@@ -193,16 +193,16 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _marker_args(
-    categories: Sequence[str] = ("cat", "dog"),
-    images_per_category: int = 4,
-    pairs_per_category: int = 6,
-    num_keypoints: int = 8,
-    image_size: tuple[int, int] = (160, 120),
-    seed: int = 0,
-    split: str = "test",
-    scene: str = "objects",
+    categories: Sequence[str],
+    images_per_category: int,
+    pairs_per_category: int,
+    num_keypoints: int,
+    image_size: tuple[int, int],
+    seed: int,
+    split: str,
+    scene: str,
 ) -> dict[str, Any]:
-    """The arguments a split marker records (defaults as in :func:`write_synthetic_spair`)."""
+    """The arguments a split marker records, normalised (JSON types, the split's canonical name)."""
     return {
         "categories": [str(c) for c in categories],
         "images_per_category": int(images_per_category),
@@ -213,6 +213,18 @@ def _marker_args(
         "split": normalize_split(split),
         "scene": str(scene),
     }
+
+
+def _generator_args(**generator_kwargs: Any) -> dict[str, Any]:
+    """:func:`write_synthetic_spair`'s arguments (``root`` aside) with its defaults filled in, as the marker
+    records them.
+
+    Raises:
+        TypeError: An argument the generator does not take.
+    """
+    bound = inspect.signature(write_synthetic_spair).bind(None, **generator_kwargs)
+    bound.apply_defaults()
+    return _marker_args(**{name: value for name, value in bound.arguments.items() if name != "root"})
 
 
 def _image_args(args: dict[str, Any]) -> dict[str, Any]:
@@ -600,7 +612,7 @@ def synthetic_root_matches(root: str | Path, **generator_kwargs: Any) -> bool:
         root: Synthetic root.
         **generator_kwargs: Arguments of :func:`write_synthetic_spair` (except ``root``).
     """
-    args = _marker_args(**generator_kwargs)
+    args = _generator_args(**generator_kwargs)
     images = read_synthetic_marker(root)
     split = read_synthetic_marker(root, split=args["split"])
     return (
@@ -611,6 +623,14 @@ def synthetic_root_matches(root: str | Path, **generator_kwargs: Any) -> bool:
         and split.get("complete") is True
         and split.get("args") == args
     )
+
+
+#: :func:`write_synthetic_spair`'s defaults (its signature is their one home; the DataModule's options use them).
+_GENERATOR_DEFAULTS: dict[str, Any] = {
+    name: param.default
+    for name, param in inspect.signature(write_synthetic_spair).parameters.items()
+    if param.default is not param.empty
+}
 
 
 class SyntheticSPairDataModule(SPairDataModule):
@@ -624,15 +644,15 @@ class SyntheticSPairDataModule(SPairDataModule):
     three for ``prepare_data`` without a Trainer). The splits share the images and coexist in ``root``;
     the data is then read by the real SPair reader.
 
+    The generator's options are below, under the names the DataModule gives them (the reader's ``categories``,
+    ``pairs_per_category`` and ``seed`` are taken; defaults: :func:`write_synthetic_spair`'s). Every other option
+    is :class:`SPairDataModule`'s (``test_split``, ``train_split``, ``val_split``, ``categories``,
+    ``pairs_per_category``, ``seed``, ``subset_draw``, ``batch_size``, ``num_workers``, ...; documented there),
+    forwarded: the splits named there are the ones written, and ``categories`` / ``pairs_per_category`` select when
+    reading, among the generated ones.
+
     Args:
         root: Directory of the synthetic benchmark; None puts it in ``<trainer.default_root_dir>/synthetic_spair``.
-        test_split: Split written and evaluated.
-        categories: Categories to keep when reading (``None``: all).
-        pairs_per_category: Per-category subset size when reading the evaluated split (``None``: all).
-        seed: Seed of the per-category subsets.
-        subset_draw: How the subsets are drawn (``uniform`` or ``reference``, see :class:`SPairDataModule`).
-        batch_size: Pairs per batch.
-        num_workers: DataLoader workers.
         synthetic_categories: Generated category names; ``None`` uses
             :func:`default_synthetic_categories` with ``num_categories``.
         num_categories: Number of generated categories when ``synthetic_categories`` is ``None``.
@@ -642,15 +662,11 @@ class SyntheticSPairDataModule(SPairDataModule):
         image_height: Base image height.
         num_keypoints: Keypoints per object.
         generator_seed: Seed of the generator.
-        train_split: Split written and trained on.
-        val_split: Split written and validated on.
-        train_pairs_per_category: Per-category subset size when reading the training split (``None``: all).
-        val_pairs_per_category: Per-category subset size when reading the validation split (``None``: all).
-        shuffle_seed: Base seed of the training shuffle.
         synthetic_train_pairs_per_category: Generated pairs per category of ``train_split`` (capped at
             ``images_per_category * (images_per_category - 1)``).
         synthetic_val_pairs_per_category: Generated pairs per category of ``val_split`` (capped likewise).
         scene: What the generated images show (:data:`SCENES`; ``warps`` for the demo).
+        **kwargs: :class:`SPairDataModule`'s options.
     """
 
     root_name = ""  # the root is generated where it is missing: nothing to check before the run
@@ -658,45 +674,20 @@ class SyntheticSPairDataModule(SPairDataModule):
     def __init__(
         self,
         root: str | None = None,
-        test_split: str = "test",
-        categories: list[str] | None = None,
-        pairs_per_category: int | None = None,
-        seed: int = 0,
-        subset_draw: Literal["uniform", "reference"] = "uniform",
-        batch_size: PositiveInt = 1,
-        num_workers: NonNegativeInt = 0,
         synthetic_categories: list[str] | None = None,
         num_categories: int = 2,
-        images_per_category: int = 4,
-        synthetic_pairs_per_category: int = 6,
-        image_width: int = 160,
-        image_height: int = 120,
-        num_keypoints: int = 8,
-        generator_seed: int = 0,
-        train_split: str = "trn",
-        val_split: str = "val",
-        train_pairs_per_category: int | None = None,
-        val_pairs_per_category: int | None = None,
-        shuffle_seed: int = 0,
+        images_per_category: int = _GENERATOR_DEFAULTS["images_per_category"],
+        synthetic_pairs_per_category: int = _GENERATOR_DEFAULTS["pairs_per_category"],
+        image_width: int = _GENERATOR_DEFAULTS["image_size"][0],
+        image_height: int = _GENERATOR_DEFAULTS["image_size"][1],
+        num_keypoints: int = _GENERATOR_DEFAULTS["num_keypoints"],
+        generator_seed: int = _GENERATOR_DEFAULTS["seed"],
         synthetic_train_pairs_per_category: int = 12,
         synthetic_val_pairs_per_category: int = 6,
-        scene: Literal["objects", "warps"] = "objects",
+        scene: Literal["objects", "warps"] = _GENERATOR_DEFAULTS["scene"],
+        **kwargs,
     ) -> None:
-        super().__init__(
-            root=root,
-            test_split=test_split,
-            categories=categories,
-            pairs_per_category=pairs_per_category,
-            seed=seed,
-            subset_draw=subset_draw,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            train_split=train_split,
-            val_split=val_split,
-            train_pairs_per_category=train_pairs_per_category,
-            val_pairs_per_category=val_pairs_per_category,
-            shuffle_seed=shuffle_seed,
-        )
+        super().__init__(root=root, **kwargs)
         names = (
             list(synthetic_categories)
             if synthetic_categories is not None
