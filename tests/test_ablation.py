@@ -411,7 +411,10 @@ def test_every_ablation_config_runs_end_to_end(table, spair_root, tmp_path, monk
     assert len(names) == len(set(names)) > 0
 
     # the evaluated pairs, independently of the datamodule
-    data_args = config.get("data", {}).get("init_args", {})
+    data = config.get("data", {})
+    if isinstance(data, str):  # the shared node, configs/data/spair_subset20.yaml
+        data = OmegaConf.to_container(OmegaConf.load(table.parent / data))
+    data_args = data.get("init_args", {})
     assert data_args.get("pairs_per_category") == 20 and data_args.get("seed") == 42
     assert data_args.get("subset_draw") == "reference"  # the paper's pairs: the reference's --SAMPLE draw
     dataset = SPairDataset(spair_root, pairs_per_category=3, seed=42, subset_draw="reference",

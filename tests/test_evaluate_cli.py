@@ -220,15 +220,16 @@ def test_the_paper_config_holds_the_reference_defaults(tmp_path) -> None:
 
     assert OmegaConf.load(SPAIR).model == "model/sd_dino.yaml"
     cfg = OmegaConf.create({"model": OmegaConf.load(CONFIGS / "model" / "sd_dino.yaml")})
-    assert cfg.model.init_args.pipeline.sd == "../featurizers/sd15.yaml"
-    assert cfg.model.init_args.pipeline.dino == "../featurizers/dinov2_b14.yaml"
+    assert cfg.model.init_args.pipeline == "pipeline.yaml"  # the node every model config shares
+    pipeline = OmegaConf.load(CONFIGS / "model" / "pipeline.yaml").init_args
+    assert pipeline.sd == "../featurizers/sd15.yaml"
+    assert pipeline.dino == "../featurizers/dinov2_b14.yaml"
     sd = OmegaConf.load(CONFIGS / "featurizers" / "sd15.yaml").init_args
     dino = OmegaConf.load(CONFIGS / "featurizers" / "dinov2_b14.yaml").init_args
     assert sd.model_id == "stable-diffusion-v1-5/stable-diffusion-v1-5" and list(sd.layers) == [2, 5, 8]
     assert (sd.timestep, sd.image_size, sd.crop_size, sd.sliding_window, sd.seed) == (100, 960, 512, True, 42)
     assert sd.prompt == "a photo of {category}" and sd.ensemble_size == 1
     assert (dino.model_id, dino.layer, dino.image_size) == ("facebook/dinov2-base", 11, 840)
-    pipeline = cfg.model.init_args.pipeline
     assert pipeline.alpha == 0.5 and list(pipeline.pca_dims) == [256, 256, 256]
 
 
