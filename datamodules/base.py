@@ -1,7 +1,7 @@
 """The base of the benchmark LightningDataModules: one evaluated dataset, its categories and its protocol.
 
-Each benchmark's DataModule lives next to its reader (``spair.py``, ``pfpascal.py``, ...), names its protocol
-(``datamodules.protocols``) and serves the evaluated split to ``trainer.test`` / ``trainer.predict`` as lists of
+Each benchmark's DataModule lives next to its reader (``spair.py``, ``pfpascal.py``, ...), carries its
+protocol (the module's ``PROTOCOL``, a :class:`datamodules.protocols.Protocol`) and serves the evaluated split to ``trainer.test`` / ``trainer.predict`` as lists of
 sample dicts (images differ in size; the model resizes), in an order that keeps pairs sharing an image
 together; under DDP each process gets one contiguous, unpadded chunk of that order (``datamodules.samplers``),
 so every pair is scored exactly once.
@@ -21,7 +21,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-from .protocols import Protocol, get_protocol
+from .protocols import Protocol
 from .samplers import (
     ContiguousDistributedSampler,
     EpochShuffleSampler,
@@ -51,8 +51,8 @@ def require_root_folder(root: str | Path, name: str, hint: str) -> Path:
 class PairDataModule(L.LightningDataModule):
     """Base of the benchmark DataModules: one evaluated dataset, its categories and its protocol.
 
-    Subclasses set ``protocol_name`` and implement :meth:`build_dataset`; the dataset must expose
-    ``categories`` (the names the metric groups by), and should expose ``pair_ids`` and ``pair_images()``
+    Subclasses set ``protocol`` (their module's ``PROTOCOL``) and implement :meth:`build_dataset`; the dataset
+    must expose ``categories`` (the names the metric groups by), and should expose ``pair_ids`` and ``pair_images()``
     (the evaluation order and the writer's completeness check use them). A subclass that can also train
     sets ``supports_fit`` and implements :meth:`build_train_dataset` and :meth:`build_val_dataset`.
 
@@ -62,7 +62,8 @@ class PairDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
     """
 
-    protocol_name: ClassVar[str] = ""
+    #: The benchmark's scoring protocol (its module's ``PROTOCOL``); None for inputs that are not scored.
+    protocol: ClassVar[Protocol | None] = None
     layout_hint: ClassVar[str] = ""
     #: The benchmark's name in "<name> root not found" (:func:`require_root_folder`); empty where
     #: :meth:`check_inputs` leaves the root to the reader (a root that is generated, or a file).
@@ -88,9 +89,9 @@ class PairDataModule(L.LightningDataModule):
         self.finished_pair_ids: set[str] = set()
 
     @property
-    def protocol(self) -> Protocol:
-        """The benchmark's scoring protocol."""
-        return get_protocol(self.protocol_name)
+    def protocol_name(self) -> str:
+        """The key of :attr:`protocol` (``spair``, ...; empty without one)."""
+        return self.protocol.key if self.protocol is not None else ""
 
     @property
     def alphas(self) -> tuple[float, ...]:

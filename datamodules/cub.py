@@ -49,6 +49,7 @@ from torch.utils.data import Dataset
 
 from lightning_modules.components.image_prep import load_rgb_image
 
+from .protocols import Protocol
 from .base import PairDataModule, require_root_folder
 
 __all__ = [
@@ -590,6 +591,21 @@ class CUBASICDataset(Dataset):
         )
 
 
+#: How this benchmark is scored (its DataModule's ``protocol``; :func:`datamodules.protocols.get_protocol`).
+PROTOCOL = Protocol(
+    name="CUB-200-2011 (ASIC)",
+    key="cub",
+    alphas=(0.1, 0.05, 0.01),
+    # Keypoints live in the protocol's 256 px square crops (datamodules/cub.py), so every pair's
+    # threshold is the crop side: PCK@alpha counts error < alpha * 256 (ASIC's compute_pck).
+    threshold="alpha * 256 (the side of the ASIC square crop)",
+    # ASIC scores one class per run (per-point pooled); the paper's single number over the first three
+    # classes is their mean: category_mean is the headline, per_category holds ASIC's per-run numbers.
+    averages=("category_mean", "per_point", "per_image"),
+    flip_pairs="cub",
+)
+
+
 class CUBDataModule(PairDataModule):
     """CUB-200-2011 with the ASIC protocol (``datamodules.cub.CUBASICDataset``).
 
@@ -606,7 +622,7 @@ class CUBDataModule(PairDataModule):
         num_workers: DataLoader workers.
     """
 
-    protocol_name = "cub"
+    protocol = PROTOCOL
     layout_hint = LAYOUT_HINT
     root_name = ROOT_NAME
 

@@ -36,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lightning_modules.components.image_prep import load_rgb_image
 
+from .protocols import Protocol
 from .base import PairDataModule, require_root_folder
 from .masked_pairs import MaskedPairsDataModule
 from .records import PairRecordsDataset, category_filter
@@ -560,6 +561,20 @@ def _reader_arguments(reader: Any, kwargs: dict[str, Any]) -> None:
         raise TypeError(f"{reader.__name__}: {err}") from None
 
 
+#: How this benchmark is scored (its DataModule's ``protocol``; :func:`datamodules.protocols.get_protocol`).
+PROTOCOL = Protocol(
+    # label propagation (supplementary B.1): the first frame's annotation carried to every later frame;
+    # J = region IoU and F = boundary F-measure per object (the DAVIS-2017 toolkit's definitions)
+    name="DAVIS-2017 label propagation",
+    key="davis",
+    alphas=(),
+    threshold="none: J is IoU, F matches boundaries within 0.008 x the image diagonal",
+    averages=("JF_mean", "J_mean", "F_mean"),
+    metric="label_jf",
+    group_label="per_sequence",
+)
+
+
 class DAVISDataModule(PairDataModule):
     """DAVIS-2017 label propagation (``datamodules.davis.DAVISDataset``): the first frame's annotation carried to
     every later frame of its sequence, scored with J and F (``lightning_modules.segmentation_metrics``).
@@ -576,7 +591,7 @@ class DAVISDataModule(PairDataModule):
             (``TypeError``), the values are checked by the reader in ``setup``.
     """
 
-    protocol_name = "davis"
+    protocol = PROTOCOL
     layout_hint = DAVIS_LAYOUT_HINT
     root_name = ROOT_NAME
 

@@ -186,10 +186,6 @@ class MaskedPairsDataModule(PairDataModule):
         super().__init__(root=root, batch_size=batch_size, num_workers=num_workers)
         self.generate, self.num_generated = bool(generate), int(num_generated)
 
-    @property
-    def protocol(self) -> None:  # type: ignore[override]
-        """None: swapped images are not scored against a benchmark protocol."""
-        return None
 
     def build_dataset(self, root: str) -> MaskedPairsDataset:
         """The listed pairs (generated first when ``generate`` is set and none are there)."""

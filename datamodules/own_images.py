@@ -371,10 +371,6 @@ class ImagePairsDataModule(PairDataModule):
         names = ("pairs", "source", "targets", "source_keypoints", "category", "grid", "strict")
         read_image_pairs(**{k: v for k, v in init_args.items() if k in names})
 
-    @property
-    def protocol(self) -> None:  # type: ignore[override]
-        """None: own images have no ground truth to score against."""
-        return None
 
     def setup(self, stage: str | None = None) -> None:
         """Read and check the pairs (``predict``)."""

@@ -44,6 +44,7 @@ import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from PIL import Image, UnidentifiedImageError
 
+from .protocols import Protocol
 from .base import PairDataModule, require_root_folder
 from .records import PairRecordsDataset, category_filter, points_outside, read_pairs_table, warn_points_outside
 
@@ -499,6 +500,17 @@ class PFPascalDataset(PairRecordsDataset):
         )
 
 
+#: How this benchmark is scored (its DataModule's ``protocol``; :func:`datamodules.protocols.get_protocol`).
+PROTOCOL = Protocol(
+    # sd-dino load_pascal_data: thresholds None -> alpha * image size; `err < threshold` (strict).
+    name="PF-Pascal",
+    key="pfpascal",
+    alphas=(0.05, 0.1, 0.15),
+    threshold="max(w, h) of the target image",
+    averages=("weighted", "category_mean", "per_point", "per_image"),
+)
+
+
 class PFPascalDataModule(PairDataModule):
     """PF-PASCAL (``datamodules.pfpascal.PFPascalDataset``), scored with the ``pfpascal`` protocol.
 
@@ -512,7 +524,7 @@ class PFPascalDataModule(PairDataModule):
         num_workers: DataLoader workers.
     """
 
-    protocol_name = "pfpascal"
+    protocol = PROTOCOL
     layout_hint = LAYOUT_HINT
     root_name = ROOT_NAME
 

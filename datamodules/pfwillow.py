@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
+from .protocols import Protocol
 from .base import PairDataModule, require_root_folder
 from .pfpascal import quarter_pixels, read_image_size, resolve_pair_path, write_csv_rows, write_noise_image
 from .records import PairRecordsDataset, category_filter, points_outside, read_pairs_table, warn_points_outside
@@ -297,6 +298,20 @@ class PFWillowDataset(PairRecordsDataset):
         )
 
 
+#: How this benchmark is scored (its DataModule's ``protocol``; :func:`datamodules.protocols.get_protocol`).
+PROTOCOL = Protocol(
+    # HPF (data/pfwillow.py, thres='bbox'): max side of the box around the TARGET keypoints, and
+    # `torch.le` (inclusive) in its correct_kps, as weakalign and DenseMatching (`epe.le`); HPF
+    # reports the mean over pairs (per_image).
+    name="PF-Willow",
+    key="pfwillow",
+    alphas=(0.05, 0.1, 0.15),
+    threshold="max(w, h) of the box around the target keypoints",
+    averages=("per_image", "per_point", "category_mean"),
+    inclusive=True,
+)
+
+
 class PFWillowDataModule(PairDataModule):
     """PF-WILLOW (``datamodules.pfwillow.PFWillowDataset``), scored with the ``pfwillow`` protocol.
 
@@ -308,7 +323,7 @@ class PFWillowDataModule(PairDataModule):
         num_workers: DataLoader workers.
     """
 
-    protocol_name = "pfwillow"
+    protocol = PROTOCOL
     layout_hint = LAYOUT_HINT
     root_name = ROOT_NAME
 

@@ -1,14 +1,22 @@
-"""The one place that decides, per benchmark, the PCK alphas, the threshold rule and the reported averages.
+"""What a benchmark's scoring protocol is: the PCK alphas, the threshold rule, the comparison, the reported
+averages, the left/right keypoint table, and the metric that scores it (:meth:`Protocol.make_metric`).
 
-Readers compute each pair's ``threshold`` (in original pixels) with the rule named here; the metric and
-the printed table take alphas, comparison and averages from here. Plain Python: no torch, no Lightning.
+Each benchmark defines its own ``PROTOCOL`` beside its reader (``spair.py``, ``pfpascal.py``, ...), and its
+DataModule carries it (``protocol``); readers compute each pair's ``threshold`` (in original pixels) with the
+rule it names, and the modules take the metric, alphas and averages from it. Adding a benchmark touches its own
+file (and one line of :data:`BENCHMARK_MODULES` for the lookup by key). Plain Python: torch and the metrics
+are imported only when a metric is made.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["METRICS", "Protocol", "PROTOCOLS", "SPAIR_VARIATIONS", "get_protocol"]
+__all__ = ["BENCHMARK_MODULES", "METRICS", "Protocol", "PROTOCOLS", "SPAIR_VARIATIONS", "get_protocol"]
 
 #: What a benchmark is scored with: PCK of keypoints (``lightning_modules.metrics.PCK``), PCK and end-point
 #: error of dense flow over valid pixels (``DenseFlowPCK``), or J&F of propagated labels
@@ -25,6 +33,7 @@ class Protocol:
 
     Attributes:
         name: Benchmark name.
+        key: Its key (``spair``, ...: :func:`get_protocol`, ``PairDataModule.protocol_name``).
         alphas: PCK thresholds as fractions of the per-pair ``threshold``.
         threshold: The rule giving each pair's ``threshold`` in pixels (documentation; readers apply it).
         averages: The scalar averages reported, in table order; the first is the paper's headline.
@@ -39,6 +48,7 @@ class Protocol:
     """
 
     name: str
+    key: str
     alphas: tuple[float, ...]
     threshold: str
     averages: tuple[str, ...]
@@ -52,69 +62,53 @@ class Protocol:
         if self.metric not in METRICS:
             raise ValueError(f"protocol {self.name!r}: unknown metric {self.metric!r}; choose one of {list(METRICS)}")
 
+    def as_record(self) -> dict[str, Any]:
+        """The protocol as ``results.json`` records it: every field but :attr:`key` (the benchmark names it)."""
+        record = dataclasses.asdict(self)
+        del record["key"]
+        return record
 
-PROTOCOLS: dict[str, Protocol] = {
-    "spair": Protocol(
-        name="SPair-71k",
-        alphas=(0.01, 0.05, 0.1),
-        threshold="max(w, h) of the target bbox",
-        averages=("category_mean", "weighted", "per_point", "per_image"),
-        groups=SPAIR_VARIATIONS,
-        flip_pairs="spair",
-    ),
-    "pfpascal": Protocol(
-        # sd-dino load_pascal_data: thresholds None -> alpha * image size; `err < threshold` (strict).
-        name="PF-Pascal",
-        alphas=(0.05, 0.1, 0.15),
-        threshold="max(w, h) of the target image",
-        averages=("weighted", "category_mean", "per_point", "per_image"),
-    ),
-    "pfwillow": Protocol(
-        # HPF (data/pfwillow.py, thres='bbox'): max side of the box around the TARGET keypoints, and
-        # `torch.le` (inclusive) in its correct_kps, as weakalign and DenseMatching (`epe.le`); HPF
-        # reports the mean over pairs (per_image).
-        name="PF-Willow",
-        alphas=(0.05, 0.1, 0.15),
-        threshold="max(w, h) of the box around the target keypoints",
-        averages=("per_image", "per_point", "category_mean"),
-        inclusive=True,
-    ),
-    "cub": Protocol(
-        name="CUB-200-2011 (ASIC)",
-        alphas=(0.1, 0.05, 0.01),
-        # Keypoints live in the protocol's 256 px square crops (datamodules/cub.py), so every pair's
-        # threshold is the crop side: PCK@alpha counts error < alpha * 256 (ASIC's compute_pck).
-        threshold="alpha * 256 (the side of the ASIC square crop)",
-        # ASIC scores one class per run (per-point pooled); the paper's single number over the first three
-        # classes is their mean: category_mean is the headline, per_category holds ASIC's per-run numbers.
-        averages=("category_mean", "per_point", "per_image"),
-        flip_pairs="cub",
-    ),
-    "tss": Protocol(
-        name="TSS",
-        alphas=(0.05,),
-        threshold="max(H, W) of the source image",
-        averages=("per_image", "per_pixel", "dataset_mean"),
-        metric="flow_pck",
-        inclusive=True,
-        group_label="per_dataset",
-    ),
-    "davis": Protocol(
-        # label propagation (supplementary B.1): the first frame's annotation carried to every later frame;
-        # J = region IoU and F = boundary F-measure per object (the DAVIS-2017 toolkit's definitions)
-        name="DAVIS-2017 label propagation",
-        alphas=(),
-        threshold="none: J is IoU, F matches boundaries within 0.008 x the image diagonal",
-        averages=("JF_mean", "J_mean", "F_mean"),
-        metric="label_jf",
-        group_label="per_sequence",
-    ),
-}
+    def make_metric(self, categories: Sequence[str], alphas: Sequence[float] | None = None, groups: bool = True) -> Any:
+        """The metric that scores this benchmark (a torchmetrics ``Metric``): keypoint PCK
+        (:class:`lightning_modules.metrics.PCK`, broken down by :attr:`groups` unless ``groups`` is False), flow
+        PCK (:class:`lightning_modules.metrics.DenseFlowPCK`) or J&F
+        (:class:`lightning_modules.segmentation_metrics.JAndF`), with this protocol's comparison.
+
+        Args:
+            categories: The categories (TSS: sub-datasets; DAVIS: sequences) the metric groups by.
+            alphas: PCK alphas other than the protocol's (a run's ``alphas`` setting); None: :attr:`alphas`.
+            groups: Break keypoint PCK down by :attr:`groups` (SPair-71k's variations).
+        """
+        chosen = list(self.alphas if alphas is None else alphas)
+        if self.metric == "keypoint_pck":
+            from lightning_modules.metrics import PCK
+
+            return PCK(chosen, categories, groups=self.groups if groups else (), inclusive=self.inclusive)
+        if self.metric == "flow_pck":
+            from lightning_modules.metrics import DenseFlowPCK
+
+            return DenseFlowPCK(chosen, categories, inclusive=self.inclusive)
+        from lightning_modules.segmentation_metrics import JAndF
+
+        return JAndF(sequences=list(categories))
+
+
+#: Where each benchmark's protocol is defined: beside its reader and DataModule (``<module>.PROTOCOL``, the
+#: DataModule's ``protocol``). :func:`get_protocol` and :data:`PROTOCOLS` look them up by key.
+BENCHMARK_MODULES = {"spair": "spair", "pfpascal": "pfpascal", "pfwillow": "pfwillow", "cub": "cub", "tss": "tss",
+                     "davis": "davis"}
+
+
+def __getattr__(name: str) -> Any:
+    """``PROTOCOLS``: every benchmark's protocol by key, gathered from the benchmark modules on first use."""
+    if name == "PROTOCOLS":
+        return {key: get_protocol(key) for key in BENCHMARK_MODULES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_protocol(name: str) -> Protocol:
-    """Look a protocol up by its key (``spair``, ``pfpascal``, ``pfwillow``, ``cub``, ``tss``, ``davis``)."""
-    try:
-        return PROTOCOLS[name]
-    except KeyError:
-        raise ValueError(f"unknown protocol {name!r}; known: {sorted(PROTOCOLS)}") from None
+    """Look a protocol up by its key (``spair``, ``pfpascal``, ``pfwillow``, ``cub``, ``tss``, ``davis``): the
+    ``PROTOCOL`` of that benchmark's module (:data:`BENCHMARK_MODULES`)."""
+    if name not in BENCHMARK_MODULES:
+        raise ValueError(f"unknown protocol {name!r}; known: {sorted(BENCHMARK_MODULES)}")
+    return importlib.import_module(f"{__package__}.{BENCHMARK_MODULES[name]}").PROTOCOL

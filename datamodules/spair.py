@@ -31,7 +31,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning_modules.components.image_prep import load_rgb_image
 
 from .base import PairDataModule, require_root_folder
-from .protocols import SPAIR_VARIATIONS
+from .protocols import Protocol, SPAIR_VARIATIONS
 from .records import PairRecordsDataset, category_filter, points_outside, warn_points_outside
 
 __all__ = [
@@ -460,6 +460,18 @@ class SPairDataset(PairRecordsDataset):
         )
 
 
+#: How this benchmark is scored (its DataModule's ``protocol``; :func:`datamodules.protocols.get_protocol`).
+PROTOCOL = Protocol(
+    name="SPair-71k",
+    key="spair",
+    alphas=(0.01, 0.05, 0.1),
+    threshold="max(w, h) of the target bbox",
+    averages=("category_mean", "weighted", "per_point", "per_image"),
+    groups=SPAIR_VARIATIONS,
+    flip_pairs="spair",
+)
+
+
 class SPairDataModule(PairDataModule):
     """SPair-71k (``datamodules.spair.SPairDataset``), scored with the SPair protocol.
 
@@ -485,7 +497,7 @@ class SPairDataModule(PairDataModule):
         shuffle_seed: Base seed of the training shuffle (epoch ``e`` uses ``shuffle_seed + e``).
     """
 
-    protocol_name = "spair"
+    protocol = PROTOCOL
     layout_hint = LAYOUT_HINT
     root_name = ROOT_NAME
     supports_fit = True

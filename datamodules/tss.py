@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from lightning_modules.components.image_prep import load_rgb_image
 
+from .protocols import Protocol
 from .base import PairDataModule, require_root_folder
 
 __all__ = [
@@ -241,6 +242,19 @@ class TSSDataset(Dataset):
         return torch.from_numpy(array == 255)
 
 
+#: How this benchmark is scored (its DataModule's ``protocol``; :func:`datamodules.protocols.get_protocol`).
+PROTOCOL = Protocol(
+    name="TSS",
+    key="tss",
+    alphas=(0.05,),
+    threshold="max(H, W) of the source image",
+    averages=("per_image", "per_pixel", "dataset_mean"),
+    metric="flow_pck",
+    inclusive=True,
+    group_label="per_dataset",
+)
+
+
 class TSSDataModule(PairDataModule):
     """TSS dense flow (``datamodules.tss.TSSDataset``): FG3DCar, JODS and PASCAL, both directions.
 
@@ -251,7 +265,7 @@ class TSSDataModule(PairDataModule):
         num_workers: DataLoader workers.
     """
 
-    protocol_name = "tss"
+    protocol = PROTOCOL
     layout_hint = TSS_LAYOUT_HINT
     root_name = ROOT_NAME
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -146,10 +145,7 @@ class ZeroShotAblation(L.LightningModule):
         if any(row.pose_alignment for row in self.ablation.rows):
             self.ablation.pose_alignment = benchmark_pose_alignment(self.flip_pairs, self.protocol)
         categories = list(datamodule.categories)
-        self.metrics = torch.nn.ModuleList(
-            PCK(self.protocol.alphas, categories, groups=self.protocol.groups, inclusive=self.protocol.inclusive)
-            for _ in self.ablation.rows
-        )
+        self.metrics = torch.nn.ModuleList(self.protocol.make_metric(categories) for _ in self.ablation.rows)
 
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
         """Score every row on a batch; one prediction record per pair and row."""
@@ -230,7 +226,7 @@ class ZeroShotAblation(L.LightningModule):
             "average": average,
             "table": {name: {a: r["pck"][a][average] for a in r["pck"]} for name, r in rows.items()},
             "rows": rows,
-            "protocol": asdict(self.protocol),
+            "protocol": self.protocol.as_record(),
             "extraction_passes": summed_over_ranks(self, self.ablation.extraction_passes),
         }
         if self.analysis:

@@ -15,7 +15,6 @@ colour maps and label transfer from :mod:`.components.dense`, the DAVIS scores f
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -100,7 +99,7 @@ class DenseCorrespondence(L.LightningModule):
                     f"DenseCorrespondence tests label propagation: it needs a DAVIS datamodule (metric 'label_jf'), "
                     f"got {type(datamodule).__name__}; for pictures of other pairs use `predict`"
                 )
-            self.metric = JAndF(sequences=list(datamodule.categories))
+            self.metric = self.protocol.make_metric(list(datamodule.categories))
 
     @torch.no_grad()
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
@@ -142,7 +141,7 @@ class DenseCorrespondence(L.LightningModule):
         results = self.metric.compute()
         results["num_pairs"] = int(results["num_frames"])
         if self.protocol is not None:
-            results["protocol"] = asdict(self.protocol)
+            results["protocol"] = self.protocol.as_record()
         results["extraction_passes"] = summed_over_ranks(self, self.pipeline.extraction_passes)
         self.test_results = ScoreResults(results)
         for key in ("J_mean", "F_mean", "JF_mean"):

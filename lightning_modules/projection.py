@@ -161,7 +161,7 @@ class ProjectionHeadTraining(ZeroShotCorrespondence):
         categories = list(getattr(datamodule, "val_categories", None) or [])
         if not categories:
             raise ValueError(f"{type(datamodule).__name__} must expose `val_categories` after setup('fit')")
-        self.metric = PCK(self.alphas or list(self.protocol.alphas), categories, inclusive=self.protocol.inclusive)
+        self.metric = self.protocol.make_metric(categories, self.alphas or None, groups=False)
 
     def _build_head(self, datamodule: Any, stage: str) -> None:
         if self.pipeline.head is not None:

@@ -8,7 +8,6 @@ averages, sparse keypoints or dense flow) comes from the datamodule's ``protocol
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -169,17 +168,14 @@ class ZeroShotCorrespondence(L.LightningModule):
             raise ValueError(
                 f"chance_baseline scores keypoints; {self.protocol.name} is scored with {self.protocol.metric}"
             )
-        if self.protocol.metric == "flow_pck":
-            self.metric = DenseFlowPCK(alphas, categories, inclusive=self.protocol.inclusive)
-        elif self.protocol.metric == "keypoint_pck":
-            self.metric = PCK(alphas, categories, groups=self.protocol.groups, inclusive=self.protocol.inclusive)
-            if self.chance_baseline:
-                self.chance = PCK(alphas, categories, groups=self.protocol.groups, inclusive=self.protocol.inclusive)
-        else:
+        if self.protocol.metric not in ("flow_pck", "keypoint_pck"):
             raise ValueError(
                 f"{type(self).__name__} scores keypoint or flow PCK; {self.protocol.name} is scored with "
                 f"{self.protocol.metric} (lightning_modules.DenseCorrespondence tests label propagation)"
             )
+        self.metric = self.protocol.make_metric(categories, alphas)
+        if self.chance_baseline:
+            self.chance = self.protocol.make_metric(categories, alphas)
 
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
         """Score a batch of pairs and return one prediction record per pair (original pixels)."""
@@ -256,7 +252,7 @@ class ZeroShotCorrespondence(L.LightningModule):
         """Compute the summary (synchronised across processes) and log the protocol's averages."""
         assert self.metric is not None
         results = self.metric.compute()
-        results["protocol"] = asdict(self.protocol)
+        results["protocol"] = self.protocol.as_record()
         results["extraction_passes"] = summed_over_ranks(self, self.pipeline.extraction_passes)
         if self.chance is not None:
             results["chance"] = self.chance.compute()["pck"]
