@@ -48,9 +48,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from lightning_modules.components.image_prep import load_rgb_image
+from lightning_modules.components.samples import PairSample
 
-from .protocols import Protocol
 from .base import PairDataModule, require_root_folder
+from .protocols import Protocol
 
 __all__ = [
     "ACSM_CACHEDIR_HINT",
@@ -370,6 +371,27 @@ def _load_rgb_array(path: Path) -> np.ndarray:
 # ------------------------------------------------------------------------------------ dataset
 
 
+class CUBSample(PairSample, total=False):
+    """A CUB-200 (ASIC) pair: :class:`~lightning_modules.components.samples.PairSample` (keypoints in the
+    protocol's square crops) and where the crops come from.
+
+    Attributes:
+        class_index: CUB-200's class number.
+        class_folder: CUB-200's class folder.
+        src_file_bbox: The source object box in the file's pixels.
+        trg_file_bbox: The target object box in the file's pixels.
+        src_crop_box: The square crop of the source file (inclusive corners).
+        trg_crop_box: The square crop of the target file.
+    """
+
+    class_index: int
+    class_folder: str
+    src_file_bbox: torch.Tensor
+    trg_file_bbox: torch.Tensor
+    src_crop_box: torch.Tensor
+    trg_crop_box: torch.Tensor
+
+
 class CUBASICDataset(Dataset):
     """CUB-200-2011 pairs with the ASIC protocol: all ordered pairs of each class's test images.
 
@@ -396,6 +418,9 @@ class CUBASICDataset(Dataset):
         ValueError: On a malformed file, an unknown class, a class with fewer than 2 test images, or a
             test-list id without 15 keypoints.
     """
+
+    #: The keys its samples hold (the contract ``tests/test_sample_contract.py`` checks).
+    sample_type = CUBSample
 
     def __init__(
         self,

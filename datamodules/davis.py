@@ -35,10 +35,11 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from PIL import Image, UnidentifiedImageError
 
 from lightning_modules.components.image_prep import load_rgb_image
+from lightning_modules.components.samples import PairSample
 
-from .protocols import Protocol
 from .base import PairDataModule, require_root_folder
 from .masked_pairs import MaskedPairsDataModule
+from .protocols import Protocol
 from .records import PairRecordsDataset, category_filter
 from .samplers import collate_pairs
 
@@ -143,6 +144,21 @@ def _stems(folder: Path, suffix: str) -> list[str]:
     return sorted(p.stem for p in folder.iterdir() if p.is_file() and p.suffix.lower() == suffix)
 
 
+class DAVISFrameSample(PairSample, total=False):
+    """A DAVIS label-propagation pair: :class:`~lightning_modules.components.samples.PairSample` (labels) and
+    where its frames are.
+
+    Attributes:
+        frame_index: Index of the target frame in its sequence.
+        src_annotation_path: The source frame's annotation file.
+        trg_annotation_path: The target frame's annotation file.
+    """
+
+    frame_index: int
+    src_annotation_path: str
+    trg_annotation_path: str
+
+
 class DAVISDataset(PairRecordsDataset):
     """DAVIS-2017 label propagation items: (first frame + annotation, frame ``t``) for every ``t > 0``.
 
@@ -172,6 +188,9 @@ class DAVISDataset(PairRecordsDataset):
         ValueError: On an unknown sequence, an empty split, a frame without its annotation (or the reverse),
             a sequence of fewer than two frames, a first annotation without objects, or a bad argument.
     """
+
+    #: The keys its samples hold (the contract ``tests/test_sample_contract.py`` checks).
+    sample_type = DAVISFrameSample
 
     def __init__(
         self,

@@ -45,6 +45,7 @@ from lightning_modules.components.image_prep import (
     upright_size,
 )
 from lightning_modules.components.inputs import check_box, check_mask, check_points
+from lightning_modules.components.samples import PairSample
 from lightning_modules.components.sd_featurizer import WholePrompt
 
 from .base import PairDataModule
@@ -264,6 +265,21 @@ def read_image_pairs(
     return checked
 
 
+class PhotoPairSample(PairSample, total=False):
+    """A pair of your own photos: :class:`~lightning_modules.components.samples.PairSample` (points to carry)
+    and the files' own frame, which the outputs are written in (the images may be read downscaled).
+
+    Attributes:
+        src_file_size: The source file's size ``(width, height)``, upright.
+        trg_file_size: The target file's size.
+        src_file_kps: The source points as given, in the file's pixels ``[N, 2]`` float64.
+    """
+
+    src_file_size: tuple[int, int]
+    trg_file_size: tuple[int, int]
+    src_file_kps: torch.Tensor
+
+
 class ImagePairsDataset(Dataset):
     """The checked pairs of :func:`read_image_pairs` as pair samples (images read lazily, upright).
 
@@ -281,6 +297,9 @@ class ImagePairsDataset(Dataset):
             (:func:`~lightning_modules.components.image_prep.load_user_image`: a large JPEG is never decoded
             whole, so memory stays bounded); None reads every image whole.
     """
+
+    #: The keys its samples hold (the contract ``tests/test_sample_contract.py`` checks).
+    sample_type = PhotoPairSample
 
     def __init__(self, pairs: list[ImagePair], max_side: int | None = None) -> None:
         self.pairs = pairs

@@ -44,8 +44,8 @@ import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from PIL import Image, UnidentifiedImageError
 
-from .protocols import Protocol
 from .base import PairDataModule, require_root_folder
+from .protocols import Protocol
 from .records import PairRecordsDataset, category_filter, points_outside, read_pairs_table, warn_points_outside
 
 __all__ = [

@@ -41,9 +41,11 @@ import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from .protocols import Protocol
+from lightning_modules.components.samples import PairSample
+
 from .base import PairDataModule, require_root_folder
 from .pfpascal import quarter_pixels, read_image_size, resolve_pair_path, write_csv_rows, write_noise_image
+from .protocols import Protocol
 from .records import PairRecordsDataset, category_filter, points_outside, read_pairs_table, warn_points_outside
 
 __all__ = [
@@ -177,6 +179,16 @@ def check_pairs_file(path: str | Path) -> int:
     return len(rows)
 
 
+class PFWillowSample(PairSample, total=False):
+    """A PF-Willow pair: :class:`~lightning_modules.components.samples.PairSample` (keypoints) and its folder.
+
+    Attributes:
+        subclass: PF-Willow's image folder (``car(G)``, ...).
+    """
+
+    subclass: str
+
+
 class PFWillowDataset(PairRecordsDataset):
     """PF-WILLOW image pairs (the 900 test pairs) with keypoints in original pixels.
 
@@ -198,6 +210,9 @@ class PFWillowDataset(PairRecordsDataset):
         FileNotFoundError: If the root, the csv or an image is missing.
         ValueError: If a category is unknown or the csv is malformed (the message names the file and row).
     """
+
+    #: The keys its samples hold (the contract ``tests/test_sample_contract.py`` checks).
+    sample_type = PFWillowSample
 
     def __init__(self, root: str | Path, categories: Sequence[str] | None = None) -> None:
         super().__init__()

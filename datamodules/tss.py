@@ -30,8 +30,8 @@ from torch.utils.data import Dataset
 
 from lightning_modules.components.image_prep import load_rgb_image
 
-from .protocols import Protocol
 from .base import PairDataModule, require_root_folder
+from .protocols import Protocol
 
 __all__ = [
     "TSSDataModule",

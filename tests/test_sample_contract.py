@@ -28,7 +28,12 @@ from datamodules.pfwillow import write_synthetic_pfwillow
 from datamodules.tss import write_synthetic_tss
 from lightning_modules.components.samples import COMMON_KEYS, KIND_KEYS, PairSample, sample_kind
 
-DECLARED = typing.get_type_hints(PairSample)
+def _declared(dataset: object) -> set[str]:
+    """The keys a reader's samples may hold: :class:`PairSample`'s, and its benchmark's own where the reader
+    declares them (``sample_type``, a TypedDict extending PairSample beside the reader)."""
+    sample_type = getattr(dataset, "sample_type", PairSample)
+    assert issubclass(sample_type, dict) and set(typing.get_type_hints(PairSample)) <= set(typing.get_type_hints(sample_type))
+    return set(typing.get_type_hints(sample_type))
 
 
 def _spair(tmp: Path):
@@ -118,8 +123,8 @@ def test_every_reader_returns_pair_samples_of_its_kind(name, tmp_path) -> None:
     assert len(dataset) > 0
     for index in range(min(len(dataset), 3)):
         sample = dataset[index]
-        undeclared = sorted(set(sample) - set(DECLARED))
-        assert not undeclared, f"{name} returns keys PairSample does not declare: {undeclared}"
+        undeclared = sorted(set(sample) - _declared(dataset))
+        assert not undeclared, f"{name} returns keys neither PairSample nor its sample_type declares: {undeclared}"
         assert sample_kind(sample) == kind
         assert all(key in sample for key in COMMON_KEYS + KIND_KEYS[kind])
         assert isinstance(sample["pair_id"], str) and isinstance(sample["category"], str)
@@ -134,3 +139,22 @@ def test_a_sample_of_no_kind_is_named() -> None:
         sample_kind({"pair_id": "p"})
     with pytest.raises(ValueError, match="no kind"):
         sample_kind({key: None for key in COMMON_KEYS})
+
+
+def test_the_core_sample_holds_no_benchmarks_own_fields() -> None:
+    """PairSample is the base every reader shares (its required keys and those of each kind); CUB's crops,
+    DAVIS's annotation files, PF-Willow's folder and the own-images files' frame are declared beside their
+    readers."""
+    from datamodules.cub import CUBSample
+    from datamodules.davis import DAVISFrameSample
+    from datamodules.own_images import PhotoPairSample
+    from datamodules.pfwillow import PFWillowSample
+
+    core = set(typing.get_type_hints(PairSample))
+    assert set(COMMON_KEYS) <= core and PairSample.__required_keys__ == frozenset(COMMON_KEYS)
+    for own, keys in ((CUBSample, {"class_index", "class_folder", "src_file_bbox", "trg_file_bbox", "src_crop_box",
+                                   "trg_crop_box"}),
+                      (DAVISFrameSample, {"frame_index", "src_annotation_path", "trg_annotation_path"}),
+                      (PFWillowSample, {"subclass"}),
+                      (PhotoPairSample, {"src_file_size", "trg_file_size", "src_file_kps"})):
+        assert not keys & core and set(typing.get_type_hints(own)) == core | keys

@@ -18,8 +18,22 @@ import torch
 __all__ = ["COMMON_KEYS", "KIND_KEYS", "PairSample", "sample_digest", "sample_kind"]
 
 
-class PairSample(TypedDict, total=False):
-    """One pair of images and what a benchmark knows about it.
+class RequiredPairKeys(TypedDict):
+    """The keys every sample holds (:data:`COMMON_KEYS`; see :class:`PairSample`)."""
+
+    pair_id: str
+    category: str
+    src_image: torch.Tensor
+    trg_image: torch.Tensor
+    src_image_path: str
+    trg_image_path: str
+
+
+class PairSample(RequiredPairKeys, total=False):
+    """One pair of images and what a benchmark knows about it: the required base every reader returns, and the
+    keys of each kind. A benchmark's own fields (CUB-200's crops, DAVIS's annotation files, PF-Willow's folder,
+    the own-images files' frame) are declared by the benchmark, in a ``TypedDict`` that extends this one beside
+    its reader (``datamodules/cub.py``'s ``CUBSample``, ...: the reader's ``sample_type``).
 
     Every sample:
         pair_id: Stable id of the pair (the prediction line's key; repeats of a draw get ``#2``, ...).
@@ -39,17 +53,11 @@ class PairSample(TypedDict, total=False):
         src_instance_box: The source object's box ``[4]`` ``(x0, y0, x1, y1)`` float32, in the sample image's
             pixels (pose alignment compares the instances' features inside them; none: the whole image).
         trg_instance_box: The target object's box.
-        variations: SPair-71k's difficulty levels (``viewpoint_variation``, ...; -1 = not annotated).
-        subclass: PF-Willow's image folder (``car(G)``, ...).
-        class_index: CUB-200's class number.
-        class_folder: CUB-200's class folder.
+        variations: Per-pair attributes the protocol's ``groups`` break PCK down by (SPair-71k's difficulty
+            levels, ``viewpoint_variation``, ...; -1 = not annotated).
         src_file: The source image's file where ``src_image_path`` is not just that (CUB-200: the sample image is
             its crop; own images: a file matched under several categories).
         trg_file: The target image's file, likewise.
-        src_file_bbox: CUB-200's source object box in the file's pixels.
-        trg_file_bbox: CUB-200's target object box in the file's pixels.
-        src_crop_box: CUB-200's square crop of the source file (inclusive corners).
-        trg_crop_box: CUB-200's square crop of the target file.
 
     Dense flow (TSS):
         dataset: Sub-dataset (``FG3DCar``, ``JODS``, ``PASCAL``; DAVIS: ``davis``).
@@ -59,30 +67,17 @@ class PairSample(TypedDict, total=False):
         trg_size: Target size ``(width, height)`` before padding.
 
     Label propagation (DAVIS):
-        frame_index: Index of the target frame in its sequence.
         src_labels: Object ids of the source frame ``[H, W]`` (0 = background).
         trg_labels: Object ids of the target frame ``[H, W]``.
-        src_annotation_path: The source frame's annotation file.
-        trg_annotation_path: The target frame's annotation file.
         num_objects: Objects annotated in the sequence.
 
-    Points to carry (own images, ``datamodules.own_images``): ``src_kps`` alone, no ground truth; the images may
-    have been read downscaled from their files, whose own frame the outputs are written in:
-        src_file_size: The source file's size ``(width, height)``, upright.
-        trg_file_size: The target file's size.
-        src_file_kps: The source points as given, in the file's pixels ``[N, 2]`` float64.
+    Points to carry (own images, ``datamodules.own_images``): ``src_kps`` alone, no ground truth.
 
     Instance masks (instance swapping):
         src_mask: The source instance ``[H, W]`` bool.
         trg_mask: The target instance ``[H', W']`` bool.
     """
 
-    pair_id: str
-    category: str
-    src_image: torch.Tensor
-    trg_image: torch.Tensor
-    src_image_path: str
-    trg_image_path: str
     src_kps: torch.Tensor
     trg_kps: torch.Tensor
     kps_valid: torch.Tensor
@@ -91,31 +86,18 @@ class PairSample(TypedDict, total=False):
     src_instance_box: torch.Tensor
     trg_instance_box: torch.Tensor
     variations: dict[str, int]
-    subclass: str
-    class_index: int
-    class_folder: str
     src_file: str
     trg_file: str
-    src_file_bbox: torch.Tensor
-    trg_file_bbox: torch.Tensor
-    src_crop_box: torch.Tensor
-    trg_crop_box: torch.Tensor
     dataset: str
     flow: torch.Tensor
     mask: torch.Tensor
     src_size: tuple[int, int]
     trg_size: tuple[int, int]
-    frame_index: int
     src_labels: torch.Tensor
     trg_labels: torch.Tensor
-    src_annotation_path: str
-    trg_annotation_path: str
     num_objects: int
     src_mask: torch.Tensor
     trg_mask: torch.Tensor
-    src_file_size: tuple[int, int]
-    trg_file_size: tuple[int, int]
-    src_file_kps: torch.Tensor
 
 
 #: The keys every sample holds.
