@@ -20,8 +20,8 @@ class ShiftedNeighbours(KeypointMatcher):
     def __init__(self, dx: float = 7.0) -> None:
         self.dx = dx
 
-    def __call__(self, source, target, points, source_size, target_size, refinement=None):  # noqa: ANN001, ANN204
-        predicted, distance, extras = NearestNeighbours()(source, target, points, source_size, target_size, refinement)
+    def __call__(self, source, target, points, source_size, target_size):  # noqa: ANN001, ANN204
+        predicted, distance, extras = NearestNeighbours()(source, target, points, source_size, target_size)
         return predicted + torch.tensor([self.dx, 0.0]), distance, extras
 
 
@@ -86,3 +86,26 @@ def test_the_chance_baseline_refuses_a_benchmark_without_keypoints(tmp_path, mon
         evaluate.main(["test", "--config", str(CONFIGS / "tss.yaml"), "--config", TINY_OVERLAY, "--data.root", str(root),
                        "--data.datasets", "[FG3DCar]", "--model.chance_baseline", "true", "--data.num_workers", "0",
                        "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "run")])
+
+
+def test_the_matcher_holds_its_refinements(tiny_sd, tiny_dino, pair) -> None:
+    """One object travels from the config to the transfer: the refinement flags configure the matcher
+    (``KeypointMatcher.refined``), so ``NearestNeighbours(soft_argmax_window=1, mutual_check=True)`` given as
+    the matcher equals the same flags on the pipeline; a matcher that cannot refine says so when a flag is set."""
+    from lightning_modules.components.matchers import Matches
+    from lightning_modules.components.refinements import MatchRefinement
+
+    flags = FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(8, 8, 8), soft_argmax_window=1, mutual_check=True)
+    assert isinstance(flags.matcher, NearestNeighbours) and flags.refinement == flags.matcher.refinement == \
+        MatchRefinement(soft_argmax_window=1, mutual_check=True)
+    given = FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(8, 8, 8),
+                                matcher=NearestNeighbours(soft_argmax_window=1, mutual_check=True))
+    a, b = flags.predict_pairs([pair])[0], given.predict_pairs([pair])[0]
+    assert torch.equal(a["pred_kps"], b["pred_kps"]) and torch.equal(a["mutual"], b["mutual"])
+    assert torch.equal(a["confidence"], b["confidence"])
+    assert FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(8, 8, 8)).refinement is None
+    out = NearestNeighbours(mutual_check=True)(torch.randn(4, 3, 3), torch.randn(4, 3, 3), torch.tensor([[1.0, 1.0]]),
+                                               42, 42)
+    assert isinstance(out, Matches) and set(out.extras) == {"confidence", "mutual"}
+    with pytest.raises(ValueError, match="ShiftedNeighbours takes no test-time refinements"):
+        FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(8, 8, 8), matcher=ShiftedNeighbours(), mutual_check=True)

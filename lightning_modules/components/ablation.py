@@ -27,7 +27,7 @@ from .features import (
     unique_images,
 )
 from .keypoints import EvalSize, cell_distances, check_eval_size, keypoint_cells
-from .matchers import KeypointMatcher
+from .matchers import KeypointMatcher, NearestNeighbours
 from .pose_alignment import PoseAlignment
 from .prediction import PredictionSettings, describe_batch, predict_pair
 from .refinements import MatchRefinement
@@ -262,7 +262,7 @@ class AblationCorrespondence(nn.Module):
         grid = self.dino_variants[row.dino].grid_size if spec.uses_dino else None
         return PredictionSettings(
             describe_pairs=functools.partial(describe_pairs, spec=spec, sd_layer_ids=layers, grid=grid),
-            eval_size=self.row_eval_size(row), refinement=row.refinement(), matcher=self.matcher,
+            eval_size=self.row_eval_size(row), matcher=(self.matcher or NearestNeighbours()).refined(row.refinement()),
             pose_alignment=self.pose_alignment if row.pose_alignment else None,
         )
 

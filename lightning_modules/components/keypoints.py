@@ -12,7 +12,6 @@ from .features import ImageFeatures
 from .image_prep import PadResize
 from .matchers import KeypointMatcher, NearestNeighbours
 from .matching import dense_flow, points_to_cells
-from .refinements import MatchRefinement
 
 __all__ = [
     "EvalSize",
@@ -55,24 +54,23 @@ def transfer(
     target: ImageFeatures,
     src_kps: torch.Tensor,
     eval_size: EvalSize,
-    refinement: MatchRefinement | None = None,
     matcher: KeypointMatcher | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Transfer source keypoints (original pixels) to the target with a pair's descriptors ``[2, D, G, G]``.
 
     The keypoints are mapped into the padded ``eval_size`` square (:func:`annotation_geometry`), matched there
-    by ``matcher`` (default :class:`.matchers.NearestNeighbours`) in fp32, and mapped back to original target
-    pixels.
+    by ``matcher`` (default :class:`.matchers.NearestNeighbours`; its test-time refinements are its own) in fp32,
+    and mapped back to original target pixels.
 
     Returns:
-        ``(predicted [N, 2] original target pixels, distance [N], extras)``; ``extras`` (``confidence``,
-        ``mutual``) is empty without a refinement.
+        ``(predicted [N, 2] original target pixels, distance [N], extras)``: the matcher's per-point extras
+        (``confidence``, ``mutual``: empty without a refinement).
     """
     src_geo, trg_geo = annotation_geometry(source, eval_size), annotation_geometry(target, eval_size)
     points = src_geo.forward_points(src_kps.to(descriptors.device).float())
     with torch.autocast(device_type=descriptors.device.type, enabled=False):
         predicted, distance, extras = (matcher or NearestNeighbours())(
-            descriptors[0], descriptors[1], points, src_geo.size, trg_geo.size, refinement
+            descriptors[0], descriptors[1], points, src_geo.size, trg_geo.size
         )
     return trg_geo.inverse_points(predicted), distance, extras
 

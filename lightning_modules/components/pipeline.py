@@ -176,10 +176,10 @@ class FusedCorrespondence(nn.Module):
         matcher: KeypointMatcher | None = None,
     ) -> None:
         super().__init__()
-        self.matcher = matcher if matcher is not None else NearestNeighbours()
-        self.cache = feature_cache(feature_cache_gb, feature_cache_dir)
+        # the refinement flags configure the matcher: the one object that travels to the transfer
         refinement = MatchRefinement(soft_argmax_window, float(soft_argmax_temperature), bool(mutual_check))
-        self.refinement = refinement if refinement.active else None
+        self.matcher = (matcher if matcher is not None else NearestNeighbours()).refined(refinement)
+        self.cache = feature_cache(feature_cache_gb, feature_cache_dir)
         self.align_poses, self.flip_pairs = bool(pose_alignment), flip_pairs
         # the table is known now when given, else from the benchmark (use_protocol)
         self.pose_alignment = PoseAlignment(flip_pairs) if pose_alignment and flip_pairs is not None else None
@@ -231,6 +231,11 @@ class FusedCorrespondence(nn.Module):
         """
         if self.align_poses:
             self.pose_alignment = benchmark_pose_alignment(self.flip_pairs, protocol)
+
+    @property
+    def refinement(self) -> MatchRefinement | None:
+        """The test-time refinements the matcher applies (None: the paper's plain transfer)."""
+        return self.matcher.refinement
 
     @property
     def alpha(self) -> float:
@@ -412,8 +417,7 @@ class FusedCorrespondence(nn.Module):
     def settings(self) -> PredictionSettings:
         """How this pipeline makes one prediction (:class:`.prediction.PredictionSettings`): its descriptors
         (:meth:`describe_pairs`), ``eval_size``, refinement, matcher and pose alignment."""
-        return PredictionSettings(self.describe_pairs, self.eval_size, self.refinement, self.matcher,
-                                  self.pose_alignment)
+        return PredictionSettings(self.describe_pairs, self.eval_size, self.matcher, self.pose_alignment)
 
     def describe_pairs(self, pairs: Sequence[tuple[ImageFeatures, ImageFeatures]]) -> list[torch.Tensor]:
         """:meth:`describe_pair` of many pairs: zero-shot, co-PCA runs batched over the pairs

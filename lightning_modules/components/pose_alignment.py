@@ -30,7 +30,6 @@ from .features import ImageFeatures
 from .image_prep import PadResize
 from .keypoints import EvalSize, annotation_geometry, transfer
 from .matchers import KeypointMatcher
-from .refinements import MatchRefinement
 
 __all__ = [
     "CUB_FLIP_PAIRS",
@@ -231,7 +230,6 @@ def pose_aligned_match(
     sample: Mapping[str, Any],
     eval_size: EvalSize,
     alignment: PoseAlignment,
-    refinement: MatchRefinement | None = None,
     matcher: KeypointMatcher | None = None,
 ) -> dict[str, torch.Tensor]:
     """Match a pair from the source and from its mirror; keep the orientation whose instances agree better.
@@ -250,8 +248,7 @@ def pose_aligned_match(
             if any.
         eval_size: Keypoint-to-cell square.
         alignment: The flip pairs per category.
-        refinement: Refinements of both transfers.
-        matcher: The matcher of both transfers (default: nearest neighbours).
+        matcher: The matcher of both transfers, with its refinements (default: nearest neighbours).
 
     Returns:
         ``pred_kps`` ``[N, 2]``, ``distance`` ``[N]``, the refinement's extras, ``flipped`` (scalar bool: the
@@ -270,11 +267,11 @@ def pose_aligned_match(
     src_kps = sample["src_kps"].float()
     src_box, trg_box = sample.get("src_instance_box"), sample.get("trg_instance_box")
     descriptors = describe(source, target)
-    pred, distance, extras = transfer(descriptors, source, target, src_kps, eval_size, refinement, matcher)
+    pred, distance, extras = transfer(descriptors, source, target, src_kps, eval_size, matcher)
     mirrored = describe(mirrored_source, target)
     # mirrored keypoint k sits where the original's partner of k is, mirrored
     mirrored_kps = mirror_points(src_kps[partner.clamp(min=0)], source.width)
-    m_pred, m_distance, m_extras = transfer(mirrored, mirrored_source, target, mirrored_kps, eval_size, refinement, matcher)
+    m_pred, m_distance, m_extras = transfer(mirrored, mirrored_source, target, mirrored_kps, eval_size, matcher)
     mirrored_box = None if src_box is None else mirror_box(src_box, source.width)
     distances = torch.stack([
         _instance_distance(descriptors, source, target, src_box, trg_box, eval_size),

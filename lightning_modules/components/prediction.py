@@ -4,8 +4,8 @@ that use it, shared by :class:`.pipeline.FusedCorrespondence` and by every row o
 
 A run is made of featurizers and a cache (which extract each image once); a prediction is made of descriptors
 (co-PCA and fusion by a :class:`.descriptors.DescriptorSpec`, or a learned head), the keypoint transfer by a
-matcher with its refinements, and optionally pose alignment. :class:`PredictionSettings` holds the second part;
-:func:`predict_pairs` runs it over features extracted once for the batch. Zero-shot descriptors of a batch are
+matcher (which holds its own refinements), and optionally pose alignment. :class:`PredictionSettings` holds
+the second part; :func:`predict_pairs` runs it over features extracted once for the batch. Zero-shot descriptors of a batch are
 computed together (:func:`.descriptors.describe_pairs`: co-PCA batched over the pairs, the same descriptors as
 one pair at a time). Plain torch.
 """
@@ -22,7 +22,6 @@ from .features import ImageFeatures, mirrored_key, pair_features, sample_image_k
 from .keypoints import EvalSize, transfer
 from .matchers import KeypointMatcher
 from .pose_alignment import PoseAlignment, pose_aligned_match
-from .refinements import MatchRefinement
 from .samples import PairSample
 
 __all__ = ["PredictionSettings", "describe_batch", "predict_pair", "predict_pairs"]
@@ -38,15 +37,14 @@ class PredictionSettings:
     Attributes:
         describe_pairs: The descriptors of a batch of feature pairs (co-PCA and fusion by a spec, or a head).
         eval_size: The square in which keypoints meet the feature grid (:func:`.keypoints.annotation_geometry`).
-        refinement: Test-time refinements of the transfer (soft-argmax window, mutual check), or None.
-        matcher: How source keypoints find their target points (None: nearest neighbours, the paper's).
+        matcher: How source keypoints find their target points, with its test-time refinements (soft-argmax
+            window, mutual check); None: the paper's plain nearest neighbours.
         pose_alignment: Match from the source's mirror too and keep the better orientation (its flip table),
             or None.
     """
 
     describe_pairs: DescribePairs
     eval_size: EvalSize
-    refinement: MatchRefinement | None = None
     matcher: KeypointMatcher | None = None
     pose_alignment: PoseAlignment | None = None
 
@@ -85,12 +83,12 @@ def predict_pair(
         mirrored = features[mirrored_key(sample_image_key(sample, "src"))]
         return pose_aligned_match(
             settings.describe_pair, source, mirrored, target, sample, settings.eval_size, settings.pose_alignment,
-            settings.refinement, settings.matcher,
+            settings.matcher,
         )
     if descriptors is None:
         descriptors = settings.describe_pair(source, target)
     pred, distance, extras = transfer(
-        descriptors, source, target, sample["src_kps"], settings.eval_size, settings.refinement, settings.matcher
+        descriptors, source, target, sample["src_kps"], settings.eval_size, settings.matcher
     )
     return {"pred_kps": pred, "distance": distance, **extras}
 
