@@ -109,3 +109,23 @@ def test_the_matcher_holds_its_refinements(tiny_sd, tiny_dino, pair) -> None:
     assert isinstance(out, Matches) and set(out.extras) == {"confidence", "mutual"}
     with pytest.raises(ValueError, match="ShiftedNeighbours takes no test-time refinements"):
         FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(8, 8, 8), matcher=ShiftedNeighbours(), mutual_check=True)
+
+
+class ScoredNeighbours(KeypointMatcher):
+    """A user's matcher that records a per-point extra of its own."""
+
+    def __call__(self, source, target, points, source_size, target_size):  # noqa: ANN001, ANN204
+        predicted, distance, _ = NearestNeighbours()(source, target, points, source_size, target_size)
+        return predicted, distance, {"score": -distance}
+
+
+def test_a_matchers_own_extras_are_written_as_they_come(tiny_sd, tiny_dino, pair, tmp_path) -> None:
+    """The writers write every per-point extra a matcher returns, under its name (before: only the names
+    ``confidence`` and ``mutual`` were kept)."""
+    from lightning_modules.zero_shot import keypoint_record
+
+    out = FusedCorrespondence(tiny_sd, tiny_dino, pca_dims=(8, 8, 8), matcher=ScoredNeighbours()).predict_pairs([pair])[0]
+    record = keypoint_record(pair, out["pred_kps"], pair["kps_valid"], out)
+    valid = pair["kps_valid"]
+    assert record["score"] == pytest.approx((-out["distance"][valid]).tolist())
+    assert "confidence" not in record and "distance" not in record

@@ -17,7 +17,11 @@ from torch import Tensor
 from .matching import transfer_keypoints
 from .refinements import MatchRefinement, refined_transfer
 
-__all__ = ["KeypointMatcher", "Matches", "NearestNeighbours"]
+__all__ = ["POINT_EXTRAS", "KeypointMatcher", "Matches", "NearestNeighbours"]
+
+#: The key of a pair's prediction (:func:`.prediction.predict_pair`) that names the matcher's per-point extras
+#: (:attr:`Matches.extras`) it holds: the writers write every one of them, in that order, under its name.
+POINT_EXTRAS = "point_extras"
 
 
 class Matches(NamedTuple):

@@ -29,7 +29,7 @@ import torch
 from .features import ImageFeatures
 from .image_prep import PadResize
 from .keypoints import EvalSize, annotation_geometry, transfer
-from .matchers import KeypointMatcher
+from .matchers import POINT_EXTRAS, KeypointMatcher
 
 __all__ = [
     "CUB_FLIP_PAIRS",
@@ -284,6 +284,6 @@ def pose_aligned_match(
         distance = torch.where(use, m_distance, distance)
         extras = {key: torch.where(use, m_extras[key], value) for key, value in extras.items()}
     return {
-        "pred_kps": pred, "distance": distance, **extras,
+        "pred_kps": pred, "distance": distance, **extras, POINT_EXTRAS: tuple(extras),
         "flipped": torch.tensor(flipped), "pose_distances": distances.cpu(),
     }

@@ -20,7 +20,7 @@ import torch
 
 from .features import ImageFeatures, mirrored_key, pair_features, sample_image_key
 from .keypoints import EvalSize, transfer
-from .matchers import KeypointMatcher
+from .matchers import POINT_EXTRAS, KeypointMatcher
 from .pose_alignment import PoseAlignment, pose_aligned_match
 from .samples import PairSample
 
@@ -74,9 +74,10 @@ def predict_pair(
     alignment; no extraction.
 
     Returns:
-        ``pred_kps`` ``[N, 2]`` (original target pixels) and ``distance`` ``[N]``; with a refinement also
-        ``confidence`` ``[N]`` (and ``mutual`` ``[N]`` bool when it checks them); with pose alignment also
-        ``flipped`` and ``pose_distances`` (:func:`.pose_alignment.pose_aligned_match`).
+        ``pred_kps`` ``[N, 2]`` (original target pixels) and ``distance`` ``[N]``; the matcher's per-point
+        extras (with a refinement ``confidence`` ``[N]``, and ``mutual`` ``[N]`` bool when it checks them), named
+        in order under :data:`.matchers.POINT_EXTRAS`; with pose alignment also ``flipped`` and
+        ``pose_distances`` (:func:`.pose_alignment.pose_aligned_match`).
     """
     source, target = pair_features(features, sample)
     if settings.pose_alignment is not None:
@@ -90,7 +91,7 @@ def predict_pair(
     pred, distance, extras = transfer(
         descriptors, source, target, sample["src_kps"], settings.eval_size, settings.matcher
     )
-    return {"pred_kps": pred, "distance": distance, **extras}
+    return {"pred_kps": pred, "distance": distance, **extras, POINT_EXTRAS: tuple(extras)}
 
 
 def predict_pairs(
