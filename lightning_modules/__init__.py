@@ -6,8 +6,9 @@ plain-torch core, is then imported without Lightning (and without torchmetrics, 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_names
 
 #: Each public name and the submodule that defines it.
 _WHERE = {
@@ -32,13 +33,4 @@ if TYPE_CHECKING:
     from .zero_shot import ZeroShotCorrespondence
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        value = getattr(importlib.import_module(_WHERE[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)
