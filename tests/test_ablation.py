@@ -51,7 +51,7 @@ ROWS = [
     AblationRow("sd only", dino=None),
     AblationRow("dino only", sd=None),
     AblationRow("layer 5", sd_layers=[5]),
-    AblationRow("no pca", pca_dim=None),
+    AblationRow("no pca", pca_dims=None),
     AblationRow("concat", fusion="concat"),
 ]
 
@@ -147,11 +147,11 @@ def test_row_spec_sd_only_dino_only_and_fused() -> None:
 
 
 def test_row_spec_pca_dim_expands_to_one_entry_per_used_layer() -> None:
-    assert AblationRow("a", pca_dim=64).spec([2, 5, 8]).pca_dims == (64, 64, 64)
-    spec = AblationRow("b", sd_layers=[5, 8], pca_dim=32).spec([2, 5, 8])
+    assert AblationRow("a", pca_dims=64).spec([2, 5, 8]).pca_dims == (64, 64, 64)
+    spec = AblationRow("b", sd_layers=[5, 8], pca_dims=32).spec([2, 5, 8])
     assert spec.pca_dims == (32, 32) and spec.sd_layers == (5, 8)
     assert spec.layer_positions([2, 5, 8]) == [1, 2]
-    assert AblationRow("c", sd_layers=[8], pca_dim=None).spec([2, 5, 8]).pca_dims is None
+    assert AblationRow("c", sd_layers=[8], pca_dims=None).spec([2, 5, 8]).pca_dims is None
 
 
 def test_row_using_neither_featurizer_is_an_error() -> None:
@@ -274,7 +274,7 @@ def test_a_variant_of_an_extra_model_shares_its_weights(tiny_sd, samples) -> Non
                          sliding_window=False)
     settings = {"timestep": 261, "layers": [6], "ensemble_size": 2, "prompt": "a photo of a {category}"}
     ablation = AblationCorrespondence(
-        [AblationRow("dift-like", sd="late", dino=None, pca_dim=None)], sd=tiny_sd, sd_models={"other": other},
+        [AblationRow("dift-like", sd="late", dino=None, pca_dims=None)], sd=tiny_sd, sd_models={"other": other},
         sd_variants={"late": {"of": "other", **settings}},
     )
     late = ablation.variants["late"]
@@ -480,7 +480,7 @@ def test_learned_projection_row_replaces_co_pca(tiny_sd, tiny_dino, samples, tmp
     raw = torch.stack([src.sd[0], trg.sd[0]])
     expected = torch.einsum("dc,nchw->ndhw", weights["2.weight"], raw) + weights["2.bias"].view(1, -1, 1, 1)
     assert torch.allclose(got, expected / expected.norm(dim=1, keepdim=True), atol=1e-5)
-    row = AblationRow("proj", dino=None, pca_dim=None, projection=str(tmp_path / "proj.pt"))
+    row = AblationRow("proj", dino=None, pca_dims=None, projection=str(tmp_path / "proj.pt"))
     ablation = AblationCorrespondence([row], sd=tiny_sd)
     assert len(ablation.predict_pairs(samples)["proj"]) == len(samples)
     torch.save({"2.weight": torch.randn(4, 7)}, tmp_path / "bad.pt")
@@ -511,7 +511,7 @@ def test_rows_batch_and_take_the_configured_matcher_like_the_pipeline(tiny_sd, t
             continue  # a layer subset is a pipeline of another featurizer (test_layer_subset_row_...)
         pipeline = FusedCorrespondence(
             tiny_sd if row.sd else None, tiny_dino if row.dino else None, alpha=row.spec([2, 5, 8]).alpha,
-            pca_dims=None if row.pca_dim is None else (row.pca_dim,) * 3,
+            pca_dims=None if row.pca_dims is None else (row.pca_dims,) * 3,
             fusion=row.fusion, matcher=ShiftedNeighbours(dx=5.0), feature_cache_gb=0,
             eval_size=alone.row_eval_size(row),  # an SD-only row maps keypoints at the DINO size, as the reference
         )
@@ -555,3 +555,16 @@ def test_the_kept_ablations_tiny_yaml_is_the_common_overlay() -> None:
     old, common = conf.load(ABLATIONS / "tiny.yaml"), conf.load(TINY)
     assert conf.to_container(old) == conf.to_container(common) == {
         "model": {"pipeline": {"sd": "../featurizers/tiny_sd.yaml", "dino": "../featurizers/tiny_dino.yaml"}}}
+
+
+def test_a_row_names_its_co_pca_dims_as_the_pipeline_does_and_the_old_name_still_works() -> None:
+    """``pca_dims`` (the pipeline's name): one number for every used layer or one per used layer; ``pca_dim``,
+    the old name, keeps working for a while with a one-line notice (and its null still means no reduction)."""
+    assert AblationRow("a", pca_dims=[64, 32, 16]).spec([2, 5, 8]).pca_dims == (64, 32, 16)
+    with pytest.raises(ValueError, match=r"pca_dims \[64, 32\] must have one entry per used SD layer"):
+        AblationRow("b", pca_dims=[64, 32]).spec([2, 5, 8]).layer_positions([2, 5, 8])
+    with pytest.warns(FutureWarning, match="ablation row 'old': pca_dim is now pca_dims"):
+        old = AblationRow("old", pca_dim=128)
+    assert old.pca_dims == 128 and old.spec([2, 5, 8]).pca_dims == (128, 128, 128)
+    with pytest.warns(FutureWarning):
+        assert AblationRow("raw", pca_dim=None).spec([2, 5, 8]).pca_dims is None

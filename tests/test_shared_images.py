@@ -127,8 +127,8 @@ def test_the_disk_cache_keeps_one_entry_per_prompt(
 def test_the_ablation_module_predicts_a_shared_file_as_one_pair_at_a_time(
     tiny_sd: SDFeaturizer, tiny_dino: DinoFeaturizer, samples: list[dict]
 ) -> None:
-    rows = [AblationRow("fused", pca_dim=8), AblationRow("sd", dino=None, pca_dim=8),
-            AblationRow("fused t0", sd="t0", pca_dim=8, pose_alignment=False)]
+    rows = [AblationRow("fused", pca_dims=8), AblationRow("sd", dino=None, pca_dims=8),
+            AblationRow("fused t0", sd="t0", pca_dims=8, pose_alignment=False)]
 
     def ablation() -> AblationCorrespondence:
         return AblationCorrespondence(rows, sd=tiny_sd, dino=tiny_dino, sd_variants={"t0": {"timestep": 0}},

@@ -8,6 +8,7 @@ an SD variant, which shares the weights and is run once per image. Plain torch.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -77,7 +78,8 @@ class AblationRow:
         alpha: Weight of the SD block when both are used.
         fusion: ``concat_l2`` (the paper's), ``concat``, ``sum_l2`` or ``sum``.
         sd_layers: The SD layers used (None: all of the variant's).
-        pca_dim: Co-PCA dimension per used layer (None: raw channels).
+        pca_dims: Co-PCA dimension of each used SD layer, as the pipeline's ``pca_dims``: one number for every
+            used layer, or one per used layer; None keeps the raw channels.
         eval_size: Keypoint-to-cell square of this row ("annotation resolution"; None: the module's).
         projection: Path of a learned per-layer projection used instead of co-PCA (see
             ``DescriptorSpec.projection``).
@@ -95,7 +97,7 @@ class AblationRow:
     alpha: float = 0.5
     fusion: str = "concat_l2"
     sd_layers: list[int] | None = None
-    pca_dim: int | None = 256
+    pca_dims: int | list[int] | None = 256
     eval_size: EvalSize | None = None
     projection: str | None = None
     soft_argmax_window: int | None = None
@@ -103,6 +105,14 @@ class AblationRow:
     mutual_check: bool = False
     pose_alignment: bool = False
     pca_solver: str = "torch1.13"
+    #: Renamed ``pca_dims`` (kept for a while, with a one-line notice); -1: not given.
+    pca_dim: int | None = -1
+
+    def __post_init__(self) -> None:
+        if self.pca_dim != -1:
+            warnings.warn(f"ablation row {self.name!r}: pca_dim is now pca_dims (the pipeline's name); pca_dim "
+                          "works for a while", FutureWarning, stacklevel=3)
+            self.pca_dims, self.pca_dim = self.pca_dim, -1
 
     def refinement(self) -> MatchRefinement:
         """The row's test-time refinements of the keypoint transfer (all off by default)."""
@@ -114,7 +124,10 @@ class AblationRow:
             raise ValueError(f"row {self.name!r} uses neither SD nor DINO")
         alpha = 0.0 if self.sd is None else 1.0 if self.dino is None else float(self.alpha)
         used = len(self.sd_layers if self.sd_layers is not None else layers)
-        dims = None if self.pca_dim is None else (int(self.pca_dim),) * used
+        if self.pca_dims is None or isinstance(self.pca_dims, int):
+            dims = None if self.pca_dims is None else (int(self.pca_dims),) * used
+        else:
+            dims = tuple(int(d) for d in self.pca_dims)
         sd_layers = None if self.sd_layers is None else tuple(int(i) for i in self.sd_layers)
         return DescriptorSpec(
             alpha=alpha, pca_dims=dims, fusion=self.fusion, sd_layers=sd_layers, projection=self.projection,
