@@ -742,3 +742,47 @@ def test_check_tokenizer_rejects_a_tokenizer_mapping_words_to_unknown() -> None:
 def test_sd_argument_errors(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SDFeaturizer(model_id=None, random_init={"seed": 0}, image_size=128, sliding_window=False, **kwargs)
+
+
+class MeanColourFeaturizer:
+    """A user's feature source, not an SD or DINO class: a 4 x 4 grid of mean colours (two 'layers')."""
+
+    image_size = 32
+    uses_prompt = False
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def feature_maps(self, images, categories):  # noqa: ANN001, ANN201
+        self.calls += 1
+        coarse = torch.nn.functional.avg_pool2d(images, 8)
+        return [coarse, torch.nn.functional.avg_pool2d(images, 16)]
+
+    def cache_key(self, category: str) -> str:
+        return "mean-colour-4x4"
+
+    def variant(self, **overrides):  # noqa: ANN003, ANN201
+        return self
+
+
+def test_any_featurizer_runs_through_the_one_extraction_path(tiny_sd, tiny_dino) -> None:
+    """The pipeline calls a feature source through the Featurizer protocol (``feature_maps``), never by its
+    class: SD and DINO satisfy it, and a class of one's own runs through ``run_featurizer`` with the feature
+    cache (each distinct image once) unchanged."""
+    from lightning_modules.components.feature_cache import FeatureCache
+    from lightning_modules.components.features import Featurizer, run_featurizer
+
+    assert isinstance(tiny_sd, Featurizer) and isinstance(tiny_dino, Featurizer)
+    own = MeanColourFeaturizer()
+    assert isinstance(own, Featurizer)
+    images = [torch.full((3, 20, 30), 255, dtype=torch.uint8), torch.zeros(3, 40, 40, dtype=torch.uint8)]
+    cache = FeatureCache(memory_bytes=1 << 20)
+    features, passes = run_featurizer(own, [images[0], images[1], images[0]], ["a", "b", "c"], torch.device("cpu"),
+                                      cache, files=["x.jpg", "y.jpg", "x.jpg"])
+    assert passes == 2 and own.calls == 1 and len(features) == 3
+    assert [tuple(t.shape) for t in features[0]] == [(3, 4, 4), (3, 2, 2)]
+    assert torch.equal(features[0][0], features[2][0]) and float(features[1][0].max()) == 0.0
+    again, passes = run_featurizer(own, images, ["a", "b"], torch.device("cpu"), cache, files=["x.jpg", "y.jpg"])
+    assert passes == 0 and own.calls == 1 and torch.equal(again[0][1], features[0][1])
+    dino_maps = tiny_dino.feature_maps(torch.zeros(1, 3, tiny_dino.image_size, tiny_dino.image_size), ["cat"])
+    assert len(dino_maps) == 1 and dino_maps[0].shape[-1] == tiny_dino.grid_size

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -391,6 +391,10 @@ class DinoFeaturizer(nn.Module):
     def _facet_module(self, layer: int) -> nn.Module:
         block = vit_blocks(self.model)[layer]
         return block if self.facet == "token" else attention_projection(block, self.facet)
+
+    def feature_maps(self, images: torch.Tensor, categories: Sequence[str] = ()) -> list[torch.Tensor]:
+        """:class:`.features.Featurizer`'s call: the one patch-token map ``[B, C, G, G]`` (no prompt)."""
+        return [self(images)]
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -22,6 +22,7 @@ from .sd_featurizer import SDFeaturizer, prompt_identity
 __all__ = [
     "SOURCES",
     "BatchImage",
+    "Featurizer",
     "ImageFeatures",
     "check_sources",
     "default_eval_size",
@@ -52,6 +53,34 @@ class ImageFeatures:
     dino: torch.Tensor | None
     width: int
     height: int
+
+
+@runtime_checkable
+class Featurizer(Protocol):
+    """What the pipeline needs of a feature source (:class:`.sd_featurizer.SDFeaturizer`,
+    :class:`.dino_featurizer.DinoFeaturizer`, or one of yours): it is run through :func:`run_featurizer` (one pass
+    per distinct input, via the feature cache) without the pipeline knowing its class.
+
+    Attributes:
+        image_size: Side of the padded square input (:func:`.image_prep.pad_resize_image`).
+        uses_prompt: Whether its features depend on the prompt (then an image is run once per prompt).
+    """
+
+    image_size: int
+    uses_prompt: bool
+
+    def feature_maps(self, images: torch.Tensor, categories: Sequence[str]) -> list[torch.Tensor]:
+        """Maps ``[B, C_i, h_i, w_i]`` (one per layer it extracts) of ``[B, 3, image_size, image_size]`` images in
+        [0, 1]; ``categories`` are the images' prompts' categories."""
+        ...
+
+    def cache_key(self, category: str) -> str:
+        """What its features depend on besides the image (weights, settings, the prompt where it uses one)."""
+        ...
+
+    def variant(self, **overrides: Any) -> Featurizer:
+        """The same weights with other extraction settings (an ablation's variants)."""
+        ...
 
 
 class BatchImage(NamedTuple):
@@ -128,7 +157,7 @@ def _precision(device: torch.device) -> str:
 
 @torch.no_grad()
 def run_featurizer(
-    featurizer: SDFeaturizer | DinoFeaturizer,
+    featurizer: Featurizer,
     images: Sequence[torch.Tensor],
     categories: Sequence[str],
     device: torch.device,
@@ -136,13 +165,14 @@ def run_featurizer(
     image_keys: Sequence[str] | None = None,
     files: Sequence[str] | None = None,
 ) -> tuple[list[tuple[torch.Tensor, ...]], int]:
-    """One featurizer's raw features of each image (SD: one map per layer; DINO: one map), via ``cache``.
+    """One featurizer's raw features of each image (its :meth:`Featurizer.feature_maps`: SD one map per layer,
+    DINO one map), via ``cache``.
 
     Each distinct input is run once: by ``(file, prompt)`` for a featurizer that uses the prompt
     (``featurizer.uses_prompt``), by file for one that does not (DINO, SD with the implicit captioner).
 
     Args:
-        featurizer: The SD or DINO featurizer.
+        featurizer: Any :class:`Featurizer` (SD, DINO, or one of yours).
         images: uint8 ``[3, H, W]`` tensors of any sizes.
         categories: Category of each image (the SD prompt).
         device: Where the featurizer lives.
@@ -170,11 +200,8 @@ def run_featurizer(
     def compute(indices: list[int]) -> list[tuple[torch.Tensor, ...]]:
         chosen = [distinct[i] for i in indices]
         batch = torch.stack([pad_resize_image(images[i], featurizer.image_size)[0] for i in chosen]).to(device)
-        if isinstance(featurizer, SDFeaturizer):
-            layers = featurizer(batch, [categories[i] for i in chosen])
-            return [tuple(layer[j] for layer in layers) for j in range(len(chosen))]
-        maps = featurizer(batch)
-        return [(maps[j],) for j in range(len(chosen))]
+        layers = featurizer.feature_maps(batch, [categories[i] for i in chosen])
+        return [tuple(layer[j] for layer in layers) for j in range(len(chosen))]
 
     if cache is None:
         computed, passes = compute(list(range(len(distinct)))), len(distinct)

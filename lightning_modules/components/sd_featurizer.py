@@ -456,6 +456,10 @@ class SDFeaturizer(nn.Module):
         noise = torch.randn((self.ensemble_size, *latent_shape[1:]), generator=generator)
         return noise.to(device=device, dtype=dtype)
 
+    def feature_maps(self, images: torch.Tensor, categories: Sequence[str]) -> list[torch.Tensor]:
+        """:class:`.features.Featurizer`'s call: one map ``[B, C_i, h_i, w_i]`` per requested decoder layer."""
+        return self(images, categories)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor, categories: Sequence[str]) -> list[torch.Tensor]:
         """Extract decoder features.
