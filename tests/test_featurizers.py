@@ -607,6 +607,10 @@ def test_dino_from_pretrained_round_trip(tiny_dino: DinoFeaturizer, tmp_path: Pa
     loaded = DinoFeaturizer(model_id=str(tmp_path), layer=3, image_size=224)
     x = _images(1, 224, seed=14)
     torch.testing.assert_close(loaded(x), tiny_dino(x), rtol=0, atol=1e-6)
+    # the same weights and config, built or loaded, saved or not: one feature-cache key (save_pretrained writes
+    # `architectures` and `dtype` into the config; they made the fixture's key change for the tests after it)
+    fresh = DinoFeaturizer(model_id=None, random_init={"seed": 0, "num_hidden_layers": 4}, layer=3, image_size=224)
+    assert loaded.cache_key() == tiny_dino.cache_key() == fresh.cache_key()
 
 
 # --------------------------------------------------------------------------------------------- 10. errors

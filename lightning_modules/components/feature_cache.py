@@ -73,7 +73,10 @@ def image_digest(image: torch.Tensor) -> str:
 #: (a list built from a set, so its order changes with Python's hash seed), ``_name_or_path`` (where the model
 #: was loaded from), library versions. The weights digest identifies the model; these would only make a key
 #: differ between processes, machines or download folders.
-_CONFIG_METADATA = ("transformers_version",)
+_CONFIG_METADATA = ("transformers_version", "architectures", "dtype", "torch_dtype")
+# ``architectures`` and ``dtype`` are written into a config by save_pretrained and read back by from_pretrained: a
+# model built from its config and the same model saved and loaded would otherwise get two keys (the weights'
+# dtype is part of the key on its own, ``<name>.dtype``)
 
 
 def model_config(config: Mapping[str, Any]) -> dict[str, Any]:
