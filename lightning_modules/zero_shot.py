@@ -16,7 +16,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from .components.feature_cache import FeatureCache
-from .components.matchers import POINT_EXTRAS
 from .components.pipeline import FusedCorrespondence
 from .metrics import PCK, DenseFlowPCK, dense_flow_counts, format_alpha, stable_pair_key
 from .results import PCKResults
@@ -39,8 +38,8 @@ def keypoint_record(
     It holds everything the metric needs, so a resumed run rebuilds its state from these lines
     (:func:`restore_keypoint_metric`) and ends with the numbers of an uninterrupted run; and the per-keypoint
     per-point extras of ``output`` (the pipeline's prediction of the pair: its matcher's, such as ``confidence``
-    and ``mutual``, every one that :data:`~.components.matchers.POINT_EXTRAS` names, as they come) and the
-    :data:`PAIR_EXTRAS` of pose alignment.
+    and ``mutual``, every one that :attr:`~.components.matchers.PairPrediction.point_extras` names, as they come)
+    and the :data:`PAIR_EXTRAS` of pose alignment.
     """
     keep = valid.cpu()
     record = {
@@ -53,7 +52,7 @@ def keypoint_record(
     }
     if "variations" in sample:
         record["variations"] = {k: int(v) for k, v in sample["variations"].items()}
-    for key in (output or {}).get(POINT_EXTRAS, ()):
+    for key in getattr(output, "point_extras", ()):
         record[key] = output[key].cpu()[keep].tolist()
     for key in PAIR_EXTRAS:
         if output is not None and key in output:

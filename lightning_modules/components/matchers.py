@@ -17,11 +17,22 @@ from torch import Tensor
 from .matching import transfer_keypoints
 from .refinements import MatchRefinement, refined_transfer
 
-__all__ = ["POINT_EXTRAS", "KeypointMatcher", "Matches", "NearestNeighbours"]
+__all__ = ["KeypointMatcher", "Matches", "NearestNeighbours", "PairPrediction"]
 
-#: The key of a pair's prediction (:func:`.prediction.predict_pair`) that names the matcher's per-point extras
-#: (:attr:`Matches.extras`) it holds: the writers write every one of them, in that order, under its name.
-POINT_EXTRAS = "point_extras"
+
+class PairPrediction(dict):
+    """A pair's prediction (:func:`.prediction.predict_pair`): a dict of tensors (``pred_kps``, ``distance``, the
+    matcher's per-point extras, pose alignment's ``flipped`` and ``pose_distances``), which also knows which of
+    its entries are the matcher's per-point extras (:attr:`Matches.extras`): the writers write every one of them,
+    in that order, under its name.
+
+    Attributes:
+        point_extras: The names of the matcher's per-point extras among the entries.
+    """
+
+    def __init__(self, entries: dict, point_extras: tuple[str, ...] = ()) -> None:
+        super().__init__(entries)
+        self.point_extras = tuple(point_extras)
 
 
 class Matches(NamedTuple):

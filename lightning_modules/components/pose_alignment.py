@@ -29,7 +29,7 @@ import torch
 from .features import ImageFeatures
 from .image_prep import PadResize
 from .keypoints import EvalSize, annotation_geometry, transfer
-from .matchers import POINT_EXTRAS, KeypointMatcher
+from .matchers import KeypointMatcher, PairPrediction
 
 __all__ = [
     "CUB_FLIP_PAIRS",
@@ -283,7 +283,7 @@ def pose_aligned_match(
         pred = torch.where(use[:, None], m_pred, pred)
         distance = torch.where(use, m_distance, distance)
         extras = {key: torch.where(use, m_extras[key], value) for key, value in extras.items()}
-    return {
-        "pred_kps": pred, "distance": distance, **extras, POINT_EXTRAS: tuple(extras),
+    return PairPrediction({
+        "pred_kps": pred, "distance": distance, **extras,
         "flipped": torch.tensor(flipped), "pose_distances": distances.cpu(),
-    }
+    }, tuple(extras))

@@ -20,7 +20,7 @@ import torch
 
 from .features import ImageFeatures, mirrored_key, pair_features, sample_image_key
 from .keypoints import EvalSize, transfer
-from .matchers import POINT_EXTRAS, KeypointMatcher
+from .matchers import KeypointMatcher, PairPrediction
 from .pose_alignment import PoseAlignment, pose_aligned_match
 from .samples import PairSample
 
@@ -76,7 +76,7 @@ def predict_pair(
     Returns:
         ``pred_kps`` ``[N, 2]`` (original target pixels) and ``distance`` ``[N]``; the matcher's per-point
         extras (with a refinement ``confidence`` ``[N]``, and ``mutual`` ``[N]`` bool when it checks them), named
-        in order under :data:`.matchers.POINT_EXTRAS`; with pose alignment also ``flipped`` and
+        in order by :attr:`.matchers.PairPrediction.point_extras`; with pose alignment also ``flipped`` and
         ``pose_distances`` (:func:`.pose_alignment.pose_aligned_match`).
     """
     source, target = pair_features(features, sample)
@@ -91,7 +91,7 @@ def predict_pair(
     pred, distance, extras = transfer(
         descriptors, source, target, sample["src_kps"], settings.eval_size, settings.matcher
     )
-    return {"pred_kps": pred, "distance": distance, **extras, POINT_EXTRAS: tuple(extras)}
+    return PairPrediction({"pred_kps": pred, "distance": distance, **extras}, tuple(extras))
 
 
 def predict_pairs(
