@@ -56,6 +56,8 @@ def _ablation_pipeline(pipeline: FusedCorrespondence | None, renamed: Mapping[st
         pipeline = FusedCorrespondence(sd=sd, dino=dino, alpha=alpha, pca_dims=None, **settings)
     if pipeline is None:
         raise ValueError("ZeroShotAblation needs model.pipeline (its sd and dino featurizers)")
+    if len(pipeline.extra_featurizers):
+        raise ValueError("an ablation compares SD and DINO variants: model.pipeline.featurizers are not used there")
     if pipeline.head is not None or pipeline.align_poses:
         raise ValueError("an ablation's rows decide how each prediction is made: model.pipeline.projection_ckpt and "
                          "model.pipeline.pose_alignment are not used there (a row takes pose_alignment: true)")

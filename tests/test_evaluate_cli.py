@@ -153,9 +153,11 @@ def _config_sets() -> list[list[str]]:
     """Every config file, composed the way the README composes it."""
     sets = [[str(CONFIGS / "demo.yaml")], [SPAIR, TINY]]
     for fragment in sorted((CONFIGS / "overlays").glob("*.yaml")):
-        # sd_dino_reference.yaml needs ODISE's weights (its own test); the logger overlays have theirs
-        # (test_wandb_logging.py, test_visualization.py)
-        if fragment.name not in ("tiny.yaml", "sd_dino_reference.yaml", "wandb.yaml", "visualize.yaml"):
+        # sd_dino_reference.yaml needs ODISE's weights (its own test), fuse_dinov3.yaml DINOv3's (its own test with
+        # a tiny stand-in, test_more_featurizers.py); the logger overlays have theirs (test_wandb_logging.py,
+        # test_visualization.py)
+        if fragment.name not in ("tiny.yaml", "sd_dino_reference.yaml", "fuse_dinov3.yaml", "wandb.yaml",
+                                 "visualize.yaml"):
             sets.append([SPAIR, TINY, str(fragment)])
     return sets
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .features import ImageFeatures
-from .fusion import FUSIONS, PCA_SOLVERS, co_pca_batch, fuse, merge_layers
+from .fusion import FUSIONS, PCA_SOLVERS, co_pca_batch, fuse, fuse_blocks, merge_layers
 
 __all__ = ["DescriptorSpec", "describe_pair", "describe_pairs", "project_layer"]
 
@@ -30,6 +30,9 @@ class DescriptorSpec:
             applied to every token of that layer (a 1x1 convolution).
         pca_solver: Co-PCA's randomised PCA, as torch 1.13.1 (``"torch1.13"``, the reference's) or torch >= 2.4
             (``"torch2.4"``) runs ``pca_lowrank`` (:data:`.fusion.PCA_SOLVERS`).
+        extra_weights: ``(name, weight)`` of each further featurizer's block (:attr:`.features.ImageFeatures.extra`:
+            its maps merged coarse to fine and resized to the grid, without co-PCA), fused with the SD block
+            (weight ``alpha``) and the DINO block (``1 - alpha``) by :func:`.fusion.fuse_blocks`.
     """
 
     alpha: float = 0.5
@@ -38,6 +41,7 @@ class DescriptorSpec:
     sd_layers: tuple[int, ...] | None = None
     projection: str | None = None
     pca_solver: str = "torch1.13"
+    extra_weights: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -46,6 +50,8 @@ class DescriptorSpec:
             raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {list(FUSIONS)}")
         if self.pca_solver not in PCA_SOLVERS:
             raise ValueError(f"unknown pca_solver {self.pca_solver!r}; choose one of {list(PCA_SOLVERS)}")
+        if any(not weight >= 0 for _, weight in self.extra_weights):
+            raise ValueError(f"the further featurizers' weights must be >= 0, got {dict(self.extra_weights)}")
 
     @property
     def uses_sd(self) -> bool:
@@ -118,7 +124,8 @@ def describe_pair(
 def _shapes(pair: tuple[ImageFeatures, ImageFeatures]) -> tuple:
     """What must agree for pairs to be stacked: every map's shape, on both sides."""
     return tuple(
-        (tuple(t.shape for t in f.sd) if f.sd is not None else None, tuple(f.dino.shape) if f.dino is not None else None)
+        (tuple(t.shape for t in f.sd) if f.sd is not None else None, tuple(f.dino.shape) if f.dino is not None else None,
+         tuple((name, tuple(t.shape for t in maps)) for name, maps in sorted(f.extra.items())))
         for f in pair
     )
 
@@ -176,4 +183,14 @@ def _describe_stack(
             if any(f.dino is None for pair in pairs for f in pair):
                 raise ValueError(f"alpha={spec.alpha} needs DINO features, but none were extracted")
             dino_block = torch.stack([torch.stack([s.dino, t.dino]) for s, t in pairs]).float().flatten(0, 1)
-        return fuse(sd_block, dino_block, spec.alpha, spec.fusion).unflatten(0, (batch, 2))
+        if not spec.extra_weights:
+            return fuse(sd_block, dino_block, spec.alpha, spec.fusion).unflatten(0, (batch, 2))
+        side = grid or (sd_block if sd_block is not None else dino_block).shape[-1]  # type: ignore[union-attr]
+        blocks = [(sd_block, spec.alpha), (dino_block, 1 - spec.alpha)]
+        for name, weight in spec.extra_weights:
+            if any(name not in f.extra for pair in pairs for f in pair):
+                raise ValueError(f"featurizer {name!r} has a weight, but its features were not extracted")
+            maps = [torch.stack([torch.stack([s.extra[name][i], t.extra[name][i]]) for s, t in pairs]).float()
+                    for i in range(len(first.extra[name]))]
+            blocks.append((merge_layers([m.flatten(0, 1) for m in maps], side), weight))
+        return fuse_blocks([(b, w) for b, w in blocks if b is not None], spec.fusion).unflatten(0, (batch, 2))

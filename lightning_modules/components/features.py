@@ -7,7 +7,7 @@ Plain torch. The descriptors of a pair are made from these in :mod:`.descriptors
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -47,12 +47,15 @@ class ImageFeatures:
         dino: ``[C, G, G]`` DINO map, or None when DINO is not used.
         width: Original image width.
         height: Original image height.
+        extra: The maps of each further featurizer of the pipeline (``FusedCorrespondence(featurizers=...)``),
+            by its name: one ``[C_i, h_i, w_i]`` per map it extracts.
     """
 
     sd: list[torch.Tensor] | None
     dino: torch.Tensor | None
     width: int
     height: int
+    extra: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -226,6 +229,7 @@ def extract_features(
     cache: FeatureCache | None = None,
     image_keys: Sequence[str] | None = None,
     files: Sequence[str] | None = None,
+    extra: Mapping[str, Featurizer] | None = None,
 ) -> tuple[list[ImageFeatures], dict[str, int]]:
     """Run the given featurizers on a batch of images (at most one pass per distinct input per featurizer).
 
@@ -238,10 +242,11 @@ def extract_features(
         cache: Per-image feature cache; None extracts every image.
         image_keys: Content hashes of the images, if already known.
         files: Identity of each image apart from its prompt (:func:`run_featurizer`); None: all distinct.
+        extra: Further featurizers by name (:attr:`ImageFeatures.extra`).
 
     Returns:
-        ``(features per image, {"sd": passes, "dino": passes})`` where passes count the inputs that
-        were really run (cache misses).
+        ``(features per image, {"sd": passes, "dino": passes, <extra name>: passes, ...})`` where passes count
+        the inputs that were really run (cache misses).
     """
     if cache is not None and image_keys is None:
         image_keys = [image_digest(img) for img in images]
@@ -249,6 +254,10 @@ def extract_features(
         name: run_featurizer(featurizer, images, categories, device, cache, image_keys, files) if featurizer else (None, 0)
         for name, featurizer in (("sd", sd), ("dino", dino))
     }
+    for name, featurizer in (extra or {}).items():
+        if name in run:
+            raise ValueError(f"a further featurizer may not be named {name!r} (the sd and dino slots have that name)")
+        run[name] = run_featurizer(featurizer, images, categories, device, cache, image_keys, files)
     (sd_maps, _), (dino_maps, _) = run["sd"], run["dino"]
     features = [
         ImageFeatures(
@@ -256,6 +265,7 @@ def extract_features(
             dino=None if dino_maps is None else dino_maps[i][0],
             width=int(img.shape[-1]),
             height=int(img.shape[-2]),
+            extra={name: list(run[name][0][i]) for name in (extra or {})},
         )
         for i, img in enumerate(images)
     ]

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FUSIONS", "PCA_SOLVERS", "co_pca", "co_pca_batch", "fuse", "l2_normalize", "merge_layers"]
+__all__ = ["FUSIONS", "PCA_SOLVERS", "co_pca", "co_pca_batch", "fuse", "fuse_blocks", "l2_normalize", "merge_layers"]
 
 #: How co-PCA's randomised PCA orients its range finder (:func:`pca_lowrank_components`):
 #:
@@ -212,6 +212,28 @@ def l2_normalize(features: torch.Tensor, dim: int = 1, eps: float = 1e-12) -> to
 
 
 FUSIONS = ("concat_l2", "concat", "sum_l2", "sum")
+
+
+def fuse_blocks(blocks: Sequence[tuple[torch.Tensor, float]], mode: str = "concat_l2") -> torch.Tensor:
+    """Fuse any number of ``(map [B, C_i, H, W], weight)`` blocks, as :func:`fuse` fuses two: ``concat_l2``
+    ``cat(w_i * ||B_i||_2)``, ``concat`` ``cat(B_i)`` (raw), ``sum_l2`` ``sum(w_i * ||B_i||_2)``, ``sum``
+    ``sum(B_i)`` (raw; the sums need equal channels). Blocks of weight 0 are left out.
+    """
+    if mode not in FUSIONS:
+        raise ValueError(f"unknown fusion {mode!r}; choose one of {list(FUSIONS)}")
+    used = [(block, float(weight)) for block, weight in blocks if weight > 0]
+    if not used:
+        raise ValueError("nothing to fuse: every block has weight 0")
+    sizes = {tuple(block.shape[-2:]) for block, _ in used}
+    if len(sizes) != 1:
+        raise ValueError(f"the blocks' maps differ in size: {sorted(sizes)}")
+    normalize = l2_normalize if mode.endswith("_l2") else (lambda t: t)
+    weighted = [block if mode in ("concat", "sum") else weight * normalize(block) for block, weight in used]
+    if mode.startswith("concat"):
+        return torch.cat(weighted, dim=1)
+    if len({block.shape[1] for block in weighted}) != 1:
+        raise ValueError(f"fusion {mode!r} needs equal channels, got {[block.shape[1] for block in weighted]}")
+    return torch.stack(weighted).sum(0)
 
 
 def fuse(

@@ -27,6 +27,7 @@ from .descriptors import DescriptorSpec, describe_pair, describe_pairs
 from .dino_featurizer import DinoFeaturizer
 from .features import (
     SOURCES,
+    Featurizer,
     ImageFeatures,
     check_sources,
     default_eval_size,
@@ -148,6 +149,11 @@ class FusedCorrespondence(nn.Module):
             (:meth:`use_protocol`).
         matcher: How source keypoints find their target points on the descriptors
             (:class:`.matchers.KeypointMatcher`); None is the paper's :class:`.matchers.NearestNeighbours`.
+        featurizers: Beyond the paper: further feature sources by name (any :class:`.features.Featurizer`, e.g.
+            a second DINO or a DINOv3), each fused as one more block: its maps merged coarse to fine and resized
+            to the grid, L2-normalised and weighted by ``weights[name]`` (the SD block keeps ``alpha``, DINO
+            ``1 - alpha``). ``docs/beyond.md``: SD + DINOv2 + DINOv3 is a config.
+        weights: The weight of each of ``featurizers`` (0 runs it but leaves its block out).
 
     Attributes:
         cache: The per-image feature cache (None: every batch extracts its images anew).
@@ -174,8 +180,12 @@ class FusedCorrespondence(nn.Module):
         pose_alignment: bool = False,
         flip_pairs: dict[str, list[list[int]]] | str | None = None,
         matcher: KeypointMatcher | None = None,
+        featurizers: dict[str, nn.Module] | None = None,
+        weights: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
+        self.extra_featurizers = nn.ModuleDict(dict(featurizers or {}))  # registered: they move with the module
+        extra_weights = _extra_weights(self.extra_featurizers, weights)
         # the refinement flags configure the matcher: the one object that travels to the transfer
         refinement = MatchRefinement(soft_argmax_window, float(soft_argmax_temperature), bool(mutual_check))
         self.matcher = (matcher if matcher is not None else NearestNeighbours()).refined(refinement)
@@ -185,17 +195,19 @@ class FusedCorrespondence(nn.Module):
         self.pose_alignment = PoseAlignment(flip_pairs) if pose_alignment and flip_pairs is not None else None
         self.spec = DescriptorSpec(
             alpha=float(alpha), pca_dims=None if pca_dims is None else tuple(int(d) for d in pca_dims), fusion=fusion,
-            pca_solver=pca_solver,
+            pca_solver=pca_solver, extra_weights=extra_weights,
         )
         self.configured = (sd, dino)  # a plain tuple: not registered, so unused featurizers stay where they are
         self.head = None if projection_ckpt is None else GatedProjectionHead.from_checkpoint(projection_ckpt)
+        if self.head is not None and extra_weights:
+            raise ValueError("a projection head takes its sources (sd, dino); further featurizers are not used there")
         self._select_featurizers(None if self.head is None else list(self.head.sources))
         # keypoints map at the DINO input size whenever DINO is configured, even with alpha 1 (the
         # reference maps them at the DINOv2 size in its SD-only runs too)
         #: ``eval_size`` as configured (None: the default below); an ablation's rows take their own defaults
         self.eval_size_setting = check_eval_size(eval_size)
         self.eval_size = self.eval_size_setting or default_eval_size(self.sd, dino)
-        self.extraction_passes = {"sd": 0, "dino": 0}
+        self.extraction_passes = {"sd": 0, "dino": 0, **{name: 0 for name in self.extra_featurizers}}
         self.register_buffer("_device_marker", torch.empty(0), persistent=False)
 
     def _select_featurizers(self, sources: Sequence[str] | None) -> None:
@@ -253,7 +265,7 @@ class FusedCorrespondence(nn.Module):
         """Raw features of a batch of images (each distinct input run at most once per featurizer, cache misses;
         ``files``: each image's identity apart from its prompt, see :func:`.features.run_featurizer`)."""
         features, passes = extract_features(
-            self.sd, self.dino, images, categories, self.device, self.cache, files=files
+            self.sd, self.dino, images, categories, self.device, self.cache, files=files, extra=self.extra_featurizers
         )
         for name, count in passes.items():
             self.extraction_passes[name] += count
@@ -432,6 +444,25 @@ class FusedCorrespondence(nn.Module):
         """One pair's prediction (:meth:`predict_pairs`) from the batch's features by image key:
         :func:`.prediction.predict_pair` with this pipeline's :attr:`settings`; no extraction."""
         return predict_pair(features, sample, self.settings, descriptors)
+
+
+def _extra_weights(featurizers: Mapping[str, Any], weights: Mapping[str, float] | None) -> tuple[tuple[str, float], ...]:
+    """``(name, weight)`` of each further featurizer, checked: every one named in ``weights`` and nothing else.
+
+    Raises:
+        ValueError: A featurizer without a weight, a weight without a featurizer, a reserved name, or an
+            object that is not a :class:`.features.Featurizer`.
+    """
+    weights = dict(weights or {})
+    for name, featurizer in featurizers.items():
+        if name in ("sd", "dino"):
+            raise ValueError(f"featurizers.{name}: the name is the {name} slot's; give that one as {name}=")
+        if not isinstance(featurizer, Featurizer):
+            raise ValueError(f"featurizers.{name}: {type(featurizer).__name__} is not a Featurizer (feature_maps, "
+                             "image_size, uses_prompt, cache_key, variant)")
+    if set(weights) != set(featurizers):
+        raise ValueError(f"weights must give each of featurizers {sorted(featurizers)} its weight, got {sorted(weights)}")
+    return tuple((name, float(weights[name])) for name in featurizers)
 
 
 def benchmark_pose_alignment(flip_pairs: Any, protocol: Any) -> PoseAlignment:

@@ -102,7 +102,8 @@ def viewer_pair(
     """
     images = [sample["src_image"], sample["trg_image"]]
     categories = [sample["category"], sample["category"]]
-    features, _ = extract_features(pipeline.sd, pipeline.dino, images, categories, pipeline.device, pipeline.cache)
+    features, _ = extract_features(pipeline.sd, pipeline.dino, images, categories, pipeline.device, pipeline.cache,
+                                   extra=getattr(pipeline, "extra_featurizers", None))
     descriptors = pipeline.describe_pair(features[0], features[1])
     reduced = reduce_descriptors(descriptors, dims)
     file_sizes = [sample.get("src_file_size"), sample.get("trg_file_size")]
