@@ -17,6 +17,7 @@ import torch
 from jsonargparse.typing import PositiveInt
 
 from .components.image_prep import load_scale
+from .components.matchers import point_extras
 from .components.pipeline import FusedCorrespondence
 from .components.visualize import draw_matches, inside_image
 from .zero_shot import place_feature_caches
@@ -62,7 +63,7 @@ def match_line(sample: dict[str, Any], output: dict[str, Any]) -> dict[str, Any]
         "src_kps": _rounded(src_kps),
         "pred_kps": _rounded(pred),
     }
-    for key in ("distance", *getattr(output, "point_extras", ())):  # the matcher's extras, as they come
+    for key in ("distance", *point_extras(output)):  # the matcher's extras, as they come
         line[key] = output[key].cpu().tolist()
     line["inside"] = inside_image(line["pred_kps"], line["target_size"]).tolist()
     if "flipped" in output:

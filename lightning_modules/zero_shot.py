@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from .components.feature_cache import FeatureCache
+from .components.matchers import point_extras
 from .components.pipeline import FusedCorrespondence
 from .metrics import PCK, DenseFlowPCK, dense_flow_counts, format_alpha, stable_pair_key
 from .results import PCKResults
@@ -52,7 +53,7 @@ def keypoint_record(
     }
     if "variations" in sample:
         record["variations"] = {k: int(v) for k, v in sample["variations"].items()}
-    for key in getattr(output, "point_extras", ()):
+    for key in () if output is None else point_extras(output):
         record[key] = output[key].cpu()[keep].tolist()
     for key in PAIR_EXTRAS:
         if output is not None and key in output:

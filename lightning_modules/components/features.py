@@ -203,7 +203,10 @@ def run_featurizer(
     def compute(indices: list[int]) -> list[tuple[torch.Tensor, ...]]:
         chosen = [distinct[i] for i in indices]
         batch = torch.stack([pad_resize_image(images[i], featurizer.image_size)[0] for i in chosen]).to(device)
-        layers = featurizer.feature_maps(batch, [categories[i] for i in chosen])
+        if hasattr(featurizer, "feature_maps"):
+            layers = featurizer.feature_maps(batch, [categories[i] for i in chosen])
+        else:  # the DINO contract of before the protocol, kept for a while: forward(images) -> one map
+            layers = [featurizer(batch)]
         return [tuple(layer[j] for layer in layers) for j in range(len(chosen))]
 
     if cache is None:

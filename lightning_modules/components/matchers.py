@@ -10,14 +10,15 @@ options: the one object that travels from the config to the transfer. The pipeli
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
 from .matching import transfer_keypoints
 from .refinements import MatchRefinement, refined_transfer
 
-__all__ = ["KeypointMatcher", "Matches", "NearestNeighbours", "PairPrediction"]
+__all__ = ["REFINEMENT_EXTRAS", "KeypointMatcher", "Matches", "NearestNeighbours", "PairPrediction", "point_extras"]
 
 
 class PairPrediction(dict):
@@ -33,6 +34,19 @@ class PairPrediction(dict):
     def __init__(self, entries: dict, point_extras: tuple[str, ...] = ()) -> None:
         super().__init__(entries)
         self.point_extras = tuple(point_extras)
+
+
+#: The per-point extras of the paper's matcher with refinements: what a prediction given as a plain dict (not a
+#: :class:`PairPrediction`) is read for, as before the matchers named their own.
+REFINEMENT_EXTRAS = ("confidence", "mutual")
+
+
+def point_extras(prediction: Mapping[str, Any]) -> tuple[str, ...]:
+    """The names of a prediction's per-point extras: :attr:`PairPrediction.point_extras`, or, for a plain dict,
+    those of :data:`REFINEMENT_EXTRAS` it holds."""
+    if isinstance(prediction, PairPrediction):
+        return prediction.point_extras
+    return tuple(key for key in REFINEMENT_EXTRAS if key in prediction)
 
 
 class Matches(NamedTuple):
