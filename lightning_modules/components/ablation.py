@@ -257,9 +257,9 @@ class AblationCorrespondence(nn.Module):
             for s, descriptors in zip(samples, describe_batch(features, samples, settings)):
                 out = predict_pair(features, s, settings, descriptors)
                 if row.name in detail_rows:
-                    if descriptors is None:
-                        descriptors = settings.describe_pair(*pair_features(features, s))
                     src, trg = pair_features(features, s)
+                    if descriptors is None:
+                        descriptors = settings.describe_pair(src, trg)
                     side = descriptors.shape[-1]
                     src_cells = keypoint_cells(src, s["src_kps"].to(descriptors.device), settings.eval_size, side)
                     out["cell_distances"] = cell_distances(descriptors, src_cells)
