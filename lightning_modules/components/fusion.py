@@ -265,15 +265,9 @@ def fuse(
     if use_sd and use_dino:
         if sd.shape[-2:] != dino.shape[-2:]:
             raise ValueError(f"SD map {tuple(sd.shape)} and DINO map {tuple(dino.shape)} differ in size")
-        if mode == "concat":
-            return torch.cat([sd, dino], dim=1)
-        if mode == "concat_l2":
-            return torch.cat([alpha * normalize(sd), (1 - alpha) * normalize(dino)], dim=1)
-        if sd.shape[1] != dino.shape[1]:
+        if mode.startswith("sum") and sd.shape[1] != dino.shape[1]:
             raise ValueError(f"fusion {mode!r} needs equal channels, got SD {sd.shape[1]} and DINO {dino.shape[1]}")
-        if mode == "sum":
-            return sd + dino
-        return alpha * normalize(sd) + (1 - alpha) * normalize(dino)
+        return fuse_blocks([(sd, alpha), (dino, 1 - alpha)], mode)  # the arithmetic has one home
     if use_sd:
         return normalize(sd)
     if use_dino:
