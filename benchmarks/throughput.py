@@ -353,7 +353,7 @@ def benchmark_precision(
     with torch.no_grad(), _autocast(device, precision):
         for category, sample in firsts.items():
             (features,) = warm.extract([sample["src_image"]], [category])
-        transfer(warm.describe_pair(features, features), features, features, sample["src_kps"], warm.eval_size)
+        transfer(warm.describe_pair(features, features), features, features, sample["src_kps"], warm.annotation_size)
     sync()
     shapes = {"sd": [list(t.shape) for t in features.sd], "dino": list(features.dino.shape)}
     del features, warm

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from .components.ablation import AblationCorrespondence, AblationRow
 from .components.analysis import relative_distance, summarize_fusion_analysis
 from .components.dino_featurizer import DinoFeaturizer
-from .components.keypoints import EvalSize
+from .components.keypoints import AnnotationSize
 from .components.pck import keypoint_correct
 from .components.pipeline import FusedCorrespondence, benchmark_pose_alignment
 from .components.sd_featurizer import SDFeaturizer
@@ -37,6 +37,10 @@ from .zero_shot import (
 __all__ = ["AblationResults", "ZeroShotAblation"]
 
 
+#: The pipeline's name of an option -> its old name on this module, where they differ.
+_OLD_NAMES = {"annotation_size": "eval_size"}
+
+
 def _ablation_pipeline(pipeline: FusedCorrespondence | None, renamed: Mapping[str, Any]) -> FusedCorrespondence:
     """The run's pipeline: as given, or built from the options that moved into it (with a one-line notice).
 
@@ -45,10 +49,11 @@ def _ablation_pipeline(pipeline: FusedCorrespondence | None, renamed: Mapping[st
             each prediction is made).
     """
     if renamed:
-        old = ", ".join(f"model.{name}" for name in renamed)
+        old = ", ".join(f"model.{_OLD_NAMES.get(name, name)}" for name in renamed)
+        new = ", ".join(f"model.pipeline.{name}" for name in renamed)
         if pipeline is not None:
-            raise ValueError(f"{old}: give these as model.pipeline.<name> only (they moved into the pipeline)")
-        rank_zero_warn(f"{old} of ZeroShotAblation moved into its pipeline: write model.pipeline.<name> "
+            raise ValueError(f"{old}: give these as {new} only (they moved into the pipeline)")
+        rank_zero_warn(f"{old} of ZeroShotAblation moved into its pipeline: write {new} "
                        "(configs/ablations/*.yaml do); the old names work for a while")
         sd, dino = renamed.get("sd"), renamed.get("dino")
         alpha = 1.0 if dino is None else 0.0 if sd is None else 0.5  # the pipeline's own alpha is not used
@@ -70,13 +75,13 @@ class ZeroShotAblation(L.LightningModule):
     The run is made of the ``pipeline``'s parts (:class:`~.components.pipeline.FusedCorrespondence`, the
     ``pipeline:`` node of every config, so ``configs/overlays/tiny.yaml`` serves the ablations too): its SD and
     DINO featurizers (every variant shares their weights), its feature cache, its keypoint square
-    (``eval_size``), its matcher and its flip table. How each prediction is made is the rows' (alpha, fusion,
+    (``annotation_size``), its matcher and its flip table. How each prediction is made is the rows' (alpha, fusion,
     layers, co-PCA, refinements, pose alignment): the pipeline's own ``alpha``, ``pca_dims``, ``fusion`` and
     refinements are not used, and a projection head or pose alignment there is refused.
 
     Args:
         rows: The table's rows (name, SD variant, DINO on/off, alpha, fusion, SD layers, co-PCA dims).
-        pipeline: The run's featurizers, cache, ``eval_size`` (default: each row's DINO input size, else its
+        pipeline: The run's featurizers, cache, ``annotation_size`` (default: each row's DINO input size, else its
             SD's), matcher and ``flip_pairs`` (None: the benchmark protocol's table).
         sd_variants: Variant name -> extraction overrides (``timestep``, ``prompt``, ``image_size``, ...) of the
             pipeline's SD featurizer, or of one of ``sd_models`` named by ``of:`` (sharing its weights).
@@ -90,7 +95,7 @@ class ZeroShotAblation(L.LightningModule):
         dino_models: Further DINO featurizers (DINOv1, iBOT, DINOv2-S, ...) rows can name.
         sd: Renamed ``pipeline.sd`` (kept for a while, with a notice).
         dino: Renamed ``pipeline.dino``.
-        eval_size: Renamed ``pipeline.eval_size``.
+        eval_size: Renamed ``pipeline.annotation_size``.
         feature_cache_gb: Renamed ``pipeline.feature_cache_gb``.
         feature_cache_dir: Renamed ``pipeline.feature_cache_dir``.
         flip_pairs: Renamed ``pipeline.flip_pairs``.
@@ -109,19 +114,19 @@ class ZeroShotAblation(L.LightningModule):
         dino_models: dict[str, DinoFeaturizer] | None = None,
         sd: SDFeaturizer | None = None,
         dino: DinoFeaturizer | None = None,
-        eval_size: EvalSize | None = None,
+        eval_size: AnnotationSize | None = None,
         feature_cache_gb: float | None = None,
         feature_cache_dir: str | None = None,
         flip_pairs: dict[str, list[list[int]]] | str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["pipeline", "sd", "dino", "sd_models", "dino_models"])
-        renamed = {"sd": sd, "dino": dino, "eval_size": eval_size, "feature_cache_gb": feature_cache_gb,
+        renamed = {"sd": sd, "dino": dino, "annotation_size": eval_size, "feature_cache_gb": feature_cache_gb,
                    "feature_cache_dir": feature_cache_dir, "flip_pairs": flip_pairs}
         pipeline = _ablation_pipeline(pipeline, {k: v for k, v in renamed.items() if v is not None})
         self.ablation = AblationCorrespondence(
             rows, sd=pipeline.configured[0], dino=pipeline.configured[1], sd_variants=sd_variants,
-            dino_variants=dino_variants, eval_size=pipeline.eval_size_setting, sd_models=sd_models,
+            dino_variants=dino_variants, annotation_size=pipeline.annotation_size_setting, sd_models=sd_models,
             dino_models=dino_models, matcher=pipeline.matcher, cache=pipeline.cache,
         )  # the flip table of pose-aligned rows is set in setup(), once the benchmark is known
         self.flip_pairs = pipeline.flip_pairs
@@ -145,7 +150,7 @@ class ZeroShotAblation(L.LightningModule):
         if self.protocol is None or self.protocol.metric != "keypoint_pck":
             raise ValueError("ablations run on keypoint benchmarks: the datamodule needs a sparse `protocol`")
         if any(row.pose_alignment for row in self.ablation.rows):
-            self.ablation.pose_alignment = benchmark_pose_alignment(self.flip_pairs, self.protocol)
+            self.ablation.pose_aligner = benchmark_pose_alignment(self.flip_pairs, self.protocol)
         categories = list(datamodule.categories)
         self.metrics = torch.nn.ModuleList(self.protocol.make_metric(categories) for _ in self.ablation.rows)
 

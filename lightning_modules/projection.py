@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .components.features import ImageFeatures, check_sources, pair_features, source_maps
-from .components.keypoints import EvalSize, annotation_geometry
+from .components.keypoints import AnnotationSize, annotation_geometry
 from .components.pipeline import FusedCorrespondence
 from .components.projection_head import TRAINING_CHECKPOINT_KEY, GatedProjectionHead, correspondence_loss
 from .metrics import PCK
@@ -29,7 +29,7 @@ def pair_loss(
     descriptors: dict[str, torch.Tensor],
     features: dict[str, ImageFeatures],
     sample: dict[str, Any],
-    eval_size: EvalSize,
+    annotation_size: AnnotationSize,
     temperature: float,
     flow_weight: float,
 ) -> torch.Tensor:
@@ -37,19 +37,19 @@ def pair_loss(
 
     Keypoints are mapped to feature cells as in matching (:func:`.components.pipeline.annotation_geometry`);
     the source points are rescaled to the target's square, which keeps their cells (the loss takes one
-    square side), so ``eval_size="original"`` (a square per image) works too.
+    square side), so ``annotation_size="original"`` (a square per image) works too.
 
     Args:
         descriptors: ``[D, G, G]`` descriptors by image key (:func:`~.components.features.sample_image_key`).
         features: Raw features by image key (original image sizes).
         sample: A pair sample (``src_image_path``, ``trg_image_path``, ``src_kps``, ``trg_kps``, ``kps_valid``).
-        eval_size: The keypoint-to-cell square (see :class:`~.components.pipeline.FusedCorrespondence`).
+        annotation_size: The keypoint-to-cell square (see :class:`~.components.pipeline.FusedCorrespondence`).
         temperature: Softmax temperature of the loss.
         flow_weight: Weight of the soft-argmax flow term.
     """
     source, target = pair_features(features, sample)
     src_descriptors, trg_descriptors = pair_features(descriptors, sample)
-    src_geo, trg_geo = annotation_geometry(source, eval_size), annotation_geometry(target, eval_size)
+    src_geo, trg_geo = annotation_geometry(source, annotation_size), annotation_geometry(target, annotation_size)
     device = src_descriptors.device
     valid = sample["kps_valid"].bool().cpu()
     src_points = src_geo.forward_points(sample["src_kps"][valid].float()) * (trg_geo.size / src_geo.size)
@@ -90,9 +90,10 @@ class ProjectionHeadTraining(ZeroShotCorrespondence):
         gate_lr: Learning rate of the gate logits (no weight decay, which would pull every gate to 0.5);
             None uses ``lr``. Adam moves a logit by about the learning rate per step, so a short run needs a
             larger one for a gate to travel far.
-        alphas: PCK thresholds of validation and test (None: the protocol's).
+        pck_alphas: The PCK@alpha levels of validation and test (None: the protocol's).
         init_ckpt: Start from the weights of a head checkpoint (its config must match); None starts from
             a random initialisation. ``--ckpt_path`` resumes a whole training run instead.
+        alphas: Renamed ``pck_alphas`` (works for a while, with a one-line notice).
     """
 
     def __init__(
@@ -108,12 +109,13 @@ class ProjectionHeadTraining(ZeroShotCorrespondence):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         gate_lr: float | None = None,
-        alphas: Sequence[float] | None = None,
+        pck_alphas: Sequence[float] | None = None,
         init_ckpt: str | None = None,
+        alphas: Sequence[float] | None = None,
     ) -> None:
         self.sources = check_sources(sources)
         pipeline.select_sources(self.sources)  # only the head's sources run; a missing featurizer is named
-        super().__init__(pipeline=pipeline, alphas=alphas)
+        super().__init__(pipeline=pipeline, pck_alphas=pck_alphas, alphas=alphas)
         self.save_hyperparameters(ignore=["pipeline"])
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
@@ -161,7 +163,7 @@ class ProjectionHeadTraining(ZeroShotCorrespondence):
         categories = list(getattr(datamodule, "val_categories", None) or [])
         if not categories:
             raise ValueError(f"{type(datamodule).__name__} must expose `val_categories` after setup('fit')")
-        self.metric = self.protocol.make_metric(categories, self.alphas or None, groups=False)
+        self.metric = self.protocol.make_metric(categories, self.pck_alphas or None, groups=False)
 
     def _build_head(self, datamodule: Any, stage: str) -> None:
         if self.pipeline.head is not None:
@@ -222,7 +224,7 @@ class ProjectionHeadTraining(ZeroShotCorrespondence):
         stacked = self.pipeline.describe_images([features[k] for k in keys])
         descriptors = dict(zip(keys, stacked))
         losses = [
-            pair_loss(descriptors, features, s, self.pipeline.eval_size, self.temperature, self.flow_weight)
+            pair_loss(descriptors, features, s, self.pipeline.annotation_size, self.temperature, self.flow_weight)
             for s in batch
         ]
         if not losses:  # an empty batch still joins DDP's gradient all-reduce

@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .components.feature_cache import FeatureCache
 from .components.matchers import point_extras
@@ -126,25 +126,42 @@ def place_feature_caches(module: L.LightningModule) -> list[Path]:
     return placed
 
 
+def chosen_pck_alphas(pck_alphas: Sequence[float] | None, alphas: Sequence[float] | None) -> list[float] | None:
+    """A module's PCK levels from ``pck_alphas`` or its old name ``alphas`` (with a one-line notice)."""
+    if alphas is not None:
+        if pck_alphas is not None:
+            raise ValueError("model.alphas is the old name of model.pck_alphas: give model.pck_alphas only")
+        rank_zero_warn("model.alphas is now model.pck_alphas (the fusion weight is model.pipeline.alpha); "
+                       "model.alphas works for a while")
+        pck_alphas = alphas
+    return None if pck_alphas is None else [float(a) for a in pck_alphas]
+
+
 class ZeroShotCorrespondence(L.LightningModule):
     """Zero-shot semantic correspondence with fused SD + DINO features, scored with the benchmark's protocol.
 
     Args:
         pipeline: The method (:class:`~.components.pipeline.FusedCorrespondence`: featurizers, co-PCA, fusion,
             matching, refinements, feature cache); its knobs are ``--model.pipeline.<name>``.
-        alphas: PCK thresholds overriding the datamodule protocol's (None: the protocol's).
+        pck_alphas: The PCK@alpha levels (fractions of each pair's threshold) overriding the datamodule
+            protocol's (None: the protocol's). Not the fusion weight ``pipeline.alpha``.
         chance_baseline: Also score uniformly random predictions in each target image (seeded by the pair id)
             with the same protocol, and print and write them beside the results (``results.json["chance"]``):
             what the numbers mean against chance. Keypoint benchmarks; such a run cannot be resumed.
+        alphas: Renamed ``pck_alphas`` (works for a while, with a one-line notice).
     """
 
     def __init__(
-        self, pipeline: FusedCorrespondence, alphas: Sequence[float] | None = None, chance_baseline: bool = False
+        self,
+        pipeline: FusedCorrespondence,
+        pck_alphas: Sequence[float] | None = None,
+        chance_baseline: bool = False,
+        alphas: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["pipeline"])
         self.pipeline = pipeline
-        self.alphas = None if alphas is None else [float(a) for a in alphas]
+        self.pck_alphas = chosen_pck_alphas(pck_alphas, alphas)
         self.chance_baseline = bool(chance_baseline)
         self.chance: PCK | None = None
         self.metric: PCK | None = None
@@ -159,7 +176,7 @@ class ZeroShotCorrespondence(L.LightningModule):
         self.protocol = getattr(datamodule, "protocol", None)
         if self.protocol is None:
             raise ValueError("the datamodule must define `protocol` (see datamodules.protocols)")
-        alphas = self.alphas or list(self.protocol.alphas)
+        alphas = self.pck_alphas or list(self.protocol.alphas)
         categories = list(getattr(datamodule, "categories", None) or [])
         if not categories:
             raise ValueError("the datamodule must expose its category names as `categories` after setup()")

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import re
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def ablation_run(tiny_sd, tiny_dino, samples):
 
     Hooks record what the shared UNet and ViT really ran (images and timesteps).
     """
-    rows = [*ROWS, AblationRow("sd only @192", dino=None, eval_size=192), AblationRow("alpha 1", alpha=1.0),
+    rows = [*ROWS, AblationRow("sd only @192", dino=None, annotation_size=192), AblationRow("alpha 1", alpha=1.0),
             AblationRow("sd t0", sd="t0", dino=None)]
     ablation = AblationCorrespondence(rows, sd=tiny_sd, dino=tiny_dino, sd_variants={"t0": {"timestep": 0}})
     unet_timesteps: list[int] = []
@@ -127,7 +128,7 @@ def _reference(pipeline: FusedCorrespondence, features, samples) -> list[dict]:
     for s in samples:
         source, target = features[s["src_image_path"]], features[s["trg_image_path"]]
         pred, distance, _ = transfer(pipeline.describe_pair(source, target), source, target, s["src_kps"],
-                                     pipeline.eval_size)
+                                     pipeline.annotation_size)
         out.append({"pred_kps": pred, "distance": distance})
     return out
 
@@ -179,12 +180,12 @@ def test_rows_equal_separate_pipelines(tiny_sd, tiny_dino, ablation_run, referen
     references = {
         "no pca": FusedCorrespondence(tiny_sd, tiny_dino, alpha=0.5, pca_dims=None),
         "concat": FusedCorrespondence(tiny_sd, tiny_dino, alpha=0.5, pca_dims=(256,) * 3, fusion="concat"),
-        "sd only @192": FusedCorrespondence(tiny_sd, tiny_dino, alpha=1.0, pca_dims=(256,) * 3, eval_size=192),
+        "sd only @192": FusedCorrespondence(tiny_sd, tiny_dino, alpha=1.0, pca_dims=(256,) * 3, annotation_size=192),
         # keypoints map at the DINO input size whenever DINO is configured, even for SD-only (the reference)
         "sd only": FusedCorrespondence(tiny_sd, tiny_dino, alpha=1.0, pca_dims=(256,) * 3),
     }
-    assert references["sd only"].eval_size == 224
-    assert FusedCorrespondence(tiny_sd, None, alpha=1.0, pca_dims=(256,) * 3).eval_size == 192
+    assert references["sd only"].annotation_size == 224
+    assert FusedCorrespondence(tiny_sd, None, alpha=1.0, pca_dims=(256,) * 3).annotation_size == 192
     for name, pipeline in references.items():
         _assert_same(outputs[name], _reference(pipeline, reference_features, samples), name)
 
@@ -202,7 +203,7 @@ def test_layer_subset_row_equals_a_pipeline_extracting_only_that_layer(tiny_sd, 
     _assert_same(outputs["layer 5"], reference.predict_pairs(samples), "layer 5")
 
 
-def test_sd_only_row_with_default_eval_size_equals_a_separate_sd_only_pipeline(
+def test_sd_only_row_with_default_annotation_size_equals_a_separate_sd_only_pipeline(
     tiny_sd, tiny_dino, ablation_run, reference_features, samples
 ) -> None:
     _, outputs, _, _ = ablation_run
@@ -210,7 +211,7 @@ def test_sd_only_row_with_default_eval_size_equals_a_separate_sd_only_pipeline(
     _assert_same(outputs["sd only"], _reference(reference, reference_features, samples), "sd only")
 
 
-def test_dino_variant_row_with_default_eval_size_equals_a_separate_pipeline(tiny_dino, samples) -> None:
+def test_dino_variant_row_with_default_annotation_size_equals_a_separate_pipeline(tiny_dino, samples) -> None:
     ablation = AblationCorrespondence(
         [AblationRow("dino 112", sd=None, dino="small")], dino=tiny_dino, dino_variants={"small": {"image_size": 112}}
     )
@@ -219,9 +220,9 @@ def test_dino_variant_row_with_default_eval_size_equals_a_separate_pipeline(tiny
 
 
 def test_original_annotation_row_equals_a_separate_pipeline_and_differs_from_the_default(tiny_dino, samples) -> None:
-    rows = [AblationRow("840", sd=None), AblationRow("original", sd=None, eval_size="original")]
+    rows = [AblationRow("840", sd=None), AblationRow("original", sd=None, annotation_size="original")]
     outputs = AblationCorrespondence(rows, dino=tiny_dino).predict_pairs(samples)
-    reference = FusedCorrespondence(None, tiny_dino, alpha=0.0, eval_size="original")
+    reference = FusedCorrespondence(None, tiny_dino, alpha=0.0, annotation_size="original")
     _assert_same(outputs["original"], reference.predict_pairs(samples), "original")
     assert any(not torch.equal(a["pred_kps"], b["pred_kps"]) for a, b in zip(outputs["original"], outputs["840"]))
 
@@ -230,7 +231,7 @@ def test_alpha_one_row_equals_a_separate_alpha_one_pipeline(
     tiny_sd, tiny_dino, ablation_run, reference_features, samples
 ) -> None:
     _, outputs, _, _ = ablation_run
-    reference = FusedCorrespondence(tiny_sd, tiny_dino, alpha=1.0, pca_dims=(256,) * 3, eval_size=224)
+    reference = FusedCorrespondence(tiny_sd, tiny_dino, alpha=1.0, pca_dims=(256,) * 3, annotation_size=224)
     _assert_same(outputs["alpha 1"], _reference(reference, reference_features, samples), "alpha 1")
 
 
@@ -475,16 +476,16 @@ def test_learned_projection_row_replaces_co_pca(tiny_sd, tiny_dino, samples, tmp
     torch.save(weights, tmp_path / "proj.pt")
     (src, trg), _ = extract_features(tiny_sd, None, [samples[0]["src_image"], samples[0]["trg_image"]],
                                      ["cat"] * 2, torch.device("cpu"))
-    spec = DescriptorSpec(alpha=1.0, pca_dims=None, projection=str(tmp_path / "proj.pt"), sd_layers=(2,))
+    spec = DescriptorSpec(alpha=1.0, pca_dims=None, layer_projection=str(tmp_path / "proj.pt"), sd_layers=(2,))
     got = describe_pair(src, trg, spec, tiny_sd.layers)
     raw = torch.stack([src.sd[0], trg.sd[0]])
     expected = torch.einsum("dc,nchw->ndhw", weights["2.weight"], raw) + weights["2.bias"].view(1, -1, 1, 1)
     assert torch.allclose(got, expected / expected.norm(dim=1, keepdim=True), atol=1e-5)
-    row = AblationRow("proj", dino=None, pca_dims=None, projection=str(tmp_path / "proj.pt"))
+    row = AblationRow("proj", dino=None, pca_dims=None, layer_projection=str(tmp_path / "proj.pt"))
     ablation = AblationCorrespondence([row], sd=tiny_sd)
     assert len(ablation.predict_pairs(samples)["proj"]) == len(samples)
     torch.save({"2.weight": torch.randn(4, 7)}, tmp_path / "bad.pt")
-    bad = DescriptorSpec(alpha=1.0, pca_dims=None, projection=str(tmp_path / "bad.pt"), sd_layers=(2,))
+    bad = DescriptorSpec(alpha=1.0, pca_dims=None, layer_projection=str(tmp_path / "bad.pt"), sd_layers=(2,))
     with pytest.raises(ValueError, match=r"bad.pt.*'2.weight' must be \[d, 32\]"):
         describe_pair(src, trg, bad, tiny_sd.layers)
 
@@ -513,7 +514,8 @@ def test_rows_batch_and_take_the_configured_matcher_like_the_pipeline(tiny_sd, t
             tiny_sd if row.sd else None, tiny_dino if row.dino else None, alpha=row.spec([2, 5, 8]).alpha,
             pca_dims=None if row.pca_dims is None else (row.pca_dims,) * 3,
             fusion=row.fusion, matcher=ShiftedNeighbours(dx=5.0), feature_cache_gb=0,
-            eval_size=alone.row_eval_size(row),  # an SD-only row maps keypoints at the DINO size, as the reference
+            # an SD-only row maps keypoints at the DINO size, as the reference
+            annotation_size=alone.row_annotation_size(row),
         )
         _assert_same(shifted[row.name], pipeline.predict_pairs(samples), f"{row.name} with the matcher")
         moved = torch.stack([o["pred_kps"] for o in shifted[row.name]]) - torch.stack(
@@ -530,17 +532,18 @@ def test_the_ablation_takes_its_featurizers_from_the_pipeline_and_the_old_names_
     from lightning_modules import ZeroShotAblation
 
     rows = [r for r in ROWS if r.sd_layers is None]
-    pipeline = FusedCorrespondence(tiny_sd, tiny_dino, feature_cache_gb=1.0, eval_size=224)
+    pipeline = FusedCorrespondence(tiny_sd, tiny_dino, feature_cache_gb=1.0, annotation_size=224)
     new = ZeroShotAblation(rows, pipeline=pipeline)
     assert new.ablation.sd is tiny_sd and new.ablation.dino is tiny_dino and new.ablation.cache is pipeline.cache
-    assert new.ablation.eval_size == 224 and new.ablation.matcher is pipeline.matcher
+    assert new.ablation.annotation_size == 224 and new.ablation.matcher is pipeline.matcher
     with pytest.warns(UserWarning, match=r"model\.sd, model\.dino, model\.eval_size of ZeroShotAblation moved "
-                                         r"into its pipeline: write model\.pipeline\.<name>"):
+                                         r"into its pipeline: write model\.pipeline\.sd, model\.pipeline\.dino, "
+                                         r"model\.pipeline\.annotation_size"):
         old = ZeroShotAblation(rows, sd=tiny_sd, dino=tiny_dino, eval_size=224)
     got_old, got_new = old.ablation.predict_pairs(samples), new.ablation.predict_pairs(samples)
     for row in rows:
         _assert_same(got_old[row.name], got_new[row.name], f"{row.name}, old names")
-    with pytest.raises(ValueError, match=r"model\.sd: give these as model\.pipeline\.<name> only"):
+    with pytest.raises(ValueError, match=r"model\.sd: give these as model\.pipeline\.sd only"):
         ZeroShotAblation(rows, pipeline=pipeline, sd=tiny_sd)
     with pytest.raises(ValueError, match="pose_alignment are not used there"):
         ZeroShotAblation(rows, pipeline=FusedCorrespondence(tiny_sd, tiny_dino, pose_alignment=True,
@@ -568,3 +571,19 @@ def test_a_row_names_its_co_pca_dims_as_the_pipeline_does_and_the_old_name_still
     assert old.pca_dims == 128 and old.spec([2, 5, 8]).pca_dims == (128, 128, 128)
     with pytest.warns(FutureWarning):
         assert AblationRow("raw", pca_dim=None).spec([2, 5, 8]).pca_dims is None
+
+
+def test_a_rows_renamed_annotation_size_and_layer_projection_keep_their_old_names_for_a_while() -> None:
+    """``eval_size`` is now ``annotation_size`` (the paper's "annotation resolution", the pipeline's name) and
+    ``projection`` is ``layer_projection`` (a fixed per-layer map, not the trained projection head): the old
+    names still set the new fields, with a one-line notice each; unset, they say nothing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = AblationRow("plain", annotation_size=256, layer_projection="maps.pt")
+    with pytest.warns(FutureWarning, match="ablation row 'old': eval_size is now annotation_size"):
+        old_size = AblationRow("old", eval_size="original")
+    with pytest.warns(FutureWarning, match="ablation row 'old': projection is now layer_projection"):
+        old_map = AblationRow("old", projection="maps.pt", pca_dims=None)
+    assert (plain.annotation_size, old_size.annotation_size) == (256, "original")
+    assert old_map.spec([2, 5, 8]).layer_projection == plain.spec([2, 5, 8]).layer_projection == "maps.pt"
+    assert AblationRow("none").spec([2, 5, 8]).layer_projection is None

@@ -435,7 +435,7 @@ def test_cub_pose_alignment_uses_the_cub_table_and_crop_boxes(cub_root: Path, tm
                          "--data.categories", "[1]", "--data.num_workers", "0", "--trainer.accelerator", "cpu",
                          "--model.pipeline.pose_alignment", "true", "--trainer.default_root_dir", str(out)])  # fmt: skip
     # the protocol's table: CUB's left/right parts for every class
-    assert cli.model.pipeline.pose_alignment.partners("Black footed Albatross") == {7: 11, 11: 7, 8: 12, 12: 8, 9: 13,
+    assert cli.model.pipeline.pose_aligner.partners("Black footed Albatross") == {7: 11, 11: 7, 8: 12, 12: 8, 9: 13,
                                                                                     13: 9}
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 6

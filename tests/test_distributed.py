@@ -230,7 +230,7 @@ def _runs(spair: Path, tss: Path, out: Path, pfpascal: Path) -> dict[str, list[s
                   "--data.root", str(spair), *common]
     return {
         # 9 pairs (odd): rank 0 scores 5, rank 1 scores 4; large alphas so that the PCK values are not all 0
-        "odd": [*tiny_spair, "--model.alphas", "[0.1, 0.5, 1.0]", "--trainer.default_root_dir", str(out / "odd")],
+        "odd": [*tiny_spair, "--model.pck_alphas", "[0.1, 0.5, 1.0]", "--trainer.default_root_dir", str(out / "odd")],
         # 1 pair on 2 processes: rank 1 has nothing to score
         "one_pair": [*tiny_spair, "--data.categories", "[dog]", "--data.pairs_per_category", "1",
                      "--trainer.default_root_dir", str(out / "one_pair")],

@@ -167,14 +167,15 @@ def test_original_annotation_resolution_predicts_cell_centres_in_the_target_squa
     assert not torch.equal(at_840, predicted)
 
 
-def test_eval_size_rejects_anything_but_pixels_or_original() -> None:
-    from lightning_modules.components.keypoints import check_eval_size
+def test_annotation_size_rejects_anything_but_pixels_or_original() -> None:
+    from lightning_modules.components.keypoints import check_annotation_size
 
-    assert check_eval_size("original") == "original" and check_eval_size(512) == 512 and check_eval_size(None) is None
-    with pytest.raises(ValueError, match="eval_size must be a positive number of pixels or 'original'"):
-        check_eval_size("native")
-    with pytest.raises(ValueError, match="row 'x' eval_size"):
-        check_eval_size(0, "row 'x' eval_size")
+    assert check_annotation_size("original") == "original" and check_annotation_size(512) == 512
+    assert check_annotation_size(None) is None
+    with pytest.raises(ValueError, match="annotation_size must be a positive number of pixels or 'original'"):
+        check_annotation_size("native")
+    with pytest.raises(ValueError, match="row 'x' annotation_size"):
+        check_annotation_size(0, "row 'x' annotation_size")
 
 
 def _pca_lowrank_torch_1_13(a: torch.Tensor, q: int, niter: int = 2) -> torch.Tensor:

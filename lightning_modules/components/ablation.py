@@ -22,12 +22,12 @@ from .descriptors import DescriptorSpec, describe_pairs
 from .features import (
     BatchImage,
     ImageFeatures,
-    default_eval_size,
+    default_annotation_size,
     extract_features,
     pair_features,
     unique_images,
 )
-from .keypoints import EvalSize, cell_distances, check_eval_size, keypoint_cells
+from .keypoints import AnnotationSize, cell_distances, check_annotation_size, keypoint_cells
 from .matchers import KeypointMatcher, NearestNeighbours
 from .pose_alignment import PoseAlignment
 from .prediction import PredictionSettings, describe_batch, predict_pair
@@ -67,6 +67,11 @@ def _models(kind: str, models: Mapping[str, Any], variants: Mapping[str, Any] | 
     return dict(models)
 
 
+#: A row's old field name -> its name now (the pipeline's ``pca_dims`` and ``annotation_size``; a fixed
+#: ``layer_projection``, not to be confused with the trained projection head).
+RENAMED_ROW_FIELDS = {"pca_dim": "pca_dims", "eval_size": "annotation_size", "projection": "layer_projection"}
+
+
 @dataclass
 class AblationRow:
     """One row of an ablation table.
@@ -80,9 +85,9 @@ class AblationRow:
         sd_layers: The SD layers used (None: all of the variant's).
         pca_dims: Co-PCA dimension of each used SD layer, as the pipeline's ``pca_dims``: one number for every
             used layer, or one per used layer; None keeps the raw channels.
-        eval_size: Keypoint-to-cell square of this row ("annotation resolution"; None: the module's).
-        projection: Path of a learned per-layer projection used instead of co-PCA (see
-            ``DescriptorSpec.projection``).
+        annotation_size: Keypoint-to-cell square of this row ("annotation resolution"; None: the module's).
+        layer_projection: Path of a fixed per-layer linear map used instead of co-PCA (Table 3's ODISE
+            projection layer; see ``DescriptorSpec.layer_projection``).
         soft_argmax_window: Beyond the paper: window soft-argmax half-width in cells (None: off).
         soft_argmax_temperature: Its softmax temperature (also of the recorded confidence).
         mutual_check: Beyond the paper: record whether each match is a mutual nearest neighbour.
@@ -98,21 +103,25 @@ class AblationRow:
     fusion: str = "concat_l2"
     sd_layers: list[int] | None = None
     pca_dims: int | list[int] | None = 256
-    eval_size: EvalSize | None = None
-    projection: str | None = None
+    annotation_size: AnnotationSize | None = None
+    layer_projection: str | None = None
     soft_argmax_window: int | None = None
     soft_argmax_temperature: float = 0.04
     mutual_check: bool = False
     pose_alignment: bool = False
     pca_solver: str = "torch1.13"
-    #: Renamed ``pca_dims`` (kept for a while, with a one-line notice); -1: not given.
+    #: Renamed fields (see :data:`RENAMED_ROW_FIELDS`), kept for a while with a one-line notice; -1: not given.
     pca_dim: int | None = -1
+    eval_size: AnnotationSize | None = -1
+    projection: str | int | None = -1
 
     def __post_init__(self) -> None:
-        if self.pca_dim != -1:
-            warnings.warn(f"ablation row {self.name!r}: pca_dim is now pca_dims (the pipeline's name); pca_dim "
-                          "works for a while", FutureWarning, stacklevel=3)
-            self.pca_dims, self.pca_dim = self.pca_dim, -1
+        for old, new in RENAMED_ROW_FIELDS.items():
+            if getattr(self, old) != -1:
+                warnings.warn(f"ablation row {self.name!r}: {old} is now {new}; {old} works for a while",
+                              FutureWarning, stacklevel=3)
+                setattr(self, new, getattr(self, old))
+                setattr(self, old, -1)
 
     def refinement(self) -> MatchRefinement:
         """The row's test-time refinements of the keypoint transfer (all off by default)."""
@@ -130,7 +139,7 @@ class AblationRow:
             dims = tuple(int(d) for d in self.pca_dims)
         sd_layers = None if self.sd_layers is None else tuple(int(i) for i in self.sd_layers)
         return DescriptorSpec(
-            alpha=alpha, pca_dims=dims, fusion=self.fusion, sd_layers=sd_layers, projection=self.projection,
+            alpha=alpha, pca_dims=dims, fusion=self.fusion, sd_layers=sd_layers, layer_projection=self.layer_projection,
             pca_solver=self.pca_solver,
         )
 
@@ -149,7 +158,7 @@ class AblationCorrespondence(nn.Module):
         sd_models: Further SD featurizers with their own weights (other SD versions), usable by rows
             under their names like variants.
         dino_models: Further DINO featurizers with their own weights (DINOv1, iBOT, DINOv2-S, ...).
-        eval_size: Keypoint-to-cell square (default: the DINO input size, else the SD one).
+        annotation_size: Keypoint-to-cell square (default: the DINO input size, else the SD one).
         cache: Per-image feature cache (keyed by each variant's settings, so variants never mix); None
             extracts the images of every batch anew.
         flip_pairs: Left/right keypoint id pairs per category for the rows with ``pose_alignment``, or a table
@@ -168,7 +177,7 @@ class AblationCorrespondence(nn.Module):
         dino: DinoFeaturizer | None = None,
         sd_variants: Mapping[str, Mapping[str, Any]] | None = None,
         dino_variants: Mapping[str, Mapping[str, Any]] | None = None,
-        eval_size: EvalSize | None = None,
+        annotation_size: AnnotationSize | None = None,
         sd_models: Mapping[str, SDFeaturizer] | None = None,
         dino_models: Mapping[str, DinoFeaturizer] | None = None,
         cache: FeatureCache | None = None,
@@ -178,7 +187,7 @@ class AblationCorrespondence(nn.Module):
         super().__init__()
         self.cache = cache
         self.matcher = matcher
-        self.pose_alignment = PoseAlignment(flip_pairs)
+        self.pose_aligner = PoseAlignment(flip_pairs)
         if not rows:
             raise ValueError("an ablation needs at least one row")
         names = [row.name for row in rows]
@@ -203,7 +212,7 @@ class AblationCorrespondence(nn.Module):
         for row, spec in zip(self.rows, self.specs):
             if row.sd is not None:
                 spec.layer_positions(self.variants[row.sd].layers)  # fail at start-up, not mid-run
-        self.eval_size = check_eval_size(eval_size)
+        self.annotation_size = check_annotation_size(annotation_size)
         # a featurizer runs only for rows that give it a weight (an alpha-1 row with DINO set skips DINO)
         self.used_variants = sorted({r.sd for r, sp in zip(self.rows, self.specs) if sp.uses_sd})
         self.used_dino_variants = sorted({r.dino for r, sp in zip(self.rows, self.specs) if sp.uses_dino})
@@ -261,22 +270,24 @@ class AblationCorrespondence(nn.Module):
                     if descriptors is None:
                         descriptors = settings.describe_pair(src, trg)
                     side = descriptors.shape[-1]
-                    src_cells = keypoint_cells(src, s["src_kps"].to(descriptors.device), settings.eval_size, side)
+                    src_cells = keypoint_cells(src, s["src_kps"].to(descriptors.device), settings.annotation_size, side)
                     out["cell_distances"] = cell_distances(descriptors, src_cells)
-                    out["gt_cells"] = keypoint_cells(trg, s["trg_kps"].to(descriptors.device), settings.eval_size, side)
+                    trg_kps = s["trg_kps"].to(descriptors.device)
+                    out["gt_cells"] = keypoint_cells(trg, trg_kps, settings.annotation_size, side)
                 outputs[row.name].append(out)
         return outputs
 
     def row_settings(self, row: AblationRow, spec: DescriptorSpec) -> PredictionSettings:
         """How a row makes one prediction (:class:`.prediction.PredictionSettings`, as the pipeline's): its
         descriptors (co-PCA and fusion by ``spec`` over its variants' layers and grid, batched over the pairs),
-        its ``eval_size`` and refinements, the module's matcher, and pose alignment where the row asks for it."""
+        its ``annotation_size`` and refinements, the module's matcher, and pose alignment where the row asks for it."""
         layers = self.variants[row.sd].layers if spec.uses_sd else []
         grid = self.dino_variants[row.dino].grid_size if spec.uses_dino else None
         return PredictionSettings(
             describe_pairs=functools.partial(describe_pairs, spec=spec, sd_layer_ids=layers, grid=grid),
-            eval_size=self.row_eval_size(row), matcher=(self.matcher or NearestNeighbours()).refined(row.refinement()),
-            pose_alignment=self.pose_alignment if row.pose_alignment else None,
+            annotation_size=self.row_annotation_size(row),
+            matcher=(self.matcher or NearestNeighbours()).refined(row.refinement()),
+            pose_aligner=self.pose_aligner if row.pose_alignment else None,
         )
 
     def _extract(
@@ -299,15 +310,15 @@ class AblationCorrespondence(nn.Module):
         self.extraction_passes[f"{kind}:{variant}"] += passes[kind]
         return dict(zip(keys, feats))
 
-    def row_eval_size(self, row: AblationRow) -> EvalSize:
-        """The row's keypoint-to-cell square: its own ``eval_size``, else the module's, else the input size
+    def row_annotation_size(self, row: AblationRow) -> AnnotationSize:
+        """The row's keypoint-to-cell square: its own ``annotation_size``, else the module's, else the input size
         of the row's DINO featurizer (the base one for SD-only rows, as the reference maps keypoints at
-        the DINOv2 size even without fusion), else its SD featurizer's (:func:`default_eval_size`)."""
-        chosen = check_eval_size(row.eval_size, f"row {row.name!r} eval_size") or self.eval_size
+        the DINOv2 size even without fusion), else its SD featurizer's (:func:`default_annotation_size`)."""
+        chosen = check_annotation_size(row.annotation_size, f"row {row.name!r} annotation_size") or self.annotation_size
         if chosen:
             return chosen
         dino = self.dino_variants.get(row.dino or "default")
-        return default_eval_size(self.variants.get(row.sd or "default"), dino)
+        return default_annotation_size(self.variants.get(row.sd or "default"), dino)
 
     @staticmethod
     def _combine(

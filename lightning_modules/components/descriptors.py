@@ -25,7 +25,7 @@ class DescriptorSpec:
         pca_dims: Co-PCA dimension per used SD layer; None keeps the raw channels.
         fusion: One of ``fusion.FUSIONS`` (``concat_l2`` is the paper's).
         sd_layers: The extracted SD layer ids to use (None: all that were extracted).
-        projection: A learned per-layer projection used instead of co-PCA (supplementary Table 3: the
+        layer_projection: A fixed per-layer linear map used instead of co-PCA (supplementary Table 3: the
             ODISE projection layer): a ``torch.save``d dict ``{"<layer>.weight": [d, C], "<layer>.bias": [d]}``
             applied to every token of that layer (a 1x1 convolution).
         pca_solver: Co-PCA's randomised PCA, as torch 1.13.1 (``"torch1.13"``, the reference's) or torch >= 2.4
@@ -39,7 +39,7 @@ class DescriptorSpec:
     pca_dims: tuple[int, ...] | None = (256, 256, 256)
     fusion: str = "concat_l2"
     sd_layers: tuple[int, ...] | None = None
-    projection: str | None = None
+    layer_projection: str | None = None
     pca_solver: str = "torch1.13"
     extra_weights: tuple[tuple[str, float], ...] = ()
 
@@ -72,7 +72,7 @@ class DescriptorSpec:
             if missing:
                 raise ValueError(f"SD layers {missing} were not extracted (extracted: {list(extracted)})")
             positions = [list(extracted).index(layer) for layer in self.sd_layers]
-        if self.projection is None and self.pca_dims is not None and len(self.pca_dims) != len(positions):
+        if self.layer_projection is None and self.pca_dims is not None and len(self.pca_dims) != len(positions):
             used = [extracted[i] for i in positions]
             raise ValueError(f"pca_dims {list(self.pca_dims)} must have one entry per used SD layer {used}")
         return positions
@@ -169,9 +169,9 @@ def _describe_stack(
                 raise ValueError(f"alpha={spec.alpha} needs SD features, but none were extracted")
             positions = spec.layer_positions(sd_layer_ids or range(len(first.sd)))
             layers = [torch.stack([torch.stack([s.sd[i], t.sd[i]]) for s, t in pairs]).float() for i in positions]
-            if spec.projection is not None:
+            if spec.layer_projection is not None:
                 ids = [list(sd_layer_ids or range(len(first.sd)))[i] for i in positions]
-                layers = [project_layer(layer.flatten(0, 1), spec.projection, layer_id).unflatten(0, (batch, 2))
+                layers = [project_layer(layer.flatten(0, 1), spec.layer_projection, layer_id).unflatten(0, (batch, 2))
                           for layer, layer_id in zip(layers, ids)]
             elif spec.pca_dims is not None:
                 layers = [

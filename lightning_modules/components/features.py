@@ -25,7 +25,7 @@ __all__ = [
     "Featurizer",
     "ImageFeatures",
     "check_sources",
-    "default_eval_size",
+    "default_annotation_size",
     "extract_features",
     "feature_cache",
     "image_key",
@@ -295,7 +295,7 @@ def feature_cache(
     return FeatureCache(memory_bytes=int(memory_gb * (1 << 30)), directory=directory, flag=flag)
 
 
-def default_eval_size(sd: SDFeaturizer | None, dino: DinoFeaturizer | None) -> int:
+def default_annotation_size(sd: SDFeaturizer | None, dino: DinoFeaturizer | None) -> int:
     """The keypoint-mapping square: the DINO input size when DINO is used (the reference), else SD's."""
     if dino is not None:
         return int(dino.image_size)

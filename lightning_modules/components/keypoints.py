@@ -14,10 +14,10 @@ from .matchers import KeypointMatcher, NearestNeighbours
 from .matching import dense_flow, points_to_cells
 
 __all__ = [
-    "EvalSize",
+    "AnnotationSize",
     "annotation_geometry",
     "cell_distances",
-    "check_eval_size",
+    "check_annotation_size",
     "flow_from_descriptors",
     "keypoint_cells",
     "transfer",
@@ -25,26 +25,28 @@ __all__ = [
 
 #: The square in which keypoints are mapped to feature cells (the "annotation resolution" of Table 8): a
 #: side in pixels, or ``"original"`` for each image's own padded square (its long side, no resize).
-EvalSize = Union[int, Literal["original"]]
+AnnotationSize = Union[int, Literal["original"]]
 
 
-def check_eval_size(eval_size: EvalSize | None, field: str = "eval_size") -> EvalSize | None:
-    """Validate an ``eval_size`` setting: a positive int, ``"original"`` or None (the default)."""
-    if eval_size is None or eval_size == "original":
-        return eval_size
-    if isinstance(eval_size, str) or int(eval_size) <= 0:
-        raise ValueError(f"{field} must be a positive number of pixels or 'original', got {eval_size!r}")
-    return int(eval_size)
+def check_annotation_size(
+    annotation_size: AnnotationSize | None, field: str = "annotation_size"
+) -> AnnotationSize | None:
+    """Validate an ``annotation_size`` setting: a positive int, ``"original"`` or None (the default)."""
+    if annotation_size is None or annotation_size == "original":
+        return annotation_size
+    if isinstance(annotation_size, str) or int(annotation_size) <= 0:
+        raise ValueError(f"{field} must be a positive number of pixels or 'original', got {annotation_size!r}")
+    return int(annotation_size)
 
 
-def annotation_geometry(features: ImageFeatures, eval_size: EvalSize) -> PadResize:
+def annotation_geometry(features: ImageFeatures, annotation_size: AnnotationSize) -> PadResize:
     """The map from an image's original pixels to the square where its keypoints meet the feature grid.
 
-    An int is the padded model-input convention of the reference (resize the long side to ``eval_size``,
+    An int is the padded model-input convention of the reference (resize the long side to ``annotation_size``,
     pad to a centred square). ``"original"`` keeps the annotation in original pixels: the image's own
     long side is the square, only the centring offset is applied.
     """
-    size = max(features.width, features.height) if eval_size == "original" else int(eval_size)
+    size = max(features.width, features.height) if annotation_size == "original" else int(annotation_size)
     return PadResize(features.width, features.height, size)
 
 
@@ -53,12 +55,12 @@ def transfer(
     source: ImageFeatures,
     target: ImageFeatures,
     src_kps: torch.Tensor,
-    eval_size: EvalSize,
+    annotation_size: AnnotationSize,
     matcher: KeypointMatcher | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Transfer source keypoints (original pixels) to the target with a pair's descriptors ``[2, D, G, G]``.
 
-    The keypoints are mapped into the padded ``eval_size`` square (:func:`annotation_geometry`), matched there
+    The keypoints are mapped into the padded ``annotation_size`` square (:func:`annotation_geometry`), matched there
     by ``matcher`` (default :class:`.matchers.NearestNeighbours`; its test-time refinements are its own) in fp32,
     and mapped back to original target pixels.
 
@@ -66,7 +68,7 @@ def transfer(
         ``(predicted [N, 2] original target pixels, distance [N], extras)``: the matcher's per-point extras
         (``confidence``, ``mutual``: empty without a refinement).
     """
-    src_geo, trg_geo = annotation_geometry(source, eval_size), annotation_geometry(target, eval_size)
+    src_geo, trg_geo = annotation_geometry(source, annotation_size), annotation_geometry(target, annotation_size)
     points = src_geo.forward_points(src_kps.to(descriptors.device).float())
     with torch.autocast(device_type=descriptors.device.type, enabled=False):
         predicted, distance, extras = (matcher or NearestNeighbours())(
@@ -75,9 +77,11 @@ def transfer(
     return trg_geo.inverse_points(predicted), distance, extras
 
 
-def keypoint_cells(features: ImageFeatures, kps: torch.Tensor, eval_size: EvalSize, grid: int) -> torch.Tensor:
+def keypoint_cells(
+    features: ImageFeatures, kps: torch.Tensor, annotation_size: AnnotationSize, grid: int
+) -> torch.Tensor:
     """Flat feature-grid cell of each keypoint (original pixels) of an image."""
-    geometry = annotation_geometry(features, eval_size)
+    geometry = annotation_geometry(features, annotation_size)
     return points_to_cells(geometry.forward_points(kps.float()), geometry.size, grid)
 
 

@@ -12,6 +12,7 @@ steps that live in their own modules: :mod:`.features` (raw features, the cache)
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
@@ -30,7 +31,7 @@ from .features import (
     Featurizer,
     ImageFeatures,
     check_sources,
-    default_eval_size,
+    default_annotation_size,
     extract_features,
     feature_cache,
     pair_features,
@@ -39,7 +40,7 @@ from .features import (
 )
 from .image_prep import load_rgb_image, load_scale, load_user_image, upright
 from .inputs import check_points
-from .keypoints import EvalSize, annotation_geometry, check_eval_size, flow_from_descriptors
+from .keypoints import AnnotationSize, annotation_geometry, check_annotation_size, flow_from_descriptors
 from .matchers import KeypointMatcher, NearestNeighbours
 from .pose_alignment import PoseAlignment
 from .prediction import PredictionSettings, describe_batch, predict_pair
@@ -121,7 +122,7 @@ class FusedCorrespondence(nn.Module):
         pca_dims: Co-PCA dimension per SD layer (256 each in the paper); None keeps the raw channels.
         pca_solver: Co-PCA's randomised PCA: ``"torch1.13"`` (default) runs ``torch.pca_lowrank`` as torch 1.13.1,
             which the reference ran, does; ``"torch2.4"`` as torch >= 2.4 does (:data:`.fusion.PCA_SOLVERS`).
-        eval_size: Side of the padded square in which keypoints are mapped to feature cells; defaults to
+        annotation_size: Side of the padded square in which keypoints are mapped to feature cells; defaults to
             the DINO input size when a DINO featurizer is configured (840 in the reference, also for its
             SD-only runs), else the SD input size. ``"original"``: each image's own square (Table 8).
         fusion: How the blocks are combined (``fusion.FUSIONS``; ``concat_l2`` is the paper's).
@@ -154,6 +155,7 @@ class FusedCorrespondence(nn.Module):
             to the grid, L2-normalised and weighted by ``weights[name]`` (the SD block keeps ``alpha``, DINO
             ``1 - alpha``). ``docs/beyond.md``: SD + DINOv2 + DINOv3 is a config.
         weights: The weight of each of ``featurizers`` (0 runs it but leaves its block out).
+        eval_size: Renamed ``annotation_size`` (works for a while, with a one-line notice).
 
     Attributes:
         cache: The per-image feature cache (None: every batch extracts its images anew).
@@ -169,7 +171,7 @@ class FusedCorrespondence(nn.Module):
         alpha: ClosedUnitInterval = 0.5,
         pca_dims: Sequence[PositiveInt] | None = (256, 256, 256),
         pca_solver: Literal["torch1.13", "torch2.4"] = "torch1.13",
-        eval_size: EvalSize | None = None,
+        annotation_size: AnnotationSize | None = None,
         fusion: str = "concat_l2",
         feature_cache_gb: NonNegativeFloat = 4.0,
         feature_cache_dir: str | None = None,
@@ -182,8 +184,15 @@ class FusedCorrespondence(nn.Module):
         matcher: KeypointMatcher | None = None,
         featurizers: dict[str, nn.Module] | None = None,
         weights: dict[str, float] | None = None,
+        eval_size: AnnotationSize | None = None,
     ) -> None:
         super().__init__()
+        if eval_size is not None:
+            if annotation_size is not None:
+                raise ValueError("eval_size is the old name of annotation_size: give annotation_size only")
+            warnings.warn("eval_size is now annotation_size (the paper's annotation resolution); eval_size works "
+                          "for a while", FutureWarning, stacklevel=2)
+            annotation_size = eval_size
         self.extra_featurizers = nn.ModuleDict(dict(featurizers or {}))  # registered: they move with the module
         extra_weights = _extra_weights(self.extra_featurizers, weights)
         # the refinement flags configure the matcher: the one object that travels to the transfer
@@ -192,7 +201,7 @@ class FusedCorrespondence(nn.Module):
         self.cache = feature_cache(feature_cache_gb, feature_cache_dir)
         self.align_poses, self.flip_pairs = bool(pose_alignment), flip_pairs
         # the table is known now when given, else from the benchmark (use_protocol)
-        self.pose_alignment = PoseAlignment(flip_pairs) if pose_alignment and flip_pairs is not None else None
+        self.pose_aligner = PoseAlignment(flip_pairs) if pose_alignment and flip_pairs is not None else None
         self.spec = DescriptorSpec(
             alpha=float(alpha), pca_dims=None if pca_dims is None else tuple(int(d) for d in pca_dims), fusion=fusion,
             pca_solver=pca_solver, extra_weights=extra_weights,
@@ -204,9 +213,9 @@ class FusedCorrespondence(nn.Module):
         self._select_featurizers(None if self.head is None else list(self.head.sources))
         # keypoints map at the DINO input size whenever DINO is configured, even with alpha 1 (the
         # reference maps them at the DINOv2 size in its SD-only runs too)
-        #: ``eval_size`` as configured (None: the default below); an ablation's rows take their own defaults
-        self.eval_size_setting = check_eval_size(eval_size)
-        self.eval_size = self.eval_size_setting or default_eval_size(self.sd, dino)
+        #: ``annotation_size`` as configured (None: the default below); an ablation's rows take their own defaults
+        self.annotation_size_setting = check_annotation_size(annotation_size)
+        self.annotation_size = self.annotation_size_setting or default_annotation_size(self.sd, dino)
         self.extraction_passes = {"sd": 0, "dino": 0, **{name: 0 for name in self.extra_featurizers}}
         self.register_buffer("_device_marker", torch.empty(0), persistent=False)
 
@@ -242,7 +251,7 @@ class FusedCorrespondence(nn.Module):
             ValueError: Pose alignment on a dense benchmark, or on one without a left/right keypoint table.
         """
         if self.align_poses:
-            self.pose_alignment = benchmark_pose_alignment(self.flip_pairs, protocol)
+            self.pose_aligner = benchmark_pose_alignment(self.flip_pairs, protocol)
 
     @property
     def refinement(self) -> MatchRefinement | None:
@@ -396,7 +405,7 @@ class FusedCorrespondence(nn.Module):
             masks = {"source_mask": sample.get("src_mask"), "target_mask": sample.get("trg_mask")} if use_masks else {}
             out.append(pixel_correspondence(
                 descriptors[0], descriptors[1],
-                annotation_geometry(source, self.eval_size), annotation_geometry(target, self.eval_size),
+                annotation_geometry(source, self.annotation_size), annotation_geometry(target, self.annotation_size),
                 resolution=resolution, chunk=chunk, **{k: v for k, v in masks.items() if v is not None},
             ))
         return out
@@ -416,20 +425,20 @@ class FusedCorrespondence(nn.Module):
             refinement also ``confidence`` ``[N]`` (and ``mutual`` ``[N]`` bool when it checks them); with pose
             alignment also ``flipped`` and ``pose_distances`` (:func:`.pose_alignment.pose_aligned_match`).
         """
-        if self.align_poses and self.pose_alignment is None:  # never a silent plain run
+        if self.align_poses and self.pose_aligner is None:  # never a silent plain run
             raise ValueError(
                 "pose_alignment needs its left/right table: give flip_pairs (a table name such as 'spair', or "
                 "category -> [[left id, right id], ...]) or call use_protocol(protocol) with the benchmark's"
             )
-        features = self.batch_features(samples, mirrored_sources=self.pose_alignment is not None)
+        features = self.batch_features(samples, mirrored_sources=self.pose_aligner is not None)
         descriptors = describe_batch(features, samples, self.settings)
         return [self.predict_pair(features, s, d) for s, d in zip(samples, descriptors)]
 
     @property
     def settings(self) -> PredictionSettings:
         """How this pipeline makes one prediction (:class:`.prediction.PredictionSettings`): its descriptors
-        (:meth:`describe_pairs`), ``eval_size``, refinement, matcher and pose alignment."""
-        return PredictionSettings(self.describe_pairs, self.eval_size, self.matcher, self.pose_alignment)
+        (:meth:`describe_pairs`), ``annotation_size``, refinement, matcher and pose alignment."""
+        return PredictionSettings(self.describe_pairs, self.annotation_size, self.matcher, self.pose_aligner)
 
     def describe_pairs(self, pairs: Sequence[tuple[ImageFeatures, ImageFeatures]]) -> list[torch.Tensor]:
         """:meth:`describe_pair` of many pairs: zero-shot, co-PCA runs batched over the pairs

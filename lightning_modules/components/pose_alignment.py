@@ -28,7 +28,7 @@ import torch
 
 from .features import ImageFeatures
 from .image_prep import PadResize
-from .keypoints import EvalSize, annotation_geometry, transfer
+from .keypoints import AnnotationSize, annotation_geometry, transfer
 from .matchers import KeypointMatcher, PairPrediction
 
 __all__ = [
@@ -213,12 +213,12 @@ def _instance_distance(
     target: ImageFeatures,
     src_box: torch.Tensor | None,
     trg_box: torch.Tensor | None,
-    eval_size: EvalSize,
+    annotation_size: AnnotationSize,
 ) -> torch.Tensor:
     """:func:`.pose_alignment.instance_nn_distance` over the cells of the two boxes (None: whole image)."""
     grid = descriptors.shape[-1]
-    src_cells = box_cells(annotation_geometry(source, eval_size), src_box, grid)
-    trg_cells = box_cells(annotation_geometry(target, eval_size), trg_box, grid)
+    src_cells = box_cells(annotation_geometry(source, annotation_size), src_box, grid)
+    trg_cells = box_cells(annotation_geometry(target, annotation_size), trg_box, grid)
     return instance_nn_distance(descriptors, src_cells, trg_cells)
 
 
@@ -228,7 +228,7 @@ def pose_aligned_match(
     mirrored_source: ImageFeatures,
     target: ImageFeatures,
     sample: Mapping[str, Any],
-    eval_size: EvalSize,
+    annotation_size: AnnotationSize,
     alignment: PoseAlignment,
     matcher: KeypointMatcher | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -246,7 +246,7 @@ def pose_aligned_match(
         target: Features of the target image.
         sample: The pair: ``src_kps``, ``kps_ids`` and ``category`` (the flip pairs), ``kps_valid`` and boxes
             if any.
-        eval_size: Keypoint-to-cell square.
+        annotation_size: Keypoint-to-cell square.
         alignment: The flip pairs per category.
         matcher: The matcher of both transfers, with its refinements (default: nearest neighbours).
 
@@ -267,15 +267,15 @@ def pose_aligned_match(
     src_kps = sample["src_kps"].float()
     src_box, trg_box = sample.get("src_instance_box"), sample.get("trg_instance_box")
     descriptors = describe(source, target)
-    pred, distance, extras = transfer(descriptors, source, target, src_kps, eval_size, matcher)
+    pred, distance, extras = transfer(descriptors, source, target, src_kps, annotation_size, matcher)
     mirrored = describe(mirrored_source, target)
     # mirrored keypoint k sits where the original's partner of k is, mirrored
     mirrored_kps = mirror_points(src_kps[partner.clamp(min=0)], source.width)
-    m_pred, m_distance, m_extras = transfer(mirrored, mirrored_source, target, mirrored_kps, eval_size, matcher)
+    m_pred, m_distance, m_extras = transfer(mirrored, mirrored_source, target, mirrored_kps, annotation_size, matcher)
     mirrored_box = None if src_box is None else mirror_box(src_box, source.width)
     distances = torch.stack([
-        _instance_distance(descriptors, source, target, src_box, trg_box, eval_size),
-        _instance_distance(mirrored, mirrored_source, target, mirrored_box, trg_box, eval_size),
+        _instance_distance(descriptors, source, target, src_box, trg_box, annotation_size),
+        _instance_distance(mirrored, mirrored_source, target, mirrored_box, trg_box, annotation_size),
     ])
     flipped = bool(distances[1] < distances[0])
     if flipped:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .features import ImageFeatures, mirrored_key, pair_features, sample_image_key
-from .keypoints import EvalSize, transfer
+from .keypoints import AnnotationSize, transfer
 from .matchers import KeypointMatcher, PairPrediction
 from .pose_alignment import PoseAlignment, pose_aligned_match
 from .samples import PairSample
@@ -36,17 +36,17 @@ class PredictionSettings:
 
     Attributes:
         describe_pairs: The descriptors of a batch of feature pairs (co-PCA and fusion by a spec, or a head).
-        eval_size: The square in which keypoints meet the feature grid (:func:`.keypoints.annotation_geometry`).
+        annotation_size: The square in which keypoints meet the feature grid (:func:`.keypoints.annotation_geometry`).
         matcher: How source keypoints find their target points, with its test-time refinements (soft-argmax
             window, mutual check); None: the paper's plain nearest neighbours.
-        pose_alignment: Match from the source's mirror too and keep the better orientation (its flip table),
-            or None.
+        pose_aligner: Matches from the source's mirror too and keeps the better orientation (its flip table),
+            or None (the ``pose_alignment`` flag of a pipeline or row builds it).
     """
 
     describe_pairs: DescribePairs
-    eval_size: EvalSize
+    annotation_size: AnnotationSize
     matcher: KeypointMatcher | None = None
-    pose_alignment: PoseAlignment | None = None
+    pose_aligner: PoseAlignment | None = None
 
     def describe_pair(self, source: ImageFeatures, target: ImageFeatures) -> torch.Tensor:
         """Descriptors ``[2, D, G, G]`` of one pair."""
@@ -58,7 +58,7 @@ def describe_batch(
 ) -> list[torch.Tensor | None]:
     """The descriptors of every pair of a batch at once, or None per pair with pose alignment (each pair then
     describes both orientations of its source, :func:`predict_pair`)."""
-    if settings.pose_alignment is not None:
+    if settings.pose_aligner is not None:
         return [None] * len(samples)
     return list(settings.describe_pairs([pair_features(features, s) for s in samples]))
 
@@ -80,16 +80,16 @@ def predict_pair(
         ``pose_distances`` (:func:`.pose_alignment.pose_aligned_match`).
     """
     source, target = pair_features(features, sample)
-    if settings.pose_alignment is not None:
+    if settings.pose_aligner is not None:
         mirrored = features[mirrored_key(sample_image_key(sample, "src"))]
         return pose_aligned_match(
-            settings.describe_pair, source, mirrored, target, sample, settings.eval_size, settings.pose_alignment,
+            settings.describe_pair, source, mirrored, target, sample, settings.annotation_size, settings.pose_aligner,
             settings.matcher,
         )
     if descriptors is None:
         descriptors = settings.describe_pair(source, target)
     pred, distance, extras = transfer(
-        descriptors, source, target, sample["src_kps"], settings.eval_size, settings.matcher
+        descriptors, source, target, sample["src_kps"], settings.annotation_size, settings.matcher
     )
     return PairPrediction({"pred_kps": pred, "distance": distance, **extras}, tuple(extras))
 

@@ -108,7 +108,9 @@ def viewer_pair(
     reduced = reduce_descriptors(descriptors, dims)
     file_sizes = [sample.get("src_file_size"), sample.get("trg_file_size")]
     entries = [
-        _image_entry(image, annotation_geometry(f, pipeline.eval_size), reduced[i], image_side, quality, file_sizes[i])
+        _image_entry(
+            image, annotation_geometry(f, pipeline.annotation_size), reduced[i], image_side, quality, file_sizes[i]
+        )
         for i, (image, f) in enumerate(zip(images, features))
     ]
     pair = {
