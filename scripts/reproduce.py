@@ -8,6 +8,8 @@ and print the paper's numbers beside ours.
     python scripts/reproduce.py --data-dir /data/sd-dino --sd-model /models/sd15 --dino-model /models/dinov2-base
     # this machine (no network, no GPU): generated roots in the real layouts and the tiny random models
     python scripts/reproduce.py --data-dir /tmp/repro --synthetic
+    # the supplementary's tables, every cell beside the paper's (rows needing ODISE / iBOT files: give them)
+    python scripts/reproduce.py --data-dir /data/sd-dino --tables all --ibot-checkpoint ibot_vitb16_teacher.pth
 
 Steps: (1) fetch what is missing into ``--data-dir`` (``scripts/reproduction/datasets.yaml``: URLs and layouts;
 downloads resume; every file is verified before anything is installed where a reader looks: not an HTML page, its
@@ -21,6 +23,14 @@ into ``<out>/<benchmark>/<row>`` (rows: ``sd``, ``dino``, ``fused``, and the sup
 ``fused_alpha0.8``), sharing ``<out>/feature_cache``; a run finished with the same command is skipped, an
 interrupted one resumed. (3) the comparison with ``scripts/reproduction/paper_numbers.yaml``: printed, and
 ``<out>/reproduction.md`` / ``reproduction.json``. Exit status 1 when a run failed.
+
+``--tables 1,2,...`` (or ``all``) reproduces the supplementary's tables instead (``reproduction/tables.py``):
+each table's config on the data its cells name (the 20-pairs-per-category SPair-71k subset, the whole test set,
+or the benchmark runs for Table 10's PF-Pascal / TSS columns and Table 13's CUB), into ``<out>/tables/``, then
+every cell beside the paper's (``reproduction/supplementary_numbers.yaml``) with the difference and a summary
+line per table. Rows that need files the hub does not have are run when given (``--odise-captioner``,
+``--odise-projection``, ``--ibot-checkpoint``; SD-XL with a 24 GiB GPU or ``--sdxl``) and otherwise reported
+as skipped with what they need. Add ``--benchmarks`` / ``--rows`` to run the main rows too.
 """
 
 from __future__ import annotations
@@ -51,6 +61,21 @@ from reproduction.fetch import (  # noqa: E402
     unreachable,
 )
 from reproduction.runs import BENCHMARKS, ROW_FEATURIZERS, ROWS, plan_runs, run_all  # noqa: E402
+from reproduction.tables import (  # noqa: E402
+    REQUIREMENTS,
+    SUPPLEMENTARY_FILE,
+    benchmark_runs_needed,
+    compare_tables,
+    comparison_records,
+    load_supplementary,
+    parse_tables,
+    plan_table_runs,
+    projected_gpu_minutes,
+    render_tables,
+    rows_without_a_cell,
+    table10_row_args,
+    table_benchmarks,
+)
 
 TINY = REPO / "configs" / "overlays" / "tiny.yaml"
 
@@ -67,8 +92,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, type=Path, help="where the data sets are (or go)")
-    parser.add_argument("--benchmarks", default=",".join(BENCHMARKS), help="comma-separated, of " + ",".join(BENCHMARKS))
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated, of " + ",".join(ROWS))
+    parser.add_argument("--benchmarks", default=None, help="comma-separated, of " + ",".join(BENCHMARKS)
+                        + " (default: all of them, or none with --tables)")
+    parser.add_argument("--rows", default=None, help="comma-separated, of " + ",".join(ROWS) + " (default: all)")
+    parser.add_argument("--tables", default=None,
+                        help="the supplementary's tables to reproduce: 'all' or comma-separated, of 1-8, 10-13")
+    for requirement in REQUIREMENTS.values():
+        if requirement.key == "sdxl":
+            parser.add_argument(requirement.flag, action="store_true", help="run Table 6's SD-XL rows even "
+                                "without a 24 GiB GPU")
+        else:
+            parser.add_argument(requirement.flag, type=Path, default=None, metavar="FILE",
+                                help=f"for Table {','.join(map(str, requirement.tables))}: {requirement.need}")
+    parser.add_argument("--supplementary", type=Path, default=SUPPLEMENTARY_FILE,
+                        help="the supplementary's numbers data file")
     parser.add_argument("--devices", type=int, default=1, help="GPUs (Lightning's --trainer.devices)")
     parser.add_argument("--out", type=Path, default=None, help="run folders and the table (default <data-dir>/runs)")
     parser.add_argument("--offline", action="store_true", default=os.environ.get("HF_HUB_OFFLINE") == "1",
@@ -92,8 +129,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--datasets", type=Path, default=DATASETS_FILE, help="the datasets data file")
     parser.add_argument("--paper", type=Path, default=PAPER_FILE, help="the paper's numbers data file")
     args = parser.parse_args(argv)
-    args.benchmarks = _names(args.benchmarks, list(BENCHMARKS), "benchmarks")
-    args.rows = _names(args.rows, list(ROWS), "rows")
+    main_rows = args.tables is None or args.benchmarks is not None or args.rows is not None
+    args.benchmarks = _names(args.benchmarks or ",".join(BENCHMARKS), list(BENCHMARKS), "benchmarks") if main_rows else []
+    args.rows = _names(args.rows or ",".join(ROWS), list(ROWS), "rows") if main_rows else []
+    args.table_benchmarks = []  # the roots the tables need beyond --benchmarks (main)
+    try:
+        args.tables = [] if args.tables is None else parse_tables(args.tables)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    for requirement in REQUIREMENTS.values():
+        given = getattr(args, requirement.key)
+        if isinstance(given, Path):
+            if not given.expanduser().is_file():
+                raise SystemExit(f"error: {requirement.flag} {given}: no such file ({requirement.need})")
+            setattr(args, requirement.key, given.expanduser().absolute())
     # the runs start in the repository (subprocess_runner): every folder is passed as an absolute path
     args.data_dir = args.data_dir.expanduser().absolute()
     args.out = (args.out or args.data_dir / "runs").expanduser().absolute()
@@ -105,7 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def chosen_models(args: argparse.Namespace) -> dict[str, str]:
     """Featurizer -> model (hub id or local folder) that the chosen rows load: the given ones, else the configs'."""
     given = {"sd": args.sd_model, "dino": args.dino_model}
-    kinds = {kind for row in args.rows for kind in ROW_FEATURIZERS[row]}
+    kinds = {kind for row in args.rows for kind in ROW_FEATURIZERS[row]} | ({"sd", "dino"} if args.tables else set())
     return {kind: given[kind] or model_id for kind, model_id in default_model_ids().items() if kind in kinds}
 
 
@@ -128,7 +177,7 @@ def fetch_all(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, list
     data and model files, when offline or the first server cannot be reached). Returns the roots, each benchmark's
     extra arguments, and the models given on the command line (featurizer -> id or folder) for the runs."""
     datasets = load_datasets(args.datasets)
-    chosen = {name: datasets[name] for name in args.benchmarks}
+    chosen = {name: datasets[name] for name in [*args.benchmarks, *args.table_benchmarks] if name in datasets}
     if args.forget_checksums:
         dropped = forget_checksums(args.data_dir, [a.file for ds in chosen.values() for a in ds.archives])
         print(f"forgot the recorded SHA-256 of {dropped or 'no file'}")
@@ -154,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     """Fetch, run, compare; returns the exit status."""
     args = parse_args(argv)
     numbers = load_paper_numbers(args.paper)  # a broken data file fails before anything is fetched or run
+    tables = load_supplementary(args.supplementary) if args.tables else {}
+    args.table_benchmarks = [b for b in table_benchmarks(tables, args.tables) if b not in args.benchmarks]
     try:
         roots, extra, models = (*synthetic_roots(args.data_dir), {}) if args.synthetic else fetch_all(args)
     except (MissingFiles, FetchError) as err:
@@ -162,11 +213,34 @@ def main(argv: list[str] | None = None) -> int:
     configs = [*([str(TINY)] if args.synthetic else []), *args.config]
     cache = {"default": "default", "none": None}.get(args.feature_cache, Path(args.feature_cache))
     runs = plan_runs(args.benchmarks, args.rows, roots, args.out, args.devices, configs, extra, cache, models)
-    status = run_all(runs)
+    table_runs, skipped = [], {}
+    if args.tables:
+        print(f"supplementary Tables {', '.join(map(str, args.tables))}: about "
+              f"{projected_gpu_minutes(tables, args.tables):.0f} min on one H200 in fp32 (projected from "
+              "benchmarks/README.md's measured per-image and per-pair times, not measured; the shared feature "
+              "cache lowers it)")
+        cache_dir = args.out / "feature_cache" if cache == "default" else cache
+        given = {key: getattr(args, key) for key in REQUIREMENTS}
+        table_runs = plan_table_runs(tables, args.tables, roots, args.out, args.devices, configs, cache_dir, given,
+                                     args.synthetic)
+        skipped = {t.table: t.skipped for t in table_runs}
+        planned = {(r.benchmark, r.row) for r in runs}
+        for benchmark, rows in benchmark_runs_needed(tables, args.tables).items():
+            more = [row for row in rows if (benchmark, row) not in planned]
+            runs += plan_runs([benchmark], more, roots, args.out, args.devices, configs, extra, cache, models,
+                              row_args=table10_row_args())
+    unique = list({t.run.out: t.run for t in table_runs}.values())
+    status = run_all([*runs, *unique])
     table = compare(numbers, args.out, args.benchmarks, args.rows)
     context = {"synthetic": args.synthetic, "devices": args.devices, "configs": configs,
                "runs": {f"{b}/{r}": s for (b, r), s in status.items()}}
-    text = write_comparison(table, args.out, context)
+    supplementary = None
+    if args.tables:
+        cells = compare_tables(tables, args.tables, args.out, skipped)
+        extra_rows = rows_without_a_cell(tables, args.tables, args.out)
+        supplementary = (render_tables(tables, cells, extra_rows),
+                         {"cells": comparison_records(cells), "rows_without_a_cell": extra_rows})
+    text = write_comparison(table, args.out, context, supplementary)
     print("\n" + text + f"\nwritten to {args.out / 'reproduction.md'} and reproduction.json")
     return 1 if any(s.startswith("failed") for s in status.values()) else 0
 

@@ -131,12 +131,19 @@ def render_markdown(table: Sequence[Comparison]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(table: Sequence[Comparison], out: Path, context: dict[str, Any]) -> str:
+def write_comparison(
+    table: Sequence[Comparison], out: Path, context: dict[str, Any], supplementary: tuple[str, list] | None = None,
+) -> str:
     """Write ``reproduction.md`` and ``reproduction.json`` into ``out``; returns the Markdown text (under its
-    title): the table, preceded by :data:`SYNTHETIC_NOTE` when ``context["synthetic"]``."""
-    text = (SYNTHETIC_NOTE + "\n\n" if context.get("synthetic") else "") + render_markdown(table)
+    title): the table (when it has lines), preceded by :data:`SYNTHETIC_NOTE` when ``context["synthetic"]``, and
+    the supplementary's tables (``supplementary``: their Markdown and their cells, :mod:`.tables`)."""
+    text = (SYNTHETIC_NOTE + "\n\n" if context.get("synthetic") else "") + (render_markdown(table) if table else "")
+    if supplementary is not None:
+        text += ("\n" if table else "") + supplementary[0]
     out.mkdir(parents=True, exist_ok=True)
     (out / "reproduction.md").write_text("# Reproduction of the paper's numbers\n\n" + text, encoding="utf-8")
     payload = {"context": context, "table": [asdict(c) for c in table]}
+    if supplementary is not None:
+        payload["supplementary"] = supplementary[1]
     (out / "reproduction.json").write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     return text

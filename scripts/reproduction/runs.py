@@ -34,12 +34,14 @@ COMMAND_FILE = "reproduce_command.json"
 
 @dataclass(frozen=True)
 class Run:
-    """One evaluation: ``benchmark`` x ``row``, its output folder and its ``evaluate.py`` arguments."""
+    """One evaluation: ``benchmark`` x ``row``, its output folder and its ``evaluate.py`` arguments
+    (``resumable``: an interrupted run is continued with ``--resume``, else started again)."""
 
     benchmark: str
     row: str
     out: Path
     args: tuple[str, ...]
+    resumable: bool = True
 
     @property
     def finished(self) -> bool:
@@ -48,7 +50,8 @@ class Run:
         if not (results.is_file() and command.is_file()):
             return False
         try:
-            complete = "pck" in json.loads(results.read_text())
+            written = json.loads(results.read_text())
+            complete = "pck" in written or "rows" in written  # a benchmark run, or an ablation table's
             same = json.loads(command.read_text()) == list(self.args)
         except (json.JSONDecodeError, OSError):
             return False
@@ -59,6 +62,7 @@ def plan_runs(
     benchmarks: Sequence[str], rows: Sequence[str], roots: dict[str, Path], out: Path, devices: int,
     extra_configs: Sequence[str] = (), extra_args: dict[str, Sequence[str]] | None = None,
     feature_cache: Path | None | str = "default", models: dict[str, str] | None = None,
+    row_args: dict[str, list[str]] | None = None,
 ) -> list[Run]:
     """The runs of a reproduction: each benchmark with each row that applies (``fused_alpha0.8`` on CUB only).
 
@@ -75,6 +79,8 @@ def plan_runs(
             ``feature_cache_dir`` under its own folder, which would give each row a cache of its own.
         models: Featurizer (``sd``, ``dino``) -> hub id or local folder, for the rows that load it
             (``--model.pipeline.<name>.model_id``); a featurizer not named keeps its config's model.
+        row_args: Rows beyond :data:`ROWS` -> their arguments (DINO alone, like ``dino``; the supplementary's
+            Table 10 variants, :func:`.tables.table10_row_args`).
     """
     cache = out / "feature_cache" if feature_cache == "default" else feature_cache
     cache = None if cache is None else Path(cache).expanduser().absolute()  # one cache for every row
@@ -84,14 +90,14 @@ def plan_runs(
             if row == "fused_alpha0.8" and benchmark != "cub":
                 continue
             folder = out / benchmark / row
-            args = ["test", "--config", str(BENCHMARKS[benchmark]), *ROWS[row]]
+            args = ["test", "--config", str(BENCHMARKS[benchmark]), *{**ROWS, **(row_args or {})}[row]]
             for config in extra_configs:
                 args += ["--config", str(config)]
             args += ["--data.root", str(roots[benchmark]), "--trainer.devices", str(devices),
                      "--trainer.default_root_dir", str(folder),
                      "--model.pipeline.feature_cache_dir", "null" if cache is None else str(cache),
                      *(extra_args or {}).get(benchmark, ())]
-            for name in ROW_FEATURIZERS[row]:
+            for name in ROW_FEATURIZERS.get(row, ("dino",)):
                 if name in (models or {}):
                     args += [f"--model.pipeline.{name}.model_id", str(models[name])]
             runs.append(Run(benchmark, row, folder, tuple(args)))
@@ -121,7 +127,8 @@ def run_all(runs: Sequence[Run], runner: Callable[[Sequence[str]], int] = subpro
         command = run.out / COMMAND_FILE
         same = command.is_file() and command.read_text().strip() == json.dumps(list(run.args))
         # the same command interrupted: continue it; anything else there (another command): replace it
-        mode = ["--resume", "true"] if same and not (run.out / "results.json").exists() else ["--overwrite", "true"]
+        resume = same and run.resumable and not (run.out / "results.json").exists()
+        mode = ["--resume", "true"] if resume else ["--overwrite", "true"]
         command.write_text(json.dumps(list(run.args)) + "\n")
         code = runner([*run.args, *mode])
         if code == 0 and run.finished:
