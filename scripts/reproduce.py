@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir = args.out / "feature_cache" if cache == "default" else cache
         given = {key: getattr(args, key) for key in REQUIREMENTS}
         table_runs = plan_table_runs(tables, args.tables, roots, args.out, args.devices, configs, cache_dir, given,
-                                     args.synthetic)
+                                     args.synthetic, models)
         skipped = {t.table: t.skipped for t in table_runs}
         planned = {(r.benchmark, r.row) for r in runs}
         for benchmark, rows in benchmark_runs_needed(tables, args.tables).items():

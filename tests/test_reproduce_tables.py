@@ -202,3 +202,27 @@ def test_the_projected_time_is_written_beside_the_command() -> None:
     minutes = supplementary.projected_gpu_minutes(TABLES, list(supplementary.TABLE_NUMBERS))
     readme = (REPO / "README.md").read_text()
     assert f"about {minutes / 60:.0f} hours" in readme and "projected" in readme
+
+
+@pytest.mark.parametrize("number", [5, 6, 7])
+def test_a_derived_config_parses_and_the_model_options_reach_it(tmp_path: Path, number: int, monkeypatch,
+                                                                capsys) -> None:
+    """Without the files (and without a GPU for SD-XL) the derived config, as the real run reads it, has the other
+    rows, the pipeline's weights given on the command line, and no trace of what was left out."""
+    import evaluate
+
+    monkeypatch.setattr(supplementary, "_gpu_memory_gib", lambda: 0.0)
+    (planned,) = supplementary.plan_table_runs(TABLES, [number], {"spair": tmp_path}, tmp_path / "out", 1, [], None,
+                                               {}, False, {"sd": "/models/sd15", "dino": "org/dino"})
+    with pytest.raises(SystemExit):
+        evaluate.main([*planned.run.args, "--print_config"])
+    init = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    rows = [row["name"] for row in init["rows"]]
+    assert planned.skipped and not set(planned.skipped) & set(rows)
+    assert len(rows) + len(planned.skipped) == len(yaml.safe_load((REPO / TABLES[number].config).read_text())
+                                                   ["model"]["init_args"]["rows"])
+    pipeline = init["pipeline"]["init_args"]
+    assert pipeline["sd"]["init_args"]["model_id"] == "/models/sd15"
+    assert pipeline["dino"]["init_args"]["model_id"] == "org/dino"
+    if number == 5:  # the explicit prompt, no captioner left to load
+        assert pipeline["sd"]["init_args"].get("captioner") is None

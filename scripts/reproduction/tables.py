@@ -289,10 +289,12 @@ def _data_args(benchmark: str, synthetic: bool) -> list[str]:
 def plan_table_runs(
     tables: Mapping[int, SupplementaryTable], numbers: Sequence[int], roots: Mapping[str, Path], out: Path,
     devices: int, extra_configs: Sequence[str], cache: Path | None, given: Mapping[str, Any], synthetic: bool,
+    models: Mapping[str, str] | None = None,
 ) -> list[TableRun]:
     """The runs of the chosen tables' configs (one per table and SPair-71k benchmark), into
-    ``out/tables/table<N>/<benchmark>``; Table 10's PF-Pascal / TSS columns and Table 13 are benchmark runs
-    (:func:`benchmark_runs_needed`). Tables 11 and 12 share one run (the A.10 analysis)."""
+    ``out/tables/<config>/<benchmark>``; Table 10's PF-Pascal / TSS columns and Table 13 are benchmark runs
+    (:func:`benchmark_runs_needed`). Tables 11 and 12 share one run (the A.10 analysis). ``models``: the pipeline's
+    SD / DINO weights given on the command line (hub id or local folder; the tables' other models keep theirs)."""
     planned: list[TableRun] = []
     for number in numbers:
         table = tables[number]
@@ -313,6 +315,8 @@ def plan_table_runs(
                 args += ["--data.root", str(roots["spair"]), *_data_args(benchmark, synthetic),
                          "--trainer.devices", str(devices), "--trainer.default_root_dir", str(folder),
                          "--model.init_args.pipeline.init_args.feature_cache_dir", "null" if cache is None else str(cache)]
+                for kind, model_id in (models or {}).items():
+                    args += [f"--model.pipeline.{kind}.model_id", str(model_id)]
                 for requirement in REQUIREMENTS.values():
                     if number in requirement.tables and given.get(requirement.key):
                         args += requirement.args(str(given[requirement.key]))
