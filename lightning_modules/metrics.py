@@ -638,24 +638,23 @@ class DenseFlowPCK(PairCounts):
     def update(
         self,
         *,
-        flows: list[Tensor],
-        flows_gt: list[Tensor],
-        masks: list[Tensor],
-        thresholds: Sequence[float] | Tensor,
         datasets: Sequence[str],
         pair_ids: Sequence[str],
+        flows: list[Tensor] | None = None,
+        flows_gt: list[Tensor] | None = None,
+        masks: list[Tensor] | None = None,
+        thresholds: Sequence[float] | Tensor | None = None,
+        counts: Sequence[tuple[Tensor, int, float]] | None = None,
     ) -> None:
-        """Add a batch of images: estimated and ground-truth flows ``[2, H, W]`` and valid masks ``[H, W]``."""
-        counts = [
-            dense_flow_counts(f, g, m, float(t), self.alphas, self.inclusive)
-            for f, g, m, t in zip(flows, flows_gt, masks, thresholds)
-        ]
-        self.update_counts(counts=counts, datasets=datasets, pair_ids=pair_ids)
-
-    def update_counts(
-        self, *, counts: Sequence[tuple[Tensor, int, float]], datasets: Sequence[str], pair_ids: Sequence[str]
-    ) -> None:
-        """Add images already scored by :func:`dense_flow_counts` (with this metric's alphas)."""
+        """Add a batch of images: estimated and ground-truth flows ``[2, H, W]``, valid masks ``[H, W]`` and
+        thresholds, or their ``counts`` already scored by :func:`dense_flow_counts` (with this metric's alphas)."""
+        if counts is None:
+            if flows is None or flows_gt is None or masks is None or thresholds is None:
+                raise ValueError("DenseFlowPCK.update takes flows, flows_gt, masks and thresholds, or counts")
+            counts = [
+                dense_flow_counts(f, g, m, float(t), self.alphas, self.inclusive)
+                for f, g, m, t in zip(flows, flows_gt, masks, thresholds)
+            ]
         self._check_categories(datasets)
         if not counts:
             return
@@ -663,6 +662,13 @@ class DenseFlowPCK(PairCounts):
             torch.stack([c[0] for c in counts]), torch.tensor([c[1] for c in counts]), datasets, pair_ids
         )
         self.epe_sum.append(torch.tensor([c[2] for c in counts], dtype=torch.float64, device=self.device))
+
+    def update_counts(
+        self, *, counts: Sequence[tuple[Tensor, int, float]], datasets: Sequence[str], pair_ids: Sequence[str]
+    ) -> None:
+        """Add images already scored by :func:`dense_flow_counts`: :meth:`update` with ``counts`` (through
+        torchmetrics' update, which counts the call and clears a cached ``compute``)."""
+        self.update(counts=counts, datasets=datasets, pair_ids=pair_ids)
 
     def compute(self) -> dict[str, Any]:
         """Dense PCK and AEPE over all de-duplicated images."""

@@ -517,6 +517,29 @@ def test_metric_updates_take_keywords_only() -> None:
         JAndF(sequences=["s"]).update([torch.ones(2, 2)], [torch.ones(2, 2)], ["s"], ["s/1"], [1])
 
 
+def test_dense_counts_go_through_update_so_compute_sees_them() -> None:
+    """A run scores TSS images itself and passes their counts (``update_counts``): torchmetrics must see an update
+    (no "compute before update" warning) and a second batch must not get the first compute's cached answer."""
+    import warnings
+
+    from lightning_modules.metrics import DenseFlowPCK, dense_flow_counts
+
+    flow = DenseFlowPCK(alphas=[0.05], datasets=["d"])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    right, wrong = torch.zeros(2, 2, 2), torch.full((2, 2, 2), 9.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flow.update_counts(counts=[dense_flow_counts(right, right, mask, 4.0, [0.05], True)], datasets=["d"],
+                           pair_ids=["a"])
+        first = flow.compute()["pck"]["0.05"]["dataset_mean"]
+        flow.update_counts(counts=[dense_flow_counts(wrong, right, mask, 4.0, [0.05], True)], datasets=["d"],
+                           pair_ids=["b"])
+        second = flow.compute()["pck"]["0.05"]["dataset_mean"]
+    assert (first, second) == (100.0, 50.0)
+    with pytest.raises(ValueError, match="flows, flows_gt, masks and thresholds, or counts"):
+        flow.update(datasets=["d"], pair_ids=["c"], flows=[right])
+
+
 def test_one_correctness_rule_for_scores_pictures_and_per_point_thresholds() -> None:
     """PCK correctness has one implementation (``components.pck.keypoint_correct``): the metric, the functional
     twin and the pictures' outcome agree point for point, on exact boundaries too, and a per-point threshold
