@@ -68,6 +68,7 @@ from reproduction.tables import (  # noqa: E402
     compare_tables,
     comparison_records,
     load_supplementary,
+    missing_hub_models,
     parse_tables,
     plan_table_runs,
     projected_gpu_minutes,
@@ -75,6 +76,7 @@ from reproduction.tables import (  # noqa: E402
     rows_without_a_cell,
     table10_row_args,
     table_benchmarks,
+    table_hub_models,
 )
 
 TINY = REPO / "configs" / "overlays" / "tiny.yaml"
@@ -220,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
               "benchmarks/README.md's measured per-image and per-pair times, not measured; the shared feature "
               "cache lowers it)")
         cache_dir = args.out / "feature_cache" if cache == "default" else cache
-        given = {key: getattr(args, key) for key in REQUIREMENTS}
+        given: dict = {key: getattr(args, key) for key in REQUIREMENTS}
+        if args.offline and not args.synthetic:  # the tables' extra hub models that are not there: rows skipped
+            given["missing_models"] = missing_hub_models(table_hub_models(tables, args.tables))
         table_runs = plan_table_runs(tables, args.tables, roots, args.out, args.devices, configs, cache_dir, given,
                                      args.synthetic, models)
         skipped = {t.table: t.skipped for t in table_runs}

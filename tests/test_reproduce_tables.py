@@ -136,7 +136,8 @@ def test_a_row_that_needs_a_missing_file_is_left_out_with_what_only_it_uses(monk
     monkeypatch.setattr(supplementary, "_gpu_memory_gib", lambda: 0.0)
     config, skipped = _derived(7)  # iBOT: its rows and its model leave the run; the others stay
     init = config["model"]["init_args"]
-    assert skipped == {"iBOT-vitb16": "ibot_checkpoint", "Fuse-iBOT-vitb16": "ibot_checkpoint"}
+    why = supplementary.REQUIREMENTS["ibot_checkpoint"].reason
+    assert skipped == {"iBOT-vitb16": why, "Fuse-iBOT-vitb16": why} and "--ibot-checkpoint" in why
     assert "ibot" not in init["dino_models"] and {"dinov1", "dinov2_s"} <= set(init["dino_models"])
     assert len(init["rows"]) == 7 and all("iBOT" not in row["name"] for row in init["rows"])
     config, skipped = _derived(5)  # the implicit captioner: its rows, variants and the captioned SD leave
@@ -145,10 +146,30 @@ def test_a_row_that_needs_a_missing_file_is_left_out_with_what_only_it_uses(monk
     assert all("implicit" not in name for name in init["sd_variants"]) and len(init["sd_variants"]) == 5
     assert init["pipeline"]["sd"].endswith("configs/featurizers/sd15.yaml")
     config, skipped = _derived(6)  # SD-XL without a 24 GiB GPU
-    assert skipped == {"SD-XL": "sdxl", "Fuse-vitb-XL": "sdxl"} and "sdxl" not in config["model"]["init_args"]["sd_models"]
+    why = supplementary.REQUIREMENTS["sdxl"].reason
+    assert skipped == {"SD-XL": why, "Fuse-vitb-XL": why} and "sdxl" not in config["model"]["init_args"]["sd_models"]
     assert _derived(6, sdxl=True)[1] == {} and _derived(7, synthetic=True)[1] == {}  # given, or a tiny stand-in
     monkeypatch.setattr(supplementary, "_gpu_memory_gib", lambda: 80.0)
     assert _derived(6)[1] == {}
+
+
+def test_offline_a_missing_extra_hub_model_skips_only_its_rows(tmp_path: Path, monkeypatch) -> None:
+    """Table 6's BK-SDM-tiny absent offline: its two rows are skipped, naming the model and how to get it; the
+    others run. The check reads the Hugging Face cache only (an empty one here) and takes a local folder."""
+    models = supplementary.table_hub_models(TABLES, [6, 7])
+    assert ("sd", "nota-ai/bk-sdm-tiny") in models and ("dino", "facebook/dinov2-small") in models
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    folder = tmp_path / "bk-sdm-small"
+    folder.mkdir()
+    missing = supplementary.missing_hub_models([*models, ("sd", str(folder))])
+    assert {model for _, model in models} == missing and str(folder) not in missing
+    config, skipped = _derived(6, missing_models={"nota-ai/bk-sdm-tiny"}, sdxl=True)
+    assert set(skipped) == {"SD-tiny", "Fuse-vitb-tiny"}
+    assert "hub model nota-ai/bk-sdm-tiny" in skipped["SD-tiny"] and "huggingface-cli download" in skipped["SD-tiny"]
+    init = config["model"]["init_args"]
+    assert "sd_tiny" not in init["sd_models"] and "sd_small" in init["sd_models"] and len(init["rows"]) == 11
+    assert _derived(6, True, missing_models={"nota-ai/bk-sdm-tiny"})[1] == {}  # --synthetic: tiny stand-ins
 
 
 def test_a_given_file_makes_its_rows_and_reaches_the_run(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import copy
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,8 @@ from .runs import CONFIGS, REPO, Run
 
 __all__ = [
     "REQUIREMENTS", "SUPPLEMENTARY_FILE", "TABLE_NUMBERS", "Cell", "Requirement", "SupplementaryTable",
-    "compare_tables", "load_supplementary", "parse_tables", "plan_table_runs", "projected_gpu_minutes",
+    "compare_tables", "load_supplementary", "missing_hub_models", "parse_tables", "plan_table_runs",
+    "projected_gpu_minutes", "table_hub_models",
     "render_tables", "rows_without_a_cell", "table_benchmarks",
 ]
 
@@ -66,6 +67,11 @@ class Requirement:
     needs_it: Callable[[str], bool]
     stand_in: bool
     args: Callable[[str], list[str]] = lambda value: []
+
+    @property
+    def reason(self) -> str:
+        """What a skipped row says."""
+        return f"needs {self.need} ({self.flag})"
 
 
 REQUIREMENTS: dict[str, Requirement] = {r.key: r for r in (
@@ -232,8 +238,8 @@ def _gpu_memory_gib() -> float:
 
 @dataclass(frozen=True)
 class TableRun:
-    """The run of one table's config on one benchmark: the run itself and the rows it leaves out (row ->
-    requirement key)."""
+    """The run of one table's config on one benchmark: the run itself and the rows it leaves out (row -> what it
+    needs)."""
 
     table: int
     benchmark: str
@@ -246,7 +252,9 @@ def derive_config(table: SupplementaryTable, given: Mapping[str, Any], synthetic
     variants and models only they use), rows that a given file makes added (Table 3's projection layer).
 
     Returns:
-        The config (references made absolute) and the skipped rows (row name -> requirement key).
+        The config (references made absolute) and the skipped rows (row name -> what it needs, a sentence).
+        ``given["missing_models"]``: hub model ids that are not there (offline, :func:`missing_hub_models`); the
+        rows of the table's extra models among them are skipped too.
     """
     path = REPO / table.config
     config = _absolute_refs(yaml.safe_load(path.read_text(encoding="utf-8")), path.parent)
@@ -261,14 +269,25 @@ def derive_config(table: SupplementaryTable, given: Mapping[str, Any], synthetic
                 rows += [{"name": name, "pca_dims": None, "layer_projection": str(given[requirement.key]),
                           **({"dino": None} if name.startswith("SD ") else {})} for name in made]
             else:
-                skipped.update({name: requirement.key for name in made})
+                skipped.update({name: requirement.reason for name in made})
             continue
         if available(requirement, given, synthetic):
             continue
-        skipped.update({row["name"]: requirement.key for row in rows if requirement.needs_it(row["name"])})
+        skipped.update({row["name"]: requirement.reason for row in rows if requirement.needs_it(row["name"])})
         rows = [row for row in rows if not requirement.needs_it(row["name"])]
         if requirement.key == "odise_captioner":  # the run's SD is then the explicit one (the prompt)
             init["pipeline"] = {**init["pipeline"], "sd": str(CONFIGS / "featurizers" / "sd15.yaml")}
+    for kind in ("sd", "dino"):  # extra hub models that are not there (offline): the rows that use them
+        variants = init.get(f"{kind}_variants") or {}
+        for name, node in (init.get(f"{kind}_models") or {}).items():
+            model_id = ((node or {}).get("init_args") or {}).get("model_id")
+            if synthetic or model_id is None or model_id not in given.get("missing_models", ()):
+                continue
+            users = {name} | {v for v, o in variants.items() if isinstance(o, dict) and o.get("of") == name}
+            reason = (f"needs the hub model {model_id} ({kind}_models.{name}), not in the Hugging Face cache and "
+                      f"offline: `huggingface-cli download {model_id}` where the hub is reachable, or run online")
+            skipped.update({row["name"]: reason for row in rows if row.get(kind, "default") in users})
+            rows = [row for row in rows if row.get(kind, "default") not in users]
     init["rows"] = rows
     for kind in ("sd", "dino"):
         variants = init.get(f"{kind}_variants") or {}
@@ -277,6 +296,37 @@ def derive_config(table: SupplementaryTable, given: Mapping[str, Any], synthetic
             if init.get(key):
                 init[key] = {name: value for name, value in init[key].items() if name in used}
     return config, skipped
+
+
+def table_hub_models(tables: Mapping[int, SupplementaryTable], numbers: Sequence[int]) -> set[tuple[str, str]]:
+    """The extra models the chosen tables' configs load, as ``(kind, hub id or folder)`` (Tables 6 and 7)."""
+    found = set()
+    for number in numbers:
+        table = tables[number]
+        if not table.config.startswith("configs/ablations/"):
+            continue
+        init = yaml.safe_load((REPO / table.config).read_text(encoding="utf-8"))["model"]["init_args"]
+        for kind in ("sd", "dino"):
+            for node in (init.get(f"{kind}_models") or {}).values():
+                model_id = ((node or {}).get("init_args") or {}).get("model_id")
+                if model_id:
+                    found.add((kind, str(model_id)))
+    return found
+
+
+def missing_hub_models(models: Iterable[tuple[str, str]]) -> set[str]:
+    """The models that neither a local folder nor the Hugging Face cache holds (checked without the network, by
+    the file that loading reads first: diffusers' ``model_index.json``, transformers' ``config.json``)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    missing = set()
+    for kind, model_id in models:
+        if Path(model_id).expanduser().is_dir():
+            continue
+        first = "model_index.json" if kind == "sd" else "config.json"
+        if not isinstance(try_to_load_from_cache(model_id, first), str):
+            missing.add(model_id)
+    return missing
 
 
 def _data_args(benchmark: str, synthetic: bool) -> list[str]:
@@ -417,7 +467,7 @@ def _ours(table: SupplementaryTable, cell: Cell, results: Mapping[str, Any]) -> 
 def compare_tables(
     tables: Mapping[int, SupplementaryTable], numbers: Sequence[int], out: Path, skipped: Mapping[int, Mapping[str, str]],
 ) -> list[CellComparison]:
-    """Every cell of the chosen tables beside ours (``skipped``: table -> row -> requirement key, as planned)."""
+    """Every cell of the chosen tables beside ours (``skipped``: table -> row -> what it needs, as planned)."""
     compared = []
     for number in numbers:
         table = tables[number]
@@ -427,7 +477,7 @@ def compare_tables(
             results = None if unknown or reason else _results(table, cell, out)
             ours = None if results is None else _ours(table, cell, results)
             if reason:
-                state, note = "skipped", f"needs {REQUIREMENTS[reason].need} ({REQUIREMENTS[reason].flag})"
+                state, note = "skipped", reason
             elif unknown:
                 state, note = "row unknown", cell.row_note
             elif cell.value is None:
