@@ -346,38 +346,48 @@ def plan_table_runs(
     (:func:`benchmark_runs_needed`). Tables 11 and 12 share one run (the A.10 analysis). ``models``: the pipeline's
     SD / DINO weights given on the command line (hub id or local folder; the tables' other models keep theirs)."""
     planned: list[TableRun] = []
+    runs: dict[Path, Run] = {}  # by folder: Tables 11 and 12 share one run
     for number in numbers:
         table = tables[number]
-        if table.config.startswith("configs/ablations/"):
-            for benchmark in table.benchmarks:
-                if benchmark not in ("spair", "spair_subset20"):
-                    continue
-                config, skipped = derive_config(table, given, synthetic)
-                text = yaml.safe_dump(config, sort_keys=False)
-                folder = out / "tables" / Path(table.config).stem / benchmark
-                derived = folder.parent / f"config-{benchmark}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
-                derived.parent.mkdir(parents=True, exist_ok=True)
-                derived.write_text(text, encoding="utf-8")
-                args = ["test", "--config", str(derived)]
-                for extra in [*extra_configs, *([TINY_TABLE_CONFIGS[number]] if synthetic and number in
-                                                 TINY_TABLE_CONFIGS else [])]:
-                    args += ["--config", str(extra)]
-                args += ["--data.root", str(roots["spair"]), *_data_args(benchmark, synthetic),
-                         "--trainer.devices", str(devices), "--trainer.default_root_dir", str(folder),
-                         "--model.init_args.pipeline.init_args.feature_cache_dir", "null" if cache is None else str(cache)]
-                for kind, model_id in (models or {}).items():
-                    args += [f"--model.pipeline.{kind}.model_id", str(model_id)]
-                for requirement in REQUIREMENTS.values():
-                    if number in requirement.tables and given.get(requirement.key):
-                        args += requirement.args(str(given[requirement.key]))
-                run = Run(f"table{number}", benchmark, folder, tuple(args), resumable="analysis" not in
-                          config["model"]["init_args"])
-                if not any(p.run.out == folder for p in planned):  # Tables 11 and 12: one run
-                    planned.append(TableRun(number, benchmark, run, skipped))
-                else:
-                    planned.append(TableRun(number, benchmark, next(p.run for p in planned if p.run.out == folder),
-                                            skipped))
+        if not table.config.startswith("configs/ablations/"):
+            continue  # Table 13: benchmark runs
+        for benchmark in table.benchmarks:
+            if benchmark not in ("spair", "spair_subset20"):
+                continue  # Table 10's PF-Pascal / TSS columns: benchmark runs
+            config, skipped = derive_config(table, given, synthetic)
+            folder = out / "tables" / Path(table.config).stem / benchmark
+            if folder not in runs:
+                args = _table_run_args(number, benchmark, config, folder, roots["spair"], devices, extra_configs,
+                                       cache, given, synthetic, models)
+                runs[folder] = Run(f"table{number}", benchmark, folder, tuple(args),
+                                   resumable="analysis" not in config["model"]["init_args"])
+            planned.append(TableRun(number, benchmark, runs[folder], skipped))
     return planned
+
+
+def _table_run_args(
+    number: int, benchmark: str, config: dict, folder: Path, root: Path, devices: int, extra_configs: Sequence[str],
+    cache: Path | None, given: Mapping[str, Any], synthetic: bool, models: Mapping[str, str] | None,
+) -> list[str]:
+    """``evaluate.py`` arguments of a table run: its derived config (written beside the run folder, named by its
+    content so that a changed config is a changed command), the overlays, data, devices, cache and given files."""
+    text = yaml.safe_dump(config, sort_keys=False)
+    derived = folder.parent / f"config-{benchmark}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
+    derived.parent.mkdir(parents=True, exist_ok=True)
+    derived.write_text(text, encoding="utf-8")
+    tiny = [TINY_TABLE_CONFIGS[number]] if synthetic and number in TINY_TABLE_CONFIGS else []
+    args = ["test", "--config", str(derived)]
+    for extra in [*extra_configs, *tiny]:
+        args += ["--config", str(extra)]
+    args += ["--data.root", str(root), *_data_args(benchmark, synthetic), "--trainer.devices", str(devices),
+             "--trainer.default_root_dir", str(folder),
+             "--model.init_args.pipeline.init_args.feature_cache_dir", "null" if cache is None else str(cache)]
+    for kind, model_id in (models or {}).items():
+        args += [f"--model.pipeline.{kind}.model_id", str(model_id)]
+    for requirement in REQUIREMENTS.values():
+        if number in requirement.tables and given.get(requirement.key):
+            args += requirement.args(str(given[requirement.key]))
+    return args
 
 
 def benchmark_runs_needed(tables: Mapping[int, SupplementaryTable], numbers: Sequence[int]) -> dict[str, list[str]]:
