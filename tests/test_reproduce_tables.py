@@ -29,7 +29,8 @@ def _in_process(args) -> int:  # noqa: ANN001
     return 0
 
 
-def _reproduce(tmp_path: Path, monkeypatch, tables: str, *more: str, runner=_in_process) -> tuple[int, dict, str]:  # noqa: ANN001
+def _reproduce(tmp_path: Path, monkeypatch, tables: str, *more: str,  # noqa: ANN001
+               runner=_in_process) -> tuple[int, dict, str]:  # noqa: ANN001
     monkeypatch.setattr(reproduce, "run_all", lambda runs: run_all(runs, runner=runner))
     code = reproduce.main(["--data-dir", str(tmp_path), "--synthetic", "--tables", tables, *more])
     out = tmp_path / "runs"
@@ -94,7 +95,8 @@ def test_tables_run_and_every_cell_stands_beside_the_papers(tmp_path: Path, monk
     # our rows that no paper cell is tied to are printed with their numbers: Table 1's five untied layer sets,
     # Table 3's "no reduction" row
     extra = written["supplementary"]["rows_without_a_cell"]
-    assert set(extra["1"]) == {f"{kind} {layers}" for kind in ("SD", "Fuse") for layers in ("2", "8", "2+5", "2+8", "5+8")}
+    untied = ("2", "8", "2+5", "2+8", "5+8")
+    assert set(extra["1"]) == {f"{kind} {layers}" for kind in ("SD", "Fuse") for layers in untied}
     assert set(extra["3"]) == {"SD no reduction"}
     results = json.loads((out / "tables" / "table3_reduction" / "spair_subset20" / "results.json").read_text())
     assert extra["3"]["SD no reduction"]["0.1"] == results["rows"]["SD no reduction"]["pck"]["0.1"]["category_mean"]
@@ -180,7 +182,8 @@ def test_a_given_file_makes_its_rows_and_reaches_the_run(tmp_path: Path) -> None
     assert skipped == {}
     assert rows["SD projection layer"] == {"name": "SD projection layer", "pca_dims": None,
                                            "layer_projection": str(maps), "dino": None}
-    assert rows["Fuse projection layer"]["layer_projection"] == str(maps) and "dino" not in rows["Fuse projection layer"]
+    fused = rows["Fuse projection layer"]
+    assert fused["layer_projection"] == str(maps) and "dino" not in fused
     checkpoint = tmp_path / "ibot.pth"
     checkpoint.write_bytes(b"")
     runs = supplementary.plan_table_runs(TABLES, [7], {"spair": tmp_path}, tmp_path / "out", 1, [], None,

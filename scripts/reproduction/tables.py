@@ -14,7 +14,6 @@ with what they need (:data:`REQUIREMENTS`), never silently.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -139,7 +138,8 @@ def load_supplementary(path: str | Path = SUPPLEMENTARY_FILE) -> dict[int, Suppl
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     tables = {}
     for entry in data.get("tables") or []:
-        missing = [k for k in ("table", "title", "config", "benchmark", "quantity", "tolerance", "cells") if k not in entry]
+        fields = ("table", "title", "config", "benchmark", "quantity", "tolerance", "cells")
+        missing = [k for k in fields if k not in entry]
         if missing:
             raise ValueError(f"{path}: table {entry.get('table', '?')} lacks {missing}")
         cells = []
@@ -475,7 +475,8 @@ def _ours(table: SupplementaryTable, cell: Cell, results: Mapping[str, Any]) -> 
 
 
 def compare_tables(
-    tables: Mapping[int, SupplementaryTable], numbers: Sequence[int], out: Path, skipped: Mapping[int, Mapping[str, str]],
+    tables: Mapping[int, SupplementaryTable], numbers: Sequence[int], out: Path,
+    skipped: Mapping[int, Mapping[str, str]],
 ) -> list[CellComparison]:
     """Every cell of the chosen tables beside ours (``skipped``: table -> row -> what it needs, as planned)."""
     compared = []
@@ -552,6 +553,41 @@ def rows_without_a_cell(
     return found
 
 
+def _cell_text(c: CellComparison, quantity: str, mark: str) -> str:
+    """A cell as printed: ``paper / ours (difference)``, or why there is no comparison."""
+    if c.state == "compared":
+        verdict = "" if c.within else " **x**"
+        difference = _signed(c.difference, quantity)
+        return f"{_number(c.paper, quantity)} / {_number(c.ours, quantity)} ({difference}){verdict}{mark}"
+    if c.state == "paper empty":
+        return f"— / {_number(c.ours, quantity)}"
+    return f"{_number(c.paper, quantity)} / {c.state}{mark}"
+
+
+def _grid(table: SupplementaryTable, cells: Sequence[CellComparison]) -> tuple[list[str], dict[str, int]]:
+    """The table's lines as the paper prints them (one per text line, with our rows that fill it), and the
+    footnotes they mark (note -> number)."""
+    by_place = {(s.line, c.paper_column): c for s, c in zip(table.cells, cells)}
+    columns = list(dict.fromkeys(c.paper_column for c in cells))
+    lines: dict[int, tuple[str, list[str]]] = {}
+    for s, c in zip(table.cells, cells):
+        ours = lines.setdefault(s.line, (s.paper_row, []))[1]
+        if c.row is not None and c.row not in ours:
+            ours.append(c.row)
+    notes: dict[str, int] = {}
+    head = ["paper row", "our rows", *columns, "tolerance"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for line, (paper_row, ours) in lines.items():
+        values = []
+        for column in columns:
+            c = by_place.get((line, column))
+            mark = f" [{notes.setdefault(c.note, len(notes) + 1)}]" if c is not None and c.note else ""
+            values.append("" if c is None else _cell_text(c, table.quantity, mark))
+        rows.append(f"| {paper_row} | {' / '.join(ours) or '—'} | " + " | ".join(values)
+                    + f" | +-{table.tolerance:g} |")
+    return rows, notes
+
+
 def render_tables(
     tables: Mapping[int, SupplementaryTable], compared: Sequence[CellComparison],
     extra_rows: Mapping[int, Mapping[str, Mapping[str, float]]] | None = None,
@@ -562,49 +598,22 @@ def render_tables(
     parts = []
     for number in dict.fromkeys(c.table for c in compared):
         table, cells = tables[number], [c for c in compared if c.table == number]
-        by_place = {(s.line, c.paper_column): c for s, c in zip(table.cells, cells)}
-        columns = list(dict.fromkeys(c.paper_column for c in cells))
-        lines: dict[int, tuple[str, list[str]]] = {}
-        for s, c in zip(table.cells, cells):  # one line per line of the paper, with our rows that fill it
-            label, ours = lines.setdefault(s.line, (s.paper_row, []))
-            if c.row is not None and c.row not in ours:
-                ours.append(c.row)
-        notes: dict[str, int] = {}
-        head = ["paper row", "our rows", *columns, "tolerance"]
-        rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for line, (paper_row, ours) in lines.items():
-            values = []
-            for column in columns:
-                c = by_place.get((line, column))
-                if c is None:
-                    values.append("")
-                    continue
-                mark = f" [{notes.setdefault(c.note, len(notes) + 1)}]" if c.note else ""
-                if c.state == "compared":
-                    verdict = "" if c.within else " **x**"
-                    values.append(f"{_number(c.paper, table.quantity)} / {_number(c.ours, table.quantity)} "
-                                  f"({_signed(c.difference, table.quantity)}){verdict}{mark}")
-                elif c.state == "paper empty":
-                    values.append(f"— / {_number(c.ours, table.quantity)}")
-                else:
-                    values.append(f"{_number(c.paper, table.quantity)} / {c.state}{mark}")
-            rows.append(f"| {paper_row} | {' / '.join(ours) or '—'} | " + " | ".join(values)
-                        + f" | +-{table.tolerance:g} |")
         said = [f"> {table.note}"] if table.note else []
         if table.other_rows:
             said.append(f"> Other methods' rows, not ours, not reproduced: {', '.join(table.other_rows)}.")
-        heading = f"### Supplementary Table {number}: {table.title}\n\n" + "".join(line + "\n\n" for line in said)
-        parts.append(heading + "\n".join(rows) + "\n")
+        rows, notes = _grid(table, cells)
+        parts.append(f"### Supplementary Table {number}: {table.title}\n\n" + "".join(line + "\n\n" for line in said)
+                     + "\n".join(rows) + "\n")
         if notes:
             parts.append("\n".join(f"[{i}] {note}" for note, i in notes.items()) + "\n")
         mine = (extra_rows or {}).get(number)
         if mine:
             alphas = list(dict.fromkeys(a for values in mine.values() for a in values))
-            lines_ = [f"Our rows that no paper cell is tied to ({table.cells[0].average}):", "",
-                      "| our row | " + " | ".join(f"PCK@{a}" for a in alphas) + " |", "|---|" + "---|" * len(alphas)]
-            lines_ += [f"| {row} | " + " | ".join(_number(values.get(a), table.quantity) for a in alphas) + " |"
-                       for row, values in mine.items()]
-            parts.append("\n".join(lines_) + "\n")
+            extra = [f"Our rows that no paper cell is tied to ({table.cells[0].average}):", "",
+                     "| our row | " + " | ".join(f"PCK@{a}" for a in alphas) + " |", "|---|" + "---|" * len(alphas)]
+            extra += [f"| {row} | " + " | ".join(_number(values.get(a), table.quantity) for a in alphas) + " |"
+                      for row, values in mine.items()]
+            parts.append("\n".join(extra) + "\n")
         parts.append(table_summary(table, cells) + "\n")
     legend = ("Each cell: the paper's number / ours (ours - paper); **x** marks a cell outside the table's "
               "tolerance (its reasoning: the header of scripts/reproduction/supplementary_numbers.yaml).")
