@@ -57,6 +57,11 @@ class Requirement:
         needs_it: Whether a row (by name) needs it.
         stand_in: Whether ``--synthetic``'s tiny models stand in for it (the row then runs).
         args: The run arguments that pass it on, given its value.
+        on_machine: Whether this machine meets it without its being given (SD-XL: a large enough GPU).
+        makes_rows: For a file that makes rows of its own (they exist only when it is given): the row of a given
+            name (from the numbers file's ``requires:`` cells) and the file's path.
+        without: What the run changes in the table's ``init_args`` when it is missing (beyond leaving its rows
+            out).
     """
 
     key: str
@@ -66,6 +71,9 @@ class Requirement:
     needs_it: Callable[[str], bool]
     stand_in: bool
     args: Callable[[str], list[str]] = lambda value: []
+    on_machine: Callable[[], bool] = lambda: False
+    makes_rows: Callable[[str, str], dict[str, Any]] | None = None
+    without: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def reason(self) -> str:
@@ -73,22 +81,34 @@ class Requirement:
         return f"needs {self.need} ({self.flag})"
 
 
+def _explicit_sd(init: dict[str, Any]) -> None:
+    """Without ODISE's captioner the run's SD is the explicit one (the prompt): the other rows use only that."""
+    init["pipeline"] = {**init["pipeline"], "sd": str(CONFIGS / "featurizers" / "sd15.yaml")}
+
+
+def _projection_row(name: str, path: str) -> dict[str, Any]:
+    """A row of Table 3's projection layer: the given per-layer map instead of co-PCA, SD alone or fused."""
+    alone = {"dino": None} if name.startswith("SD ") else {}
+    return {"name": name, "pca_dims": None, "layer_projection": path, **alone}
+
+
 REQUIREMENTS: dict[str, Requirement] = {r.key: r for r in (
     Requirement("odise_captioner", "--odise-captioner",
                 "ODISE's implicit captioner weights (odise_label_coco_50e-b67d2efc.pth from the ODISE release; not on "
                 "the model hub)", (5,), lambda row: "implicit" in row, True,
-                lambda value: ["--model.pipeline.sd.captioner.weights", value]),
+                lambda value: ["--model.pipeline.sd.captioner.weights", value], without=_explicit_sd),
     Requirement("odise_projection", "--odise-projection",
                 "ODISE's projection layer as a per-layer map file (torch.save({'<layer>.weight': [d, C], "
                 "'<layer>.bias': [d]}), from ODISE's checkpoint; not published on its own)", (3,),
-                lambda row: row.endswith("projection layer"), False),
+                lambda row: row.endswith("projection layer"), False, makes_rows=_projection_row),
     Requirement("ibot_checkpoint", "--ibot-checkpoint",
                 "iBOT's release checkpoint (ViT-B/16 checkpoint_teacher.pth; not on the model hub)", (7,),
                 lambda row: "iBOT" in row, True,
                 lambda value: ["--model.init_args.dino_models.ibot.init_args.checkpoint", value]),
     Requirement("sdxl", "--sdxl",
                 "SD-XL's memory: a GPU with at least 24 GiB (its UNet is 3x SD 1.5's, run at 1024 px); --sdxl runs "
-                "it anyway", (6,), lambda row: row in ("SD-XL", "Fuse-vitb-XL"), True),
+                "it anyway", (6,), lambda row: row in ("SD-XL", "Fuse-vitb-XL"), True,
+                on_machine=lambda: _gpu_memory_gib() >= 24),
 )}
 
 
@@ -215,15 +235,11 @@ def _used_names(rows: Sequence[Mapping[str, Any]], variants: Mapping[str, Any], 
 
 
 def available(requirement: Requirement, given: Mapping[str, Any], synthetic: bool) -> bool:
-    """Whether a requirement is met: given on the command line, or stood in for by ``--synthetic``'s tiny models
-    (SD-XL: also a GPU with enough memory)."""
+    """Whether a requirement is met: given on the command line, stood in for by ``--synthetic``'s tiny models, or
+    met by this machine (:attr:`Requirement.on_machine`)."""
     if given.get(requirement.key):
         return True
-    if synthetic:
-        return requirement.stand_in
-    if requirement.key == "sdxl":
-        return _gpu_memory_gib() >= 24
-    return False
+    return requirement.stand_in if synthetic else requirement.on_machine()
 
 
 def _gpu_memory_gib() -> float:
@@ -263,11 +279,10 @@ def derive_config(table: SupplementaryTable, given: Mapping[str, Any], synthetic
     for requirement in REQUIREMENTS.values():
         if table.number not in requirement.tables:
             continue
-        if requirement.key == "odise_projection":
+        if requirement.makes_rows is not None:  # rows that only a given file makes
             made = sorted({c.row for c in table.cells if c.requires == requirement.key and c.row})
-            if given.get(requirement.key):  # the rows a given map file makes, SD alone and fused
-                rows += [{"name": name, "pca_dims": None, "layer_projection": str(given[requirement.key]),
-                          **({"dino": None} if name.startswith("SD ") else {})} for name in made]
+            if given.get(requirement.key):
+                rows += [requirement.makes_rows(name, str(given[requirement.key])) for name in made]
             else:
                 skipped.update({name: requirement.reason for name in made})
             continue
@@ -275,8 +290,8 @@ def derive_config(table: SupplementaryTable, given: Mapping[str, Any], synthetic
             continue
         skipped.update({row["name"]: requirement.reason for row in rows if requirement.needs_it(row["name"])})
         rows = [row for row in rows if not requirement.needs_it(row["name"])]
-        if requirement.key == "odise_captioner":  # the run's SD is then the explicit one (the prompt)
-            init["pipeline"] = {**init["pipeline"], "sd": str(CONFIGS / "featurizers" / "sd15.yaml")}
+        if requirement.without is not None:
+            requirement.without(init)
     for kind in ("sd", "dino"):  # extra hub models that are not there (offline): the rows that use them
         variants = init.get(f"{kind}_variants") or {}
         for name, node in (init.get(f"{kind}_models") or {}).items():
