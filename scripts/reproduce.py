@@ -45,6 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "scripts"), str(REPO)]
 
+from reproduction import write_output  # noqa: E402
 from reproduction.compare import PAPER_FILE, compare, load_paper_numbers, write_comparison  # noqa: E402
 from reproduction.fetch import (  # noqa: E402
     DATASETS_FILE,
@@ -170,7 +171,7 @@ def synthetic_roots(data_dir: Path) -> tuple[dict[str, Path], dict[str, list[str
         return {name: Path(path) for name, path in json.loads(made.read_text()).items()}, extra
     shutil.rmtree(folder, ignore_errors=True)
     roots = generate_roots(folder)
-    made.write_text(json.dumps({name: str(path) for name, path in roots.items()}))
+    write_output(made, json.dumps({name: str(path) for name, path in roots.items()}))
     return roots, extra
 
 

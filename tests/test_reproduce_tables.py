@@ -250,3 +250,22 @@ def test_a_derived_config_parses_and_the_model_options_reach_it(tmp_path: Path, 
     assert pipeline["dino"]["init_args"]["model_id"] == "org/dino"
     if number == 5:  # the explicit prompt, no captioner left to load
         assert pipeline["sd"]["init_args"].get("captioner") is None
+
+
+def test_the_reproductions_files_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    """A full disk while reproduction.json / .md are rewritten leaves the previous files whole and no temporary
+    file (they go through the project's write_atomically)."""
+    import errno
+    import os
+
+    out = tmp_path / "runs"
+    comparison.write_comparison([], out, {"synthetic": True}, ("## first\n", {"cells": [1]}))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*_args, **_kwargs) -> None:  # noqa: ANN002, ANN003
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError, match=r"could not write .*reproduction\.md: No space left on device"):
+        comparison.write_comparison([], out, {"synthetic": True}, ("## second\n", {"cells": [2]}))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

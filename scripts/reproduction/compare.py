@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from . import write_output
+
 __all__ = ["PaperNumber", "Comparison", "compare", "load_paper_numbers", "render_markdown"]
 
 PAPER_FILE = Path(__file__).with_name("paper_numbers.yaml")
@@ -141,9 +143,9 @@ def write_comparison(
     if supplementary is not None:
         text += ("\n" if table else "") + supplementary[0]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "reproduction.md").write_text("# Reproduction of the paper's numbers\n\n" + text, encoding="utf-8")
+    write_output(out / "reproduction.md", "# Reproduction of the paper's numbers\n\n" + text)
     payload = {"context": context, "table": [asdict(c) for c in table]}
     if supplementary is not None:
         payload["supplementary"] = supplementary[1]
-    (out / "reproduction.json").write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    write_output(out / "reproduction.json", json.dumps(payload, indent=1, allow_nan=False) + "\n")
     return text

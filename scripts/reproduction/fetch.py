@@ -32,6 +32,8 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from . import write_output
+
 __all__ = [
     "Archive",
     "Dataset",
@@ -306,7 +308,7 @@ def _record_checksums(data_dir: Path, sha256: Mapping[str, str]) -> None:
     new = {name: digest for name, digest in sha256.items() if name not in recorded}
     if new:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**recorded, **new}, indent=1, sort_keys=True) + "\n")
+        write_output(path, json.dumps({**recorded, **new}, indent=1, sort_keys=True) + "\n")
 
 
 def forget_checksums(data_dir: str | Path, files: Sequence[str]) -> list[str]:
@@ -314,8 +316,8 @@ def forget_checksums(data_dir: str | Path, files: Sequence[str]) -> list[str]:
     path, recorded = _checksums(Path(data_dir))
     dropped = [name for name in files if name in recorded]
     if dropped:
-        path.write_text(json.dumps({k: v for k, v in recorded.items() if k not in dropped}, indent=1,
-                                   sort_keys=True) + "\n")
+        write_output(path, json.dumps({k: v for k, v in recorded.items() if k not in dropped}, indent=1,
+                                      sort_keys=True) + "\n")
     return dropped
 
 

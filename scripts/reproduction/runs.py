@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import write_output
+
 __all__ = ["BENCHMARKS", "ROWS", "ROW_FEATURIZERS", "Run", "plan_runs", "run_all"]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -129,7 +131,7 @@ def run_all(runs: Sequence[Run], runner: Callable[[Sequence[str]], int] = subpro
         # the same command interrupted: continue it; anything else there (another command): replace it
         resume = same and run.resumable and not (run.out / "results.json").exists()
         mode = ["--resume", "true"] if resume else ["--overwrite", "true"]
-        command.write_text(json.dumps(list(run.args)) + "\n")
+        write_output(command, json.dumps(list(run.args)) + "\n")
         code = runner([*run.args, *mode])
         if code == 0 and run.finished:
             status[key] = "ran"

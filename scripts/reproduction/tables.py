@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from . import write_output
 from .runs import CONFIGS, REPO, Run
 
 __all__ = [
@@ -389,7 +390,7 @@ def _table_run_args(
     text = yaml.safe_dump(config, sort_keys=False)
     derived = folder.parent / f"config-{benchmark}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
     derived.parent.mkdir(parents=True, exist_ok=True)
-    derived.write_text(text, encoding="utf-8")
+    write_output(derived, text)
     tiny = [TINY_TABLE_CONFIGS[number]] if synthetic and number in TINY_TABLE_CONFIGS else []
     args = ["test", "--config", str(derived)]
     for extra in [*extra_configs, *tiny]:
