@@ -509,11 +509,11 @@ def test_offline_the_list_names_each_model_file_and_how_to_get_exactly_those(tmp
     code = reproduce.main(["--data-dir", str(tmp_path / "data"), "--offline", "--benchmarks", "spair",
                            "--sd-model", str(sd)])
     err = capsys.readouterr().err
-    assert code == 2 and "offline: these model files are missing (sizes unknown offline):" in err
-    assert f"  sd model {sd} (a local folder): unet/config.json\n" in err
+    assert code == 2 and "offline: these model files are missing:" in err
+    assert f"  sd model {sd} (a local folder): unet/config.json (small files, under 1 MB each)\n" in err
     assert f"huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json --local-dir {sd}" in err
     dino = " ".join(fetch.MODEL_FILES["dino"])
-    assert "  dino model facebook/dinov2-base: config.json, model.safetensors\n" in err
+    assert "  dino model facebook/dinov2-base: config.json, model.safetensors (about 346 MB in all)\n" in err
     assert f"huggingface-cli download facebook/dinov2-base {dino} --local-dir dinov2-base" in err
     assert "then pass --dino-model dinov2-base (a hub id or a local folder; it becomes " \
            "--model.pipeline.dino.model_id)" in err and f"then pass --sd-model {sd}" in err
@@ -525,6 +525,45 @@ def test_offline_the_list_names_each_model_file_and_how_to_get_exactly_those(tmp
                            "--rows", "sd"]) == 2
     err = capsys.readouterr().err
     assert "sd model stable-diffusion-v1-5/stable-diffusion-v1-5:" in err and "dino model" not in err
+    assert f"{', '.join(fetch.MODEL_FILES['sd'])} (about 4.26 GB in all)\n" in err
+    # another hub id: its sizes are not known here, and the list says so
+    assert reproduce.main(["--data-dir", str(tmp_path / "data"), "--offline", "--benchmarks", "spair",
+                           "--rows", "dino", "--dino-model", "org/another-dino"]) == 2
+    err = capsys.readouterr().err
+    assert "  dino model org/another-dino: config.json, model.safetensors (sizes unknown offline for a model " \
+           "other than the paper's)\n" in err
+
+
+def test_the_listed_model_sizes_are_the_paper_models_float32_parameters() -> None:
+    """MODEL_FILE_SIZES against the architectures built (on the meta device, no weights) from SD 1.5's and
+    DINOv2-B's configs as published on the hub (unet/config.json, vae/config.json, text_encoder/config.json of
+    stable-diffusion-v1-5; config.json of facebook/dinov2-base)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, Dinov2Config, Dinov2Model
+
+    with torch.device("meta"):
+        models = {
+            ("sd", "unet/diffusion_pytorch_model.safetensors"): UNet2DConditionModel(
+                sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
+                attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+            ("sd", "vae/diffusion_pytorch_model.safetensors"): AutoencoderKL(
+                in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4),
+            ("sd", "text_encoder/model.safetensors"): CLIPTextModel(CLIPTextConfig(
+                hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu")),
+            ("dino", "model.safetensors"): Dinov2Model(Dinov2Config(
+                hidden_size=768, num_hidden_layers=12, num_attention_heads=12, patch_size=14, image_size=518,
+                mlp_ratio=4, layerscale_value=1.0)),
+        }
+    for (kind, name), model in models.items():
+        assert fetch.MODEL_FILE_SIZES[kind][name] == 4 * sum(p.numel() for p in model.parameters()), name
+    listed = {(kind, name) for kind, sizes in fetch.MODEL_FILE_SIZES.items() for name in sizes}
+    assert listed == set(models) and all(name in fetch.MODEL_FILES[kind] for kind, name in listed)
 
 
 @pytest.mark.parametrize("row", ["sd", "dino", "fused"])

@@ -39,6 +39,7 @@ __all__ = [
     "Dataset",
     "FetchError",
     "MODEL_FILES",
+    "MODEL_FILE_SIZES",
     "MissingFiles",
     "default_model_ids",
     "download",
@@ -602,6 +603,18 @@ MODEL_FILES: dict[str, tuple[str, ...]] = {
            "tokenizer/vocab.json", "scheduler/scheduler_config.json"),
     "dino": ("config.json", "model.safetensors"),
 }
+#: Approximate sizes in bytes of the weight files of the paper's models, for the offline list: float32 parameters
+#: of each architecture (SD 1.5's UNet 859,520,964, VAE 83,653,863 and CLIP ViT-L/14 text encoder 123,060,480;
+#: DINOv2-B/14 86,580,480), checked against the architectures built from the models' configs
+#: (tests/test_reproduce.py). A file's safetensors header adds well under 0.1 MB; the config, tokenizer and
+#: scheduler files are a few KB to 1 MB each and are not listed. A local folder is taken to be the paper's model
+#: (its download command fetches that); another hub id's sizes are unknown offline.
+MODEL_FILE_SIZES: dict[str, dict[str, int]] = {
+    "sd": {"unet/diffusion_pytorch_model.safetensors": 3_438_083_856,
+           "vae/diffusion_pytorch_model.safetensors": 334_615_452,
+           "text_encoder/model.safetensors": 492_241_920},
+    "dino": {"model.safetensors": 346_321_920},
+}
 #: The download through ``snapshot_download`` (safetensors only; also other SD layouts' extra subfolders): a whole
 #: snapshot of the SD v1-5 repository would also fetch its single-file checkpoints, several times the size. Every
 #: file of :data:`MODEL_FILES` matches these patterns (tested).
@@ -636,18 +649,30 @@ def missing_model_files(models: Mapping[str, str]) -> dict[str, list[str]]:
 def models_message(missing: Mapping[str, Sequence[str]], models: Mapping[str, str], what: str) -> str:
     """The missing model files of :func:`missing_model_files` and how to get exactly those (``what``: the
     message's opening words)."""
-    lines = [f"{what} (sizes unknown offline):"]
+    lines = [f"{what}:"]
     for kind, files in missing.items():
         model_id = models[kind]
         folder = _local(model_id)
         hub_id = default_model_ids()[kind] if folder is not None else model_id
         target = str(folder) if folder is not None else hub_id.rstrip("/").split("/")[-1]
-        lines += [f"  {kind} model {model_id}{' (a local folder)' if folder else ''}: {', '.join(files)}",
+        lines += [f"  {kind} model {model_id}{' (a local folder)' if folder else ''}: {', '.join(files)}"
+                  f" ({_files_size(kind, files, known=hub_id == default_model_ids()[kind])})",
                   f"    where the hub is reachable: huggingface-cli download {hub_id} {' '.join(files)} "
                   f"--local-dir {target}",
                   f"    then pass {MODEL_OPTIONS[kind]} {target} (a hub id or a local folder; it becomes "
                   f"--model.pipeline.{kind}.model_id)"]
     return "\n".join(lines)
+
+
+def _files_size(kind: str, files: Sequence[str], known: bool) -> str:
+    """The size of a model's missing ``files`` as the offline list prints it: about N GB / MB in all (the weights
+    of :data:`MODEL_FILE_SIZES`; the small files are left out), or unknown for a model other than the paper's."""
+    if not known:
+        return "sizes unknown offline for a model other than the paper's"
+    total = sum(MODEL_FILE_SIZES[kind].get(name, 0) for name in files)
+    if total == 0:
+        return "small files, under 1 MB each"
+    return f"about {total / 1e9:.2f} GB in all" if total >= 1e9 else f"about {total / 1e6:.0f} MB in all"
 
 
 def default_model_ids() -> dict[str, str]:
