@@ -670,7 +670,8 @@ def test_load_pretrained_error_message(monkeypatch: pytest.MonkeyPatch) -> None:
     assert info.value.__cause__ is original
     for part in ("_FakeComponent", "'org/model'", "subfolder 'vae'", "cfg.field", "FileNotFoundError", "nothing here"):
         assert part in message
-    assert "huggingface-cli download org/model --local-dir DIR" in message
+    assert "`hf download org/model --include '*.json' --include '*.txt'" in message
+    assert "--exclude '*.ckpt'" in message and message.count("--local-dir DIR`") == 1
     assert "HF_HUB_OFFLINE" not in message  # online: no offline hint
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE is set"):

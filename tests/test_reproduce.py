@@ -39,6 +39,7 @@ from datamodules import (  # noqa: E402
     write_synthetic_spair,
 )
 from datamodules.pfpascal import write_synthetic_pfpascal  # noqa: E402
+from lightning_modules.components.hub import MODEL_PATTERNS, SKIPPED_FILES, download_command  # noqa: E402
 
 
 # --- the data files --------------------------------------------------------------------------------------------
@@ -495,10 +496,36 @@ def test_the_model_files_listed_are_those_the_download_fetches() -> None:
 
     for kind, files in fetch.MODEL_FILES.items():
         for name in files:
-            assert any(fnmatch(name, p) for p in fetch.MODEL_PATTERNS), (kind, name)
-            assert not any(fnmatch(name, p) for p in fetch._SKIP), (kind, name)
+            assert any(fnmatch(name, p) for p in MODEL_PATTERNS), (kind, name)
+            assert not any(fnmatch(name, p) for p in SKIPPED_FILES), (kind, name)
     assert fetch.default_model_ids() == {"sd": "stable-diffusion-v1-5/stable-diffusion-v1-5",
                                          "dino": "facebook/dinov2-base"}
+
+
+@pytest.mark.parametrize("files", [(), ("config.json",), ("config.json", "model.safetensors")])
+def test_the_printed_download_command_runs_under_the_installed_hf_and_fetches_what_fetch_models_does(
+        monkeypatch, files: tuple[str, ...]) -> None:
+    """The command our messages print, given to the installed ``hf`` (its download function replaced): the same
+    patterns as ``fetch_models``' snapshot_download, or exactly the named files, into the named folder."""
+    import shlex
+
+    from huggingface_hub.cli import download as cli_download
+    from huggingface_hub.cli.hf import app
+
+    calls = []
+    monkeypatch.setattr(cli_download, "snapshot_download", lambda **kw: calls.append(kw) or "/x")
+    monkeypatch.setattr(cli_download, "hf_hub_download", lambda **kw: calls.append(kw) or "/x")
+    words = shlex.split(download_command("org/model", files, local_dir="some dir"))
+    assert words[:2] == ["hf", "download"]
+    app(words[1:], standalone_mode=False)
+    (call,) = calls
+    assert call["repo_id"] == "org/model" and call["local_dir"] == "some dir"
+    if not files:
+        assert call["allow_patterns"] == list(MODEL_PATTERNS) and call["ignore_patterns"] == list(SKIPPED_FILES)
+    elif len(files) == 1:
+        assert call["filename"] == files[0]
+    else:
+        assert call["allow_patterns"] == list(files) and not call.get("ignore_patterns")
 
 
 def test_offline_the_list_names_each_model_file_and_how_to_get_exactly_those(tmp_path: Path, capsys) -> None:
@@ -511,15 +538,15 @@ def test_offline_the_list_names_each_model_file_and_how_to_get_exactly_those(tmp
     err = capsys.readouterr().err
     assert code == 2 and "offline: these model files are missing:" in err
     assert f"  sd model {sd} (a local folder): unet/config.json (small files, under 1 MB each)\n" in err
-    assert f"huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json --local-dir {sd}" in err
+    assert f"hf download stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json --local-dir {sd}" in err
     dino = " ".join(fetch.MODEL_FILES["dino"])
     assert "  dino model facebook/dinov2-base: config.json, model.safetensors (about 346 MB in all)\n" in err
-    assert f"huggingface-cli download facebook/dinov2-base {dino} --local-dir dinov2-base" in err
+    assert f"hf download facebook/dinov2-base {dino} --local-dir dinov2-base" in err
     assert "then pass --dino-model dinov2-base (a hub id or a local folder; it becomes " \
            "--model.pipeline.dino.model_id)" in err and f"then pass --sd-model {sd}" in err
     for line in err.splitlines():  # never the whole repository
-        if "huggingface-cli download" in line:
-            assert line.split("huggingface-cli download ")[1].split()[1] != "--local-dir", line
+        if "hf download" in line:
+            assert line.split("hf download ")[1].split()[1] != "--local-dir", line
     # an SD-only row: the DINO model is not needed, so not listed
     assert reproduce.main(["--data-dir", str(tmp_path / "data"), "--offline", "--benchmarks", "spair",
                            "--rows", "sd"]) == 2

@@ -168,7 +168,7 @@ def test_offline_a_missing_extra_hub_model_skips_only_its_rows(tmp_path: Path, m
     assert {model for _, model in models} == missing and str(folder) not in missing
     config, skipped = _derived(6, missing_models={"nota-ai/bk-sdm-tiny"}, sdxl=True)
     assert set(skipped) == {"SD-tiny", "Fuse-vitb-tiny"}
-    assert "hub model nota-ai/bk-sdm-tiny" in skipped["SD-tiny"] and "huggingface-cli download" in skipped["SD-tiny"]
+    assert "hub model nota-ai/bk-sdm-tiny" in skipped["SD-tiny"] and "`hf download nota-ai/bk-sdm-tiny --include" in skipped["SD-tiny"]
     init = config["model"]["init_args"]
     assert "sd_tiny" not in init["sd_models"] and "sd_small" in init["sd_models"] and len(init["rows"]) == 11
     assert _derived(6, True, missing_models={"nota-ai/bk-sdm-tiny"})[1] == {}  # --synthetic: tiny stand-ins

@@ -3,13 +3,46 @@
 from __future__ import annotations
 
 import os
+import shlex
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
-__all__ = ["ModelLoadError", "load_pretrained", "check_tokenizer"]
+__all__ = ["MODEL_PATTERNS", "SKIPPED_FILES", "ModelLoadError", "check_tokenizer", "download_command",
+           "load_pretrained"]
 
 T = TypeVar("T")
 
 _TRUE = {"1", "ON", "YES", "TRUE"}  # huggingface_hub's reading of boolean environment variables
+
+
+#: What a model's download takes (``snapshot_download``'s ``allow_patterns``, ``hf download --include``): the
+#: configs, the tokenizer and scheduler files and the safetensors weights, in any of the featurizers' layouts.
+MODEL_PATTERNS = ("*.json", "*.txt", "tokenizer/*", "scheduler/*", "*.safetensors")
+#: What it leaves out (``ignore_patterns``, ``--exclude``): a whole snapshot of SD v1-5 would also fetch its
+#: single-file checkpoints, pickled and half-precision copies and the safety checker, several times the size.
+SKIPPED_FILES = ("*.ckpt", "*.bin", "*.msgpack", "*.h5", "*.onnx", "*fp16*", "*non_ema*", "*.pth", "*.pt",
+                 "v1-5-pruned*", "*emaonly*", "safety_checker/*")
+
+
+def download_command(model_id: str, files: Sequence[str] = (), local_dir: str | None = None) -> str:
+    """The shell command that downloads what the featurizers load of a hub model, never the whole repository.
+
+    ``hf download`` is huggingface_hub's command line since 1.0 (``huggingface-cli`` was removed); it takes one
+    pattern per ``--include`` / ``--exclude``, and ignores both where file names are given.
+
+    Args:
+        model_id: Hub id.
+        files: Exactly these files; none: the files of :data:`MODEL_PATTERNS` less :data:`SKIPPED_FILES`.
+        local_dir: Download into this folder (then pass the folder as the model id); ``None``: into the Hugging
+            Face cache, where a hub id finds it offline.
+    """
+    words = ["hf", "download", model_id, *files]
+    if not files:
+        words += [word for pattern in MODEL_PATTERNS for word in ("--include", pattern)]
+        words += [word for pattern in SKIPPED_FILES for word in ("--exclude", pattern)]
+    if local_dir is not None:
+        words += ["--local-dir", local_dir]
+    return shlex.join(words)
 
 
 class ModelLoadError(OSError):
@@ -43,7 +76,7 @@ def load_pretrained(cls: type[T], model_id: str, subfolder: str | None = None, w
         )
         raise ModelLoadError(
             f"Could not load {cls.__name__} from {where}. {hint}Download the weights once where the hub is "
-            f"reachable (`huggingface-cli download {model_id} --local-dir DIR`) and pass the directory "
+            f"reachable (`{download_command(model_id, local_dir='DIR')}`) and pass the directory "
             f"instead of the id{' via ' + what if what else ''}. Original error: {type(err).__name__}: {err}"
         ) from err
 

@@ -615,12 +615,6 @@ MODEL_FILE_SIZES: dict[str, dict[str, int]] = {
            "text_encoder/model.safetensors": 492_241_920},
     "dino": {"model.safetensors": 346_321_920},
 }
-#: The download through ``snapshot_download`` (safetensors only; also other SD layouts' extra subfolders): a whole
-#: snapshot of the SD v1-5 repository would also fetch its single-file checkpoints, several times the size. Every
-#: file of :data:`MODEL_FILES` matches these patterns (tested).
-MODEL_PATTERNS = ["*.json", "*.txt", "tokenizer/*", "scheduler/*", "*.safetensors"]
-_SKIP = ["*.ckpt", "*.bin", "*.msgpack", "*.h5", "*.onnx", "*fp16*", "*non_ema*", "*.pth", "*.pt",
-         "v1-5-pruned*", "*emaonly*", "safety_checker/*"]
 #: The reproduce.py option that takes each featurizer's model (a hub id or a local folder).
 MODEL_OPTIONS = {"sd": "--sd-model", "dino": "--dino-model"}
 
@@ -649,6 +643,8 @@ def missing_model_files(models: Mapping[str, str]) -> dict[str, list[str]]:
 def models_message(missing: Mapping[str, Sequence[str]], models: Mapping[str, str], what: str) -> str:
     """The missing model files of :func:`missing_model_files` and how to get exactly those (``what``: the
     message's opening words)."""
+    from lightning_modules.components.hub import download_command  # the core, on first use
+
     lines = [f"{what}:"]
     for kind, files in missing.items():
         model_id = models[kind]
@@ -657,8 +653,7 @@ def models_message(missing: Mapping[str, Sequence[str]], models: Mapping[str, st
         target = str(folder) if folder is not None else hub_id.rstrip("/").split("/")[-1]
         lines += [f"  {kind} model {model_id}{' (a local folder)' if folder else ''}: {', '.join(files)}"
                   f" ({_files_size(kind, files, known=hub_id == default_model_ids()[kind])})",
-                  f"    where the hub is reachable: huggingface-cli download {hub_id} {' '.join(files)} "
-                  f"--local-dir {target}",
+                  f"    where the hub is reachable: {download_command(hub_id, files, local_dir=target)}",
                   f"    then pass {MODEL_OPTIONS[kind]} {target} (a hub id or a local folder; it becomes "
                   f"--model.pipeline.{kind}.model_id)"]
     return "\n".join(lines)
@@ -684,7 +679,7 @@ def default_model_ids() -> dict[str, str]:
 
 def fetch_models(models: Mapping[str, str], offline: bool = False, log: Callable[[str], None] = print) -> None:
     """Make each featurizer's model ready: a local folder must hold :data:`MODEL_FILES`; a hub id is downloaded
-    into the Hugging Face cache (``snapshot_download`` of :data:`MODEL_PATTERNS`, resumable), or, offline, must be
+    into the Hugging Face cache (``snapshot_download`` of the core's ``hub.MODEL_PATTERNS``, resumable), or, offline, must be
     there.
 
     Args:
@@ -698,10 +693,12 @@ def fetch_models(models: Mapping[str, str], offline: bool = False, log: Callable
     """
     from huggingface_hub import snapshot_download
 
+    from lightning_modules.components.hub import MODEL_PATTERNS, SKIPPED_FILES  # the core, on first use
+
     for kind, model_id in models.items():
         if _local(model_id) is None and not offline:
             try:
-                snapshot_download(model_id, allow_patterns=MODEL_PATTERNS, ignore_patterns=_SKIP)
+                snapshot_download(model_id, allow_patterns=list(MODEL_PATTERNS), ignore_patterns=list(SKIPPED_FILES))
             except Exception as err:  # noqa: BLE001 - huggingface_hub raises several types for one cause
                 raise FetchError(f"{kind} model {model_id} could not be downloaded: "
                                  f"{_one_line(f'{type(err).__name__}: {err}')[:300]}") from err

@@ -293,6 +293,8 @@ def derive_config(table: SupplementaryTable, given: Mapping[str, Any], synthetic
         rows = [row for row in rows if not requirement.needs_it(row["name"])]
         if requirement.without is not None:
             requirement.without(init)
+    from lightning_modules.components.hub import download_command  # the core, on first use
+
     for kind in ("sd", "dino"):  # extra hub models that are not there (offline): the rows that use them
         variants = init.get(f"{kind}_variants") or {}
         for name, node in (init.get(f"{kind}_models") or {}).items():
@@ -301,7 +303,7 @@ def derive_config(table: SupplementaryTable, given: Mapping[str, Any], synthetic
                 continue
             users = {name} | {v for v, o in variants.items() if isinstance(o, dict) and o.get("of") == name}
             reason = (f"needs the hub model {model_id} ({kind}_models.{name}), not in the Hugging Face cache and "
-                      f"offline: `huggingface-cli download {model_id}` where the hub is reachable, or run online")
+                      f"offline: `{download_command(model_id)}` where the hub is reachable, or run online")
             skipped.update({row["name"]: reason for row in rows if row.get(kind, "default") in users})
             rows = [row for row in rows if row.get(kind, "default") not in users]
     init["rows"] = rows
