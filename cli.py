@@ -7,6 +7,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import shlex
 import sys
 import warnings
@@ -490,6 +491,22 @@ def run_script(main: Callable[[], Any], argv: list[str] | None = None) -> None:
         _exit_with(error, is_rank_zero)
 
 
+#: How torch re-raises an error of a DataLoader worker: its type, with the worker's traceback as text.
+_WORKER_ERROR = re.compile(r"^Caught (?P<type>\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def _message(error: BaseException) -> str:
+    """``str(error)``; for an error a DataLoader worker raised, the worker's own message (the last
+    ``Type: message`` of the traceback text torch re-raises it with), not the traceback."""
+    text = str(error)
+    match = _WORKER_ERROR.match(text)
+    if match is not None:
+        marker = f"\n{match['type']}: "
+        if marker in text:
+            return text.rsplit(marker, 1)[1].strip()
+    return text
+
+
 def _exit_with(error: Exception, is_rank_zero: bool) -> None:
     """Print ``error: <message>`` (rank 0) and exit 1 (2 for a parse error); with ``SD_DINO_DEBUG=1`` re-raise."""
     if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
@@ -497,7 +514,7 @@ def _exit_with(error: Exception, is_rank_zero: bool) -> None:
     parse_error = type(error).__name__ == "ArgumentError"  # its message names the field; its cause does not
     root = error if parse_error else _reported_error(error)
     if is_rank_zero:
-        print(f"error: {_essential(str(root))}\n({type(root).__name__}; set {DEBUG_ENV}=1 for the full "
+        print(f"error: {_essential(_message(root))}\n({type(root).__name__}; set {DEBUG_ENV}=1 for the full "
               "traceback; --help lists every option)", file=sys.stderr, flush=True)
     sys.exit(2 if parse_error else 1)
 

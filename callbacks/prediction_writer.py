@@ -296,11 +296,16 @@ class CorrespondenceWriter(L.Callback):
         process's partial file, durably (a crash loses nothing done)."""
         if self._partial is None:
             return
-        self._partial.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._partial, "a") as handle:
-            handle.write("".join(dumps(record) + "\n" for record in records))
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            self._partial.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._partial, "a") as handle:
+                handle.write("".join(dumps(record) + "\n" for record in records))
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as err:  # a full disk mid-run: the batches flushed before stay (a torn last line is skipped)
+            raise OutputWriteError(err.errno, f"could not write {self._partial}: {err.strerror or err}; the "
+                                   f"predictions of the finished batches are kept in {self._partial.parent}: make "
+                                   "room and rerun the same command with --resume true") from err
 
     def _gathered_records(self) -> list[dict[str, Any]]:
         """Every process's records, each (pair, ablation row) once."""

@@ -36,13 +36,15 @@ def _run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess
                           text=True, timeout=600)
 
 
-def test_fit_with_a_preset_writes_nothing_outside_its_run_folder(spair_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "configs" / "projection").glob("*.yaml")))
+def test_fit_with_a_preset_writes_nothing_outside_its_run_folder(preset: str, spair_root: Path,
+                                                                 tmp_path: Path) -> None:
     """The issue's command: ``train.py fit --config configs/projection/<preset>.yaml --trainer.default_root_dir
-    OUT`` wrote its feature cache to ``./outputs/feature_cache`` of the working directory."""
+    OUT`` wrote its feature cache to ``./outputs/feature_cache`` of the working directory (every preset)."""
     cwd, out = tmp_path / "cwd", tmp_path / "out"
     cwd.mkdir()
     done = _run("train.py", [
-        "fit", "--config", PRESET, "--config", TINY, "--data.root", str(spair_root), "--data.init_args.num_workers", "0",
+        "fit", "--config", str(REPO / "configs" / "projection" / preset), "--config", TINY, "--data.root", str(spair_root), "--data.init_args.num_workers", "0",
         "--data.init_args.val_pairs_per_category", "null", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--model.init_args.out_dim", "8", "--model.init_args.hidden_dim", "8", "--trainer.default_root_dir", str(out),

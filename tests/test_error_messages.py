@@ -109,3 +109,27 @@ def test_a_benchmark_root_that_is_not_there_is_named_before_any_model_loads(conf
     assert err.startswith(f"error: {name} root not found: {missing}; expected")
     err = _error(tmp_path, monkeypatch, capsys, command=("test", config))
     assert err.startswith("error: ") and "needs `root` (--data.root DIR)" in err
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_truncated_benchmark_image_is_one_line_also_from_a_dataloader_worker(workers, tmp_path, monkeypatch,
+                                                                             capsys) -> None:
+    """A benchmark's images are read when their batch loads. Read by a DataLoader worker (the benchmark configs
+    use 2), torch re-raises the worker's error as the worker's whole traceback in text: the project's own message
+    (the file and the reason) is what is printed, in one paragraph."""
+    from datamodules import write_synthetic_spair
+
+    root = write_synthetic_spair(tmp_path / "spair", categories=("cat",), images_per_category=3,
+                                 pairs_per_category=2)
+    image = sorted((root / "JPEGImages" / "cat").glob("*.jpg"))[0]
+    image.write_bytes(image.read_bytes()[:400])
+    monkeypatch.delenv("SD_DINO_DEBUG", raising=False)
+    argv = ["test", "--config", str(CONFIGS / "spair.yaml"), "--config", TINY_OVERLAY, "--trainer.accelerator",
+            "cpu", "--trainer.default_root_dir", str(tmp_path / "run"), "--data.root", str(root),
+            "--data.num_workers", str(workers)]
+    with pytest.raises(SystemExit) as stop:
+        run_script(lambda: evaluate.main(argv), ["evaluate.py", *argv])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and f"\nerror: Could not read image {image}: " in f"\n{err}", err
+    paragraph = err[err.index("error: "):]
+    assert "Traceback" not in err and "DataLoader worker" not in err and len(paragraph.strip().splitlines()) == 2

@@ -166,6 +166,45 @@ def test_match_command_writes_lines_pictures_and_the_viewer(photos: Path, tmp_pa
     assert page.count('"pair_id":') == 3 and '"pair_id":"masked"' in page and '"total_pairs":3' in page
 
 
+@pytest.mark.parametrize("fault", ["crash", "full disk"])
+def test_a_stopped_match_run_never_leaves_a_torn_matches_file(fault: str, photos: Path, tmp_path: Path,
+                                                           monkeypatch) -> None:
+    """matches.jsonl is written whole when the run ends; while it runs the lines go to matches.jsonl.partial (a
+    stopped run keeps its finished pairs there). A crash, or a disk that fills, in the second batch leaves the
+    previous run's matches.jsonl as it was."""
+    import errno
+
+    from callbacks.match_writer import MatchWriter
+    from lightning_modules.components.files import OutputWriteError
+
+    out = _run(tmp_path, "--data.pairs", str(photos))
+    before = (out / "matches.jsonl").read_text()
+    original = MatchWriter.on_predict_batch_end
+
+    def stop_in_second_batch(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):  # noqa: ANN001
+        if batch_idx == 1 and fault == "crash":
+            raise RuntimeError("the process died")
+        if batch_idx == 1:
+            def full(_data: str) -> int:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self._file.write = full
+        original(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    monkeypatch.setattr(MatchWriter, "on_predict_batch_end", stop_in_second_batch)
+    expected = (RuntimeError, "the process died") if fault == "crash" else (
+        OutputWriteError, r"could not write .*matches\.jsonl\.partial: No space left on device \(the pairs matched "
+                          r"before are in it; .*matches\.jsonl is written when the run ends\)")
+    with pytest.raises(expected[0], match=expected[1]):
+        _run(tmp_path, "--data.pairs", str(photos))
+    assert (out / "matches.jsonl").read_text() == before  # the previous run's file, whole
+    kept = [json.loads(line) for line in (out / "matches.jsonl.partial").read_text().splitlines()]
+    finished = {json.loads(line)["pair_id"]: json.loads(line) for line in before.splitlines()}
+    assert len(kept) == 2 and all(finished[line["pair_id"]] == line for line in kept)  # the first batch's pairs
+    monkeypatch.undo()
+    _run(tmp_path, "--data.pairs", str(photos))  # a whole run replaces both
+    assert (out / "matches.jsonl").read_text() == before and not (out / "matches.jsonl.partial").exists()
+
+
 def test_match_command_carries_landmarks_to_a_folder_like_the_python_call(photos: Path, tmp_path: Path) -> None:
     out = _run(tmp_path, "--data.source", str(photos.parent / "source.png"), "--data.targets",
                str(photos.parent / "targets"), "--data.source_keypoints", "[[60, 50], [100, 70]]")

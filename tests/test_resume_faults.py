@@ -61,20 +61,24 @@ def test_a_resume_over_changed_data_evaluates_those_pairs_again(root, tmp_path, 
 
 
 class _FullDisk:
-    """``open`` for :mod:`files` that fills the disk after 4,096 bytes of a file whose name holds ``name``."""
+    """``open`` for :mod:`files` that fills the disk after ``keep`` bytes of a file whose name holds ``name``
+    (after ``room_for`` opens that still write whole)."""
 
-    def __init__(self, name: str) -> None:
-        self.name, self.hits = name, 0
+    def __init__(self, name: str, room_for: int = 0, keep: int = 4096) -> None:
+        self.name, self.hits, self.room_for, self.keep = name, 0, room_for, keep
 
     def __call__(self, path, mode="r", *args, **kwargs):  # noqa: ANN001, ANN204 - open's signature
         handle = open(path, mode, *args, **kwargs)  # noqa: SIM115 - returned to the caller's with-block
         if self.name not in Path(path).name:
             return handle
+        if self.room_for > 0:
+            self.room_for -= 1
+            return handle
         self.hits += 1
         real_write = handle.write
 
         def write(data):  # noqa: ANN001, ANN202
-            real_write(data[:4096])
+            real_write(data[:self.keep])
             raise OSError(errno.ENOSPC, "No space left on device")
 
         handle.write = write
@@ -106,3 +110,34 @@ def test_a_full_disk_at_results_json_keeps_the_run_resumable(root, tmp_path, mon
     assert resumed == whole
     assert not list(out.glob(PARTIAL_GLOB))
     shutil.rmtree(out)
+
+
+def test_a_disk_that_fills_while_predictions_are_flushed_names_the_file_and_the_resume(root, tmp_path,
+                                                                                      monkeypatch) -> None:
+    """Earlier than results.json: the disk fills at the third batch's flush. The error names the partial file and
+    the resume; the batches flushed before are kept (a torn last line is skipped) and the resume ends the run as
+    an uninterrupted one."""
+    from callbacks import prediction_writer
+
+    monkeypatch.chdir(tmp_path)
+    evaluate.main(_args([SPAIR, TINY], root, tmp_path / "whole"))
+    whole, whole_predictions = _outputs(tmp_path / "whole")
+    out, full = tmp_path / "full", _FullDisk("predictions.partial", room_for=2, keep=100)
+    monkeypatch.setattr(prediction_writer, "open", full, raising=False)
+    with pytest.raises(OutputWriteError, match=r"could not write .*predictions\.partial\.rank0\.jsonl: No space left "
+                                               r"on device; the predictions of the finished batches are kept in "
+                                               r".*--resume true") as caught:
+        evaluate.main(_args([SPAIR, TINY], root, out))
+    assert caught.value.errno == errno.ENOSPC and full.hits == 1
+    assert not (out / "results.json").exists()
+    assert len((out / "predictions.partial.rank0.jsonl").read_text().splitlines()) == 3  # the third one torn
+    assert len(read_partial_records(out)) == 2  # the two batches flushed before (batch size 1)
+
+    monkeypatch.undo()  # room again
+    monkeypatch.chdir(tmp_path)
+    cli = evaluate.main([*_args([SPAIR, TINY], root, out), "--resume", "true"])
+    assert len(cli.datamodule.finished_pair_ids) == 2
+    resumed, resumed_predictions = _outputs(out)
+    assert resumed_predictions == whole_predictions
+    resumed.pop("_passes"), whole.pop("_passes")
+    assert resumed == whole

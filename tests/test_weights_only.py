@@ -55,3 +55,32 @@ def test_every_torch_load_in_the_repository_is_weights_only() -> None:
     assert any(p.name == "record_outputs.py" for p in files) and not any(".venv" in p.parts for p in files)
     found = {str(p.relative_to(REPO)): lines for p in files if (lines := unsafe_loads(p.read_text(encoding="utf-8")))}
     assert found == {}, f"torch.load without weights_only=True: {found}"
+
+
+class _NotATensor:
+    """An object ``torch.load(weights_only=True)`` refuses to unpickle (it would run code)."""
+
+
+def test_a_weights_file_holding_more_than_tensors_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """The DINO / iBOT checkpoint, Table 3's layer projection and the head checkpoint (the captioner's weights:
+    tests/test_captioner.py): torch's refusal (an ``UnpicklingError`` whose advice is ``weights_only=False``)
+    becomes the project's error naming the file (components/hub.load_weights_file, their one reader)."""
+    import pytest
+    import torch
+
+    from lightning_modules.components import DinoFeaturizer
+    from lightning_modules.components.descriptors import _projection_weights
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"2.weight": torch.zeros(2, 2), "meta": _NotATensor()}, evil)
+    from lightning_modules.components.projection_head import _read_checkpoint
+
+    refused = "safely: it holds more than tensors \\(torch.load with weights_only=True: .*convert it once"
+    with pytest.raises(ValueError, match=rf"(?s)could not read the projection state dict {evil} {refused}"):
+        _projection_weights(str(evil))
+    with pytest.raises(ValueError, match=rf"(?s)could not read the head checkpoint {evil} {refused}"):
+        _read_checkpoint(str(evil))
+    arch = DinoFeaturizer(model_id=None, random_init={"seed": 0, "model_type": "vit"}, layer=3, image_size=224)
+    arch.save_pretrained(str(tmp_path / "arch"))
+    with pytest.raises(ValueError, match=rf"(?s)could not read the ViT checkpoint {evil} {refused}"):
+        DinoFeaturizer(model_id=str(tmp_path / "arch"), layer=3, image_size=224, checkpoint=str(evil))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hub import load_pretrained
+from .hub import load_pretrained, load_weights_file
 
 __all__ = ["CLIP_L14_336", "ImplicitCaptioner", "odise_clip_preprocess"]
 
@@ -267,16 +267,7 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
             return load_file(str(path))
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
             raise ValueError(f"could not read the captioner weights {path}: {err}") from err
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise ValueError(f"captioner weights {path} not found") from err
-    except Exception as err:  # noqa: BLE001 - the unpickler raises many types for disallowed objects
-        raise ValueError(
-            f"could not read the captioner weights {path} safely (torch.load with weights_only=True): {err}. "
-            "If it is a trusted checkpoint holding non-tensor objects, convert it once to a plain state dict, "
-            "e.g. save the tensors of its 'model' dict with safetensors.torch.save_file, and pass that file."
-        ) from err
+    state = load_weights_file(path, "captioner weights")
     for key in ("model", "state_dict"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]

@@ -12,6 +12,7 @@ import torch
 
 from .features import ImageFeatures
 from .fusion import FUSIONS, PCA_SOLVERS, co_pca_batch, fuse, fuse_blocks, merge_layers
+from .hub import load_weights_file
 
 __all__ = ["DescriptorSpec", "describe_pair", "describe_pairs", "project_layer"]
 
@@ -80,10 +81,7 @@ class DescriptorSpec:
 
 @functools.lru_cache(maxsize=8)
 def _projection_weights(path: str) -> dict[str, torch.Tensor]:
-    try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as err:
-        raise ValueError(f"could not read the projection state dict {path}: {err}") from err
+    weights = load_weights_file(path, "projection state dict")
     if not isinstance(weights, dict):
         raise ValueError(f"projection file {path} must hold a dict of tensors, got {type(weights).__name__}")
     return weights

@@ -29,7 +29,7 @@ from torch import nn
 
 from .feature_cache import featurizer_fingerprint
 from .hooks import run_and_capture
-from .hub import load_pretrained
+from .hub import load_pretrained, load_weights_file
 
 __all__ = [
     "FACETS",
@@ -364,10 +364,7 @@ class DinoFeaturizer(nn.Module):
 
     def _load_checkpoint(self, path: str) -> None:
         """Replace the weights with a converted timm-style (iBOT / DINO) checkpoint."""
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as err:
-            raise ValueError(f"could not read the ViT checkpoint {path}: {err}") from err
+        raw = load_weights_file(path, "ViT checkpoint")
         try:
             result = self.model.load_state_dict(ibot_to_transformers(raw, self.model), strict=False)
         except RuntimeError as err:  # shape mismatches

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import pickle
 import shlex
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
 __all__ = ["MODEL_PATTERNS", "SKIPPED_FILES", "ModelLoadError", "check_tokenizer", "download_command",
-           "load_pretrained"]
+           "load_pretrained", "load_weights_file"]
 
 T = TypeVar("T")
 
@@ -99,3 +100,30 @@ def check_tokenizer(tokenizer: Any, model_id: str) -> None:
             f"'a photo of a cat' encodes to {ids}). This happens offline when the tokenizer files are not in "
             f"the local cache: pass a local directory that holds tokenizer/vocab.json and merges.txt."
         )
+
+
+def load_weights_file(path: Any, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU: a weights file can never run code when it is read.
+
+    Args:
+        path: The file (``.pth`` / ``.pt``).
+        what: What the file is, for the message (``"ViT checkpoint"``, ``"head checkpoint"``, ...).
+
+    Raises:
+        ValueError: Naming ``what`` and the file: not found, not readable, or holding more than tensors (torch's
+            own advice there is ``weights_only=False``; ours is to convert a trusted file once).
+    """
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise ValueError(f"could not read the {what} {path}: not found") from err
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"could not read the {what} {path} safely: it holds more than tensors (torch.load with "
+            f"weights_only=True: {err}). If it is a trusted checkpoint, convert it once to a plain state dict, e.g. "
+            "save the tensors of its 'model' dict with safetensors.torch.save_file, and pass that file."
+        ) from err
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ValueError(f"could not read the {what} {path}: {err}") from err

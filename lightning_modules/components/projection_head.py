@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch import nn
 
 from .files import write_atomically
 from .fusion import l2_normalize
+from .hub import load_weights_file
 from .matching import cells_to_points, points_to_cells
 
 __all__ = [
@@ -249,10 +249,7 @@ def _read_checkpoint(checkpoint: CheckpointLike) -> Mapping[str, Any]:
     if isinstance(checkpoint, Mapping):
         payload = checkpoint
     else:
-        try:
-            payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-            raise ValueError(f"could not read the head checkpoint {checkpoint}: {err}") from err
+        payload = load_weights_file(checkpoint, "head checkpoint")
     if isinstance(payload, Mapping) and isinstance(payload.get(TRAINING_CHECKPOINT_KEY), Mapping):
         payload = payload[TRAINING_CHECKPOINT_KEY]  # a training checkpoint (train.py) holds the head here
     if not isinstance(payload, Mapping) or not {"config", "state_dict"} <= set(payload):
