@@ -291,7 +291,8 @@ def _pfpascal_site(tmp: Path, site: _Site) -> tuple[dict, bytes]:
                           "expect": ["test_pairs_pf_pascal.csv", "JPEGImages", "Annotations"], "archives": [
         {"url": site.url("PF-dataset-PASCAL.zip"), "file": "PF-dataset-PASCAL.zip"},
         {"url": site.url("test_pairs_pf_pascal.csv"), "file": "test_pairs_pf_pascal.csv", "unpack_to": None,
-         "copy_to": "PF-dataset-PASCAL/test_pairs_pf_pascal.csv", "check": "datamodules.pfpascal:check_pairs_file"},
+         "copy_to": "PF-dataset-PASCAL/test_pairs_pf_pascal.csv", "check": "datamodules.pfpascal:check_pairs_file",
+         "pairs": 5},
     ]}}  # fmt: skip
     return entry, csv_bytes
 
@@ -304,7 +305,8 @@ def _cut_without_length(body: bytes):  # noqa: ANN202
     return answer
 
 
-@pytest.mark.parametrize("served", ["an HTML page", "cut short without Content-Length", "another csv format"])
+@pytest.mark.parametrize("served", ["an HTML page", "cut short without Content-Length",
+                                    "cut short at a row boundary", "another csv format"])
 def test_a_csv_is_checked_as_its_reader_parses_it_before_it_is_installed(
     tmp_path: Path, site: _Site, monkeypatch, capsys, served: str
 ) -> None:
@@ -316,6 +318,9 @@ def test_a_csv_is_checked_as_its_reader_parses_it_before_it_is_installed(
     elif served == "cut short without Content-Length":
         site.handlers["test_pairs_pf_pascal.csv"] = _cut_without_length(good[: good.rindex(b";")])
         expected = "is not what its reader needs (Malformed PF-PASCAL pairs file"
+    elif served == "cut short at a row boundary":  # every row it holds parses: the published count tells
+        site.handlers["test_pairs_pf_pascal.csv"] = _cut_without_length(good[: good.rstrip(b"\n").rindex(b"\n") + 1])
+        expected = "is not what its reader needs (it holds 4 pairs, the published file 5: cut short?)"
     else:
         site.files["test_pairs_pf_pascal.csv"] = b"source_image,target_image,class,flip,extra\na.jpg,b.jpg,1,0,0\n"
         expected = "expected 7 columns"

@@ -77,7 +77,9 @@ class Archive:
     """One file to download: ``url``, its ``file`` name in ``<data>/downloads``, what it unpacks into (``unpack_to``,
     a folder under the data folder; None: the file is kept as it is and copied to ``copy_to``), what is known of it
     (``size`` in bytes, ``sha256`` or ``md5``), ``check``: ``module:function`` that parses a plain file as its
-    reader does (raises ValueError), and ``provides``: the paths of the dataset's ``expect`` it supplies (default:
+    reader does (raises ValueError; returns the number of pairs), ``pairs``: how many the published file holds (a
+    csv cut short at a row boundary by a dropped connection without Content-Length still parses), and
+    ``provides``: the paths of the dataset's ``expect`` it supplies (default:
     a plain file its ``copy_to``, an archive every expected path no other file provides); it is fetched only when
     one of them is missing."""
 
@@ -90,6 +92,7 @@ class Archive:
     md5: str | None = None
     check: str | None = None
     provides: tuple[str, ...] | None = None
+    pairs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -363,9 +366,11 @@ def _content_problem(archive: Archive, path: Path) -> str | None:
         return None
     module, function = archive.check.split(":")
     try:
-        getattr(importlib.import_module(module), function)(path)
+        count = getattr(importlib.import_module(module), function)(path)
     except (ValueError, OSError) as err:
         return f"is not what its reader needs ({_one_line(str(err))})"
+    if archive.pairs is not None and count != archive.pairs:
+        return f"is not what its reader needs (it holds {count} pairs, the published file {archive.pairs}: cut short?)"
     return None
 
 
