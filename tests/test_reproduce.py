@@ -81,6 +81,12 @@ def _spair_archive(tmp: Path, kind: str = "tar.gz") -> Path:
     return archive
 
 
+def _served(site: _Site, archive: Path) -> str:
+    """The URL of ``archive`` served by the local HTTP server (its bytes as they are now)."""
+    site.files[archive.name] = archive.read_bytes()
+    return site.url(archive.name)
+
+
 def _dataset(url: str, file: str = "SPair-71k.tar.gz", **known) -> fetch.Dataset:
     return fetch.Dataset(name="spair", archives=(fetch.Archive(url=url, file=file, **known),), root="SPair-71k",
                          expect=("PairAnnotation/test", "JPEGImages"), source="test")
@@ -103,12 +109,13 @@ def test_a_good_archive_unpacks_to_the_readers_layout_and_a_rerun_skips_it(tmp_p
     assert said == [f"spair: present at {root}"]
 
 
-def test_a_truncated_archive_is_named_and_leaves_no_partial_dataset(tmp_path: Path) -> None:
+def test_a_truncated_archive_is_named_and_leaves_no_partial_dataset(tmp_path: Path, site: _Site) -> None:
     archive = _spair_archive(tmp_path)
     data = archive.read_bytes()
     archive.write_bytes(data[: len(data) // 2])
-    with pytest.raises(fetch.FetchError, match=r"SPair-71k.tar.gz \(from file://.*\) is not a complete archive"):
-        fetch.fetch_dataset(_dataset(archive.as_uri()), tmp_path / "data", log=lambda _: None)
+    with pytest.raises(fetch.FetchError, match=r"SPair-71k.tar.gz \(from http://127.0.0.1:.*\) is not a complete "
+                                               r"archive"):
+        fetch.fetch_dataset(_dataset(_served(site, archive)), tmp_path / "data", log=lambda _: None)
     assert not (tmp_path / "data" / "SPair-71k").exists()  # nothing a reader would take for data
     assert not list((tmp_path / "data" / "downloads").glob("*.tar.gz"))  # moved aside as .bad
     assert not list((tmp_path / "data" / ".reproduce").glob("unpacking-*"))
@@ -443,24 +450,25 @@ def test_downloads_resume_over_http(tmp_path: Path, site: _Site) -> None:
     assert (downloads / "SPair-71k.tar.gz").read_bytes() == whole and len(SPairDataset(root, split="test")) == 2
 
 
-def test_a_stale_partial_root_is_named_never_merged(tmp_path: Path) -> None:
+def test_a_stale_partial_root_is_named_never_merged(tmp_path: Path, site: _Site) -> None:
     archive = _spair_archive(tmp_path)
+    url = _served(site, archive)
     data = tmp_path / "data"
     (data / "SPair-71k" / "JPEGImages").mkdir(parents=True)
     (data / "SPair-71k" / "JPEGImages" / "left-over.jpg").write_bytes(b"from an earlier attempt")
     with pytest.raises(fetch.FetchError) as err:
-        fetch.fetch_dataset(_dataset(archive.as_uri(), file=archive.name), data, log=lambda _: None)
+        fetch.fetch_dataset(_dataset(url, file=archive.name), data, log=lambda _: None)
     message = str(err.value)
     assert f"{data / 'SPair-71k'} is already there but incomplete (lacks ['PairAnnotation/test'])" in message
     assert "move it away (or delete it) and rerun" in message and "\n" not in message
     assert sorted(p.name for p in (data / "SPair-71k").rglob("*")) == ["JPEGImages", "left-over.jpg"]  # untouched
     assert _recorded(data) == {} and not list((data / ".reproduce").glob("unpacking-*"))
     shutil.rmtree(data / "SPair-71k")  # as the message says
-    root = fetch.fetch_dataset(_dataset(archive.as_uri(), file=archive.name), data, log=lambda _: None)
+    root = fetch.fetch_dataset(_dataset(url, file=archive.name), data, log=lambda _: None)
     assert len(SPairDataset(root, split="test")) == 2 and list(_recorded(data)) == [archive.name]
 
 
-def test_an_archive_of_another_layout_names_its_top_folder_and_installs_nothing(tmp_path: Path) -> None:
+def test_an_archive_of_another_layout_names_its_top_folder_and_installs_nothing(tmp_path: Path, site: _Site) -> None:
     root = write_synthetic_spair(tmp_path / "src" / "SPair71k-v2", categories=("cat",), pairs_per_category=2,
                                  image_size=(48, 36))
     archive = tmp_path / "SPair-71k.tar.gz"
@@ -469,7 +477,7 @@ def test_an_archive_of_another_layout_names_its_top_folder_and_installs_nothing(
         out.add(root / "PairAnnotation", arcname="README-folder")
     data = tmp_path / "data"
     with pytest.raises(fetch.FetchError) as err:
-        fetch.fetch_dataset(_dataset(archive.as_uri()), data, log=lambda _: None)
+        fetch.fetch_dataset(_dataset(_served(site, archive)), data, log=lambda _: None)
     message = str(err.value)
     assert "SPair-71k/ would lack ['PairAnnotation/test', 'JPEGImages']" in message
     assert "SPair-71k.tar.gz holds ['README-folder/', 'SPair71k-v2/'] at its top" in message
@@ -478,7 +486,7 @@ def test_an_archive_of_another_layout_names_its_top_folder_and_installs_nothing(
     assert (data / "downloads" / "SPair-71k.tar.gz").exists()  # not damaged: kept
 
 
-def test_an_archive_top_entry_beside_the_root_is_named_and_not_kept(tmp_path: Path) -> None:
+def test_an_archive_top_entry_beside_the_root_is_named_and_not_kept(tmp_path: Path, site: _Site) -> None:
     root = write_synthetic_spair(tmp_path / "src" / "SPair-71k", categories=("cat",), pairs_per_category=2,
                                  image_size=(48, 36))
     (tmp_path / "src" / "attributes.txt").write_text("not needed by the reader\n")
@@ -488,7 +496,7 @@ def test_an_archive_top_entry_beside_the_root_is_named_and_not_kept(tmp_path: Pa
         out.add(tmp_path / "src" / "attributes.txt", arcname="attributes.txt")
     said: list[str] = []
     data = tmp_path / "data"
-    assert fetch.fetch_dataset(_dataset(archive.as_uri()), data, log=said.append) == data / "SPair-71k"
+    assert fetch.fetch_dataset(_dataset(_served(site, archive)), data, log=said.append) == data / "SPair-71k"
     assert "spair: not kept (not under SPair-71k/): ['attributes.txt']" in said
     assert not (data / "attributes.txt").exists()
 
