@@ -234,15 +234,20 @@ class CorrespondenceWriter(L.Callback):
         :func:`~lightning_modules.components.samples.sample_digest`), without their digests; the others are
         evaluated again, and the log names them. Rank 0 reads the changed pairs; every process learns them."""
         changed: list[str] = []
+        unrecorded: list[str] = []  # flushed by a version that kept no digest: their data cannot be compared
         if trainer.is_global_zero and restored:
             recorded = {str(r["pair_id"]): r.get(INPUT_DIGEST) for r in restored}
-            now = _current_digests(trainer, sorted(recorded))
-            changed = sorted(p for p, digest in recorded.items() if digest is None or now.get(p) != digest)
-        changed = trainer.strategy.broadcast(changed, src=0)
+            unrecorded = sorted(p for p, digest in recorded.items() if digest is None)
+            now = _current_digests(trainer, sorted(p for p, digest in recorded.items() if digest is not None))
+            changed = sorted(p for p, digest in recorded.items() if digest is not None and now.get(p) != digest)
+        changed, unrecorded = trainer.strategy.broadcast((changed, unrecorded), src=0)
         if changed:
             log.warning("resume: the data of %d flushed pair(s) changed since they were evaluated (%s): they are "
                         "evaluated again", len(changed), _preview(changed))
-        skip = set(changed)
+        if unrecorded:
+            log.warning("resume: %d flushed pair(s) carry no record of their data (flushed by an earlier version), so "
+                        "it cannot be compared (%s): they are evaluated again", len(unrecorded), _preview(unrecorded))
+        skip = set(changed) | set(unrecorded)
         return [{k: v for k, v in r.items() if k != INPUT_DIGEST} for r in restored if str(r["pair_id"]) not in skip]
 
     def _claim(self, trainer: L.Trainer, out: Path) -> None:

@@ -60,6 +60,29 @@ def test_a_resume_over_changed_data_evaluates_those_pairs_again(root, tmp_path, 
     assert INPUT_DIGEST not in resumed_predictions  # the digests stay in the partial files
 
 
+def test_flushed_pairs_without_a_digest_are_evaluated_again_and_said_so(root, tmp_path, monkeypatch,
+                                                                        caplog) -> None:
+    """Partial files flushed by an earlier version hold no digest: nothing to compare, so those pairs are
+    evaluated again, and the log says why (not that their data changed)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "interrupted"
+    _crash_after([SPAIR, TINY], root, out, batches=3)
+    (partial,) = out.glob(PARTIAL_GLOB)
+    lines = [json.loads(line) for line in partial.read_text().splitlines()]
+    old = str(lines[0]["pair_id"])
+    lines[0].pop(INPUT_DIGEST)
+    partial.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    with caplog.at_level(logging.WARNING, logger="callbacks.prediction_writer"):
+        cli = evaluate.main([*_args([SPAIR, TINY], root, out), "--resume", "true"])
+    assert (f"resume: 1 flushed pair(s) carry no record of their data (flushed by an earlier version), so it "
+            f"cannot be compared ({old}): they are evaluated again") in caplog.text
+    assert "changed since" not in caplog.text
+    assert old not in cli.datamodule.finished_pair_ids and len(cli.datamodule.finished_pair_ids) == 2
+    evaluate.main(_args([SPAIR, TINY], root, tmp_path / "whole"))
+    assert _outputs(out)[1] == _outputs(tmp_path / "whole")[1]
+
+
 class _FullDisk:
     """``open`` for :mod:`files` that fills the disk after ``keep`` bytes of a file whose name holds ``name``
     (after ``room_for`` opens that still write whole)."""
