@@ -125,5 +125,5 @@ def load_weights_file(path: Any, what: str) -> Any:
             f"weights_only=True: {err}). If it is a trusted checkpoint, convert it once to a plain state dict, e.g. "
             "save the tensors of its 'model' dict with safetensors.torch.save_file, and pass that file."
         ) from err
-    except (OSError, RuntimeError, EOFError) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged file raises many types (zip, pickle, storage errors)
         raise ValueError(f"could not read the {what} {path}: {err}") from err
