@@ -650,14 +650,15 @@ def models_message(missing: Mapping[str, Sequence[str]], models: Mapping[str, st
     message's opening words)."""
     from lightning_modules.components.hub import download_command  # the core, on first use
 
+    papers = default_model_ids()
     lines = [f"{what}:"]
     for kind, files in missing.items():
         model_id = models[kind]
         folder = _local(model_id)
-        hub_id = default_model_ids()[kind] if folder is not None else model_id
+        hub_id = papers[kind] if folder is not None else model_id
         target = str(folder) if folder is not None else hub_id.rstrip("/").split("/")[-1]
         lines += [f"  {kind} model {model_id}{' (a local folder)' if folder else ''}: {', '.join(files)}"
-                  f" ({_files_size(kind, files, known=hub_id == default_model_ids()[kind])})",
+                  f" ({_files_size(kind, files, known=hub_id == papers[kind])})",
                   f"    where the hub is reachable: {download_command(hub_id, files, local_dir=target)}",
                   f"    then pass {MODEL_OPTIONS[kind]} {target} (a hub id or a local folder; it becomes "
                   f"--model.pipeline.{kind}.model_id)"]
